@@ -1,0 +1,43 @@
+# The two commands of the README, plus bench. Each creates .venv first.
+#   make demo   set up, then run the demo
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STAMP  := $(VENV)/.polarprune-installed
+
+# Pinned versions for CI and `make`; setup.py declares the ranges the package supports.
+PINS := \
+	torch==2.14.1 \
+	numpy==2.4.6 \
+	ninja==1.13.2 \
+	pybind11==3.1.0 \
+	pytest==9.2.0 \
+	pytest-benchmark==5.3.1 \
+	hypothesis==6.170.15
+
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip "setuptools>=80" wheel
+	$(PIP) install $(PINS)
+	$(PIP) install --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m polarprune_cuda.demo
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pytest benchmarks -c benchmarks/pytest.ini
+
+clean:
+	rm -rf $(VENV) build *.egg-info

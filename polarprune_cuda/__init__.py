@@ -1,0 +1,40 @@
+"""polarprune_cuda: one-pass structured pruning for PyTorch CNNs.
+
+Attach learned binary channel gates, train once with a polarization penalty
+that drives every gate to 0 or 1 and the network to a target sparsity, and
+extract a smaller gate-free network.
+"""
+from . import functional, ops, reference
+from .backends import BackendUnavailableError, backend_info
+from .gates import (
+    ChannelGate,
+    GateBank,
+    GatedBatchNorm2d,
+    NonFiniteGateError,
+    bind_gates,
+    find_bank,
+    gate_modules,
+)
+from .loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "ChannelGate",
+    "GateBank",
+    "GatedBatchNorm2d",
+    "NonFiniteGateError",
+    "PenaltyValue",
+    "PolarizationLoss",
+    "backend_info",
+    "bind_gates",
+    "find_bank",
+    "functional",
+    "gate_modules",
+    "gate_stats",
+    "ops",
+    "ramp",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,179 @@
+"""Backend registry: which implementation of each op runs for which device.
+
+Three backends can implement the ops of :mod:`polarprune_cuda.ops`:
+
+* ``cuda``: the compiled extension ``polarprune_cuda._C`` (CUDA tensors only);
+* ``triton``: the Triton kernels in ``polarprune_cuda.kernels`` (CUDA tensors,
+  or CPU tensors under ``TRITON_INTERPRET=1`` when forced);
+* ``torch``: :mod:`polarprune_cuda.reference`, pure PyTorch, every device.
+
+For CUDA tensors the order is cuda, triton, torch; other devices use torch.
+``POLARPRUNE_BACKEND=torch|triton|cuda`` forces one backend for every device
+and raises if it is not available. A backend that cannot load is probed once,
+logged once, and the reason is kept for :func:`backend_info`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("polarprune_cuda")
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "POLARPRUNE_BACKEND"
+OPS = (
+    "binary_gate",
+    "binary_gate_backward",
+    "gate_penalty",
+    "channel_gate",
+    "channel_gate_backward",
+    "gated_affine",
+    "gated_affine_backward",
+)
+_ORDER = {"cuda": ("cuda", "triton", "torch")}
+_DEFAULT_ORDER = ("torch",)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced with POLARPRUNE_BACKEND but cannot be used here."""
+
+
+@dataclass
+class Backend:
+    name: str
+    available: bool
+    reason: str
+    ops: dict[str, Callable] = field(default_factory=dict)
+    version: str | None = None
+
+
+def _probe_torch() -> Backend:
+    ops = {name: getattr(reference, name) for name in OPS}
+    return Backend("torch", True, "pure PyTorch reference (always available)", ops, torch.__version__)
+
+
+def _probe_triton() -> Backend:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return Backend("triton", False, f"triton cannot be imported: {exc}")
+    try:
+        kernels = importlib.import_module("polarprune_cuda.kernels")
+    except Exception as exc:
+        return Backend("triton", False, f"polarprune_cuda.kernels failed to import: {exc}")
+    ops = dict(getattr(kernels, "IMPLEMENTATIONS", {}))
+    version = getattr(triton, "__version__", None)
+    if not ops:
+        return Backend("triton", False, "this version of polarprune_cuda ships no Triton kernels yet", {}, version)
+    return Backend("triton", True, "Triton kernels from polarprune_cuda.kernels", ops, version)
+
+
+def _probe_cuda() -> Backend:
+    if not torch.version.cuda:
+        return Backend("cuda", False, "torch is not a CUDA build")
+    try:
+        ext = importlib.import_module("polarprune_cuda._C")
+    except ImportError as exc:
+        return Backend("cuda", False, f"extension polarprune_cuda._C is not built or failed to load: {exc}")
+    ops = dict(getattr(ext, "IMPLEMENTATIONS", {}))
+    if not ops:
+        return Backend("cuda", False, "extension polarprune_cuda._C registers no ops")
+    return Backend("cuda", True, "compiled extension polarprune_cuda._C", ops)
+
+
+_PROBES = {"torch": _probe_torch, "triton": _probe_triton, "cuda": _probe_cuda}
+_cache: dict[str, Backend] = {}
+_choice: dict[tuple[str, str, str | None], Callable] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """Probe (once) and return the named backend."""
+    if name not in _PROBES:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name not in _cache:
+        backend = _PROBES[name]()
+        if not backend.available:
+            log.info("polarprune_cuda: backend %r unavailable: %s", name, backend.reason)
+        _cache[name] = backend
+    return _cache[name]
+
+
+def forced_backend() -> str | None:
+    """The backend named by POLARPRUNE_BACKEND, or None; raises ValueError for an unknown name."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)} (or unset), got {value!r}")
+    return value
+
+
+def select(op: str, device_type: str) -> tuple[str, Callable]:
+    """The backend name and implementation of ``op`` for tensors on ``device_type``."""
+    forced = forced_backend()
+    key = (op, device_type, forced)
+    if key in _choice:
+        return _choice[key]
+    if forced is not None:
+        backend = get_backend(forced)
+        if not backend.available:
+            raise BackendUnavailableError(f"{ENV_VAR}={forced} but that backend is unavailable: {backend.reason}")
+        if op not in backend.ops:
+            raise BackendUnavailableError(f"{ENV_VAR}={forced} but that backend has no implementation of {op}")
+        result = (forced, backend.ops[op])
+    else:
+        result = None
+        for name in _ORDER.get(device_type, _DEFAULT_ORDER):
+            backend = get_backend(name)
+            if backend.available and op in backend.ops:
+                result = (name, backend.ops[op])
+                break
+        assert result is not None  # torch implements every op
+    _choice[key] = result
+    return result
+
+
+def impl(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``."""
+    return select(op, device.type)[1]
+
+
+def backend_info() -> dict:
+    """Which backends exist here, why the others don't, and which one each device uses.
+
+    Returns a dict with ``backends`` (name -> available, reason, version, ops),
+    ``forced`` (the value of POLARPRUNE_BACKEND or None) and ``selected``
+    (device type -> backend name used for the ops on that device).
+    """
+    forced = forced_backend()
+    info = {"forced": forced, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "backends": {}}
+    for name in BACKENDS:
+        b = get_backend(name)
+        info["backends"][name] = {
+            "available": b.available,
+            "reason": b.reason,
+            "version": b.version,
+            "ops": sorted(b.ops),
+        }
+    selected = {}
+    for device_type in ("cpu", "cuda"):
+        try:
+            selected[device_type] = select("binary_gate", device_type)[0]
+        except BackendUnavailableError as exc:
+            selected[device_type] = f"error: {exc}"
+    info["selected"] = selected
+    info["cuda_device_available"] = torch.cuda.is_available()
+    return info
+
+
+def _reset() -> None:
+    """Forget probes and choices (tests that change the environment use this)."""
+    _cache.clear()
+    _choice.clear()

@@ -1,0 +1,93 @@
+"""Functional API over the ops, for people composing their own layers.
+
+Every function validates its arguments (ValueError/TypeError naming the
+argument) and runs on the backend :func:`polarprune_cuda.backend_info` reports.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .reference import PENALTY_TERMS
+
+__all__ = [
+    "binary_gate",
+    "gate_probability",
+    "gate_penalty",
+    "channel_gate",
+    "gated_affine",
+    "gated_batch_norm",
+    "PENALTY_TERMS",
+]
+
+
+def binary_gate(scores: Tensor, ste: str = "identity", tau: float = 1.0) -> Tensor:
+    """Hard gates ``1[scores > 0]`` of a 1-D score vector, straight-through backward.
+
+    ``ste``: ``identity`` (ds = dg), ``clipped`` (ds = dg * 1[|s| <= 1]) or
+    ``sigmoid`` (ds = dg * d sigmoid(s / tau) / ds).
+    """
+    return ops.binary_gate(scores, ste, tau)
+
+
+def gate_probability(scores: Tensor, tau: float = 1.0) -> Tensor:
+    """``sigmoid(scores / tau)``, the soft gate the penalty acts on."""
+    ops.check_scores(scores)
+    ops.check_tau(tau)
+    return torch.sigmoid(scores / tau)
+
+
+def gate_penalty(
+    scores: Tensor,
+    cost: Tensor | None = None,
+    *,
+    target_sparsity: float,
+    target_weight: float = 20.0,
+    polarization_weight: float = 0.1,
+    polarization: str = "bimodal",
+    t: float = 1.0,
+    tau: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Density-target plus polarization penalty over a flat score vector.
+
+    Returns ``(loss, terms)``; ``terms`` holds :data:`PENALTY_TERMS`
+    (density, target term, polar term, number of non-finite scores) and is not
+    differentiable. ``cost`` defaults to one per gate.
+    """
+    if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) \
+            or not 0 <= target_sparsity < 1:
+        raise ValueError(f"target_sparsity must be a number in [0, 1), got {target_sparsity!r}")
+    ops.check_scores(scores)
+    if cost is None:
+        cost = torch.ones_like(scores.detach())
+    return ops.gate_penalty(scores, cost, tau, 1.0 - target_sparsity, target_weight,
+                            polarization_weight, polarization, t)
+
+
+def channel_gate(x: Tensor, gate: Tensor) -> Tensor:
+    """``y = x * gate[c]`` for x of shape (N, C, ...), NCHW or channels_last."""
+    return ops.channel_gate(x, gate)
+
+
+def gated_affine(weight: Tensor, bias: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """``(weight * gate, bias * gate)``."""
+    return ops.gated_affine(weight, bias, gate)
+
+
+def gated_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    gate: Tensor,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch norm whose affine is gated: ``F.batch_norm`` with ``weight*gate``, ``bias*gate``."""
+    ops.check_gate_for(x, gate)
+    w, b = ops.gated_affine(weight, bias, gate)
+    return F.batch_norm(x, running_mean, running_var, w, b, training, momentum, eps)

@@ -1,0 +1,424 @@
+"""Gate modules and the flat gate bank of a model.
+
+* :class:`ChannelGate`: drop-in activation gate ``y = x * g[c]``.
+* :class:`GatedBatchNorm2d`: a ``BatchNorm2d`` whose affine is gated
+  (``gamma * g``, ``beta * g``): work over C numbers, no pass over activations.
+* :class:`GateBank`: every gate score of a model in one contiguous parameter,
+  split into *segments* (one per gate group). Gate modules bound to a bank read
+  their segment's gates; the bank computes all gates of the network with one
+  ``binary_gate`` call per forward pass (and one backward call).
+
+A gate module works on its own (with its own ``gate_scores`` parameter) until
+:func:`bind_gates` gathers the gate modules of a model into a bank. Several
+modules may share one segment (channels coupled by residual additions).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+BANK_ATTR = "polarprune_bank"
+
+
+class NonFiniteGateError(ValueError):
+    """Gate scores contain NaN or inf (training diverged)."""
+
+
+def _init_scores(num_channels, init, name: str = "init") -> Tensor:
+    if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+        raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+    if isinstance(init, Tensor):
+        if init.shape != (num_channels,):
+            raise ValueError(f"{name} must have shape ({num_channels},), got {tuple(init.shape)}")
+        if not init.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {init.dtype}")
+        return init.detach().to(torch.float32).clone()
+    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+        raise ValueError(f"{name} must be a finite number or a tensor of shape ({num_channels},), got {init!r}")
+    return torch.full((num_channels,), float(init), dtype=torch.float32)
+
+
+class GateMixin:
+    """What every gate-owning module has: ``num_gates``, ``scores``, ``gate()``."""
+
+    num_gates: int
+    ste: str
+    tau: float
+
+    def _setup_gate(self, num_channels: int, init, ste: str, tau: float) -> None:
+        ops.check_ste(ste, tau)
+        self.num_gates = num_channels
+        self.ste = ste
+        self.tau = float(tau)
+        self.gate_scores = nn.Parameter(_init_scores(num_channels, init))
+        object.__setattr__(self, "_bank", None)
+        self._segment = -1
+
+    @property
+    def bank(self) -> "GateBank | None":
+        return self._bank
+
+    @property
+    def scores(self) -> Tensor:
+        """This module's gate scores (a view into the bank when bound)."""
+        if self._bank is None:
+            return self.gate_scores
+        return self._bank.segment_scores(self._segment)
+
+    def gate(self) -> Tensor:
+        """Hard gates of this module (exactly 0/1), differentiable to the scores."""
+        if self._bank is None:
+            return ops.binary_gate(self.gate_scores, self.ste, self.tau)
+        return self._bank.gate(self._segment)
+
+    def _gate_repr(self) -> str:
+        where = f"segment={self._segment}" if self._bank is not None else "unbound"
+        return f"ste={self.ste!r}, tau={self.tau}, {where}"
+
+
+class ChannelGate(GateMixin, nn.Module):
+    """Activation gate ``y = x * g[c]`` with ``g = 1[s > 0]`` and a straight-through backward.
+
+    Args:
+        num_channels: C, the size of dim 1 of the input (N, C, ...).
+        init: initial score (number or tensor of shape (C,)); positive means open.
+        ste: straight-through mode, ``identity``, ``clipped`` or ``sigmoid``.
+        tau: temperature of the gate probability ``sigmoid(s / tau)``.
+
+    Use it where no affine follows a layer; after a BatchNorm prefer
+    :class:`GatedBatchNorm2d`, which gates the affine instead of the activations.
+    """
+
+    def __init__(self, num_channels: int, init=1.0, ste: str = "identity", tau: float = 1.0):
+        super().__init__()
+        self._setup_gate(num_channels, init, ste, tau)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.channel_gate(x, self.gate())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_gates}, {self._gate_repr()}"
+
+
+class GatedBatchNorm2d(GateMixin, nn.BatchNorm2d):
+    """``BatchNorm2d`` whose affine is gated: weight ``gamma * g``, bias ``beta * g``.
+
+    Closed channels output exact zeros. The gate costs work over C numbers, not
+    over the N*C*H*W activations. Takes BatchNorm2d's arguments plus ``init``,
+    ``ste`` and ``tau`` (see :class:`ChannelGate`); ``affine`` must be True.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        init=1.0,
+        ste: str = "identity",
+        tau: float = 1.0,
+    ):
+        if not affine:
+            raise ValueError("affine must be True for GatedBatchNorm2d (the gate scales the affine); "
+                             "use ChannelGate after a BatchNorm2d without affine")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._setup_gate(num_features, init, ste, tau)
+        if device is not None:
+            self.gate_scores.data = self.gate_scores.data.to(device)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, init=1.0, ste: str = "identity", tau: float = 1.0):
+        """A gated copy of ``bn`` sharing its parameters and buffers."""
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  init=init, ste=ste, tau=tau)
+        new.weight, new.bias = bn.weight, bn.bias
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+        new.gate_scores.data = new.gate_scores.data.to(bn.weight.device)
+        new.train(bn.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        weight, bias = ops.gated_affine(self.weight, self.bias, self.gate())
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_stats = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x,
+            self.running_mean if keep_stats else None,
+            self.running_var if keep_stats else None,
+            weight,
+            bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
+def gate_modules(model: nn.Module) -> list[tuple[str, GateMixin]]:
+    """(name, module) for every gate module of ``model``, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GateMixin)]
+
+
+class GateBank(nn.Module):
+    """All gate scores of a model in one flat parameter ``scores``, split into segments.
+
+    ``gates()`` returns the hard gates of every segment. Inside a forward pass of
+    the model the bank is bound to, it is computed once (one ``binary_gate`` call)
+    and shared by every gate module; outside one it is computed on each call.
+
+    Per-segment cost vectors (``channels`` by default; others such as ``params``
+    or ``macs`` are registered with :meth:`set_cost`) weight the density that
+    :class:`~polarprune_cuda.PolarizationLoss` drives to its target.
+    """
+
+    def __init__(self, ste: str = "identity", tau: float = 1.0):
+        super().__init__()
+        ops.check_ste(ste, tau)
+        self.ste = ste
+        self.tau = float(tau)
+        self.scores = nn.Parameter(torch.zeros(0))
+        self.names: list[str] = []
+        self.sizes: list[int] = []
+        self._costs: dict[str, Tensor] = {}
+        self._cache: tuple[Tensor, ...] | None = None
+        self._active = False
+        self._hooks: list = []
+
+    # ----- building
+    def add_segment(self, name: str, init_scores: Tensor) -> int:
+        """Append a segment with the given initial scores; returns its index."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if name in self.names:
+            raise ValueError(f"a segment named {name!r} already exists")
+        init_scores = ops.check_scores(init_scores, "init_scores").detach()
+        if init_scores.numel() == 0:
+            raise ValueError(f"segment {name!r} must have at least one gate")
+        if self.scores.numel():
+            init_scores = init_scores.to(self.scores.device)
+        data = torch.cat([self.scores.data, init_scores.to(torch.float32)])
+        self.scores = nn.Parameter(data)
+        self.names.append(name)
+        self.sizes.append(init_scores.numel())
+        self._costs.clear()
+        return len(self.names) - 1
+
+    @property
+    def offsets(self) -> list[int]:
+        out, acc = [], 0
+        for size in self.sizes:
+            out.append(acc)
+            acc += size
+        return out
+
+    def segment_scores(self, index: int) -> Tensor:
+        return self.scores.narrow(0, self.offsets[index], self.sizes[index])
+
+    # ----- cost weights
+    def set_cost(self, kind: str, cost: Tensor) -> None:
+        """Register a per-channel cost vector (one entry per score) under ``kind``."""
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"kind must be a non-empty string, got {kind!r}")
+        ops._check_tensor(cost, "cost")
+        ops._check_float(cost, "cost")
+        if cost.shape != self.scores.shape:
+            raise ValueError(f"cost must have shape {tuple(self.scores.shape)} (one entry per gate), "
+                             f"got {tuple(cost.shape)}")
+        check_cost_values(cost)
+        self._costs[kind] = cost.detach().to(device=self.scores.device, dtype=torch.float32)
+
+    def cost(self, kind: str = "channels") -> Tensor:
+        """The cost vector registered under ``kind`` (``channels``: all ones)."""
+        if kind == "channels":
+            c = self._costs.get(kind)
+            if c is None or c.device != self.scores.device or c.numel() != self.scores.numel():
+                c = torch.ones_like(self.scores.detach())
+                self._costs[kind] = c
+            return c
+        if kind not in self._costs:
+            known = ", ".join(["channels", *sorted(k for k in self._costs if k != "channels")])
+            raise ValueError(f"cost must be one of {known} for this model, got {kind!r} "
+                             "(attach gates with example inputs to get params and MACs costs)")
+        c = self._costs[kind]
+        if c.device != self.scores.device:
+            c = self._costs[kind] = c.to(self.scores.device)
+        return c
+
+    # ----- gates
+    def gates(self) -> tuple[Tensor, ...]:
+        """Hard gates of every segment, computed with one op call."""
+        if self._active and self._cache is not None:
+            return self._cache
+        chunks = ops.binary_gate(self.scores, self.ste, self.tau).split(self.sizes)
+        if self._active:
+            self._cache = chunks
+        return chunks
+
+    def gate(self, index: int) -> Tensor:
+        return self.gates()[index]
+
+    def probabilities(self) -> Tensor:
+        return torch.sigmoid(self.scores.detach() / self.tau)
+
+    def _enter(self, module, args) -> None:
+        self._cache = None
+        self._active = True
+
+    def _exit(self, module, args, output) -> None:
+        self._cache = None
+        self._active = False
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteGateError` naming the segments whose scores are NaN or inf."""
+        raise_if_nonfinite(self.scores.detach(), self.names, self.sizes)
+
+    def extra_repr(self) -> str:
+        return f"gates={self.scores.numel()}, segments={len(self.sizes)}, ste={self.ste!r}, tau={self.tau}"
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_cache"], state["_active"] = None, False
+        return state
+
+
+def check_cost_values(cost: Tensor) -> None:
+    """Cost weights must be finite, non-negative and not all zero (reads the values once)."""
+    c = cost.detach()
+    if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
+        raise ValueError("cost weights must be finite and >= 0")
+    if not bool(c.sum() > 0):
+        raise ValueError("cost weights must not all be zero")
+
+
+def raise_if_nonfinite(scores: Tensor, names: list[str], sizes: list[int]) -> None:
+    bad = ~torch.isfinite(scores.detach())
+    if not bool(bad.any()):
+        return
+    parts = []
+    for name, chunk, size in zip(names, bad.split(sizes), sizes):
+        count = int(chunk.sum())
+        if count:
+            parts.append(f"{name} ({count} of {size})")
+    shown = ", ".join(parts[:8]) + (f" and {len(parts) - 8} more" if len(parts) > 8 else "")
+    raise NonFiniteGateError(
+        f"{int(bad.sum())} gate scores are NaN or inf, in {shown}. Training has diverged: "
+        "lower the learning rate or the penalty weight, or resume from an earlier checkpoint."
+    )
+
+
+def find_bank(model: nn.Module) -> GateBank | None:
+    """The gate bank bound to ``model`` (or the model itself if it is a bank), else None."""
+    if isinstance(model, GateBank):
+        return model
+    for m in model.modules():
+        if isinstance(m, GateBank):
+            return m
+    return None
+
+
+def bind_gates(model: nn.Module, ste: str | None = None, tau: float | None = None,
+               groups: Iterable[Iterable[str]] | None = None) -> GateBank:
+    """Gather every gate module of ``model`` into one :class:`GateBank`.
+
+    The bank is registered as the submodule ``polarprune_bank`` of ``model``
+    and computes all gates once per forward pass of ``model``. Each module's
+    current scores become its segment's initial scores. ``groups`` lists names
+    of gate modules that share one segment (equal channel counts required;
+    the first module's scores are used). ``ste``/``tau`` default to the
+    modules' own settings, which must then agree.
+
+    Bind before creating the optimizer: the modules' own ``gate_scores``
+    parameters are replaced by the bank's ``scores``.
+    """
+    found = gate_modules(model)
+    if not found:
+        raise ValueError("model has no gate modules (ChannelGate, GatedBatchNorm2d) to bind")
+    if find_bank(model) is not None:
+        raise ValueError("model already has a gate bank; gates are bound once")
+    settings = {(m.ste, m.tau) for _, m in found}
+    if ste is None or tau is None:
+        if len(settings) > 1 and (ste is None or tau is None):
+            raise ValueError(f"gate modules disagree on (ste, tau): {sorted(settings)}; pass ste= and tau= to bind_gates")
+        s0, t0 = next(iter(settings))
+        ste = s0 if ste is None else ste
+        tau = t0 if tau is None else tau
+    by_name = dict(found)
+    shared: dict[str, str] = {}
+    for group in groups or ():
+        group = list(group)
+        for name in group:
+            if name not in by_name:
+                raise ValueError(f"groups names {name!r}, which is not a gate module of the model")
+            if name in shared:
+                raise ValueError(f"groups names {name!r} twice")
+            if by_name[name].num_gates != by_name[group[0]].num_gates:
+                raise ValueError(f"channel-count mismatch in groups: {name!r} has {by_name[name].num_gates} "
+                                 f"gates, {group[0]!r} has {by_name[group[0]].num_gates}")
+            shared[name] = group[0]
+    bank = GateBank(ste=ste, tau=tau)
+    device = next((m.gate_scores.device for _, m in found), None)
+    index: dict[str, int] = {}
+    for name, m in found:
+        leader = shared.get(name, name)
+        if leader not in index:
+            index[leader] = bank.add_segment(leader, by_name[leader].gate_scores.detach())
+        index[name] = index[leader]
+    if device is not None:
+        bank.to(device)
+    for name, m in found:
+        del m.gate_scores
+        m.ste, m.tau = bank.ste, bank.tau
+        object.__setattr__(m, "_bank", bank)
+        m._segment = index[name]
+    model.add_module(BANK_ATTR, bank)
+    bank._hooks = [
+        model.register_forward_pre_hook(bank._enter),
+        model.register_forward_hook(bank._exit, always_call=True),
+    ]
+    return bank
+
+
+def flat_gate_view(obj) -> tuple[Tensor, list[str], list[int], float, GateBank | None]:
+    """(scores, segment names, sizes, tau, bank) of a bank, a model with a bank or loose gate modules."""
+    if isinstance(obj, GateMixin) and obj.bank is None:
+        return obj.gate_scores, ["gate"], [obj.num_gates], obj.tau, None
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"expected a model with gates, a GateBank or a gate module, got {type(obj).__name__}")
+    bank = obj.bank if isinstance(obj, GateMixin) else find_bank(obj)
+    if bank is not None:
+        return bank.scores, list(bank.names), list(bank.sizes), bank.tau, bank
+    found = gate_modules(obj)
+    if not found:
+        raise ValueError("model has no gates: add ChannelGate/GatedBatchNorm2d modules or attach gates first")
+    taus = {m.tau for _, m in found}
+    if len(taus) > 1:
+        raise ValueError(f"gate modules disagree on tau: {sorted(taus)}; bind them with bind_gates(model, tau=...)")
+    scores = torch.cat([m.gate_scores for _, m in found])
+    return scores, [n for n, _ in found], [m.num_gates for _, m in found], taus.pop(), None
+
+
+def iter_segments(obj) -> Iterator[tuple[str, Tensor]]:
+    scores, names, sizes, _, _ = flat_gate_view(obj)
+    yield from zip(names, scores.detach().split(sizes))

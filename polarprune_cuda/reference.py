@@ -1,0 +1,130 @@
+"""Pure-PyTorch implementations of every op: the specification and the fallback.
+
+Every other backend (Triton kernels, the CUDA extension) is tested against the
+functions in this module. They take already-validated arguments; the checks
+live in :mod:`polarprune_cuda.ops`.
+
+Gate semantics (see DESIGN.md, "Semantics of the gate"):
+
+* hard gate ``g = 1[s > 0]`` (exactly binary, in the dtype of ``s``);
+* probability ``p = sigmoid(s / tau)``;
+* straight-through backward ``ds = dg * ste'(s)`` with ``ste`` one of
+  ``identity`` (1), ``clipped`` (``1[|s| <= 1]``) or ``sigmoid``
+  (``d sigmoid(s / tau) / ds``);
+* penalty ``target_weight * (d - rho)^2 + polar_weight * R(p)`` with the
+  cost-weighted density ``d = sum_j w_j p_j / sum_j w_j`` and ``R`` either the
+  Zhuang et al. polarizer ``(t * sum_j p_j - sum_j |p_j - mean(p)|) / n`` or
+  the bimodal term ``mean_j 4 p_j (1 - p_j)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+STE_MODES = ("identity", "clipped", "sigmoid")
+POLAR_FORMS = ("zhuang", "bimodal")
+# Entries of the ``terms`` output of gate_penalty, in order.
+PENALTY_TERMS = ("density", "target_term", "polar_term", "nonfinite")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for half types, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def binary_gate(scores: Tensor, ste: str, tau: float) -> Tensor:
+    """Hard gates ``1[s > 0]`` in the dtype of ``scores`` (ste/tau only matter for backward)."""
+    return (scores > 0).to(scores.dtype)
+
+
+def binary_gate_backward(grad: Tensor, scores: Tensor, ste: str, tau: float) -> Tensor:
+    """Straight-through gradient ``ds = dg * ste'(s)``."""
+    if ste == "identity":
+        return grad.to(scores.dtype, copy=True)
+    if ste == "clipped":
+        return (grad * (scores.abs() <= 1).to(grad.dtype)).to(scores.dtype)
+    if ste == "sigmoid":
+        acc = _acc_dtype(scores.dtype)
+        p = torch.sigmoid(scores.to(acc) / tau)
+        return (grad.to(acc) * p * (1 - p) / tau).to(scores.dtype)
+    raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}")
+
+
+def gate_penalty(
+    scores: Tensor,
+    cost: Tensor,
+    tau: float,
+    rho: float,
+    target_weight: float,
+    polar_weight: float,
+    polar_form: str,
+    t: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Penalty value and its gradient with respect to the scores, in one pass.
+
+    Returns ``(loss, grad, terms)``: ``loss`` is a 0-dim tensor, ``grad`` has the
+    shape and dtype of ``scores``, ``terms`` holds (density, target term, polar
+    term, number of non-finite scores) in the accumulation dtype.
+    """
+    acc = _acc_dtype(scores.dtype)
+    s = scores.to(acc)
+    w = cost.to(acc)
+    n = s.numel()
+    p = torch.sigmoid(s / tau)
+    dp = p * (1 - p) / tau
+    total_cost = w.sum()
+    density = (w * p).sum() / total_cost
+    diff = density - rho
+    target_term = diff * diff
+    g = (2 * target_weight) * diff * w / total_cost
+    if polar_form == "zhuang":
+        centred = p - p.mean()
+        sgn = torch.sign(centred)
+        polar_term = (t * p.sum() - centred.abs().sum()) / n
+        g = g + polar_weight * (t - sgn + sgn.mean()) / n
+    elif polar_form == "bimodal":
+        polar_term = (4 * p * (1 - p)).sum() / n
+        g = g + polar_weight * 4 * (1 - 2 * p) / n
+    else:
+        raise ValueError(f"polar_form must be one of {POLAR_FORMS}, got {polar_form!r}")
+    loss = target_weight * target_term + polar_weight * polar_term
+    nonfinite = (~torch.isfinite(s)).sum().to(acc)
+    terms = torch.stack([density, target_term, polar_term, nonfinite])
+    return loss, (g * dp).to(scores.dtype), terms
+
+
+def _channel_view(gate: Tensor, x: Tensor) -> Tensor:
+    """``gate`` (C,) shaped to broadcast along dim 1 of ``x`` (N, C, *)."""
+    return gate.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def channel_gate(x: Tensor, gate: Tensor) -> Tensor:
+    """Activation gate ``y = x * g[c]`` (channel dim 1), memory format preserved."""
+    return x * _channel_view(gate, x)
+
+
+def channel_gate_backward(grad: Tensor, x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """``dx = dy * g[c]`` and ``dg[c] = sum over all but dim 1 of dy * x`` (fp32 accumulation)."""
+    dx = grad * _channel_view(gate, grad)
+    dims = [0] + list(range(2, x.dim()))
+    acc = _acc_dtype(x.dtype)
+    dg = (grad.to(acc) * x.to(acc)).sum(dim=dims)
+    return dx, dg.to(gate.dtype)
+
+
+def gated_affine(weight: Tensor, bias: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """Gated BatchNorm affine: ``(gamma * g, beta * g)``."""
+    g = gate.to(weight.dtype)
+    return weight * g, bias * g.to(bias.dtype)
+
+
+def gated_affine_backward(
+    grad_weight: Tensor, grad_bias: Tensor, weight: Tensor, bias: Tensor, gate: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`gated_affine` for gamma, beta and the gate."""
+    g = gate.to(weight.dtype)
+    d_weight = grad_weight * g
+    d_bias = grad_bias * g.to(bias.dtype)
+    acc = _acc_dtype(gate.dtype)
+    d_gate = grad_weight.to(acc) * weight.to(acc) + grad_bias.to(acc) * bias.to(acc)
+    return d_weight, d_bias, d_gate.to(gate.dtype)
