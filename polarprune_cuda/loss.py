@@ -112,7 +112,8 @@ class PolarizationLoss(nn.Module):
         cost: ``"channels"`` (each gate weighs 1), another kind registered on the
             model's gate bank (``"params"``, ``"macs"``), or a tensor with one
             non-negative weight per gate.
-        polarization: ``"zhuang"`` (t * ||p||_1 - ||p - mean(p)||_1, over n) or ``"bimodal"``.
+        polarization: ``"bimodal"`` (mean 4 p (1 - p), the default) or ``"zhuang"``
+            ((t * ||p||_1 - ||p - mean(p)||_1) / n).
         t: the Zhuang polarizer's t (about 1.0-1.2).
         target_weight, polarization_weight: weights of the two terms.
         schedule: optional ``step -> multiplier`` (or ``(target_mult, polar_mult)``)
