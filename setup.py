@@ -28,6 +28,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "numpy>=1.24",
+        "torch-pruning>=1.5,<2",
     ],
     extras_require={
         "triton": ["triton>=3.1"],
@@ -37,6 +38,7 @@ setup(
             "hypothesis>=6.100",
             "ninja>=1.11",
             "pybind11>=2.12",
+            "torchvision>=0.21",
         ],
     },
     classifiers=[

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .cost import CostModel
 from .reference import PENALTY_TERMS
 
 __all__ = [
@@ -41,7 +42,7 @@ def gate_probability(scores: Tensor, tau: float = 1.0) -> Tensor:
 
 def gate_penalty(
     scores: Tensor,
-    cost: Tensor | None = None,
+    cost: "Tensor | CostModel | None" = None,
     *,
     target_sparsity: float,
     target_weight: float = 20.0,
@@ -54,14 +55,16 @@ def gate_penalty(
 
     Returns ``(loss, terms)``; ``terms`` holds :data:`PENALTY_TERMS`
     (density, target term, polar term, number of non-finite scores) and is not
-    differentiable. ``cost`` defaults to one per gate.
+    differentiable. ``cost`` is a tensor of per-gate weights (its sum is read
+    once per call), a :class:`~polarprune_cuda.cost.CostModel`, or None for one
+    per gate.
     """
     if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) \
             or not 0 <= target_sparsity < 1:
         raise ValueError(f"target_sparsity must be a number in [0, 1), got {target_sparsity!r}")
     ops.check_scores(scores)
     if cost is None:
-        cost = torch.ones_like(scores.detach())
+        cost = CostModel.channels(scores.numel(), scores.device)
     return ops.gate_penalty(scores, cost, tau, 1.0 - target_sparsity, target_weight,
                             polarization_weight, polarization, t)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .cost import CostModel
 
 BANK_ATTR = "polarprune_bank"
 
@@ -59,6 +60,7 @@ class GateMixin:
         self.gate_scores = nn.Parameter(_init_scores(num_channels, init))
         object.__setattr__(self, "_bank", None)
         self._segment = -1
+        self._repeat = 1
 
     @property
     def bank(self) -> "GateBank | None":
@@ -75,10 +77,22 @@ class GateMixin:
         """Hard gates of this module (exactly 0/1), differentiable to the scores."""
         if self._bank is None:
             return ops.binary_gate(self.gate_scores, self.ste, self.tau)
-        return self._bank.gate(self._segment)
+        g = self._bank.gate(self._segment)
+        return g if self._repeat == 1 else g.repeat(self._repeat)
+
+    def _bind(self, bank: "GateBank", segment: int, repeat: int = 1) -> None:
+        """Read gates from ``bank``'s ``segment`` (tiled ``repeat`` times) instead of own scores."""
+        if "gate_scores" in self._parameters:
+            del self.gate_scores
+        self.ste, self.tau = bank.ste, bank.tau
+        object.__setattr__(self, "_bank", bank)
+        self._segment = segment
+        self._repeat = repeat
 
     def _gate_repr(self) -> str:
         where = f"segment={self._segment}" if self._bank is not None else "unbound"
+        if self._repeat > 1:
+            where += f", repeat={self._repeat}"
         return f"ste={self.ste!r}, tau={self.tau}, {where}"
 
 
@@ -201,7 +215,7 @@ class GateBank(nn.Module):
         self.scores = nn.Parameter(torch.zeros(0))
         self.names: list[str] = []
         self.sizes: list[int] = []
-        self._costs: dict[str, Tensor] = {}
+        self._costs: dict[str, CostModel] = {}
         self._cache: tuple[Tensor, ...] | None = None
         self._active = False
         self._hooks: list = []
@@ -236,35 +250,41 @@ class GateBank(nn.Module):
     def segment_scores(self, index: int) -> Tensor:
         return self.scores.narrow(0, self.offsets[index], self.sizes[index])
 
-    # ----- cost weights
-    def set_cost(self, kind: str, cost: Tensor) -> None:
-        """Register a per-channel cost vector (one entry per score) under ``kind``."""
+    # ----- cost models
+    def set_cost(self, kind: str, cost) -> None:
+        """Register the cost model of ``kind``: a CostModel or a tensor of per-gate weights."""
         if not isinstance(kind, str) or not kind:
             raise ValueError(f"kind must be a non-empty string, got {kind!r}")
-        ops._check_tensor(cost, "cost")
-        ops._check_float(cost, "cost")
-        if cost.shape != self.scores.shape:
-            raise ValueError(f"cost must have shape {tuple(self.scores.shape)} (one entry per gate), "
-                             f"got {tuple(cost.shape)}")
-        check_cost_values(cost)
-        self._costs[kind] = cost.detach().to(device=self.scores.device, dtype=torch.float32)
+        if isinstance(cost, Tensor):
+            ops._check_float(cost, "cost")
+            if cost.shape != self.scores.shape:
+                raise ValueError(f"cost must have shape {tuple(self.scores.shape)} (one entry per gate), "
+                                 f"got {tuple(cost.shape)}")
+            check_cost_values(cost)
+            cost = CostModel.linear_only(cost)
+        if not isinstance(cost, CostModel):
+            raise TypeError(f"cost must be a CostModel or a tensor, got {type(cost).__name__}")
+        if cost.linear.numel() != self.scores.numel():
+            raise ValueError(f"the cost model has {cost.linear.numel()} gates, the bank {self.scores.numel()}")
+        self._costs[kind] = cost.to(self.scores.device)
 
-    def cost(self, kind: str = "channels") -> Tensor:
-        """The cost vector registered under ``kind`` (``channels``: all ones)."""
-        if kind == "channels":
-            c = self._costs.get(kind)
-            if c is None or c.device != self.scores.device or c.numel() != self.scores.numel():
-                c = torch.ones_like(self.scores.detach())
-                self._costs[kind] = c
-            return c
-        if kind not in self._costs:
-            known = ", ".join(["channels", *sorted(k for k in self._costs if k != "channels")])
-            raise ValueError(f"cost must be one of {known} for this model, got {kind!r} "
-                             "(attach gates with example inputs to get params and MACs costs)")
-        c = self._costs[kind]
-        if c.device != self.scores.device:
-            c = self._costs[kind] = c.to(self.scores.device)
-        return c
+    @property
+    def cost_kinds(self) -> list[str]:
+        return ["channels", *sorted(k for k in self._costs if k != "channels")]
+
+    def cost_model(self, kind: str = "channels") -> CostModel:
+        """The cost model registered under ``kind`` (``channels``: every gate costs 1)."""
+        if not isinstance(kind, str):
+            raise TypeError(f"cost must be a str, got {type(kind).__name__}")
+        cm = self._costs.get(kind)
+        if cm is None:
+            if kind != "channels":
+                raise ValueError(f"cost must be one of {', '.join(self.cost_kinds)} for this model, got {kind!r} "
+                                 "(attach_gates with example inputs registers params and macs)")
+            cm = self._costs[kind] = CostModel.channels(self.scores.numel(), self.scores.device)
+        if cm.device != self.scores.device:
+            cm = self._costs[kind] = cm.to(self.scores.device)
+        return cm
 
     # ----- gates
     def gates(self) -> tuple[Tensor, ...]:
@@ -388,16 +408,30 @@ def bind_gates(model: nn.Module, ste: str | None = None, tau: float | None = Non
     if device is not None:
         bank.to(device)
     for name, m in found:
-        del m.gate_scores
-        m.ste, m.tau = bank.ste, bank.tau
-        object.__setattr__(m, "_bank", bank)
-        m._segment = index[name]
+        m._bind(bank, index[name])
+    install_bank(model, bank)
+    return bank
+
+
+def install_bank(model: nn.Module, bank: GateBank) -> None:
+    """Register ``bank`` as ``model.polarprune_bank`` and the hooks that share gates within a forward pass."""
     model.add_module(BANK_ATTR, bank)
     bank._hooks = [
         model.register_forward_pre_hook(bank._enter),
         model.register_forward_hook(bank._exit, always_call=True),
     ]
-    return bank
+
+
+def remove_bank(model: nn.Module) -> None:
+    """Remove the gate bank and its hooks from ``model`` (e.g. a deep copy being extracted)."""
+    bank = model._modules.pop(BANK_ATTR, None)
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, fn in list(hooks.items()):
+            if isinstance(getattr(fn, "__self__", None), GateBank):
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
+    if bank is not None:
+        bank._hooks = []
 
 
 def flat_gate_view(obj) -> tuple[Tensor, list[str], list[int], float, GateBank | None]:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .cost import CostModel
 from .gates import GateBank, check_cost_values, flat_gate_view, raise_if_nonfinite
 from .reference import POLAR_FORMS
 
@@ -155,13 +156,17 @@ class PolarizationLoss(nn.Module):
             if cost.dim() != 1:
                 raise ValueError(f"cost must be a 1-D tensor (one weight per gate), got shape {tuple(cost.shape)}")
             check_cost_values(cost)
-            self.register_buffer("cost_weights", cost.detach().clone(), persistent=False)
+            self._tensor_cost = CostModel.linear_only(cost)
             self.cost = "tensor"
+        elif isinstance(cost, CostModel):
+            self._tensor_cost = cost
+            self.cost = "model"
         elif isinstance(cost, str):
-            self.cost_weights = None
+            self._tensor_cost = None
             self.cost = cost
         else:
-            raise TypeError(f"cost must be a str (channels, params, macs) or a tensor, got {type(cost).__name__}")
+            raise TypeError(f"cost must be a str (channels, params, macs), a tensor or a CostModel, "
+                            f"got {type(cost).__name__}")
         self.target_sparsity = float(target_sparsity)
         self.polarization = polarization
         self.t = float(t)
@@ -176,18 +181,25 @@ class PolarizationLoss(nn.Module):
     def rho(self) -> float:
         return 1.0 - self.target_sparsity
 
-    def _cost_for(self, scores: Tensor, bank: GateBank | None) -> Tensor:
-        if self.cost_weights is not None:
-            if self.cost_weights.numel() != scores.numel():
-                raise ValueError(f"cost has {self.cost_weights.numel()} weights but the model has "
+    def cost_model(self, gates) -> CostModel:
+        """The cost model this loss uses for ``gates`` (a model, bank or gate module)."""
+        scores, _, _, _, bank = flat_gate_view(gates)
+        return self._cost_for(scores, bank)
+
+    def _cost_for(self, scores: Tensor, bank: GateBank | None) -> CostModel:
+        if self._tensor_cost is not None:
+            if self._tensor_cost.linear.numel() != scores.numel():
+                raise ValueError(f"cost has {self._tensor_cost.linear.numel()} weights but the model has "
                                  f"{scores.numel()} gates")
-            return self.cost_weights.to(scores.device)
+            if self._tensor_cost.device != scores.device:
+                self._tensor_cost = self._tensor_cost.to(scores.device)
+            return self._tensor_cost
         if bank is not None:
-            return bank.cost(self.cost)
+            return bank.cost_model(self.cost)
         if self.cost != "channels":
             raise ValueError(f"cost={self.cost!r} needs a gate bank with that cost registered "
                              "(bind_gates / attach_gates); loose gate modules only know 'channels'")
-        return torch.ones_like(scores.detach())
+        return CostModel.channels(scores.numel(), scores.device)
 
     def weights(self, step: int) -> tuple[float, float]:
         """(target_weight, polarization_weight) after the schedule at ``step``."""
@@ -227,14 +239,14 @@ class PolarizationLoss(nn.Module):
                 f"t={self.t}, target_weight={self.target_weight}, polarization_weight={self.polarization_weight}")
 
 
-def gate_stats(model, cost: str | Tensor = "channels", margin: float = 0.45) -> dict:
+def gate_stats(model, cost: "str | Tensor | CostModel" = "channels", margin: float = 0.45) -> dict:
     """Gate statistics of a model (or bank, or gate module); reads values from the device.
 
-    Returns ``density`` (cost-weighted fraction of open hard gates),
-    ``soft_density`` (the same with probabilities, what the loss sees),
-    ``polarized`` (fraction of gates with ``|p - 0.5| > margin``), ``open`` and
-    ``num_gates``, and ``layers``: segment name -> {"open", "total"}.
-    Raises NonFiniteGateError if a score is NaN or inf.
+    Returns ``density`` (the cost of the hard gates over the cost with every
+    gate open, in the unit of ``cost``), ``soft_density`` (the same with
+    probabilities, what the loss sees), ``polarized`` (fraction of gates with
+    ``|p - 0.5| > margin``), ``open`` and ``num_gates``, and ``layers``: segment
+    name -> {"open", "total"}. Raises NonFiniteGateError if a score is NaN or inf.
     """
     if not 0 < margin < 0.5:
         raise ValueError(f"margin must be in (0, 0.5), got {margin!r}")
@@ -242,13 +254,15 @@ def gate_stats(model, cost: str | Tensor = "channels", margin: float = 0.45) -> 
     s = scores.detach().float()
     raise_if_nonfinite(s, names, sizes)
     if isinstance(cost, Tensor):
-        w = cost.detach().float().to(s.device)
-        if w.shape != s.shape:
-            raise ValueError(f"cost must have shape {tuple(s.shape)}, got {tuple(w.shape)}")
+        if cost.shape != s.shape:
+            raise ValueError(f"cost must have shape {tuple(s.shape)}, got {tuple(cost.shape)}")
+        cm = CostModel.linear_only(cost.to(s.device))
+    elif isinstance(cost, CostModel):
+        cm = cost.to(s.device)
     elif bank is not None:
-        w = bank.cost(cost)
+        cm = bank.cost_model(cost)
     elif cost == "channels":
-        w = torch.ones_like(s)
+        cm = CostModel.channels(s.numel(), s.device)
     else:
         raise ValueError(f"cost={cost!r} needs a gate bank with that cost registered")
     g = (s > 0).float()
@@ -257,8 +271,8 @@ def gate_stats(model, cost: str | Tensor = "channels", margin: float = 0.45) -> 
     return {
         "num_gates": s.numel(),
         "open": int(g.sum()),
-        "density": float((w * g).sum() / w.sum()),
-        "soft_density": float((w * p).sum() / w.sum()),
+        "density": float(cm.density(g)),
+        "soft_density": float(cm.density(p)),
         "polarized": float(((p - 0.5).abs() > margin).float().mean()),
         "layers": layers,
     }

@@ -11,8 +11,9 @@ exposes them with keyword defaults.
 Ops (schemas are owned here, in Python; a compiled extension only adds kernels):
 
 * ``binary_gate(scores, ste, tau) -> gate`` and its backward;
-* ``gate_penalty(scores, cost, tau, rho, target_weight, polar_weight,
-  polar_form, t) -> (loss, grad, terms)``: value and gradient in one pass;
+* ``gate_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const,
+  total, tau, rho, target_weight, polar_weight, polar_form, t) -> (loss, grad,
+  terms)``: value and gradient in one pass, over an exact cost model;
 * ``channel_gate(x, gate) -> y`` and ``channel_gate_backward(dy, x, gate) -> (dx, dgate)``;
 * ``gated_affine(weight, bias, gate) -> (weight * gate, bias * gate)`` and its backward.
 """
@@ -111,13 +112,31 @@ def _check_affine(weight, bias, gate) -> None:
     _check_same_device("weight", weight, "gate", gate)
 
 
-def _check_penalty(scores, cost, tau, rho, target_weight, polar_weight, polar_form, t) -> None:
+def _check_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total,
+                   tau, rho, target_weight, polar_weight, polar_form, t) -> None:
     check_scores(scores)
     _check_tensor(cost, "cost")
     _check_float(cost, "cost")
     if cost.shape != scores.shape:
         raise ValueError(f"cost must have the shape of scores {tuple(scores.shape)}, got {tuple(cost.shape)}")
     _check_same_device("scores", scores, "cost", cost)
+    for name, tensor in (("seg_ids", seg_ids), ("pairs", pairs), ("pair_coef", pair_coef)):
+        _check_tensor(tensor, name)
+        _check_same_device("scores", scores, name, tensor)
+    if seg_ids.dtype != torch.int64 or pairs.dtype != torch.int64:
+        raise TypeError(f"seg_ids and pairs must be int64 tensors, got {seg_ids.dtype} and {pairs.dtype}")
+    _check_float(pair_coef, "pair_coef")
+    if pairs.dim() != 2 or pairs.shape[1] != 2 or pair_coef.shape != (pairs.shape[0],):
+        raise ValueError(f"pairs must have shape (L, 2) and pair_coef (L,), got {tuple(pairs.shape)} "
+                         f"and {tuple(pair_coef.shape)}")
+    if pairs.numel() and seg_ids.shape != scores.shape:
+        raise ValueError(f"seg_ids must have the shape of scores {tuple(scores.shape)}, got {tuple(seg_ids.shape)}")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
+        raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
+    _check_number(const, "const", 0.0)
+    _check_number(total, "total")
+    if not total > 0:
+        raise ValueError(f"total (the cost with every gate open) must be > 0, got {total!r}")
     check_tau(tau)
     _check_number(rho, "rho (1 - target_sparsity)", 0.0, 1.0)
     _check_number(target_weight, "target_weight", 0.0)
@@ -175,6 +194,12 @@ _binary_gate.register_autograd(_binary_gate_bwd, setup_context=_binary_gate_setu
 def _gate_penalty(
     scores: Tensor,
     cost: Tensor,
+    seg_ids: Tensor,
+    pairs: Tensor,
+    pair_coef: Tensor,
+    num_segments: int,
+    const: float,
+    total: float,
     tau: float,
     rho: float,
     target_weight: float,
@@ -183,11 +208,13 @@ def _gate_penalty(
     t: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = backends.impl("gate_penalty", scores.device)
-    return fn(scores, cost, tau, rho, target_weight, polar_weight, polar_form, t)
+    return fn(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total,
+              tau, rho, target_weight, polar_weight, polar_form, t)
 
 
 @_gate_penalty.register_fake
-def _(scores, cost, tau, rho, target_weight, polar_weight, polar_form, t):
+def _(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total,
+      tau, rho, target_weight, polar_weight, polar_form, t):
     acc = torch.promote_types(scores.dtype, torch.float32)
     loss = scores.new_empty((), dtype=acc)
     terms = scores.new_empty((4,), dtype=acc)
@@ -202,7 +229,7 @@ def _gate_penalty_setup(ctx, inputs, output):
 
 def _gate_penalty_bwd(ctx, grad_loss, _grad_grad, _grad_terms):
     (grad,) = ctx.saved_tensors
-    return (grad_loss.to(grad.dtype) * grad), None, None, None, None, None, None, None
+    return (grad_loss.to(grad.dtype) * grad,) + (None,) * 13
 
 
 _gate_penalty.register_autograd(_gate_penalty_bwd, setup_context=_gate_penalty_setup)
@@ -314,7 +341,7 @@ def binary_gate(scores: Tensor, ste: str = "identity", tau: float = 1.0) -> Tens
 
 def gate_penalty(
     scores: Tensor,
-    cost: Tensor,
+    cost_model,
     tau: float,
     rho: float,
     target_weight: float,
@@ -322,11 +349,26 @@ def gate_penalty(
     polar_form: str,
     t: float,
 ) -> tuple[Tensor, Tensor]:
-    """Penalty over a flat score vector; returns ``(loss, terms)`` (terms: reference.PENALTY_TERMS)."""
-    _check_penalty(scores, cost, tau, rho, target_weight, polar_weight, polar_form, t)
-    loss, _, terms = _gate_penalty(
-        scores, cost, float(tau), float(rho), float(target_weight), float(polar_weight), polar_form, float(t)
-    )
+    """Penalty over a flat score vector; returns ``(loss, terms)`` (terms: reference.PENALTY_TERMS).
+
+    ``cost_model`` is a :class:`~polarprune_cuda.cost.CostModel` (or a tensor of
+    per-gate weights, read once here for its sum).
+    """
+    from .cost import CostModel
+
+    check_scores(scores)
+    if isinstance(cost_model, Tensor):
+        _check_float(cost_model, "cost")
+        if cost_model.shape != scores.shape:
+            raise ValueError(f"cost must have the shape of scores {tuple(scores.shape)}, got {tuple(cost_model.shape)}")
+        _check_same_device("scores", scores, "cost", cost_model)
+        cost_model = CostModel.linear_only(cost_model)
+    if not isinstance(cost_model, CostModel):
+        raise TypeError(f"cost_model must be a CostModel or a tensor, got {type(cost_model).__name__}")
+    args = cost_model.op_args(scores.device) + (float(tau), float(rho), float(target_weight),
+                                                 float(polar_weight), polar_form, float(t))
+    _check_penalty(scores, *args)
+    loss, _, terms = _gate_penalty(scores, *args)
     return loss, terms
 
 

@@ -12,7 +12,8 @@ Gate semantics (see DESIGN.md, "Semantics of the gate"):
   ``identity`` (1), ``clipped`` (``1[|s| <= 1]``) or ``sigmoid``
   (``d sigmoid(s / tau) / ds``);
 * penalty ``target_weight * (d - rho)^2 + polar_weight * R(p)`` with the
-  cost-weighted density ``d = sum_j w_j p_j / sum_j w_j`` and ``R`` either the
+  cost-weighted density ``d = sum_j w_j p_j / sum_j w_j`` (or, for params and
+  MACs, an exact cost with bilinear terms, see :func:`gate_penalty`) and ``R`` either the
   Zhuang et al. polarizer ``(t * sum_j p_j - sum_j |p_j - mean(p)|) / n`` or
   the bimodal term ``mean_j 4 p_j (1 - p_j)``.
 """
@@ -53,6 +54,12 @@ def binary_gate_backward(grad: Tensor, scores: Tensor, ste: str, tau: float) -> 
 def gate_penalty(
     scores: Tensor,
     cost: Tensor,
+    seg_ids: Tensor,
+    pairs: Tensor,
+    pair_coef: Tensor,
+    num_segments: int,
+    const: float,
+    total: float,
     tau: float,
     rho: float,
     target_weight: float,
@@ -61,6 +68,12 @@ def gate_penalty(
     t: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Penalty value and its gradient with respect to the scores, in one pass.
+
+    The cost of a gate pattern ``p`` is ``const + sum_j cost_j p_j +
+    sum_l pair_coef_l S[pairs_l0] S[pairs_l1]`` with segment sums
+    ``S[k] = sum_{j: seg_ids_j = k} p_j`` (a conv's MACs are the product of its
+    kept inputs and kept outputs); the density is that cost over ``total``
+    (the cost with every gate open). Without pairs, ``seg_ids`` may be empty.
 
     Returns ``(loss, grad, terms)``: ``loss`` is a 0-dim tensor, ``grad`` has the
     shape and dtype of ``scores``, ``terms`` holds (density, target term, polar
@@ -72,11 +85,20 @@ def gate_penalty(
     n = s.numel()
     p = torch.sigmoid(s / tau)
     dp = p * (1 - p) / tau
-    total_cost = w.sum()
-    density = (w * p).sum() / total_cost
+    value = const + (w * p).sum()
+    d_cost = w
+    if pairs.numel():
+        coef = pair_coef.to(acc)
+        seg_sum = torch.zeros(num_segments, dtype=acc, device=s.device).index_add_(0, seg_ids, p)
+        left, right = seg_sum[pairs[:, 0]], seg_sum[pairs[:, 1]]
+        value = value + (coef * left * right).sum()
+        marginal = torch.zeros(num_segments, dtype=acc, device=s.device)
+        marginal.index_add_(0, pairs[:, 0], coef * right).index_add_(0, pairs[:, 1], coef * left)
+        d_cost = w + marginal[seg_ids]
+    density = value / total
     diff = density - rho
     target_term = diff * diff
-    g = (2 * target_weight) * diff * w / total_cost
+    g = (2 * target_weight / total) * diff * d_cost
     if polar_form == "zhuang":
         centred = p - p.mean()
         sgn = torch.sign(centred)

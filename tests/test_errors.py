@@ -31,6 +31,7 @@ from conftest import randn
     (lambda: pp.PolarizationLoss(target_sparsity=float("nan")), ValueError, "target_sparsity"),
     (lambda: pp.PolarizationLoss(0.5, polarization="l2"), ValueError, "polarization must be one of"),
     (lambda: pp.PolarizationLoss(0.5, cost=3), TypeError, "cost must be a str"),
+    (lambda: PF.gate_penalty(randn(4), "macs", target_sparsity=0.5), TypeError, "cost_model must be a CostModel"),
     (lambda: pp.PolarizationLoss(0.5, cost=-torch.ones(3)), ValueError, "cost weights must be finite and >= 0"),
     (lambda: pp.PolarizationLoss(0.5, schedule=0.3), TypeError, "schedule must be a callable"),
     (lambda: pp.PolarizationLoss(0.5, cost="macs")(pp.ChannelGate(3)), ValueError, "cost='macs' needs a gate bank"),

@@ -168,11 +168,13 @@ def test_bind_errors():
 def test_bank_cost_kinds():
     model = SmallNet()
     bank = pp.bind_gates(model)
-    assert torch.equal(bank.cost("channels"), torch.ones(14))
+    assert torch.equal(bank.cost_model("channels").linear, torch.ones(14))
+    assert bank.cost_model("channels").total == 14
     with pytest.raises(ValueError, match="macs"):
-        bank.cost("macs")
+        bank.cost_model("macs")
     bank.set_cost("macs", torch.arange(1.0, 15.0))
-    assert bank.cost("macs")[3] == 4.0
+    assert bank.cost_model("macs").linear[3] == 4.0
+    assert bank.cost_kinds == ["channels", "macs"]
     with pytest.raises(ValueError, match="shape"):
         bank.set_cost("params", torch.ones(3))
     with pytest.raises(ValueError, match=">= 0"):

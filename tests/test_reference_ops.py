@@ -3,11 +3,24 @@ import pytest
 import torch
 
 from polarprune_cuda import ops, reference
+from polarprune_cuda.cost import CostModel
 from polarprune_cuda import functional as PF
 
 from conftest import randn
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _bilinear_model(n, seed=0):
+    """A random cost model with segments, linear terms, pairs (one a self-pair) and a constant."""
+    gen = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randperm(n - 1, generator=gen)[: min(3, n - 1)].add(1).tolist())
+    sizes = [b - a for a, b in zip([0] + cuts, cuts + [n])]
+    k = len(sizes)
+    linear = {i: float(torch.rand(1, generator=gen)) for i in range(k)}
+    pairs = {(i, (i + 1) % k): float(torch.rand(1, generator=gen)) + 0.1 for i in range(k)}
+    pairs[(0, 0)] = 0.5
+    return CostModel.from_terms(n, sizes, linear, pairs, const=3.0, per_gate=torch.rand(n, generator=gen))
 
 
 # ---------------------------------------------------------------- opcheck
@@ -24,8 +37,10 @@ def _opcheck_cases():
     yield "binary_gate", (s64, "sigmoid", 0.7)
     yield "binary_gate", (randn(11, dtype=torch.bfloat16, requires_grad=True), "clipped", 1.0)
     yield "binary_gate_backward", (randn(37), randn(37), "sigmoid", 2.0)
-    yield "gate_penalty", (s, cost, 1.0, 0.5, 1.0, 0.2, "zhuang", 1.1)
-    yield "gate_penalty", (s64, cost.double(), 0.5, 0.3, 2.0, 0.5, "bimodal", 1.0)
+    lin = CostModel.linear_only(cost).op_args("cpu")
+    bil = _bilinear_model(37).op_args("cpu")
+    yield "gate_penalty", (s, *lin, 1.0, 0.5, 1.0, 0.2, "zhuang", 1.1)
+    yield "gate_penalty", (s64, *bil, 0.5, 0.3, 2.0, 0.5, "bimodal", 1.0)
     yield "channel_gate", (x, gate5)
     yield "channel_gate", (x_cl, gate5)
     yield "channel_gate", (x_bf, gate5)
@@ -85,11 +100,11 @@ def test_closed_gates_receive_gradient(ste):
 
 
 # ---------------------------------------------------------------- penalty
-def _penalty_by_autograd(s, w, tau, rho, tw, pw, form, t):
+def _penalty_by_autograd(s, cost_model, tau, rho, tw, pw, form, t):
     """An independent, straightforward implementation differentiated by autograd."""
     s = s.detach().clone().requires_grad_()
     p = torch.sigmoid(s / tau)
-    d = (w * p).sum() / w.sum()
+    d = cost_model.density(p)
     if form == "zhuang":
         r = (t * p.abs().sum() - (p - p.mean()).abs().sum()) / p.numel()
     else:
@@ -102,12 +117,16 @@ def _penalty_by_autograd(s, w, tau, rho, tw, pw, form, t):
 @pytest.mark.parametrize("form", ["zhuang", "bimodal"])
 @pytest.mark.parametrize("n", [1, 3, 67, 1000])
 @pytest.mark.parametrize("rho", [0.3, 0.5, 0.9])
-def test_penalty_value_and_gradient_match_autograd(form, n, rho):
+@pytest.mark.parametrize("kind", ["linear", "bilinear"])
+def test_penalty_value_and_gradient_match_autograd(form, n, rho, kind):
     s = randn(n, dtype=torch.float64) * 2
-    w = torch.rand(n, dtype=torch.float64) + 0.05
+    if kind == "linear":
+        cm = CostModel.linear_only(torch.rand(n, dtype=torch.float64) + 0.05)
+    else:
+        cm = _bilinear_model(n, seed=n)
     args = (1.3, rho, 2.0, 0.7, form, 1.15)
-    loss_ref, grad_ref, d_ref, r_ref = _penalty_by_autograd(s, w, *args)
-    loss, grad, terms = ops.ALL_OPS["gate_penalty"](s, w, *args)
+    loss_ref, grad_ref, d_ref, r_ref = _penalty_by_autograd(s, cm, *args)
+    loss, grad, terms = ops.ALL_OPS["gate_penalty"](s, *cm.op_args("cpu"), *args)
     torch.testing.assert_close(loss, loss_ref)
     torch.testing.assert_close(grad, grad_ref)
     torch.testing.assert_close(terms[0], d_ref)
@@ -118,9 +137,17 @@ def test_penalty_value_and_gradient_match_autograd(form, n, rho):
 @pytest.mark.parametrize("form", ["zhuang", "bimodal"])
 def test_penalty_gradcheck(form):
     s = (randn(23, dtype=torch.float64) * 2).requires_grad_()
-    w = torch.rand(23, dtype=torch.float64) + 0.1
-    fn = lambda s: ops.gate_penalty(s, w, 0.8, 0.4, 1.5, 0.6, form, 1.2)[0]  # noqa: E731
+    cm = _bilinear_model(23)
+    fn = lambda s: ops.gate_penalty(s, cm, 0.8, 0.4, 1.5, 0.6, form, 1.2)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (s,))
+
+
+def test_cost_model_of_hard_gates_counts_exactly():
+    # Two segments of sizes 2 and 3; cost = 1 + 2*S0 + 5*S0*S1.
+    cm = CostModel.from_terms(5, [2, 3], {0: 2.0}, {(0, 1): 5.0}, const=1.0)
+    assert cm.total == 1 + 2 * 2 + 5 * 2 * 3
+    g = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    assert cm.cost(g).item() == 1 + 2 * 1 + 5 * 1 * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
