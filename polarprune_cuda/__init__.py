@@ -10,20 +10,50 @@ from .gates import (
     ChannelGate,
     GateBank,
     GatedBatchNorm2d,
+    GatedConv2d,
+    GatedLinear,
     NonFiniteGateError,
     bind_gates,
     find_bank,
     gate_modules,
 )
+from .cost import CostModel
 from .loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
+from .models import resnet20, resnet32, resnet44, resnet56, resnet110
+from .surgery import (
+    UnsupportedModelError,
+    attach_gates,
+    count,
+    extract,
+    kept_channels,
+    load_pruned,
+    predicted_count,
+    save_pruned,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "ChannelGate",
+    "CostModel",
     "GateBank",
     "GatedBatchNorm2d",
+    "GatedConv2d",
+    "GatedLinear",
+    "UnsupportedModelError",
+    "attach_gates",
+    "count",
+    "extract",
+    "kept_channels",
+    "load_pruned",
+    "predicted_count",
+    "save_pruned",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
     "NonFiniteGateError",
     "PenaltyValue",
     "PolarizationLoss",

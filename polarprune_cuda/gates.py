@@ -188,6 +188,76 @@ class GatedBatchNorm2d(GateMixin, nn.BatchNorm2d):
         return f"{super().extra_repr()}, {self._gate_repr()}"
 
 
+class GatedConv2d(GateMixin, nn.Conv2d):
+    """A ``Conv2d`` whose output channels are gated through its weights (and bias).
+
+    Used where no BatchNorm follows a convolution: ``conv(x, W * g, b * g)``
+    equals ``conv(x, W, b) * g`` per output channel. Created by
+    :func:`~polarprune_cuda.attach_gates` from an existing ``Conv2d``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.gate().to(self.weight.dtype)
+        weight = self.weight * g.view(-1, 1, 1, 1)
+        bias = None if self.bias is None else self.bias * g
+        return self._conv_forward(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
+class GatedLinear(GateMixin, nn.Linear):
+    """A ``Linear`` whose output features are gated through its weights (and bias)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.gate().to(self.weight.dtype)
+        bias = None if self.bias is None else self.bias * g
+        return F.linear(x, self.weight * g.view(-1, 1), bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
+#: plain class -> gated class that gates it in place (class swap: same parameters, same state_dict keys)
+GATED_CLASS = {nn.BatchNorm2d: GatedBatchNorm2d, nn.Conv2d: GatedConv2d, nn.Linear: GatedLinear}
+
+
+def gate_in_place(module: nn.Module, bank: "GateBank", segment: int, repeat: int = 1) -> GateMixin:
+    """Turn a plain BatchNorm2d/Conv2d/Linear into its gated class, bound to ``bank``'s ``segment``.
+
+    Parameters, buffers, hooks and state_dict keys stay as they were.
+    """
+    cls = GATED_CLASS.get(type(module))
+    if cls is None:
+        raise TypeError(f"only {', '.join(c.__name__ for c in GATED_CLASS)} can be gated in place, "
+                        f"got {type(module).__name__}")
+    channels = module.num_features if isinstance(module, nn.BatchNorm2d) else module.weight.shape[0]
+    module._pp_plain_class = type(module)
+    module.__class__ = cls
+    module.num_gates = channels
+    object.__setattr__(module, "_bank", None)
+    module._bind(bank, segment, repeat)
+    return module
+
+
+def fold_in_place(module: GateMixin, gate: Tensor) -> nn.Module:
+    """Multiply a gated module's affine (or weights) by ``gate`` and give it back its plain class."""
+    plain = getattr(module, "_pp_plain_class", None)
+    if plain is None:
+        raise TypeError(f"{type(module).__name__} was not gated in place")
+    with torch.no_grad():
+        g = gate.to(module.weight.dtype)
+        shape = (-1,) + (1,) * (module.weight.dim() - 1)
+        module.weight.mul_(g.view(shape))
+        if module.bias is not None:
+            module.bias.mul_(g)
+    for attr in ("num_gates", "ste", "tau", "_segment", "_repeat", "_pp_plain_class"):
+        module.__dict__.pop(attr, None)
+    object.__delattr__(module, "_bank")
+    module.__class__ = plain
+    return module
+
+
 def gate_modules(model: nn.Module) -> list[tuple[str, GateMixin]]:
     """(name, module) for every gate module of ``model``, in module order."""
     if not isinstance(model, nn.Module):

@@ -1,0 +1,100 @@
+"""CIFAR-style ResNets (He et al. 2016, section 4.2) for small inputs.
+
+Three stages of BasicBlocks with 16, 32 and 64 channels, depth ``6n + 2``.
+Downsampling blocks use a 1x1 convolution + BatchNorm projection shortcut
+(option B), which channel pruning can follow; the parameter-free zero-padding
+shortcut (option A) cannot be pruned structurally.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "cifar_resnet"]
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs (any size works: global average pooling)."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
+        for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        planes, layers = width, []
+        in_planes = width
+        for stage in range(3):
+            blocks = []
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+            planes *= 2
+        self.layer1, self.layer2, self.layer3 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(depth, num_classes, in_channels)
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(20, num_classes, in_channels)
+
+
+def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(32, num_classes, in_channels)
+
+
+def resnet44(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(44, num_classes, in_channels)
+
+
+def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(56, num_classes, in_channels)
+
+
+def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(110, num_classes, in_channels)

@@ -1,0 +1,691 @@
+"""Model surgery: gate any CNN in one call, extract the static sub-network, save and reload it.
+
+* :func:`attach_gates` finds the coupled channel groups of a model with
+  Torch-Pruning's ``DependencyGraph`` (residual additions, depthwise and
+  grouped convolutions couple channels), gives each group one gate segment in
+  the model's :class:`~polarprune_cuda.GateBank`, and gates the group's
+  BatchNorms (``gamma * g``, ``beta * g``) or, where no BatchNorm follows a
+  producer, its output-channel weights. It registers exact params and MACs
+  cost models for :class:`~polarprune_cuda.PolarizationLoss`.
+* :func:`extract` removes the closed channels physically (Torch-Pruning's
+  group pruning), folds the gates away and returns a plain module whose eval
+  outputs equal the gated model's; it checks that on the example input.
+* :func:`save_pruned` / :func:`load_pruned`: a human-readable JSON channel
+  spec plus a ``state_dict``; loading rebuilds from the user's own model class
+  and reads the weights with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .cost import CostModel
+from .gates import (
+    GATED_CLASS,
+    GateBank,
+    GateMixin,
+    find_bank,
+    fold_in_place,
+    gate_in_place,
+    install_bank,
+    remove_bank,
+)
+
+SPEC_FORMAT = 1
+SPEC_FILE = "spec.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+class UnsupportedModelError(ValueError):
+    """The model has a structure whose channels cannot be gated and removed exactly."""
+
+
+@dataclass
+class GroupRecord:
+    """One coupled channel group and its gate segment."""
+
+    name: str                 # segment name (the root module's name)
+    root: str                 # module whose output channels are the group (Torch-Pruning root)
+    channels: int             # channels of the group
+    repeat: int = 1           # the segment's gates tile this many times (grouped convolutions)
+    gated: list[str] = field(default_factory=list)   # modules gated in place
+
+    @property
+    def size(self) -> int:
+        return self.channels // self.repeat
+
+
+@dataclass
+class SurgeryRecord:
+    """What attach_gates did, kept on the bank for extract()."""
+
+    groups: list[GroupRecord]
+    input_shapes: list[list[int]]
+    input_dtypes: list[str]
+    min_channels: int
+    round_to: int | None
+    dense: dict[str, int]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _as_inputs(example_inputs) -> tuple[Tensor, ...]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tensor (or a tuple of tensors) shaped like one batch of model "
+                    f"input, e.g. torch.randn(1, 3, 224, 224); got {type(example_inputs).__name__}")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _random_inputs(record: SurgeryRecord, device) -> tuple[Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for shape, dtype in zip(record.input_shapes, record.input_dtypes):
+        dt = getattr(torch, dtype)
+        if dt.is_floating_point:
+            out.append(torch.randn(*shape, generator=gen).to(device=device, dtype=dt))
+        else:
+            out.append(torch.zeros(*shape, dtype=dt, device=device))
+    return tuple(out)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _tp():
+    import torch_pruning as tp
+
+    return tp
+
+
+def _build_graph(model: nn.Module, inputs: tuple[Tensor, ...]):
+    """Torch-Pruning's dependency graph of ``model``; training mode and grad mode are restored."""
+    tp = _tp()
+    was_training = model.training
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+    except Exception as exc:  # tracing runs the user's forward
+        raise UnsupportedModelError(f"Torch-Pruning could not trace the model on example_inputs: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
+    return graph
+
+
+def _output_layers(graph) -> list[nn.Module]:
+    """Conv/Linear layers whose outputs reach the model output through shape-preserving ops only."""
+    tp = _tp()
+    T = tp.ops.OPTYPE
+    layer_types = (T.CONV, T.LINEAR, T.DEPTHWISE_CONV)
+    passthrough = (T.ELEMENTWISE, T.RESHAPE, T.OUTPUT, T.CONCAT, T.SPLIT, T.SLICE, T.UNBIND, T.EXPAND)
+    found, stack, seen = [], [n for n in graph.module2node.values() if not n.outputs], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.type in layer_types:
+            found.append(node.module)
+        elif node.type in passthrough or node.type == T.BN:
+            stack.extend(node.inputs)
+    return found
+
+
+def _is_custom_function(grad_fn) -> bool:
+    return isinstance(grad_fn, torch.autograd.function.BackwardCFunction)
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+class _Plan:
+    """Roles of the modules of one group (computed from a Torch-Pruning group)."""
+
+    def __init__(self, graph, group, names: dict[nn.Module, str]):
+        tp = _tp()
+        T = tp.ops.OPTYPE
+        self.root_module = group[0].dep.target.module
+        self.root = names[self.root_module]
+        self.channels = len(group[0].idxs)
+        self.bns: list[nn.Module] = []
+        self.producers: list[nn.Module] = []
+        self.inputs: list[tuple[nn.Module, list[int], list[int]]] = []   # (module, idxs, root_idxs)
+        self.outputs: list[tuple[nn.Module, list[int], list[int]]] = []
+        self.repeat = 1
+        for item in group:
+            dep, idxs, root_idxs = item.dep, list(item.idxs), list(item.root_idxs)
+            node, module = dep.target, dep.target.module
+            label = names.get(module, getattr(module, "_name", str(module)))
+            if _is_custom_function(node.grad_fn):
+                raise UnsupportedModelError(
+                    f"custom autograd function {type(node.grad_fn).__name__} is in the channel path of "
+                    f"{self.root!r}; Torch-Pruning cannot see what it does to channels. Add {self.root!r} to "
+                    "ignored_layers or use standard ops")
+            if node.type in (T.ELEMENTWISE,) and "Unknown" in label:
+                raise UnsupportedModelError(f"an operation Torch-Pruning cannot trace is in the channel path of "
+                                            f"{self.root!r}; add {self.root!r} to ignored_layers")
+            out_fn = graph.is_out_channel_pruning_fn(dep.handler)
+            if node.type == T.BN:
+                if type(module) is not nn.BatchNorm2d or not module.affine:
+                    raise UnsupportedModelError(
+                        f"{label} ({type(module).__name__}) is in the channel group of {self.root!r}, but only "
+                        f"affine nn.BatchNorm2d can be gated; add {self.root!r} to ignored_layers")
+                self._require_whole(module, label, idxs, root_idxs, module.num_features)
+                self.bns.append(module)
+                self.outputs.append((module, idxs, root_idxs))
+            elif node.type in (T.CONV, T.LINEAR, T.DEPTHWISE_CONV):
+                if isinstance(module, nn.Conv2d) and module.groups > 1 and node.type != T.DEPTHWISE_CONV:
+                    self.repeat = _lcm(self.repeat, module.groups)
+                if node.type == T.DEPTHWISE_CONV or out_fn:
+                    self._require_whole(module, label, idxs, root_idxs, module.weight.shape[0])
+                    self.producers.append(module)
+                    self.outputs.append((module, idxs, root_idxs))
+                else:
+                    self.inputs.append((module, idxs, root_idxs))
+            elif node.type in (T.ELEMENTWISE, T.RESHAPE, T.CONCAT, T.SPLIT, T.SLICE, T.UNBIND, T.EXPAND, T.OUTPUT):
+                continue
+            else:
+                raise UnsupportedModelError(
+                    f"{label} ({type(module).__name__}) is in the channel group of {self.root!r}; gates cannot be "
+                    f"folded through it. Add {self.root!r} to ignored_layers")
+        if self.channels % self.repeat:
+            raise UnsupportedModelError(f"group {self.root!r} has {self.channels} channels, not a multiple of the "
+                                        f"grouped convolutions' {self.repeat} groups")
+        self.weight_gated = []
+        bn_nodes = {graph.module2node[b] for b in self.bns}
+        for p in self.producers:
+            nxt = graph.module2node[p].outputs
+            if len(nxt) == 1 and nxt[0] in bn_nodes:
+                continue
+            if type(p) not in GATED_CLASS:
+                raise UnsupportedModelError(
+                    f"{names[p]} ({type(p).__name__}) produces channels of group {self.root!r} with no BatchNorm "
+                    f"after it, and only plain nn.Conv2d/nn.Linear can be gated through their weights; add "
+                    f"{self.root!r} to ignored_layers")
+            self.weight_gated.append(p)
+
+    def _require_whole(self, module, label, idxs, root_idxs, channels) -> None:
+        if len(idxs) != channels or idxs != root_idxs:
+            raise UnsupportedModelError(
+                f"{label} mixes channels of several groups (e.g. after a concatenation), which this version "
+                f"cannot gate; add {self.root!r} to ignored_layers")
+
+
+def _io_shapes(model: nn.Module, inputs) -> dict[nn.Module, tuple[int, int]]:
+    """Per conv/linear: (output elements per sample / output channels, batch size)."""
+    spatial: dict[nn.Module, int] = {}
+
+    def hook(module, args, out):
+        per_sample = out[0].numel() if out.dim() > 1 else 1
+        channels = out.shape[1] if isinstance(module, nn.Conv2d) else out.shape[-1]
+        spatial[module] = per_sample // channels
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return spatial
+
+
+def count(model: nn.Module, example_inputs) -> dict[str, int]:
+    """Params and MACs (per sample, multiply-accumulates of Conv2d and Linear layers) of ``model``.
+
+    Gate scores are not counted: they disappear at extraction.
+    """
+    _check_model(model)
+    inputs = _as_inputs(example_inputs)
+    bank = find_bank(model)
+    skip = {id(bank.scores)} if bank is not None else set()
+    params = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    spatial = _io_shapes(model, inputs)
+    macs = 0
+    for m, positions in spatial.items():
+        if isinstance(m, nn.Conv2d):
+            k = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
+            macs += positions * m.out_channels * k
+        else:
+            macs += positions * m.out_features * m.in_features
+    return {"params": int(params), "macs": int(macs)}
+
+
+def _cost_models(model, plans: list[_Plan], sizes: list[int], spatial) -> dict[str, CostModel]:
+    """Exact params and MACs as functions of the gates (see cost.py)."""
+    seg_of_module_out: dict[nn.Module, list[tuple[int, float]]] = {}
+    seg_of_module_in: dict[nn.Module, list[tuple[int, float]]] = {}
+    covered_out: dict[nn.Module, int] = {}
+    covered_in: dict[nn.Module, int] = {}
+    for k, plan in enumerate(plans):
+        for module, idxs, root_idxs in plan.outputs:
+            seg_of_module_out.setdefault(module, []).append((k, len(idxs) / sizes[k]))
+            covered_out[module] = covered_out.get(module, 0) + len(idxs)
+        for module, idxs, root_idxs in plan.inputs:
+            seg_of_module_in.setdefault(module, []).append((k, len(idxs) / sizes[k]))
+            covered_in[module] = covered_in.get(module, 0) + len(idxs)
+
+    costs = {"params": ({}, {}, [0.0]), "macs": ({}, {}, [0.0])}
+
+    def add_product(kind, coef, left, f_left, right, f_right):
+        linear, pairs, const = costs[kind]
+        for a, ma in left:
+            linear[a] = linear.get(a, 0.0) + coef * ma * f_right
+            for b, mb in right:
+                pairs[(a, b)] = pairs.get((a, b), 0.0) + coef * ma * mb
+        for b, mb in right:
+            linear[b] = linear.get(b, 0.0) + coef * mb * f_left
+        const[0] += coef * f_left * f_right
+
+    def add_linear(kind, coef, terms, fixed):
+        linear, _, const = costs[kind]
+        for a, ma in terms:
+            linear[a] = linear.get(a, 0.0) + coef * ma
+        const[0] += coef * fixed
+
+    counted = set()
+    bank = find_bank(model)
+    for m in model.modules():
+        if m is bank:
+            continue
+        outs = seg_of_module_out.get(m, [])
+        ins = seg_of_module_in.get(m, [])
+        if isinstance(m, nn.Conv2d):
+            counted.update(id(p) for p in m.parameters(recurse=False))
+            f_out = m.out_channels - covered_out.get(m, 0)
+            kk = m.weight.shape[2] * m.weight.shape[3]
+            positions = spatial.get(m, 0)
+            if m.groups > 1 and m.groups == m.out_channels == m.in_channels:   # depthwise: in == out
+                add_linear("params", kk + (m.bias is not None), outs, f_out)
+                add_linear("macs", kk * positions, outs, f_out)
+                continue
+            f_in = m.in_channels - covered_in.get(m, 0)
+            add_product("params", kk / m.groups, ins, f_in, outs, f_out)
+            add_product("macs", positions * kk / m.groups, ins, f_in, outs, f_out)
+            if m.bias is not None:
+                add_linear("params", 1.0, outs, f_out)
+        elif isinstance(m, nn.Linear):
+            counted.update(id(p) for p in m.parameters(recurse=False))
+            f_out = m.out_features - covered_out.get(m, 0)
+            f_in = m.in_features - covered_in.get(m, 0)
+            add_product("params", 1.0, ins, f_in, outs, f_out)
+            add_product("macs", float(spatial.get(m, 0)), ins, f_in, outs, f_out)
+            if m.bias is not None:
+                add_linear("params", 1.0, outs, f_out)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            counted.update(id(p) for p in m.parameters(recurse=False))
+            add_linear("params", 2.0, outs, m.num_features - covered_out.get(m, 0))
+    skip = {id(bank.scores)} if bank is not None else set()
+    costs["params"][2][0] += sum(p.numel() for p in model.parameters() if id(p) not in counted | skip)
+    n = sum(sizes)
+    return {kind: CostModel.from_terms(n, sizes, lin, pairs, const[0]) for kind, (lin, pairs, const) in costs.items()}
+
+
+# ----------------------------------------------------------------------------- attach
+
+def attach_gates(
+    model: nn.Module,
+    example_inputs,
+    ignored_layers: Iterable | None = None,
+    min_channels: int = 8,
+    round_to: int | None = None,
+    ste: str = "identity",
+    tau: float = 1.0,
+    init: float = 1.0,
+) -> nn.Module:
+    """Gate every prunable channel group of ``model`` in place; returns the model.
+
+    Args:
+        model: any CNN built from standard layers (Conv2d, BatchNorm2d, Linear,
+            residual additions, depthwise and grouped convolutions).
+        example_inputs: one batch of input (a tensor or tuple of tensors) on the
+            model's device; its shapes set the MACs cost model.
+        ignored_layers: modules (or their names) whose output channels stay ungated.
+            The classifier (any layer whose outputs reach the model output) is never gated.
+        min_channels: :func:`extract` never lets a group drop below this many channels.
+        round_to: :func:`extract` makes every kept width a multiple of this.
+        ste, tau, init: gate settings (see :class:`~polarprune_cuda.ChannelGate`);
+            ``init > 0`` starts with every gate open, and the model's outputs unchanged.
+
+    The gate scores live in ``model.polarprune_bank``; the cost models
+    ``channels``, ``params`` and ``macs`` are registered on it for
+    :class:`~polarprune_cuda.PolarizationLoss`. State-dict keys of the
+    original parameters do not change.
+    """
+    _check_model(model)
+    inputs = _as_inputs(example_inputs)
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
+    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+        raise ValueError(f"init must be a finite number, got {init!r}")
+    if find_bank(model) is not None or any(True for _ in _gate_modules(model)):
+        raise ValueError("model already has gates; attach_gates is called once on a plain model")
+    names = {m: n for n, m in model.named_modules()}
+    ignored = []
+    for item in ignored_layers or ():
+        if isinstance(item, str):
+            try:
+                item = model.get_submodule(item)
+            except AttributeError as exc:
+                raise ValueError(f"ignored_layers names {item!r}, which is not a module of the model") from exc
+        if not isinstance(item, nn.Module) or item not in names:
+            raise ValueError(f"ignored_layers must hold modules of the model or their names, got {item!r}")
+        ignored.append(item)
+    bank = GateBank(ste=ste, tau=tau)   # validates ste/tau before any change to the model
+
+    graph = _build_graph(model, inputs)
+    outputs = _output_layers(graph)
+    groups = list(graph.get_all_groups(ignored_layers=ignored + outputs, root_module_types=(nn.Conv2d, nn.Linear)))
+    plans = [_Plan(graph, g, names) for g in groups]
+    order = {n: i for i, n in enumerate(names.values())}
+    plans = sorted((p for p in plans if p.bns or p.weight_gated), key=lambda p: order[p.root])
+    if not plans:
+        raise UnsupportedModelError("no prunable channel group found (every group is ignored or is the classifier)")
+    spatial = _io_shapes(model, inputs)
+    dense = count(model, inputs)
+
+    records = []
+    for plan in plans:
+        index = bank.add_segment(plan.root, torch.full((plan.channels // plan.repeat,), float(init)))
+        rec = GroupRecord(plan.root, plan.root, plan.channels, plan.repeat)
+        for module in plan.bns + plan.weight_gated:
+            gate_in_place(module, bank, index, plan.repeat)
+            rec.gated.append(names[module])
+        records.append(rec)
+    bank.to(_model_device(model))
+    install_bank(model, bank)
+    for kind, cm in _cost_models(model, plans, [r.size for r in records], spatial).items():
+        bank.set_cost(kind, cm)
+    bank.surgery = SurgeryRecord(
+        groups=records,
+        input_shapes=[list(t.shape) for t in inputs],
+        input_dtypes=[str(t.dtype).replace("torch.", "") for t in inputs],
+        min_channels=min_channels,
+        round_to=round_to,
+        dense=dense,
+    )
+    return model
+
+
+def _gate_modules(model):
+    return (m for m in model.modules() if isinstance(m, GateMixin))
+
+
+# ----------------------------------------------------------------------------- extract
+
+def _surgery(model) -> tuple[GateBank, SurgeryRecord]:
+    _check_model(model)
+    bank = find_bank(model)
+    record = getattr(bank, "surgery", None) if bank is not None else None
+    if record is None:
+        raise ValueError("model has no gates from attach_gates (call pp.attach_gates(model, example_inputs) first)")
+    return bank, record
+
+
+def kept_channels(model, min_channels: int | None = None, round_to: int | None = None,
+                  warn: bool = True) -> list[Tensor]:
+    """Per group, the boolean mask of channels extraction keeps (open gates plus the guard's)."""
+    bank, record = _surgery(model)
+    bank.check_finite()
+    min_channels = record.min_channels if min_channels is None else min_channels
+    round_to = record.round_to if round_to is None else round_to
+    masks = []
+    for rec, scores in zip(record.groups, bank.scores.detach().float().cpu().split(bank.sizes)):
+        keep = scores > 0
+        need = min(rec.size, math.ceil(min(min_channels, rec.channels) / rec.repeat))
+        kept = int(keep.sum())
+        target = max(kept, need)
+        if round_to:
+            step = round_to // math.gcd(round_to, rec.repeat)
+            target = min(rec.size, math.ceil(target / step) * step)
+        if target > kept:
+            order = torch.argsort(torch.where(keep, torch.full_like(scores, -math.inf), scores), descending=True)
+            keep[order[: target - kept]] = True
+            if warn and kept < need:
+                warnings.warn(f"group {rec.name!r}: {kept} of {rec.channels} channels open, below min_channels="
+                              f"{min_channels}; keeping the {(target - kept) * rec.repeat} highest-scoring closed "
+                              "channels", stacklevel=3)
+        masks.append(keep)
+    return masks
+
+
+def predicted_count(model, min_channels: int | None = None, round_to: int | None = None) -> dict[str, int]:
+    """Params and MACs the extracted model will have, from the gates (cost models of attach_gates)."""
+    bank, _ = _surgery(model)
+    keep = torch.cat(kept_channels(model, min_channels, round_to, warn=False)).float()
+    return {kind: int(round(float(bank.cost_model(kind).cost(keep.to(bank.scores.device)))))
+            for kind in ("params", "macs")}
+
+
+def extract(model: nn.Module, example_inputs=None, min_channels: int | None = None,
+            round_to: int | None = None, verify: bool = True) -> nn.Module:
+    """The static sub-network: closed channels removed, gates folded away, a plain module.
+
+    ``min_channels``/``round_to`` override the values given to attach_gates.
+    With ``verify`` (default) the eval-mode outputs of the gated and the
+    extracted model are compared on ``example_inputs`` (default: a seeded
+    random batch shaped like attach_gates' example) and a mismatch raises.
+    The gated model is not changed.
+    """
+    bank, record = _surgery(model)
+    masks = kept_channels(model, min_channels, round_to)
+    device = _model_device(model)
+    inputs = _random_inputs(record, device) if example_inputs is None else _as_inputs(example_inputs)
+
+    small = copy.deepcopy(model)
+    small_bank = small.polarprune_bank
+    hard = [g.detach() for g in small_bank.gates()]
+    for m in list(small.modules()):
+        if isinstance(m, GateMixin):
+            if getattr(m, "_pp_plain_class", None) is None:
+                raise UnsupportedModelError(f"{type(m).__name__} gates were added by hand; extract handles models "
+                                            "gated with attach_gates only")
+            g = hard[m._segment]
+            fold_in_place(m, g.repeat(m._repeat) if m._repeat > 1 else g)
+    remove_bank(small)
+    if hasattr(small_bank, "surgery"):
+        del small_bank.surgery
+
+    graph = _build_graph(small, _random_inputs(record, device))
+    tp = _tp()
+    spec_groups = []
+    for rec, keep in zip(record.groups, masks):
+        full_keep = keep.repeat(rec.repeat)
+        drop = torch.nonzero(~full_keep).flatten().tolist()
+        spec_groups.append({"name": rec.name, "root": rec.root, "channels": rec.channels, "repeat": rec.repeat,
+                            "kept": torch.nonzero(full_keep).flatten().tolist()})
+        if drop:
+            root = small.get_submodule(rec.root)
+            pruner = graph.get_pruner_of_module(root)
+            fn = tp.pruner.function.prune_depthwise_conv_out_channels if (
+                isinstance(root, nn.Conv2d) and root.groups == root.out_channels > 1) else pruner.prune_out_channels
+            graph.get_pruning_group(root, fn, drop).prune()
+    small.train(model.training)
+    small.polarprune_spec = _spec(small, record, spec_groups)
+    if verify:
+        _verify(model, small, inputs)
+    return small
+
+
+def _verify(gated: nn.Module, small: nn.Module, inputs) -> None:
+    modes = (gated.training, small.training)
+    try:
+        gated.eval()
+        small.eval()
+        with torch.no_grad():
+            ref, out = gated(*inputs), small(*inputs)
+    finally:
+        gated.train(modes[0])
+        small.train(modes[1])
+    ref_flat, out_flat = _flatten(ref), _flatten(out)
+    for a, b in zip(ref_flat, out_flat):
+        if a.shape != b.shape:
+            raise UnsupportedModelError(f"extracted model output shape {tuple(b.shape)} differs from the gated "
+                                        f"model's {tuple(a.shape)}")
+        scale = a.abs().max().item() if a.numel() else 0.0
+        err = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+        if not err <= 1e-3 * scale + 1e-5:
+            raise UnsupportedModelError(
+                f"the extracted model's outputs differ from the gated model's (max |diff| {err:.3g}, max |out| "
+                f"{scale:.3g}): an op in the model does not keep closed channels at zero (for example an added "
+                "constant or a non-zero activation at 0). Add the producing layers to ignored_layers")
+
+
+def _flatten(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict]) -> dict:
+    from . import __version__
+
+    return {
+        "format": SPEC_FORMAT,
+        "library": "polarprune_cuda",
+        "version": __version__,
+        "torch": torch.__version__,
+        "input_shapes": record.input_shapes,
+        "input_dtypes": record.input_dtypes,
+        "groups": groups,
+        "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pruned(model: nn.Module, path) -> Path:
+    """Write ``path/spec.json`` (human-readable channel spec) and ``path/weights.pt`` (state_dict)."""
+    _check_model(model)
+    spec = getattr(model, "polarprune_spec", None)
+    if not isinstance(spec, dict):
+        raise ValueError("model has no channel spec: save the model returned by pp.extract")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(path / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
+    text = json.dumps(spec, indent=1)
+    _atomic_write(path / SPEC_FILE, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def load_pruned(path, factory: Callable[[], nn.Module], map_location="cpu") -> nn.Module:
+    """Rebuild a pruned model: ``factory()`` makes the user's dense model, the spec prunes it, weights load.
+
+    Raises ValueError naming the first module that does not match the spec.
+    """
+    path = Path(path)
+    spec_file, weights_file = path / SPEC_FILE, path / WEIGHTS_FILE
+    for f in (spec_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: path must be a folder written by save_pruned")
+    if not callable(factory):
+        raise TypeError(f"factory must be a callable returning the dense model, got {type(factory).__name__}")
+    try:
+        spec = json.loads(spec_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{spec_file} is not valid JSON: {exc}") from exc
+    if spec.get("library") != "polarprune_cuda" or spec.get("format") != SPEC_FORMAT:
+        raise ValueError(f"{spec_file} is not a polarprune_cuda channel spec of format {SPEC_FORMAT}")
+    model = factory()
+    _check_model(model)
+    device = _model_device(model)
+    for group in spec["groups"]:
+        try:
+            root = model.get_submodule(group["root"])
+        except AttributeError:
+            raise ValueError(f"spec does not match the model: module {group['root']!r} of the spec is not in the "
+                             "model") from None
+        channels = root.weight.shape[0] if hasattr(root, "weight") else None
+        if channels != group["channels"]:
+            raise ValueError(f"spec does not match the model: module {group['root']!r} has {channels} output "
+                             f"channels, the spec says {group['channels']}")
+    record = SurgeryRecord([], spec["input_shapes"], spec["input_dtypes"], 1, None, {})
+    graph = _build_graph(model, _random_inputs(record, device))
+    tp = _tp()
+    for group in spec["groups"]:
+        keep = set(group["kept"])
+        drop = [i for i in range(group["channels"]) if i not in keep]
+        if drop:
+            root = model.get_submodule(group["root"])
+            pruner = graph.get_pruner_of_module(root)
+            fn = tp.pruner.function.prune_depthwise_conv_out_channels if (
+                isinstance(root, nn.Conv2d) and root.groups == root.out_channels > 1) else pruner.prune_out_channels
+            graph.get_pruning_group(root, fn, drop).prune()
+    state_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in state_shapes.items():      # in the model's own order
+        module = key.rpartition(".")[0] or key
+        if key not in spec["shapes"]:
+            raise ValueError(f"spec does not match the model: {module!r} has {key!r}, which the spec does not list")
+        if spec["shapes"][key] != shape:
+            raise ValueError(f"spec does not match the model: {module!r} has {key} of shape {shape}, "
+                             f"the spec says {spec['shapes'][key]}")
+    missing = [k for k in spec["shapes"] if k not in state_shapes]
+    if missing:
+        raise ValueError(f"spec does not match the model: {missing[0].rpartition('.')[0]!r} of the spec is "
+                         f"not in the model (no {missing[0]!r})")
+    state = torch.load(weights_file, map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    model.polarprune_spec = spec
+    return model
+
+
+__all__ = [
+    "UnsupportedModelError",
+    "attach_gates",
+    "count",
+    "extract",
+    "kept_channels",
+    "load_pruned",
+    "predicted_count",
+    "save_pruned",
+]
