@@ -17,7 +17,10 @@ PINS := \
 	pytest-benchmark==5.3.1 \
 	hypothesis==6.170.15 \
 	torch-pruning==1.6.1 \
-	torchvision==0.29.1
+	torchvision==0.29.1 \
+	scikit-learn==1.9.1 \
+	matplotlib==3.11.2 \
+	tqdm==4.70.1
 
 PYTEST_ARGS ?=
 
@@ -33,7 +36,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m polarprune_cuda.demo
+	$(BIN)/polarprune prune --baseline --overwrite --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

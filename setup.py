@@ -29,7 +29,11 @@ setup(
         "torch>=2.6",
         "numpy>=1.24",
         "torch-pruning>=1.5,<2",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
+        "tqdm>=4.66",
     ],
+    entry_points={"console_scripts": ["polarprune = polarprune_cuda.cli:main"]},
     extras_require={
         "triton": ["triton>=3.1"],
         "dev": [

@@ -98,3 +98,51 @@ def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(110, num_classes, in_channels)
+
+
+CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+TORCHVISION = ("resnet18", "resnet34", "resnet50")
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, small_input: bool = False) -> nn.Module:
+    """A model by name: a CIFAR ResNet (resnet20 ... resnet110), torchvision resnet18/34/50, or ``module:function``.
+
+    ``small_input`` gives a torchvision ResNet a 3x3 stride-1 stem without max
+    pooling, for 32x32-sized images. ``module:function`` is called with
+    ``num_classes=`` (and ``in_channels=`` when it accepts it).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model must be a non-empty name, got {name!r}")
+    if name in CIFAR_DEPTHS:
+        return CifarResNet(CIFAR_DEPTHS[name], num_classes, in_channels)
+    if name in TORCHVISION:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(num_classes=num_classes)
+        if small_input or in_channels != 3:
+            stride, kernel, pad = (1, 3, 1) if small_input else (2, 7, 3)
+            model.conv1 = nn.Conv2d(in_channels, 64, kernel, stride, pad, bias=False)
+            if small_input:
+                model.maxpool = nn.Identity()
+        return model
+    if ":" in name:
+        import importlib
+        import inspect
+
+        module_name, _, fn_name = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"model {name!r}: cannot import {fn_name} from {module_name} ({exc})") from exc
+        kwargs = {"num_classes": num_classes}
+        try:
+            if "in_channels" in inspect.signature(fn).parameters:
+                kwargs["in_channels"] = in_channels
+        except (TypeError, ValueError):
+            pass
+        model = fn(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
+        return model
+    raise ValueError(f"model must be one of {', '.join(list(CIFAR_DEPTHS) + list(TORCHVISION))} or "
+                     f"'module:function', got {name!r}")

@@ -1,0 +1,140 @@
+"""Command line: ``polarprune prune ...`` (also ``python -m polarprune_cuda prune ...``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .trainer import CheckpointError, PruneConfig
+
+DEFAULTS = PruneConfig()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polarprune", description="One-pass structured pruning for PyTorch CNNs.")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("prune", help="train once with gates, extract the pruned network, write a report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULTS.model,
+                   help="resnet20/32/44/56/110 (CIFAR-style), resnet18/34/50 (torchvision) or module:function")
+    p.add_argument("--dataset", default=DEFAULTS.dataset, choices=data_mod.DATASETS)
+    p.add_argument("--data-dir", default=None, help="folder with the data set's files (nothing is downloaded)")
+    p.add_argument("--target-sparsity", type=float, default=DEFAULTS.target_sparsity,
+                   help="fraction of the cost to remove, in [0, 1)")
+    p.add_argument("--cost", default=DEFAULTS.cost, choices=("channels", "params", "macs"))
+    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="weights' learning rate (cosine decay)")
+    p.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
+    p.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing)
+    p.add_argument("--gate-lr", type=float, default=DEFAULTS.gate_lr,
+                   help="gate scores' learning rate, times n_gates / target_weight")
+    p.add_argument("--target-weight", type=float, default=DEFAULTS.target_weight)
+    p.add_argument("--polarization-weight", type=float, default=DEFAULTS.polarization_weight)
+    p.add_argument("--polarization", default=DEFAULTS.polarization, choices=("bimodal", "zhuang"))
+    p.add_argument("--warmup-epochs", type=float, default=DEFAULTS.warmup_epochs,
+                   help="epochs without the penalty at the start")
+    p.add_argument("--ramp-epochs", type=float, default=DEFAULTS.ramp_epochs,
+                   help="epochs over which the penalty weight ramps to its full value")
+    p.add_argument("--freeze-gates-at", type=float, default=DEFAULTS.freeze_gates_at,
+                   help="fraction of training after which the gates stop moving and the weights settle")
+    p.add_argument("--min-channels", type=int, default=DEFAULTS.min_channels)
+    p.add_argument("--round-to", type=int, default=None)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="optional fine-tuning of the extracted model")
+    p.add_argument("--baseline", action="store_true", help="also train the dense model with the same recipe")
+    p.add_argument("--init", default=None, help="state_dict (.pt) of pretrained dense weights to start from")
+    p.add_argument("--small-input", action="store_true", help="3x3 stride-1 stem for torchvision ResNets")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--max-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--latency-batch", type=int, default=32)
+    p.add_argument("--out", default=None, help="output folder (default runs/MODEL-DATASET-pSPARSITY)")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--interrupt-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    sub.add_parser("info", help="print the backends and versions")
+    return parser
+
+
+def _config(args) -> PruneConfig:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return PruneConfig(
+        model=args.model, dataset=args.dataset, target_sparsity=args.target_sparsity, cost=args.cost,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, gate_lr=args.gate_lr,
+        target_weight=args.target_weight, polarization_weight=args.polarization_weight,
+        polarization=args.polarization, warmup_epochs=args.warmup_epochs, ramp_epochs=args.ramp_epochs,
+        freeze_gates_at=args.freeze_gates_at, min_channels=args.min_channels, round_to=args.round_to,
+        finetune_epochs=args.finetune_epochs, seed=args.seed, small_input=args.small_input, init=args.init,
+        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=device)
+
+
+def prune(args, argv: list[str]) -> int:
+    from . import report as report_mod
+    from .trainer import run_prune
+
+    cfg = _config(args)
+    cfg.validate()
+    out = Path(args.out or f"runs/{cfg.model.replace(':', '_')}-{cfg.dataset}-p{round(100 * cfg.target_sparsity)}")
+    has_run = (out / "checkpoint.pt").exists() or (out / "report.json").exists()
+    if has_run and not (args.resume or args.overwrite):
+        print(f"polarprune: {out} already holds a run; pass --resume to continue it, --overwrite to start over, "
+              "or choose another --out", file=sys.stderr)
+        return 2
+    if args.overwrite and out.exists() and not args.resume:
+        for name in ("checkpoint.pt", "finetune.pt", "baseline.pt", "report.json", "report.md"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "model", ignore_errors=True)
+    try:
+        result = run_prune(cfg, out, resume=args.resume, baseline=args.baseline, progress=not args.quiet,
+                           interrupt_after=args.interrupt_after_epoch)
+    except KeyboardInterrupt:
+        print(f"\npolarprune: interrupted. The last finished epoch is saved in {out / 'checkpoint.pt'}; "
+              f"run the same command with --resume to continue.", file=sys.stderr)
+        return 130
+    example = result.data.example_input(args.latency_batch).to(cfg.device)
+    models = {"dense": result.dense_model, "pruned": result.pruned_model}
+    latency = report_mod.latency_side_by_side(models, example)
+    energy = report_mod.energy_side_by_side(models, example)
+    report = report_mod.build_report(result, ["polarprune", *argv], latency, energy, args.latency_batch)
+    report_mod.write(report, out)
+    print()
+    report_mod.print_table(report)
+    print(f"\nreport: {out / 'report.md'}  model: {out / 'model'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(argv or ["prune"])
+    if args.command in (None, "prune"):
+        if args.command is None:
+            args = parser.parse_args(["prune"])
+        try:
+            return prune(args, argv)
+        except (ValueError, TypeError, data_mod.DatasetNotFoundError, CheckpointError) as exc:
+            print(f"polarprune: error: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "info":
+        from . import backend_info
+        from .report import versions
+
+        print(json.dumps({"versions": versions(), "backends": backend_info()}, indent=1))
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Data sets that work without network access, held in memory as tensors.
+
+* ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes),
+  a fixed stratified 80/20 split. The embedded default.
+* ``fashion-mnist``: the four IDX files (optionally gzipped), from
+  ``--data-dir`` or the Debian package ``dataset-fashion-mnist``.
+* ``cifar10`` / ``cifar100``: the python-pickle batches in torchvision's layout
+  (``cifar-10-batches-py/``, ``cifar-100-python/``) under ``--data-dir``.
+  Nothing is downloaded.
+
+Batches come from :func:`batches`: a seeded permutation per epoch and, for
+training, a seeded augmentation (random crop with zero padding, horizontal flip
+where the data set allows it), so a run is reproducible and resumable at
+epoch boundaries.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data set's files are not where we looked; the message says where and how to get them."""
+
+
+@dataclass
+class ImageData:
+    name: str
+    train_x: Tensor        # (N, C, H, W) float32, normalised
+    train_y: Tensor        # (N,) int64
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    pad: int               # random-crop padding for augmentation (0: none)
+    flip: bool             # random horizontal flips
+    source: str            # where the files came from
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_x.shape[-1]
+
+    def example_input(self, batch: int = 1) -> Tensor:
+        return self.train_x[:batch].clone()
+
+
+def _normalise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _limit(data: ImageData, max_train: int | None, max_test: int | None) -> ImageData:
+    if max_train:
+        data.train_x, data.train_y = data.train_x[:max_train], data.train_y[:max_train]
+    if max_test:
+        data.test_x, data.test_y = data.test_x[:max_test], data.test_y[:max_test]
+    return data
+
+
+def load_digits() -> ImageData:
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
+                                           stratify=bunch.target)
+    train_x, test_x = _normalise(images[idx_train], images[idx_test])
+    return ImageData("digits", train_x, labels[idx_train], test_x, labels[idx_test], 10, pad=1, flip=False,
+                     source="scikit-learn (bundled)")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path} is not an IDX file ({exc})") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise ValueError(f"{path}: only unsigned-byte IDX files are supported, got type 0x{dtype_code:02x}")
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, found {body.size}")
+    return body.reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def fashion_mnist_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
+    """Folders searched for Fashion-MNIST, in order."""
+    dirs = []
+    if data_dir:
+        dirs += [Path(data_dir), Path(data_dir) / "fashion-mnist", Path(data_dir) / "FashionMNIST" / "raw"]
+    env = os.environ.get("POLARPRUNE_DATA")
+    if env:
+        dirs += [Path(env) / "fashion-mnist", Path(env)]
+    dirs += [Path(d) for d in FASHION_MNIST_DIRS]
+    return dirs
+
+
+def load_fashion_mnist(data_dir=None) -> ImageData:
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    searched = fashion_mnist_dirs(data_dir)
+    for folder in searched:
+        files = [_find_idx(folder, s) for s in stems]
+        if all(files):
+            arrays = [_read_idx(f) for f in files]
+            train = torch.from_numpy(arrays[0].astype(np.float32) / 255.0).unsqueeze(1)
+            test = torch.from_numpy(arrays[2].astype(np.float32) / 255.0).unsqueeze(1)
+            train_x, test_x = _normalise(train, test)
+            return ImageData("fashion-mnist", train_x, torch.from_numpy(arrays[1].astype(np.int64)), test_x,
+                             torch.from_numpy(arrays[3].astype(np.int64)), 10, pad=2, flip=True, source=str(folder))
+    raise DatasetNotFoundError(
+        "Fashion-MNIST not found. Looked for train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+        "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in: " + ", ".join(map(str, searched))
+        + ". Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four IDX files "
+        "from the Fashion-MNIST release in a folder and pass --data-dir FOLDER.")
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def load_cifar(name: str, data_dir=None) -> ImageData:
+    sub, train_files, test_file, key = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels"),
+        "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels"),
+    }[name]
+    searched = []
+    roots = [Path(data_dir)] if data_dir else []
+    if os.environ.get("POLARPRUNE_DATA"):
+        roots.append(Path(os.environ["POLARPRUNE_DATA"]))
+    for root in roots:
+        folder = root / sub if (root / sub).is_dir() else root
+        searched.append(str(folder))
+        paths = [folder / f for f in train_files + [test_file]]
+        if all(p.is_file() for p in paths):
+            batches = [_unpickle(p) for p in paths]
+
+            def stack(parts):
+                x = np.concatenate([b[b"data"] for b in parts]).reshape(-1, 3, 32, 32)
+                y = np.concatenate([np.asarray(b[key]) for b in parts])
+                return torch.from_numpy(x.astype(np.float32) / 255.0), torch.from_numpy(y.astype(np.int64))
+
+            train_x, train_y = stack(batches[:-1])
+            test_x, test_y = stack(batches[-1:])
+            train_x, test_x = _normalise(train_x, test_x)
+            return ImageData(name, train_x, train_y, test_x, test_y, 10 if name == "cifar10" else 100,
+                             pad=4, flip=True, source=str(folder))
+    where = ", ".join(searched) if searched else "nowhere (no --data-dir given and POLARPRUNE_DATA unset)"
+    raise DatasetNotFoundError(
+        f"{name.upper()} not found. Looked in: {where}. This project downloads nothing: put the python version "
+        f"of the data set (the {sub}/ folder of the official archive, torchvision's layout) under a folder and "
+        "pass --data-dir FOLDER.")
+
+
+def load_dataset(name: str, data_dir=None, max_train: int | None = None, max_test: int | None = None) -> ImageData:
+    """Load a data set by name (see :data:`DATASETS`)."""
+    if name == "digits":
+        data = load_digits()
+    elif name == "fashion-mnist":
+        data = load_fashion_mnist(data_dir)
+    elif name in ("cifar10", "cifar100"):
+        data = load_cifar(name, data_dir)
+    else:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
+    return _limit(data, max_train, max_test)
+
+
+def augment(x: Tensor, gen: torch.Generator, pad: int, flip: bool) -> Tensor:
+    """Random crop with zero padding and random horizontal flip, per sample, from ``gen``."""
+    n, _, h, w = x.shape
+    if pad:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        rows = (dy.view(n, 1) + torch.arange(h).view(1, h))            # (n, h)
+        cols = (dx.view(n, 1) + torch.arange(w).view(1, w))            # (n, w)
+        idx_n = torch.arange(n).view(n, 1, 1)
+        x = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+    return x.contiguous()
+
+
+def batches(x: Tensor, y: Tensor, batch_size: int, *, seed: int | None = None, epoch: int = 0,
+            pad: int = 0, flip: bool = False, rank: int = 0, world_size: int = 1,
+            drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches; with ``seed``: shuffled and augmented from a generator seeded by (seed, epoch).
+
+    With ``world_size > 1`` each rank takes its own stride of the epoch's permutation.
+    """
+    n = x.shape[0]
+    if seed is None:
+        order = torch.arange(n)
+        gen = None
+    else:
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+    order = order[rank::world_size]
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        xb = x[idx]
+        if gen is not None and (pad or flip):
+            xb = augment(xb, gen, pad, flip)
+        yield xb, y[idx]
+
+
+def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+    per_rank = len(range(0, n, world_size)) if world_size > 1 else n
+    return per_rank // batch_size if drop_last else -(-per_rank // batch_size)

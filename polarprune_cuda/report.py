@@ -1,0 +1,274 @@
+"""Measurements and the run report: latency side by side, energy where measurable, JSON, Markdown, plots."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPORT_FORMAT = 1
+RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def latency_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 30,
+                         warmup: int = 3) -> dict[str, dict]:
+    """Median and spread of one forward pass per model, the models interleaved round by round."""
+    times = {name: [] for name in models}
+    modes = {name: m.training for name, m in models.items()}
+    try:
+        for m in models.values():
+            m.eval()
+        for _ in range(warmup):
+            for m in models.values():
+                m(x)
+        _sync(x.device)
+        for _ in range(rounds):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                _sync(x.device)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out[name] = {"median_ms": statistics.median(ts) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
+                     "rounds": len(ts)}
+    return out
+
+
+def rapl_available() -> tuple[bool, str]:
+    try:
+        int(RAPL.read_text())
+        return True, str(RAPL)
+    except FileNotFoundError:
+        return False, "no RAPL energy counter on this machine (/sys/class/powercap/intel-rapl:0 missing)"
+    except PermissionError:
+        return False, f"{RAPL} is not readable by this user"
+    except (OSError, ValueError) as exc:
+        return False, f"{RAPL} unreadable: {exc}"
+
+
+@torch.no_grad()
+def energy_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, seconds: float = 2.0) -> dict:
+    """CPU package energy per forward pass from RAPL, or the reason it is unavailable (never an estimate)."""
+    ok, where = rapl_available()
+    if not ok:
+        return {"available": False, "reason": where}
+    result = {"available": True, "source": where}
+    for name, m in models.items():
+        was = m.training
+        m.eval()
+        n, e0, t0 = 0, int(RAPL.read_text()), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            m(x)
+            n += 1
+        e1 = int(RAPL.read_text())
+        m.train(was)
+        if e1 < e0:
+            return {"available": False, "reason": "RAPL counter wrapped during the measurement"}
+        result[name] = {"joules_per_batch": (e1 - e0) / 1e6 / n, "batches": n}
+    return result
+
+
+def versions() -> dict:
+    from . import __version__
+
+    out = {"polarprune_cuda": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform()}
+    try:
+        import torch_pruning
+
+        out["torch_pruning"] = getattr(torch_pruning, "__version__", "unknown")
+    except ImportError:
+        pass
+    return out
+
+
+def build_report(result, command: list[str], latency: dict, energy: dict, latency_batch: int) -> dict:
+    cfg = result.config
+    dense, pruned = result.dense_count, result.pruned_count
+    kept, total = result.channels
+    sparsity = {
+        "channels": 1 - kept / total,
+        "params": 1 - pruned["params"] / dense["params"],
+        "macs": 1 - pruned["macs"] / dense["macs"],
+    }
+    speedup = latency["dense"]["median_ms"] / latency["pruned"]["median_ms"]
+    report = {
+        "format": REPORT_FORMAT,
+        "command": " ".join(command),
+        "versions": versions(),
+        "config": cfg.to_dict(),
+        "data": {"name": result.data.name, "source": result.data.source, "train": len(result.data.train_y),
+                 "test": len(result.data.test_y), "num_classes": result.data.num_classes},
+        "target_sparsity": cfg.target_sparsity,
+        "cost": cfg.cost,
+        "achieved_sparsity": sparsity[cfg.cost],
+        "sparsity": sparsity,
+        "dense": dense,
+        "pruned": pruned,
+        "channels": {"kept": kept, "total": total},
+        "accuracy": {
+            "pruned": result.pruned_accuracy,
+            "gated": result.gated_accuracy,
+            "finetuned": result.finetuned_accuracy,
+            "baseline": None if result.baseline is None else result.baseline["accuracy"],
+        },
+        "latency": {"device": str(next(result.pruned_model.parameters()).device), "batch": latency_batch,
+                    "threads": torch.get_num_threads(), **latency, "speedup": speedup,
+                    "macs_ratio": dense["macs"] / pruned["macs"]},
+        "energy": energy,
+        "history": {k: v for k, v in vars(result.history).items()},
+        "seconds": result.seconds,
+        "baseline_curve": None if result.baseline is None else result.baseline["test_accuracy"],
+    }
+    acc = report["accuracy"]
+    if acc["baseline"] is not None:
+        final = acc["finetuned"] if acc["finetuned"] is not None else acc["pruned"]
+        acc["drop_points"] = 100 * (acc["baseline"] - final)
+    return report
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def summary_rows(report: dict) -> list[tuple[str, str, str]]:
+    d, p = report["dense"], report["pruned"]
+    lat = report["latency"]
+    rows = [
+        ("params", _fmt_int(d["params"]), _fmt_int(p["params"])),
+        ("MACs / sample", _fmt_int(d["macs"]), _fmt_int(p["macs"])),
+        ("channels", _fmt_int(report["channels"]["total"]), _fmt_int(report["channels"]["kept"])),
+        (f"latency, batch {lat['batch']} ({lat['device']}, median ms)", f"{lat['dense']['median_ms']:.2f}",
+         f"{lat['pruned']['median_ms']:.2f}"),
+    ]
+    acc = report["accuracy"]
+    rows.append(("test accuracy", "-" if acc["baseline"] is None else f"{100 * acc['baseline']:.2f}%",
+                 f"{100 * acc['pruned']:.2f}%"))
+    if acc["finetuned"] is not None:
+        rows.append(("test accuracy after fine-tuning", "", f"{100 * acc['finetuned']:.2f}%"))
+    energy = report["energy"]
+    if energy.get("available"):
+        rows.append(("energy per batch (J, CPU package)", f"{energy['dense']['joules_per_batch']:.4f}",
+                     f"{energy['pruned']['joules_per_batch']:.4f}"))
+    return rows
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"# One-pass pruning: {cfg['model']} on {report['data']['name']}",
+        "",
+        f"Target: {100 * report['target_sparsity']:.0f}% of {report['cost']} removed; achieved "
+        f"**{100 * report['achieved_sparsity']:.1f}%** (channels {100 * report['sparsity']['channels']:.1f}%, "
+        f"params {100 * report['sparsity']['params']:.1f}%, MACs {100 * report['sparsity']['macs']:.1f}%).",
+        "",
+        "| | dense | pruned (extracted) |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(report)]
+    lat = report["latency"]
+    acc = report["accuracy"]
+    lines += [
+        "",
+        f"Latency speedup {lat['speedup']:.2f}x for a MACs ratio of {lat['macs_ratio']:.2f}x, measured side by "
+        f"side in one run ({lat['dense']['rounds']} interleaved rounds, "
+        f"{lat['threads']} threads).",
+        f"The pruned accuracy is measured on the extracted model; the gated model at the end of training had "
+        f"{100 * acc['gated']:.2f}%.",
+    ]
+    if "drop_points" in acc:
+        lines.append(f"Accuracy drop against the dense baseline trained with the same recipe: "
+                     f"{acc['drop_points']:.2f} points.")
+    energy = report["energy"]
+    lines.append("Energy: " + ("CPU package energy from RAPL." if energy.get("available")
+                               else f"unavailable ({energy['reason']})."))
+    lines += ["", "![gate probabilities](gates.png)", "", "![density](density.png)", "",
+              "![accuracy](accuracy.png)", "", "Command:", "", "```", report["command"], "```", "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report["history"]
+    files = []
+    if hist["histogram"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        data = torch.tensor(hist["histogram"]).T
+        data = data / data.sum(0, keepdim=True).clamp_min(1)
+        im = ax.imshow(data.numpy(), aspect="auto", origin="lower", extent=(0.5, len(hist["epoch"]) + 0.5, 0, 1),
+                       cmap="viridis")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("gate probability p")
+        ax.set_title("Gate probabilities over training (polarization)")
+        fig.colorbar(im, ax=ax, label="fraction of gates")
+        fig.tight_layout()
+        fig.savefig(out / "gates.png", dpi=110)
+        plt.close(fig)
+        files.append("gates.png")
+    if hist["step"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(hist["step"], hist["step_density"], label="density the penalty sees (soft)")
+        ax.axhline(1 - report["target_sparsity"], color="k", ls="--", label="target")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"density ({report['cost']})")
+        ax.set_ylim(0, 1.05)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "density.png", dpi=110)
+        plt.close(fig)
+        files.append("density.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(hist["epoch"], [100 * a for a in hist["test_accuracy"]], label="gated model")
+    if report.get("baseline_curve"):
+        ax.plot(range(1, len(report["baseline_curve"]) + 1), [100 * a for a in report["baseline_curve"]],
+                label="dense baseline")
+    ax.axhline(100 * report["accuracy"]["pruned"], color="C2", ls="--", label="extracted model")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    files.append("accuracy.png")
+    return files
+
+
+def write(report: dict, out: Path) -> None:
+    out = Path(out)
+    report["files"] = plots(report, out) + ["report.md", "report.json", "model/spec.json", "model/weights.pt"]
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+
+
+def print_table(report: dict, stream=None) -> None:
+    stream = sys.stdout if stream is None else stream
+    rows = [("", "dense", "pruned")] + summary_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for i, (a, b, c) in enumerate(rows):
+        print(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}", file=stream)
+        if i == 0:
+            print("-" * (sum(widths) + 4), file=stream)
+    print(f"achieved {report['cost']} sparsity {100 * report['achieved_sparsity']:.1f}% "
+          f"(target {100 * report['target_sparsity']:.0f}%), latency speedup {report['latency']['speedup']:.2f}x",
+          file=stream)

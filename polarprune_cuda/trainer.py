@@ -1,0 +1,378 @@
+"""One-pass pruning: gated training with the polarization penalty, then extraction.
+
+:class:`PruneConfig` holds a recipe; :func:`run_prune` trains once (gates and
+weights together, the penalty ramped in), writes an atomic checkpoint after
+every epoch (``--resume`` continues from it and ends with the same result),
+extracts the hard-gate network, measures it and writes the report.
+
+For people with their own loop, the pieces are public: :func:`make_optimizer`
+(a parameter group for the gate scores), :func:`penalty_schedule`,
+:func:`evaluate`, and :class:`Checkpointer`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as data_mod
+from .gates import find_bank
+from .loss import PolarizationLoss, gate_stats, ramp
+from .models import build_model
+from .surgery import attach_gates, count, extract, save_pruned
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is corrupt, or was written by a run with other settings."""
+
+
+@dataclass
+class PruneConfig:
+    """A one-pass pruning recipe (the CLI's options)."""
+
+    model: str = "resnet20"
+    dataset: str = "digits"
+    target_sparsity: float = 0.5
+    cost: str = "macs"
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    gate_lr: float = 0.5
+    target_weight: float = 20.0
+    polarization_weight: float = 0.1
+    polarization: str = "bimodal"
+    warmup_epochs: float = 1.0
+    ramp_epochs: float = 4.0
+    freeze_gates_at: float = 0.8
+    min_channels: int = 4
+    round_to: int | None = None
+    finetune_epochs: int = 0
+    seed: int = 0
+    small_input: bool = False
+    init: str | None = None
+    max_train: int | None = None
+    max_test: int | None = None
+    data_dir: str | None = None
+    device: str = "cpu"
+
+    #: fields that may differ between a run and the checkpoint it resumes from
+    RESUME_FREE = ("data_dir", "device")
+
+    def validate(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive int, got {v!r}")
+
+        for name in ("epochs", "batch_size", "min_channels"):
+            positive_int(name)
+        if not 0 <= self.target_sparsity < 1:
+            raise ValueError(f"target-sparsity must be in [0, 1), got {self.target_sparsity!r}")
+        if self.cost not in ("channels", "params", "macs"):
+            raise ValueError(f"cost must be channels, params or macs, got {self.cost!r}")
+        if self.dataset not in data_mod.DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(data_mod.DATASETS)}, got {self.dataset!r}")
+        for name in ("lr", "gate_lr", "target_weight", "polarization_weight", "weight_decay", "momentum",
+                     "warmup_epochs", "ramp_epochs", "label_smoothing"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be a number >= 0, got {v!r}")
+        if not 0 < self.freeze_gates_at <= 1:
+            raise ValueError(f"freeze-gates-at must be in (0, 1], got {self.freeze_gates_at!r}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"finetune-epochs must be >= 0, got {self.finetune_epochs!r}")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+                   gate_lr: float = 0.5, target_weight: float = 20.0) -> torch.optim.SGD:
+    """SGD with two groups: the weights (weight decay, Nesterov) and the gate scores.
+
+    The penalty is a mean over all gates, so the scores' step is scaled by
+    their number: ``gate_lr * n_gates / target_weight``; no weight decay on them.
+    """
+    bank = find_bank(model)
+    scores = [bank.scores] if bank is not None else []
+    ids = {id(p) for p in scores}
+    weights = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    groups = [{"params": weights, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": momentum > 0}]
+    if scores:
+        groups.append({"params": scores, "lr": gate_lr * bank.scores.numel() / max(target_weight, 1e-12),
+                       "momentum": 0.9, "weight_decay": 0.0})
+    return torch.optim.SGD(groups)
+
+
+def lr_lambdas(total_steps: int, freeze_step: int | None, warmup_steps: int = 0) -> list[Callable[[int], float]]:
+    """Cosine decay for the weights; the gate scores move only between warm-up and ``freeze_step``."""
+    def cosine(step):
+        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+    def gates(step):
+        return 1.0 if warmup_steps <= step and (freeze_step is None or step < freeze_step) else 0.0
+
+    return [cosine, gates]
+
+
+def penalty_schedule(steps_per_epoch: int, warmup_epochs: float, ramp_epochs: float):
+    """The penalty weight: 0 during warm-up, then a linear ramp to 1 (see :func:`ramp`)."""
+    return ramp(int(round(warmup_epochs * steps_per_epoch)), int(round(ramp_epochs * steps_per_epoch)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+             device="cpu") -> float:
+    """Top-1 accuracy (eval mode; training mode restored)."""
+    was = model.training
+    model.eval()
+    correct = 0
+    try:
+        for xb, yb in data_mod.batches(x, y, batch_size):
+            correct += int((model(xb.to(device)).argmax(1).cpu() == yb).sum())
+    finally:
+        model.train(was)
+    return correct / max(len(y), 1)
+
+
+class Checkpointer:
+    """Atomic checkpoints (write to a temp file in the same folder, then rename)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ckpt-", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load(self, config: dict) -> dict:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {self.path} is corrupt or not a polarprune checkpoint "
+                                  f"({type(exc).__name__}: {exc}); delete it or use another --out") from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "config" not in state:
+            raise CheckpointError(f"checkpoint {self.path} is not a polarprune checkpoint of format "
+                                  f"{CHECKPOINT_FORMAT}; delete it or use another --out")
+        saved = state["config"]
+        for key, value in config.items():
+            if key in PruneConfig.RESUME_FREE:
+                continue
+            if saved.get(key) != value:
+                raise CheckpointError(
+                    f"checkpoint {self.path} was written with {key}={saved.get(key)!r}, this run asks for "
+                    f"{key}={value!r}; resume with the same options or use another --out")
+        return state
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class History:
+    epoch: list = field(default_factory=list)
+    train_loss: list = field(default_factory=list)
+    penalty: list = field(default_factory=list)
+    test_accuracy: list = field(default_factory=list)
+    density: list = field(default_factory=list)          # hard gates, in the cost unit
+    soft_density: list = field(default_factory=list)
+    polarized: list = field(default_factory=list)
+    histogram: list = field(default_factory=list)        # per epoch: 20-bin histogram of gate probabilities
+    step: list = field(default_factory=list)             # step trace of the density the loss sees
+    step_density: list = field(default_factory=list)
+
+
+def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
+         gated: bool, epochs: int, lr: float, resume: bool, progress: bool, label: str,
+         interrupt_after: int | None = None) -> History:
+    """Train ``model`` for ``epochs``; gated models add the penalty. Checkpoints every epoch."""
+    device = torch.device(cfg.device)
+    steps_per_epoch = data_mod.num_batches(len(data.train_y), cfg.batch_size)
+    total = steps_per_epoch * epochs
+    loss_fn = None
+    if gated:
+        loss_fn = PolarizationLoss(cfg.target_sparsity, cost=cfg.cost, polarization=cfg.polarization,
+                                   target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
+                                   schedule=penalty_schedule(steps_per_epoch, cfg.warmup_epochs, cfg.ramp_epochs))
+    opt = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay, cfg.gate_lr, cfg.target_weight)
+    freeze = int(cfg.freeze_gates_at * total) if gated else None
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if gated else 0
+    lambdas = lr_lambdas(total, freeze, warmup)[: len(opt.param_groups)]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    history = History()
+    start_epoch = 0
+    if resume and ckpt.path.is_file():
+        state = ckpt.load(cfg.to_dict() | {"_label": label})
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if loss_fn is not None:
+            loss_fn.step = state["loss_step"]
+        history = History(**state["history"])
+        start_epoch = state["epoch"]
+        torch.set_rng_state(state["rng"])
+    step = start_epoch * steps_per_epoch
+    log_every = max(1, steps_per_epoch // 10)
+    epochs_bar = _progress(range(start_epoch, epochs), progress, desc=label, initial=start_epoch, total=epochs,
+                           unit="epoch")
+    for epoch in epochs_bar:
+        model.train()
+        total_loss = total_pen = 0.0
+        n_batches = 0
+        batch_iter = data_mod.batches(data.train_x, data.train_y, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                      pad=data.pad, flip=data.flip)
+        for xb, yb in _progress(batch_iter, progress, total=steps_per_epoch, leave=False, unit="step",
+                                desc=f"epoch {epoch + 1}"):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            task = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
+            loss = task
+            if loss_fn is not None and (freeze is None or step < freeze):
+                penalty = loss_fn(model, step=step)
+                loss = task + penalty
+                total_pen += penalty.detach().as_subclass(torch.Tensor)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += task.detach()
+            n_batches += 1
+            if loss_fn is not None and step % log_every == 0 and loss_fn.last_terms is not None:
+                history.step.append(step)
+                history.step_density.append(float(loss_fn.last_terms[0]))
+            step += 1
+        history.epoch.append(epoch + 1)
+        history.train_loss.append(float(total_loss) / max(n_batches, 1))
+        history.penalty.append(float(total_pen) / max(n_batches, 1))
+        history.test_accuracy.append(evaluate(model, data.test_x, data.test_y, device=device))
+        if gated:
+            stats = gate_stats(model, cost=cfg.cost)
+            history.density.append(stats["density"])
+            history.soft_density.append(stats["soft_density"])
+            history.polarized.append(stats["polarized"])
+            bank = find_bank(model)
+            p = bank.probabilities().float().cpu()
+            history.histogram.append(torch.histc(p, bins=20, min=0, max=1).tolist())
+            if progress:
+                epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}", density=f"{stats['density']:.3f}",
+                                       polarized=f"{stats['polarized']:.2f}")
+        elif progress:
+            epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}")
+        ckpt.save({
+            "format": CHECKPOINT_FORMAT,
+            "config": cfg.to_dict() | {"_label": label},
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "loss_step": loss_fn.step if loss_fn is not None else 0,
+            "history": asdict(history),
+            "rng": torch.get_rng_state(),
+        })
+        if interrupt_after is not None and epoch + 1 >= interrupt_after:
+            raise KeyboardInterrupt
+    return history
+
+
+def build(cfg: PruneConfig, data: data_mod.ImageData) -> nn.Module:
+    """The dense model of the recipe (seeded), with ``--init`` weights if given."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.small_input)
+    if cfg.init:
+        try:
+            state = torch.load(cfg.init, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"init: cannot read weights from {cfg.init!r} ({type(exc).__name__}: {exc})") from exc
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"init: {cfg.init!r} does not fit {cfg.model} (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    return model.to(cfg.device)
+
+
+@dataclass
+class PruneResult:
+    config: PruneConfig
+    data: data_mod.ImageData
+    dense_model: nn.Module
+    gated_model: nn.Module
+    pruned_model: nn.Module
+    history: History
+    gated_accuracy: float
+    pruned_accuracy: float
+    finetuned_accuracy: float | None
+    baseline: dict | None
+    dense_count: dict
+    pruned_count: dict
+    channels: tuple[int, int]
+    seconds: float
+
+
+def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool = False,
+              progress: bool = True, interrupt_after: int | None = None) -> PruneResult:
+    """Train once with gates, extract, (optionally fine-tune); returns what the report needs."""
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
+    example = data.example_input(1).to(cfg.device)
+    dense = build(cfg, data)
+    dense_count = count(dense, example)
+    model = build(cfg, data)
+    attach_gates(model, example, min_channels=cfg.min_channels, round_to=cfg.round_to)
+    history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=True, epochs=cfg.epochs,
+                   lr=cfg.lr, resume=resume, progress=progress, label="prune", interrupt_after=interrupt_after)
+    gated_acc = evaluate(model, data.test_x, data.test_y, device=cfg.device)
+    small = extract(model, data.example_input(8).to(cfg.device))
+    pruned_acc = evaluate(small, data.test_x, data.test_y, device=cfg.device)
+    finetuned_acc = None
+    if cfg.finetune_epochs:
+        _fit(small, data, cfg, Checkpointer(out / "finetune.pt"), gated=False, epochs=cfg.finetune_epochs,
+             lr=cfg.lr * 0.1, resume=resume, progress=progress, label="finetune")
+        finetuned_acc = evaluate(small, data.test_x, data.test_y, device=cfg.device)
+    save_pruned(small, out / "model")
+    base = None
+    if baseline:
+        base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False,
+                         epochs=cfg.epochs + cfg.finetune_epochs, lr=cfg.lr, resume=resume, progress=progress,
+                         label="baseline")
+        base = {"accuracy": evaluate(dense, data.test_x, data.test_y, device=cfg.device),
+                "test_accuracy": base_hist.test_accuracy}
+    spec = small.polarprune_spec
+    kept = sum(len(g["kept"]) for g in spec["groups"])
+    total = sum(g["channels"] for g in spec["groups"])
+    return PruneResult(cfg, data, dense, model, small, history, gated_acc, pruned_acc, finetuned_acc, base,
+                       dense_count, count(small, example), (kept, total), time.perf_counter() - start)

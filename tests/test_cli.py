@@ -1,0 +1,180 @@
+"""The main job end to end through the command line: tiny runs on real data."""
+import gzip
+import json
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from polarprune_cuda import cli, data
+
+TINY = ["--dataset", "digits", "--model", "resnet20", "--max-train", "160", "--max-test", "80",
+        "--batch-size", "32", "--latency-batch", "4", "--quiet", "--min-channels", "2"]
+
+
+def run(argv, capsys=None):
+    rc = cli.main(argv)
+    captured = capsys.readouterr() if capsys is not None else None
+    return rc, captured
+
+
+def test_tiny_run_writes_report_model_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, cap = run(["prune", *TINY, "--epochs", "2", "--out", str(out), "--baseline"], capsys)
+    assert rc == 0, cap.err
+    report = json.loads((out / "report.json").read_text())
+    _check_schema(report)
+    assert report["config"]["epochs"] == 2 and report["accuracy"]["baseline"] is not None
+    assert "drop_points" in report["accuracy"]
+    assert report["pruned"]["macs"] < report["dense"]["macs"]
+    for name in ("gates.png", "density.png", "accuracy.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "model" / "spec.json").is_file() and (out / "model" / "weights.pt").is_file()
+    md = (out / "report.md").read_text()
+    assert "achieved" in md and "polarprune prune" in md
+    assert "achieved macs sparsity" in cap.out and "dense" in cap.out
+
+
+def _check_schema(report):
+    expected = {
+        "format": int, "command": str, "versions": dict, "config": dict, "data": dict,
+        "target_sparsity": float, "cost": str, "achieved_sparsity": float, "sparsity": dict,
+        "dense": dict, "pruned": dict, "channels": dict, "accuracy": dict, "latency": dict,
+        "energy": dict, "history": dict, "seconds": float, "files": list,
+    }
+    for key, typ in expected.items():
+        assert isinstance(report[key], typ), key
+    assert set(report["sparsity"]) == {"channels", "params", "macs"}
+    for counts in (report["dense"], report["pruned"]):
+        assert set(counts) == {"params", "macs"} and all(isinstance(v, int) for v in counts.values())
+    assert 0 <= report["accuracy"]["pruned"] <= 1 and 0 <= report["accuracy"]["gated"] <= 1
+    for name in ("dense", "pruned"):
+        assert report["latency"][name]["median_ms"] > 0
+    assert report["latency"]["speedup"] > 0
+    assert isinstance(report["energy"]["available"], bool)
+    if not report["energy"]["available"]:
+        assert report["energy"]["reason"]
+    hist = report["history"]
+    assert len(hist["epoch"]) == len(hist["test_accuracy"]) == len(hist["density"]) == len(hist["histogram"])
+    assert all(len(h) == 20 for h in hist["histogram"])
+    assert report["versions"]["torch"] == torch.__version__
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, capsys):
+    args = ["prune", *TINY, "--epochs", "3", "--warmup-epochs", "0", "--ramp-epochs", "1"]
+    rc, cap = run([*args, "--out", str(tmp_path / "a")], capsys)
+    assert rc == 0, cap.err
+    rc, cap = run([*args, "--out", str(tmp_path / "b"), "--interrupt-after-epoch", "1"], capsys)
+    assert rc == 130 and "--resume" in cap.err
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    rc, cap = run([*args, "--out", str(tmp_path / "b")], capsys)
+    assert rc == 2 and "--resume" in cap.err          # refuses to clobber a run
+    rc, _ = run([*args, "--out", str(tmp_path / "b"), "--resume"], capsys)
+    assert rc == 0
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert a["history"] == b["history"]
+    assert a["accuracy"] == b["accuracy"] and a["pruned"] == b["pruned"]
+    wa = torch.load(tmp_path / "a" / "model" / "weights.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "model" / "weights.pt", weights_only=True)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    rc, cap = run(["prune", *TINY, "--epochs", "1", "--out", str(out), "--resume"], capsys)
+    assert rc == 2 and "corrupt" in cap.err
+    rc, _ = run(["prune", *TINY, "--epochs", "2", "--out", str(out), "--overwrite",
+                 "--interrupt-after-epoch", "1"], capsys)
+    assert rc == 130
+    rc, cap = run(["prune", *TINY, "--epochs", "2", "--out", str(out), "--resume", "--target-sparsity", "0.3"],
+                  capsys)
+    assert rc == 2 and "target_sparsity=0.5" in cap.err and "target_sparsity=0.3" in cap.err
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path, capsys, monkeypatch):
+    rc, cap = run(["prune", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")],
+                  capsys)
+    assert rc == 2
+    assert "CIFAR10 not found" in cap.err and str(tmp_path) in cap.err and "--data-dir" in cap.err
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", ())
+    monkeypatch.delenv("POLARPRUNE_DATA", raising=False)
+    with pytest.raises(data.DatasetNotFoundError, match=f"Looked for .* in: {tmp_path}.*apt-get install "
+                                                        "dataset-fashion-mnist.*--data-dir"):
+        data.load_fashion_mnist(tmp_path)
+    with pytest.raises(data.DatasetNotFoundError, match="CIFAR100 not found. Looked in: " + str(tmp_path)):
+        data.load_cifar("cifar100", tmp_path)
+
+
+def test_bad_options_are_named(tmp_path, capsys):
+    rc, cap = run(["prune", "--target-sparsity", "1.5", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "target-sparsity must be in [0, 1)" in cap.err
+    rc, cap = run(["prune", *TINY, "--model", "nosuchnet", "--out", str(tmp_path / "o2")], capsys)
+    assert rc == 2 and "model must be one of" in cap.err
+
+
+def _write_idx(path, array, gz):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_idx_loader(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (30, 28, 28))
+    test = rng.integers(0, 256, (10, 28, 28))
+    _write_idx(tmp_path / "train-images-idx3-ubyte", train, gz)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, 30), gz)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", test, gz)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 10), gz)
+    d = data.load_dataset("fashion-mnist", tmp_path)
+    assert d.train_x.shape == (30, 1, 28, 28) and d.test_x.shape == (10, 1, 28, 28)
+    assert d.source == str(tmp_path)
+    raw = torch.from_numpy(train[:, None].astype(np.float32) / 255)
+    torch.testing.assert_close(d.train_x * raw.std((0, 2, 3), keepdim=True) + raw.mean((0, 2, 3), keepdim=True),
+                               raw, atol=1e-4, rtol=1e-4)
+    (tmp_path / ("t10k-labels-idx1-ubyte" + (".gz" if gz else ""))).write_bytes(b"\x01\x02garbage")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.load_dataset("fashion-mnist", tmp_path)
+
+
+def test_cifar_loader_reads_torchvision_layout(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         b"labels": list(rng.integers(0, 10, 4))}, f)
+    d = data.load_dataset("cifar10", tmp_path)
+    assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (4, 3, 32, 32) and d.num_classes == 10
+
+
+def test_batches_are_seeded_per_epoch_and_augment_keeps_shape():
+    x, y = torch.randn(50, 1, 8, 8), torch.arange(50)
+    a = [yb.tolist() for _, yb in data.batches(x, y, 16, seed=3, epoch=2, pad=1, flip=True)]
+    b = [yb.tolist() for _, yb in data.batches(x, y, 16, seed=3, epoch=2, pad=1, flip=True)]
+    c = [yb.tolist() for _, yb in data.batches(x, y, 16, seed=3, epoch=3, pad=1, flip=True)]
+    assert a == b and a != c and sorted(sum(a, [])) == list(range(50))
+    xb, _ = next(data.batches(x, y, 16, seed=0, pad=1, flip=True))
+    assert xb.shape == (16, 1, 8, 8)
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "polarprune_cuda", "info"], capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["backends"]["backends"]["torch"]["available"]
