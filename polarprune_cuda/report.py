@@ -228,7 +228,9 @@ def plots(report: dict, out: Path) -> list[str]:
         files.append("gates.png")
     if hist["step"]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(hist["step"], hist["step_density"], label="density the penalty sees (soft)")
+        ax.plot(hist["step"], hist["step_density"], label="soft density (what the penalty sees)")
+        if hist["density"]:
+            ax.plot(hist["epoch_step"], hist["density"], "o-", ms=3, label="hard-gate density (end of epoch)")
         ax.axhline(1 - report["target_sparsity"], color="k", ls="--", label="target")
         ax.set_xlabel("step")
         ax.set_ylabel(f"density ({report['cost']})")

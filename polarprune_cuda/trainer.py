@@ -209,6 +209,7 @@ class History:
     soft_density: list = field(default_factory=list)
     polarized: list = field(default_factory=list)
     histogram: list = field(default_factory=list)        # per epoch: 20-bin histogram of gate probabilities
+    epoch_step: list = field(default_factory=list)       # global step at the end of each epoch
     step: list = field(default_factory=list)             # step trace of the density the loss sees
     step_density: list = field(default_factory=list)
 
@@ -272,6 +273,7 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
                 history.step_density.append(float(loss_fn.last_terms[0]))
             step += 1
         history.epoch.append(epoch + 1)
+        history.epoch_step.append(step)
         history.train_loss.append(float(total_loss) / max(n_batches, 1))
         history.penalty.append(float(total_pen) / max(n_batches, 1))
         history.test_accuracy.append(evaluate(model, data.test_x, data.test_y, device=device))
