@@ -1,8 +1,24 @@
 """Triton kernels for polarprune_cuda, installed as ``polarprune_cuda.kernels``.
 
 ``IMPLEMENTATIONS`` maps op names of :mod:`polarprune_cuda.ops` to functions
-with the same signature as those in :mod:`polarprune_cuda.reference`. The
-backend registry (:mod:`polarprune_cuda.backends`) reports the Triton backend
-as unavailable while this mapping is empty.
+with the signatures of :mod:`polarprune_cuda.reference`. It is empty, with the
+reason in ``UNAVAILABLE``, where Triton cannot run: no ``triton`` package, or
+neither a CUDA device nor ``TRITON_INTERPRET=1`` (Triton's CPU interpreter,
+which must be set before this module is imported).
 """
+import os
+
 IMPLEMENTATIONS: dict = {}
+UNAVAILABLE: str | None = None
+
+try:
+    import triton  # noqa: F401
+except Exception as exc:  # ImportError, or a broken install
+    UNAVAILABLE = f"triton cannot be imported: {exc}"
+else:
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        from .triton_gates import IMPLEMENTATIONS  # noqa: F811
+    else:
+        UNAVAILABLE = "no CUDA device, and TRITON_INTERPRET=1 is not set"

@@ -71,8 +71,10 @@ def _probe_triton() -> Backend:
     ops = dict(getattr(kernels, "IMPLEMENTATIONS", {}))
     version = getattr(triton, "__version__", None)
     if not ops:
-        return Backend("triton", False, "this version of polarprune_cuda ships no Triton kernels yet", {}, version)
-    return Backend("triton", True, "Triton kernels from polarprune_cuda.kernels", ops, version)
+        reason = getattr(kernels, "UNAVAILABLE", None) or "polarprune_cuda.kernels has no kernels"
+        return Backend("triton", False, reason, {}, version)
+    where = "Triton's CPU interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "CUDA"
+    return Backend("triton", True, f"Triton kernels from polarprune_cuda.kernels on {where}", ops, version)
 
 
 def _probe_cuda() -> Backend:

@@ -1,10 +1,16 @@
 import os
 
-import pytest
 import torch
 
-import polarprune_cuda as pp
-from polarprune_cuda import backends
+# Triton kernels run on CPU tensors through Triton's interpreter; it must be on
+# before polarprune_cuda.kernels is imported. On a CUDA machine they run for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import polarprune_cuda as pp  # noqa: E402
+from polarprune_cuda import backends  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
