@@ -5,6 +5,9 @@
 * penalty: value and gradient in one launch (one program walks the score
   vector: sums, segment sums, bilinear cost terms, then the gradient), in a
   fixed order, so the result is deterministic;
+* whole bank (``gate_bank``): the same launch also writes every hard gate and
+  keeps the target and polar gradients apart, so a training step computes all
+  gates and the penalty in one launch and its backward in one more;
 * activation gate ``y = x * g[c]``: one kernel for NCHW and channels_last (the
   tensor is addressed as (N, C, HW) with its own strides, no copies); closed
   channels are written as zeros without reading x; the backward writes dx and
@@ -85,9 +88,12 @@ def binary_gate_backward(grad, scores, ste, tau):
 
 @triton.jit
 def _penalty_kernel(s_ptr, w_ptr, seg_ptr, pairs_ptr, coef_ptr, grad_ptr, loss_ptr, terms_ptr,
+                    gates_ptr, gpolar_ptr,
                     n, num_pairs, const, total, tau, rho, tw, pw, t,
                     FORM: tl.constexpr, HAS_PAIRS: tl.constexpr, KPAD: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    # SPLIT=False: grad = tw * dT/ds + pw * dP/ds and loss (gate_penalty).
+    # SPLIT=True: gates, grad = dT/ds, gpolar = dP/ds (gate_bank); loss_ptr unused.
     ar = tl.arange(0, BLOCK)
     ks = tl.arange(0, KPAD)
     sum_wp = tl.zeros((BLOCK,), ACC)
@@ -150,31 +156,55 @@ def _penalty_kernel(s_ptr, w_ptr, seg_ptr, pairs_ptr, coef_ptr, grad_ptr, loss_p
     tl.store(terms_ptr + 1, target_term.to(terms_ptr.dtype.element_ty))
     tl.store(terms_ptr + 2, polar_term.to(terms_ptr.dtype.element_ty))
     tl.store(terms_ptr + 3, tl.sum(bad, axis=0).to(terms_ptr.dtype.element_ty))
-    # pass 3: the gradient
-    scale = 2.0 * tw / total * diff
+    # pass 3: the gradient (and, for the gate bank, the hard gates)
+    scale = 2.0 / total * diff
     for start in range(0, n, BLOCK):
         offs = start + ar
         mask = offs < n
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
         d_cost = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
         p = 1.0 / (1.0 + tl.exp(-s / tau))
+        dp = p * (1.0 - p) / tau
         if HAS_PAIRS:
             seg = tl.load(seg_ptr + offs, mask=mask, other=-1)
             onehot = tl.where(seg[:, None] == ks[None, :], 1.0, 0.0).to(ACC)
             d_cost += tl.sum(onehot * marginal[None, :], axis=1)
-        g = scale * d_cost
+        g_target = scale * d_cost * dp
         if FORM == 0:
             c = p - mean_p
             sgn = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
-            g += pw * (t - sgn + mean_sgn) / n
+            g_polar = (t - sgn + mean_sgn) / n * dp
         else:
-            g += pw * 4.0 * (1.0 - 2.0 * p) / n
-        g = g * p * (1.0 - p) / tau
-        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            g_polar = 4.0 * (1.0 - 2.0 * p) / n * dp
+        if SPLIT:
+            tl.store(gates_ptr + offs, tl.where(s > 0, 1.0, 0.0).to(gates_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_ptr + offs, g_target.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(gpolar_ptr + offs, g_polar.to(gpolar_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(grad_ptr + offs, (tw * g_target + pw * g_polar).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def gate_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho,
-                 target_weight, polar_weight, polar_form, t):
+@triton.jit
+def _gate_bank_bwd_kernel(dg_ptr, dterms_ptr, s_ptr, gt_ptr, gp_ptr, ds_ptr, n, tau, MODE: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dg = tl.load(dg_ptr + offs, mask=mask, other=0.0).to(ACC)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if MODE == 1:
+        dg = tl.where(tl.abs(s) <= 1, dg, 0.0)
+    elif MODE == 2:
+        p = 1.0 / (1.0 + tl.exp(-s / tau))
+        dg = dg * p * (1.0 - p) / tau
+    d_target = tl.load(dterms_ptr + 1).to(ACC)
+    d_polar = tl.load(dterms_ptr + 2).to(ACC)
+    gt = tl.load(gt_ptr + offs, mask=mask, other=0.0).to(ACC)
+    gp = tl.load(gp_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(ds_ptr + offs, (dg + d_target * gt + d_polar * gp).to(ds_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, tw, pw,
+                    polar_form, t, split):
     if polar_form not in POLAR_CODES:
         raise ValueError(f"polar_form must be one of {tuple(POLAR_CODES)}, got {polar_form!r}")
     acc = torch.promote_types(scores.dtype, torch.float32)
@@ -185,14 +215,41 @@ def gate_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, t
     grad = torch.empty_like(scores)
     loss = torch.empty((), dtype=acc, device=scores.device)
     terms = torch.empty(4, dtype=acc, device=scores.device)
+    gates = torch.empty_like(scores) if split else grad
+    gpolar = torch.empty_like(scores) if split else grad
     _penalty_kernel[(1,)](
         scores.contiguous(), cost.contiguous(), seg_ids.contiguous() if has_pairs else scores,
         pairs.contiguous() if has_pairs else scores, pair_coef.contiguous() if has_pairs else scores,
-        grad, loss, terms, n, pairs.shape[0], float(const), float(total), float(tau), float(rho),
-        float(target_weight), float(polar_weight), float(t),
-        FORM=POLAR_CODES[polar_form], HAS_PAIRS=has_pairs, KPAD=kpad, ACC=_acc(acc), BLOCK=block,
+        grad, loss, terms, gates, gpolar, n, pairs.shape[0], float(const), float(total), float(tau), float(rho),
+        float(tw), float(pw), float(t),
+        FORM=POLAR_CODES[polar_form], HAS_PAIRS=has_pairs, KPAD=kpad, ACC=_acc(acc), SPLIT=split, BLOCK=block,
     )
+    return loss, grad, terms, gates, gpolar
+
+
+def gate_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho,
+                 target_weight, polar_weight, polar_form, t):
+    loss, grad, terms, _, _ = _launch_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total,
+                                              tau, rho, target_weight, polar_weight, polar_form, t, split=False)
     return loss, grad, terms
+
+
+def gate_bank(scores, ste, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t):
+    _, g_target, terms, gates, g_polar = _launch_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments,
+                                                         const, total, tau, rho, 1.0, 1.0, polar_form, t, split=True)
+    return gates, terms, g_target, g_polar
+
+
+def gate_bank_backward(grad_gates, grad_terms, scores, grad_target, grad_polar, ste, tau):
+    if ste not in STE_CODES:
+        raise ValueError(f"ste must be one of {tuple(STE_CODES)}, got {ste!r}")
+    ds = torch.empty_like(scores)
+    n = scores.numel()
+    if n:
+        _gate_bank_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+            grad_gates.contiguous(), grad_terms.contiguous(), scores, grad_target.contiguous(),
+            grad_polar.contiguous(), ds, n, float(tau), MODE=STE_CODES[ste], ACC=_acc(scores.dtype), BLOCK=BLOCK)
+    return ds
 
 
 # ----------------------------------------------------------------------------- activation gate
@@ -352,4 +409,6 @@ IMPLEMENTATIONS = {
     "channel_gate_backward": channel_gate_backward,
     "gated_affine": gated_affine,
     "gated_affine_backward": gated_affine_backward,
+    "gate_bank": gate_bank,
+    "gate_bank_backward": gate_bank_backward,
 }

@@ -36,6 +36,8 @@ OPS = (
     "channel_gate_backward",
     "gated_affine",
     "gated_affine_backward",
+    "gate_bank",
+    "gate_bank_backward",
 )
 _ORDER = {"cuda": ("cuda", "triton", "torch")}
 _DEFAULT_ORDER = ("torch",)

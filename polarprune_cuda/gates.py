@@ -289,6 +289,8 @@ class GateBank(nn.Module):
         self._cache: tuple[Tensor, ...] | None = None
         self._active = False
         self._hooks: list = []
+        self._penalty: tuple | None = None     # (key, cost model, rho, form, t) armed by PolarizationLoss
+        self._terms: tuple | None = None       # (key, terms) of the last forward pass, taken once
 
     # ----- building
     def add_segment(self, name: str, init_scores: Tensor) -> int:
@@ -358,13 +360,37 @@ class GateBank(nn.Module):
 
     # ----- gates
     def gates(self) -> tuple[Tensor, ...]:
-        """Hard gates of every segment, computed with one op call."""
+        """Hard gates of every segment, computed with one op call.
+
+        Inside a forward pass of the model, once a PolarizationLoss has armed the
+        bank, that one call (``polarprune::gate_bank``) also computes the
+        penalty terms, which the loss then takes instead of a second launch.
+        """
         if self._active and self._cache is not None:
             return self._cache
-        chunks = ops.binary_gate(self.scores, self.ste, self.tau).split(self.sizes)
+        if self._active and self._penalty is not None:
+            key, cm, rho, form, t = self._penalty
+            gates, terms = ops.gate_bank(self.scores, self.ste, self.tau, cm, rho, form, t)
+            self._terms = (key, terms)
+        else:
+            gates = ops.binary_gate(self.scores, self.ste, self.tau)
+        chunks = gates.split(self.sizes)
         if self._active:
             self._cache = chunks
         return chunks
+
+    def arm_penalty(self, key, cost_model: CostModel, rho: float, polar_form: str, t: float) -> None:
+        """Compute these penalty terms together with the gates in the following forward passes."""
+        if self._penalty is None or self._penalty[0] != key:
+            self._penalty = (key, cost_model, float(rho), polar_form, float(t))
+
+    def take_terms(self, key):
+        """The penalty terms the last forward pass computed for ``key`` (once), else None."""
+        found = self._terms
+        self._terms = None
+        if found is None or found[0] != key:
+            return None
+        return found[1]
 
     def gate(self, index: int) -> Tensor:
         return self.gates()[index]
@@ -389,7 +415,7 @@ class GateBank(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_cache"], state["_active"] = None, False
+        state["_cache"], state["_active"], state["_terms"] = None, False, None
         return state
 
 

@@ -122,6 +122,9 @@ class PolarizationLoss(nn.Module):
             argument of the call, else a counter advanced on each call in training mode.
         guard: return a :class:`PenaltyValue` that raises on NaN/inf gate scores
             when its value is read (no extra synchronisation).
+        fuse: with a gate bank, compute the penalty terms in the same op call as
+            the gates during the model's forward pass (from the second call on),
+            instead of a separate launch.
 
     Call it with a model whose gates are bound (or loose gate modules, or a
     :class:`GateBank`); it returns a 0-dim loss to add to the task loss. The
@@ -139,6 +142,7 @@ class PolarizationLoss(nn.Module):
         polarization_weight: float = 0.1,
         schedule: Schedule | None = None,
         guard: bool = True,
+        fuse: bool = True,
     ):
         super().__init__()
         if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) \
@@ -174,6 +178,7 @@ class PolarizationLoss(nn.Module):
         self.polarization_weight = float(polarization_weight)
         self.schedule = schedule
         self.guard = guard
+        self.fuse = fuse
         self.step = 0
         self.last_terms: Tensor | None = None
 
@@ -209,6 +214,17 @@ class PolarizationLoss(nn.Module):
         a, b = (mult, mult) if not isinstance(mult, tuple) else mult
         return self.target_weight * float(a), self.polarization_weight * float(b)
 
+    def arm(self, gates) -> None:
+        """Have the model's gate bank compute this penalty with the gates from the next forward pass on.
+
+        Calling the loss does this too; arming first makes every step, the first
+        included, take the fused path (what a resumed run must match).
+        """
+        scores, _, _, _, bank = flat_gate_view(gates)
+        if bank is not None and self.fuse:
+            cm = self._cost_for(scores, bank)
+            bank.arm_penalty((id(cm), self.rho, self.polarization, self.t), cm, self.rho, self.polarization, self.t)
+
     def forward(self, gates, step: int | None = None) -> Tensor:
         scores, names, sizes, tau, bank = flat_gate_view(gates)
         if step is None:
@@ -216,10 +232,17 @@ class PolarizationLoss(nn.Module):
             if self.training:
                 self.step += 1
         target_weight, polar_weight = self.weights(step)
-        loss, terms = ops.gate_penalty(
-            scores, self._cost_for(scores, bank), tau, self.rho,
-            target_weight, polar_weight, self.polarization, self.t,
-        )
+        cm = self._cost_for(scores, bank)
+        terms = None
+        if bank is not None and self.fuse:
+            key = (id(cm), self.rho, self.polarization, self.t)
+            bank.arm_penalty(key, cm, self.rho, self.polarization, self.t)
+            terms = bank.take_terms(key)
+        if terms is not None:   # computed with the gates, in the model's forward pass
+            loss = target_weight * terms[1] + polar_weight * terms[2]
+        else:
+            loss, terms = ops.gate_penalty(scores, cm, tau, self.rho, target_weight, polar_weight,
+                                           self.polarization, self.t)
         self.last_terms = terms.detach()
         if not self.guard or torch.compiler.is_compiling():
             return loss

@@ -236,6 +236,70 @@ _gate_penalty.register_autograd(_gate_penalty_bwd, setup_context=_gate_penalty_s
 
 
 # --------------------------------------------------------------------------
+# gate_bank: every gate and both penalty terms in one pass (and one backward)
+# --------------------------------------------------------------------------
+
+@custom_op(f"{NAMESPACE}::gate_bank", mutates_args=())
+def _gate_bank(
+    scores: Tensor,
+    ste: str,
+    cost: Tensor,
+    seg_ids: Tensor,
+    pairs: Tensor,
+    pair_coef: Tensor,
+    num_segments: int,
+    const: float,
+    total: float,
+    tau: float,
+    rho: float,
+    polar_form: str,
+    t: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    fn = backends.impl("gate_bank", scores.device)
+    return fn(scores, ste, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t)
+
+
+@_gate_bank.register_fake
+def _(scores, ste, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t):
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    return (torch.empty_like(scores), scores.new_empty((4,), dtype=acc), torch.empty_like(scores),
+            torch.empty_like(scores))
+
+
+@custom_op(f"{NAMESPACE}::gate_bank_backward", mutates_args=())
+def _gate_bank_backward(grad_gates: Tensor, grad_terms: Tensor, scores: Tensor, grad_target: Tensor,
+                        grad_polar: Tensor, ste: str, tau: float) -> Tensor:
+    fn = backends.impl("gate_bank_backward", scores.device)
+    return fn(grad_gates, grad_terms, scores, grad_target, grad_polar, ste, tau)
+
+
+@_gate_bank_backward.register_fake
+def _(grad_gates, grad_terms, scores, grad_target, grad_polar, ste, tau):
+    return torch.empty_like(scores)
+
+
+def _gate_bank_setup(ctx, inputs, output):
+    scores, ste, tau = inputs[0], inputs[1], inputs[9]
+    _, _, grad_target, grad_polar = output
+    ctx.ste, ctx.tau = ste, tau
+    ctx.mark_non_differentiable(grad_target, grad_polar)
+    ctx.save_for_backward(scores, grad_target, grad_polar)
+
+
+def _gate_bank_bwd(ctx, grad_gates, grad_terms, _gt, _gp):
+    scores, grad_target, grad_polar = ctx.saved_tensors
+    if grad_gates is None:
+        grad_gates = torch.zeros_like(scores)
+    if grad_terms is None:
+        grad_terms = grad_target.new_zeros((4,), dtype=torch.promote_types(scores.dtype, torch.float32))
+    ds = _gate_bank_backward(grad_gates, grad_terms, scores, grad_target, grad_polar, ctx.ste, ctx.tau)
+    return (ds,) + (None,) * 12
+
+
+_gate_bank.register_autograd(_gate_bank_bwd, setup_context=_gate_bank_setup)
+
+
+# --------------------------------------------------------------------------
 # channel_gate: y = x * g[c]
 # --------------------------------------------------------------------------
 
@@ -325,6 +389,8 @@ ALL_OPS = {
     "channel_gate_backward": _channel_gate_backward,
     "gated_affine": _gated_affine,
     "gated_affine_backward": _gated_affine_backward,
+    "gate_bank": _gate_bank,
+    "gate_bank_backward": _gate_bank_backward,
 }
 
 
@@ -370,6 +436,25 @@ def gate_penalty(
     _check_penalty(scores, *args)
     loss, _, terms = _gate_penalty(scores, *args)
     return loss, terms
+
+
+def gate_bank(scores: Tensor, ste: str, tau: float, cost_model, rho: float, polar_form: str,
+              t: float) -> tuple[Tensor, Tensor]:
+    """Hard gates and penalty terms of a whole bank in one op call; returns ``(gates, terms)``.
+
+    ``terms`` = (density, target term, polar term, non-finite count); the target
+    and polar terms are differentiable (weight them and add them to the loss).
+    """
+    from .cost import CostModel
+
+    check_scores(scores)
+    check_ste(ste, tau)
+    if not isinstance(cost_model, CostModel):
+        raise TypeError(f"cost_model must be a CostModel, got {type(cost_model).__name__}")
+    args = cost_model.op_args(scores.device)
+    _check_penalty(scores, *args, float(tau), float(rho), 1.0, 1.0, polar_form, float(t))
+    gates, terms, _, _ = _gate_bank(scores, ste, *args, float(tau), float(rho), polar_form, float(t))
+    return gates, terms
 
 
 def channel_gate(x: Tensor, gate: Tensor) -> Tensor:

@@ -51,6 +51,42 @@ def binary_gate_backward(grad: Tensor, scores: Tensor, ste: str, tau: float) -> 
     raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}")
 
 
+def _penalty_parts(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t):
+    """(density, target term, polar term, d target/ds, d polar/ds, non-finite count), in the accumulation dtype."""
+    acc = _acc_dtype(scores.dtype)
+    s = scores.to(acc)
+    w = cost.to(acc)
+    n = s.numel()
+    p = torch.sigmoid(s / tau)
+    dp = p * (1 - p) / tau
+    value = const + (w * p).sum()
+    d_cost = w
+    if pairs.numel():
+        coef = pair_coef.to(acc)
+        seg_sum = torch.zeros(num_segments, dtype=acc, device=s.device).index_add_(0, seg_ids, p)
+        left, right = seg_sum[pairs[:, 0]], seg_sum[pairs[:, 1]]
+        value = value + (coef * left * right).sum()
+        marginal = torch.zeros(num_segments, dtype=acc, device=s.device)
+        marginal.index_add_(0, pairs[:, 0], coef * right).index_add_(0, pairs[:, 1], coef * left)
+        d_cost = w + marginal[seg_ids]
+    density = value / total
+    diff = density - rho
+    target_term = diff * diff
+    g_target = (2 / total) * diff * d_cost * dp
+    if polar_form == "zhuang":
+        centred = p - p.mean()
+        sgn = torch.sign(centred)
+        polar_term = (t * p.sum() - centred.abs().sum()) / n
+        g_polar = (t - sgn + sgn.mean()) / n * dp
+    elif polar_form == "bimodal":
+        polar_term = (4 * p * (1 - p)).sum() / n
+        g_polar = 4 * (1 - 2 * p) / n * dp
+    else:
+        raise ValueError(f"polar_form must be one of {POLAR_FORMS}, got {polar_form!r}")
+    nonfinite = (~torch.isfinite(s)).sum().to(acc)
+    return density, target_term, polar_term, g_target, g_polar, nonfinite
+
+
 def gate_penalty(
     scores: Tensor,
     cost: Tensor,
@@ -79,40 +115,52 @@ def gate_penalty(
     shape and dtype of ``scores``, ``terms`` holds (density, target term, polar
     term, number of non-finite scores) in the accumulation dtype.
     """
-    acc = _acc_dtype(scores.dtype)
-    s = scores.to(acc)
-    w = cost.to(acc)
-    n = s.numel()
-    p = torch.sigmoid(s / tau)
-    dp = p * (1 - p) / tau
-    value = const + (w * p).sum()
-    d_cost = w
-    if pairs.numel():
-        coef = pair_coef.to(acc)
-        seg_sum = torch.zeros(num_segments, dtype=acc, device=s.device).index_add_(0, seg_ids, p)
-        left, right = seg_sum[pairs[:, 0]], seg_sum[pairs[:, 1]]
-        value = value + (coef * left * right).sum()
-        marginal = torch.zeros(num_segments, dtype=acc, device=s.device)
-        marginal.index_add_(0, pairs[:, 0], coef * right).index_add_(0, pairs[:, 1], coef * left)
-        d_cost = w + marginal[seg_ids]
-    density = value / total
-    diff = density - rho
-    target_term = diff * diff
-    g = (2 * target_weight / total) * diff * d_cost
-    if polar_form == "zhuang":
-        centred = p - p.mean()
-        sgn = torch.sign(centred)
-        polar_term = (t * p.sum() - centred.abs().sum()) / n
-        g = g + polar_weight * (t - sgn + sgn.mean()) / n
-    elif polar_form == "bimodal":
-        polar_term = (4 * p * (1 - p)).sum() / n
-        g = g + polar_weight * 4 * (1 - 2 * p) / n
-    else:
-        raise ValueError(f"polar_form must be one of {POLAR_FORMS}, got {polar_form!r}")
+    density, target_term, polar_term, g_target, g_polar, nonfinite = _penalty_parts(
+        scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t)
     loss = target_weight * target_term + polar_weight * polar_term
-    nonfinite = (~torch.isfinite(s)).sum().to(acc)
+    grad = (target_weight * g_target + polar_weight * g_polar).to(scores.dtype)
+    return loss, grad, torch.stack([density, target_term, polar_term, nonfinite])
+
+
+def gate_bank(
+    scores: Tensor,
+    ste: str,
+    cost: Tensor,
+    seg_ids: Tensor,
+    pairs: Tensor,
+    pair_coef: Tensor,
+    num_segments: int,
+    const: float,
+    total: float,
+    tau: float,
+    rho: float,
+    polar_form: str,
+    t: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Every hard gate and both penalty terms of a gate bank, in one pass.
+
+    Returns ``(gates, terms, grad_target, grad_polar)``: the hard gates, terms
+    (density, target term, polar term, non-finite count), and the gradients of
+    the target and polar terms with respect to the scores (unit weights), which
+    the backward combines with the straight-through gradient of the gates.
+    """
+    density, target_term, polar_term, g_target, g_polar, nonfinite = _penalty_parts(
+        scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t)
     terms = torch.stack([density, target_term, polar_term, nonfinite])
-    return loss, (g * dp).to(scores.dtype), terms
+    return binary_gate(scores, "identity", tau), terms, g_target.to(scores.dtype), g_polar.to(scores.dtype)
+
+
+def gate_bank_backward(grad_gates: Tensor, grad_terms: Tensor, scores: Tensor, grad_target: Tensor,
+                       grad_polar: Tensor, ste: str, tau: float) -> Tensor:
+    """``ds = ste'(s) * dgates + dterms[1] * grad_target + dterms[2] * grad_polar``.
+
+    Only the target and polar terms are differentiable; gradients arriving on
+    the density or the non-finite count are ignored.
+    """
+    acc = _acc_dtype(scores.dtype)
+    ds = binary_gate_backward(grad_gates, scores, ste, tau).to(acc)
+    gt = grad_terms.to(acc)
+    return (ds + gt[1] * grad_target.to(acc) + gt[2] * grad_polar.to(acc)).to(scores.dtype)
 
 
 def _channel_view(gate: Tensor, x: Tensor) -> Tensor:

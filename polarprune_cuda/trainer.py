@@ -226,6 +226,7 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
         loss_fn = PolarizationLoss(cfg.target_sparsity, cost=cfg.cost, polarization=cfg.polarization,
                                    target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
                                    schedule=penalty_schedule(steps_per_epoch, cfg.warmup_epochs, cfg.ramp_epochs))
+        loss_fn.arm(model)
     opt = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay, cfg.gate_lr, cfg.target_weight)
     freeze = int(cfg.freeze_gates_at * total) if gated else None
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if gated else 0

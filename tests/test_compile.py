@@ -34,3 +34,23 @@ def test_compile_fullgraph_matches_eager(bind):
     eager.eval()
     compiled_model.eval()
     torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph_with_the_fused_penalty():
+    torch._dynamo.reset()
+    torch.manual_seed(8)
+    eager = SmallNet()
+    pp.bind_gates(eager)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    loss_e, loss_c = pp.PolarizationLoss(0.4), pp.PolarizationLoss(0.4)
+    loss_e(eager), loss_c(model)   # arm both banks
+    x = randn(2, 3, 6, 6)
+    total_e = eager(x).square().sum() + loss_e(eager)
+    total_c = compiled(x).square().sum() + loss_c(model)
+    torch.testing.assert_close(total_c.detach().as_subclass(torch.Tensor),
+                               total_e.detach().as_subclass(torch.Tensor), atol=1e-5, rtol=1e-5)
+    total_e.backward()
+    total_c.backward()
+    torch.testing.assert_close(model.polarprune_bank.scores.grad, eager.polarprune_bank.scores.grad,
+                               atol=1e-6, rtol=1e-5)

@@ -179,3 +179,32 @@ def test_bank_cost_kinds():
         bank.set_cost("params", torch.ones(3))
     with pytest.raises(ValueError, match=">= 0"):
         bank.set_cost("params", -torch.ones(14))
+
+
+def test_armed_bank_fuses_gates_and_penalty_into_one_launch_each_way():
+    torch.manual_seed(4)
+    fused_model = SmallNet()
+    plain_model = copy.deepcopy(fused_model)
+    pp.bind_gates(fused_model)
+    pp.bind_gates(plain_model)
+    fused_loss, plain_loss = pp.PolarizationLoss(0.5, polarization="zhuang"), pp.PolarizationLoss(
+        0.5, polarization="zhuang", fuse=False)
+    x = randn(2, 3, 6, 6)
+    fused_loss(fused_model)   # arms the bank; from the next forward on the terms come with the gates
+    with CountOps() as counter:
+        out = fused_model(x).square().sum() + fused_loss(fused_model)
+        forward_counts = dict(counter.counts)
+        out.backward()
+    assert forward_counts == {"polarprune.gate_bank": 1, "polarprune.gated_affine": 1,
+                              "polarprune.channel_gate": 1}
+    assert counter.counts["polarprune.gate_bank_backward"] == 1
+    assert "polarprune.gate_penalty" not in counter.counts and "polarprune.binary_gate" not in counter.counts
+    ref = plain_model(x).square().sum() + plain_loss(plain_model)
+    ref.backward()
+    torch.testing.assert_close(out.detach().as_subclass(torch.Tensor), ref.detach().as_subclass(torch.Tensor))
+    torch.testing.assert_close(fused_model.polarprune_bank.scores.grad, plain_model.polarprune_bank.scores.grad)
+    # the terms are taken once: a second call recomputes them (no stale graph)
+    again = fused_loss(fused_model)
+    torch.testing.assert_close(again.detach().as_subclass(torch.Tensor),
+                               plain_loss(plain_model).detach().as_subclass(torch.Tensor))
+    copy.deepcopy(fused_model)   # a model holding the terms of a forward pass can still be copied

@@ -210,3 +210,28 @@ def test_gated_affine_one_output_used():
 def test_reference_backward_modes_reject_unknown():
     with pytest.raises(ValueError, match="ste"):
         reference.binary_gate_backward(torch.ones(2), torch.ones(2), "bogus", 1.0)
+
+
+# ---------------------------------------------------------------- fused bank op
+@pytest.mark.parametrize("form", ["zhuang", "bimodal"])
+@pytest.mark.parametrize("ste", ["identity", "sigmoid"])
+def test_gate_bank_equals_gate_plus_penalty(form, ste):
+    cm = _bilinear_model(41)
+    s = (randn(41, dtype=torch.float64) * 2).requires_grad_()
+    gates, terms = ops.gate_bank(s, ste, 0.8, cm, 0.35, form, 1.1)
+    dg = randn(41, dtype=torch.float64)
+    ((gates * dg).sum() + 3.0 * terms[1] + 0.25 * terms[2]).backward()
+    s2 = s.detach().clone().requires_grad_()
+    loss, terms2 = ops.gate_penalty(s2, cm, 0.8, 0.35, 3.0, 0.25, form, 1.1)
+    ((PF.binary_gate(s2, ste, 0.8) * dg).sum() + loss).backward()
+    assert torch.equal(gates, (s.detach() > 0).double())
+    torch.testing.assert_close(terms, terms2)
+    torch.testing.assert_close(s.grad, s2.grad)
+
+
+def test_gate_bank_opcheck():
+    cm = _bilinear_model(29)
+    s = randn(29, requires_grad=True)
+    torch.library.opcheck(ops.ALL_OPS["gate_bank"], (s, "clipped", *cm.op_args("cpu"), 1.0, 0.5, "bimodal", 1.0))
+    torch.library.opcheck(ops.ALL_OPS["gate_bank_backward"],
+                          (randn(29), randn(4), randn(29), randn(29), randn(29), "sigmoid", 0.5))

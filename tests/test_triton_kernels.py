@@ -183,3 +183,20 @@ def test_compile_fullgraph_with_triton_forced(force_triton):
     (y_c.square().sum() + pp.PolarizationLoss(0.5)(model)).backward()
     for (name, a), (_, b) in zip(eager.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("form", ["zhuang", "bimodal"])
+@pytest.mark.parametrize("ste", ["identity", "clipped", "sigmoid"])
+@pytest.mark.parametrize("n", [1, 67, 3001])
+def test_gate_bank_kernels(form, ste, n):
+    s = rand(n) * 2
+    cm = _bilinear_model(n, seed=n) if n > 1 else CostModel.channels(1)
+    args = (s, ste, *cm.op_args(DEVICE), 0.9, 0.45, form, 1.05)
+    got, want = T.gate_bank(*args), reference.gate_bank(*args)
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+    dg, dterms = rand(n), rand(4)
+    torch.testing.assert_close(T.gate_bank_backward(dg, dterms, s, got[2], got[3], ste, 0.9),
+                               reference.gate_bank_backward(dg, dterms, s, want[2], want[3], ste, 0.9),
+                               rtol=1e-5, atol=1e-6)
