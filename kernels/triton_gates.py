@@ -87,15 +87,17 @@ def binary_gate_backward(grad, scores, ste, tau):
 # ----------------------------------------------------------------------------- penalty
 
 @triton.jit
-def _penalty_kernel(s_ptr, w_ptr, seg_ptr, pairs_ptr, coef_ptr, grad_ptr, loss_ptr, terms_ptr,
+def _penalty_kernel(s_ptr, w_ptr, off_ptr, pairs_ptr, coef_ptr, grad_ptr, loss_ptr, terms_ptr,
                     gates_ptr, gpolar_ptr,
-                    n, num_pairs, const, total, tau, rho, tw, pw, t,
+                    n, num_segments, num_pairs, const, total, tau, rho, tw, pw, t,
                     FORM: tl.constexpr, HAS_PAIRS: tl.constexpr, KPAD: tl.constexpr, ACC: tl.constexpr,
                     SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     # SPLIT=False: grad = tw * dT/ds + pw * dP/ds and loss (gate_penalty).
     # SPLIT=True: gates, grad = dT/ds, gpolar = dP/ds (gate_bank); loss_ptr unused.
     ar = tl.arange(0, BLOCK)
     ks = tl.arange(0, KPAD)
+    # segment k holds gates [off[k], off[k+1]); the segment of gate j is #{k : off[k+1] <= j}
+    seg_end = tl.load(off_ptr + 1 + ks, mask=HAS_PAIRS & (ks < num_segments), other=9223372036854775807)
     sum_wp = tl.zeros((BLOCK,), ACC)
     sum_p = tl.zeros((BLOCK,), ACC)
     sum_bi = tl.zeros((BLOCK,), ACC)
@@ -113,7 +115,7 @@ def _penalty_kernel(s_ptr, w_ptr, seg_ptr, pairs_ptr, coef_ptr, grad_ptr, loss_p
         sum_bi += 4.0 * p * (1.0 - p)
         bad += tl.where(mask & ((s != s) | (tl.abs(s) == float("inf"))), 1.0, 0.0)
         if HAS_PAIRS:
-            seg = tl.load(seg_ptr + offs, mask=mask, other=-1)
+            seg = tl.sum(tl.where(seg_end[None, :] <= offs[:, None], 1, 0), axis=1)
             onehot = tl.where(seg[:, None] == ks[None, :], 1.0, 0.0).to(ACC)
             seg_sum += tl.sum(onehot * p[:, None], axis=0)
     total_p = tl.sum(sum_p, axis=0)
@@ -166,7 +168,7 @@ def _penalty_kernel(s_ptr, w_ptr, seg_ptr, pairs_ptr, coef_ptr, grad_ptr, loss_p
         p = 1.0 / (1.0 + tl.exp(-s / tau))
         dp = p * (1.0 - p) / tau
         if HAS_PAIRS:
-            seg = tl.load(seg_ptr + offs, mask=mask, other=-1)
+            seg = tl.sum(tl.where(seg_end[None, :] <= offs[:, None], 1, 0), axis=1)
             onehot = tl.where(seg[:, None] == ks[None, :], 1.0, 0.0).to(ACC)
             d_cost += tl.sum(onehot * marginal[None, :], axis=1)
         g_target = scale * d_cost * dp
@@ -203,7 +205,7 @@ def _gate_bank_bwd_kernel(dg_ptr, dterms_ptr, s_ptr, gt_ptr, gp_ptr, ds_ptr, n, 
     tl.store(ds_ptr + offs, (dg + d_target * gt + d_polar * gp).to(ds_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, tw, pw,
+def _launch_penalty(scores, cost, seg_offsets, pairs, pair_coef, num_segments, const, total, tau, rho, tw, pw,
                     polar_form, t, split):
     if polar_form not in POLAR_CODES:
         raise ValueError(f"polar_form must be one of {tuple(POLAR_CODES)}, got {polar_form!r}")
@@ -218,24 +220,24 @@ def _launch_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const
     gates = torch.empty_like(scores) if split else grad
     gpolar = torch.empty_like(scores) if split else grad
     _penalty_kernel[(1,)](
-        scores.contiguous(), cost.contiguous(), seg_ids.contiguous() if has_pairs else scores,
+        scores.contiguous(), cost.contiguous(), seg_offsets.contiguous() if has_pairs else scores,
         pairs.contiguous() if has_pairs else scores, pair_coef.contiguous() if has_pairs else scores,
-        grad, loss, terms, gates, gpolar, n, pairs.shape[0], float(const), float(total), float(tau), float(rho),
+        grad, loss, terms, gates, gpolar, n, num_segments, pairs.shape[0], float(const), float(total), float(tau), float(rho),
         float(tw), float(pw), float(t),
         FORM=POLAR_CODES[polar_form], HAS_PAIRS=has_pairs, KPAD=kpad, ACC=_acc(acc), SPLIT=split, BLOCK=block,
     )
     return loss, grad, terms, gates, gpolar
 
 
-def gate_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho,
+def gate_penalty(scores, cost, seg_offsets, pairs, pair_coef, num_segments, const, total, tau, rho,
                  target_weight, polar_weight, polar_form, t):
-    loss, grad, terms, _, _ = _launch_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total,
+    loss, grad, terms, _, _ = _launch_penalty(scores, cost, seg_offsets, pairs, pair_coef, num_segments, const, total,
                                               tau, rho, target_weight, polar_weight, polar_form, t, split=False)
     return loss, grad, terms
 
 
-def gate_bank(scores, ste, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t):
-    _, g_target, terms, gates, g_polar = _launch_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments,
+def gate_bank(scores, ste, cost, seg_offsets, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t):
+    _, g_target, terms, gates, g_polar = _launch_penalty(scores, cost, seg_offsets, pairs, pair_coef, num_segments,
                                                          const, total, tau, rho, 1.0, 1.0, polar_form, t, split=True)
     return gates, terms, g_target, g_polar
 

@@ -21,7 +21,7 @@ from torch import Tensor
 @dataclass
 class CostModel:
     linear: Tensor      # (n,) float32: cost of each gate on its own
-    seg_ids: Tensor     # (n,) int64: segment of each gate (empty when there are no pairs)
+    seg_offsets: Tensor  # (K+1,) int64: segment k holds gates [seg_offsets[k], seg_offsets[k+1]) (empty: no pairs)
     pairs: Tensor       # (L, 2) int64: segment pairs of the bilinear terms
     coef: Tensor        # (L,) float32
     num_segments: int
@@ -46,7 +46,11 @@ class CostModel:
     def from_terms(cls, n: int, seg_sizes: list[int], linear: dict[int, float], pairs: dict[tuple[int, int], float],
                    const: float, per_gate: Tensor | None = None) -> "CostModel":
         """Build from per-segment linear costs and (segment, segment) -> coefficient pairs."""
-        seg_ids = torch.repeat_interleave(torch.arange(len(seg_sizes)), torch.tensor(seg_sizes, dtype=torch.int64))
+        sizes_t = torch.tensor(seg_sizes, dtype=torch.int64)
+        if int(sizes_t.sum()) != n or bool((sizes_t < 1).any()):
+            raise ValueError(f"seg_sizes must be positive and add up to n={n}, got {seg_sizes}")
+        seg_ids = torch.repeat_interleave(torch.arange(len(seg_sizes)), sizes_t)
+        seg_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes_t.cumsum(0)])
         lin = torch.zeros(n, dtype=torch.float64)
         for k, c in linear.items():
             lin[seg_ids == k] += c
@@ -60,10 +64,10 @@ class CostModel:
             if len(keys) else const + float(lin.sum())
         if not total > 0:
             raise ValueError("the cost model has a zero total: nothing in the model has that cost")
-        return cls(lin.float(), seg_ids, pair_t, coef.float(), len(seg_sizes), float(const), float(total))
+        return cls(lin.float(), seg_offsets, pair_t, coef.float(), len(seg_sizes), float(const), float(total))
 
     def to(self, device) -> "CostModel":
-        return CostModel(self.linear.to(device), self.seg_ids.to(device), self.pairs.to(device),
+        return CostModel(self.linear.to(device), self.seg_offsets.to(device), self.pairs.to(device),
                          self.coef.to(device), self.num_segments, self.const, self.total)
 
     @property
@@ -75,7 +79,8 @@ class CostModel:
         g = gates.to(torch.float64)
         value = self.const + (self.linear.double() * g).sum()
         if self.pairs.numel():
-            seg_sum = torch.zeros(self.num_segments, dtype=torch.float64, device=g.device).index_add_(0, self.seg_ids, g)
+            seg_ids = segment_ids(self.seg_offsets, g.numel())
+            seg_sum = torch.zeros(self.num_segments, dtype=torch.float64, device=g.device).index_add_(0, seg_ids, g)
             value = value + (self.coef.double() * seg_sum[self.pairs[:, 0]] * seg_sum[self.pairs[:, 1]]).sum()
         return value
 
@@ -86,4 +91,9 @@ class CostModel:
     def op_args(self, device) -> tuple:
         """The cost arguments of ``polarprune::gate_penalty`` on ``device``."""
         cm = self if self.device == torch.device(device) else self.to(device)
-        return cm.linear, cm.seg_ids, cm.pairs, cm.coef, cm.num_segments, cm.const, cm.total
+        return cm.linear, cm.seg_offsets, cm.pairs, cm.coef, cm.num_segments, cm.const, cm.total
+
+
+def segment_ids(seg_offsets: Tensor, n: int) -> Tensor:
+    """The segment of each of ``n`` gates, from segment offsets (no device read)."""
+    return torch.searchsorted(seg_offsets[1:], torch.arange(n, device=seg_offsets.device), right=True)

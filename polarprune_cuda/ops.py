@@ -11,7 +11,7 @@ exposes them with keyword defaults.
 Ops (schemas are owned here, in Python; a compiled extension only adds kernels):
 
 * ``binary_gate(scores, ste, tau) -> gate`` and its backward;
-* ``gate_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const,
+* ``gate_penalty(scores, cost, seg_offsets, pairs, pair_coef, num_segments, const,
   total, tau, rho, target_weight, polar_weight, polar_form, t) -> (loss, grad,
   terms)``: value and gradient in one pass, over an exact cost model;
 * ``channel_gate(x, gate) -> y`` and ``channel_gate_backward(dy, x, gate) -> (dx, dgate)``;
@@ -112,7 +112,7 @@ def _check_affine(weight, bias, gate) -> None:
     _check_same_device("weight", weight, "gate", gate)
 
 
-def _check_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total,
+def _check_penalty(scores, cost, seg_offsets, pairs, pair_coef, num_segments, const, total,
                    tau, rho, target_weight, polar_weight, polar_form, t) -> None:
     check_scores(scores)
     _check_tensor(cost, "cost")
@@ -120,19 +120,20 @@ def _check_penalty(scores, cost, seg_ids, pairs, pair_coef, num_segments, const,
     if cost.shape != scores.shape:
         raise ValueError(f"cost must have the shape of scores {tuple(scores.shape)}, got {tuple(cost.shape)}")
     _check_same_device("scores", scores, "cost", cost)
-    for name, tensor in (("seg_ids", seg_ids), ("pairs", pairs), ("pair_coef", pair_coef)):
+    for name, tensor in (("seg_offsets", seg_offsets), ("pairs", pairs), ("pair_coef", pair_coef)):
         _check_tensor(tensor, name)
         _check_same_device("scores", scores, name, tensor)
-    if seg_ids.dtype != torch.int64 or pairs.dtype != torch.int64:
-        raise TypeError(f"seg_ids and pairs must be int64 tensors, got {seg_ids.dtype} and {pairs.dtype}")
+    if seg_offsets.dtype != torch.int64 or pairs.dtype != torch.int64:
+        raise TypeError(f"seg_offsets and pairs must be int64 tensors, got {seg_offsets.dtype} and {pairs.dtype}")
     _check_float(pair_coef, "pair_coef")
     if pairs.dim() != 2 or pairs.shape[1] != 2 or pair_coef.shape != (pairs.shape[0],):
         raise ValueError(f"pairs must have shape (L, 2) and pair_coef (L,), got {tuple(pairs.shape)} "
                          f"and {tuple(pair_coef.shape)}")
-    if pairs.numel() and seg_ids.shape != scores.shape:
-        raise ValueError(f"seg_ids must have the shape of scores {tuple(scores.shape)}, got {tuple(seg_ids.shape)}")
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
         raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
+    if pairs.numel() and seg_offsets.shape != (num_segments + 1,):
+        raise ValueError(f"seg_offsets must have shape (num_segments + 1,) = ({num_segments + 1},), "
+                         f"got {tuple(seg_offsets.shape)}")
     _check_number(const, "const", 0.0)
     _check_number(total, "total")
     if not total > 0:
@@ -194,7 +195,7 @@ _binary_gate.register_autograd(_binary_gate_bwd, setup_context=_binary_gate_setu
 def _gate_penalty(
     scores: Tensor,
     cost: Tensor,
-    seg_ids: Tensor,
+    seg_offsets: Tensor,
     pairs: Tensor,
     pair_coef: Tensor,
     num_segments: int,
@@ -208,12 +209,12 @@ def _gate_penalty(
     t: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = backends.impl("gate_penalty", scores.device)
-    return fn(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total,
+    return fn(scores, cost, seg_offsets, pairs, pair_coef, num_segments, const, total,
               tau, rho, target_weight, polar_weight, polar_form, t)
 
 
 @_gate_penalty.register_fake
-def _(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total,
+def _(scores, cost, seg_offsets, pairs, pair_coef, num_segments, const, total,
       tau, rho, target_weight, polar_weight, polar_form, t):
     acc = torch.promote_types(scores.dtype, torch.float32)
     loss = scores.new_empty((), dtype=acc)
@@ -244,7 +245,7 @@ def _gate_bank(
     scores: Tensor,
     ste: str,
     cost: Tensor,
-    seg_ids: Tensor,
+    seg_offsets: Tensor,
     pairs: Tensor,
     pair_coef: Tensor,
     num_segments: int,
@@ -256,11 +257,11 @@ def _gate_bank(
     t: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = backends.impl("gate_bank", scores.device)
-    return fn(scores, ste, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t)
+    return fn(scores, ste, cost, seg_offsets, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t)
 
 
 @_gate_bank.register_fake
-def _(scores, ste, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t):
+def _(scores, ste, cost, seg_offsets, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t):
     acc = torch.promote_types(scores.dtype, torch.float32)
     return (torch.empty_like(scores), scores.new_empty((4,), dtype=acc), torch.empty_like(scores),
             torch.empty_like(scores))

@@ -51,7 +51,7 @@ def binary_gate_backward(grad: Tensor, scores: Tensor, ste: str, tau: float) -> 
     raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}")
 
 
-def _penalty_parts(scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t):
+def _penalty_parts(scores, cost, seg_offsets, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t):
     """(density, target term, polar term, d target/ds, d polar/ds, non-finite count), in the accumulation dtype."""
     acc = _acc_dtype(scores.dtype)
     s = scores.to(acc)
@@ -63,6 +63,7 @@ def _penalty_parts(scores, cost, seg_ids, pairs, pair_coef, num_segments, const,
     d_cost = w
     if pairs.numel():
         coef = pair_coef.to(acc)
+        seg_ids = torch.searchsorted(seg_offsets[1:], torch.arange(n, device=s.device), right=True)
         seg_sum = torch.zeros(num_segments, dtype=acc, device=s.device).index_add_(0, seg_ids, p)
         left, right = seg_sum[pairs[:, 0]], seg_sum[pairs[:, 1]]
         value = value + (coef * left * right).sum()
@@ -90,7 +91,7 @@ def _penalty_parts(scores, cost, seg_ids, pairs, pair_coef, num_segments, const,
 def gate_penalty(
     scores: Tensor,
     cost: Tensor,
-    seg_ids: Tensor,
+    seg_offsets: Tensor,
     pairs: Tensor,
     pair_coef: Tensor,
     num_segments: int,
@@ -107,16 +108,17 @@ def gate_penalty(
 
     The cost of a gate pattern ``p`` is ``const + sum_j cost_j p_j +
     sum_l pair_coef_l S[pairs_l0] S[pairs_l1]`` with segment sums
-    ``S[k] = sum_{j: seg_ids_j = k} p_j`` (a conv's MACs are the product of its
-    kept inputs and kept outputs); the density is that cost over ``total``
-    (the cost with every gate open). Without pairs, ``seg_ids`` may be empty.
+    ``S[k] = sum of p_j for seg_offsets[k] <= j < seg_offsets[k + 1]`` (a
+    conv's MACs are the product of its kept inputs and kept outputs); the
+    density is that cost over ``total`` (the cost with every gate open).
+    Without pairs, ``seg_offsets`` may be empty.
 
     Returns ``(loss, grad, terms)``: ``loss`` is a 0-dim tensor, ``grad`` has the
     shape and dtype of ``scores``, ``terms`` holds (density, target term, polar
     term, number of non-finite scores) in the accumulation dtype.
     """
     density, target_term, polar_term, g_target, g_polar, nonfinite = _penalty_parts(
-        scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t)
+        scores, cost, seg_offsets, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t)
     loss = target_weight * target_term + polar_weight * polar_term
     grad = (target_weight * g_target + polar_weight * g_polar).to(scores.dtype)
     return loss, grad, torch.stack([density, target_term, polar_term, nonfinite])
@@ -126,7 +128,7 @@ def gate_bank(
     scores: Tensor,
     ste: str,
     cost: Tensor,
-    seg_ids: Tensor,
+    seg_offsets: Tensor,
     pairs: Tensor,
     pair_coef: Tensor,
     num_segments: int,
@@ -145,7 +147,7 @@ def gate_bank(
     the backward combines with the straight-through gradient of the gates.
     """
     density, target_term, polar_term, g_target, g_polar, nonfinite = _penalty_parts(
-        scores, cost, seg_ids, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t)
+        scores, cost, seg_offsets, pairs, pair_coef, num_segments, const, total, tau, rho, polar_form, t)
     terms = torch.stack([density, target_term, polar_term, nonfinite])
     return binary_gate(scores, "identity", tau), terms, g_target.to(scores.dtype), g_polar.to(scores.dtype)
 
