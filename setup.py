@@ -1,19 +1,117 @@
 """Build script for polarprune_cuda.
 
 Installs the pure-Python package (``polarprune_cuda`` plus the Triton kernels
-in ``kernels/`` as ``polarprune_cuda.kernels``). The CUDA extension
-(``polarprune_cuda._C`` from ``csrc/``) is optional and never makes a plain
-install fail.
+in ``kernels/`` as ``polarprune_cuda.kernels``) and, where torch is a CUDA
+build and nvcc is found, compiles the CUDA extension ``polarprune_cuda._C``
+from ``csrc/``. A failed or impossible build never fails the install
+(``POLARPRUNE_REQUIRE_EXT=1`` makes it an error; ``POLARPRUNE_NO_EXT=1`` skips it).
 
     pip install --no-build-isolation -e ".[dev]"
+
+Environment: ``CUDA_HOME`` (else found from nvcc's real path, wrapper scripts
+included), ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0+PTX``), ``MAX_JOBS``
+(default: the machine's cores), ``POLARPRUNE_PTXAS_VERBOSE=1`` (print ptxas'
+register and spill report).
 """
+import json
+import os
 import re
+import shutil
+import sys
+import warnings
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "polarprune_cuda" / "__init__.py").read_text(), re.M)[1]
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+BUILD_INFO = ROOT / "polarprune_cuda" / "_build_info.json"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_cuda_home():
+    """CUDA_HOME or CUDA_PATH, else the toolkit behind nvcc (following links and wrapper scripts)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:
+            with open(real, "rb") as f:
+                head = f.read(8192)
+            if head.startswith(b"#!"):
+                candidates += [m.decode() for m in re.findall(rb"(/[^\s\"']+)/bin/nvcc", head)]
+        except OSError:
+            pass
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "include", "cuda_runtime.h")) and os.path.isfile(os.path.join(c, "bin", "nvcc")):
+            return c
+    return None
+
+
+def extension_setup():
+    """(ext_modules, cmdclass) for the CUDA extension, or empty ones with the reason printed."""
+    if _flag("POLARPRUNE_NO_EXT"):
+        print("polarprune_cuda: POLARPRUNE_NO_EXT set, installing pure Python", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+    except ImportError:
+        reason = "torch is not installed in the build environment (use --no-build-isolation)"
+        torch = None
+    else:
+        cuda_home = find_cuda_home()
+        reason = None if torch.version.cuda and cuda_home else (
+            "torch is not a CUDA build" if not torch.version.cuda else "nvcc / the CUDA toolkit was not found")
+    if reason:
+        if _flag("POLARPRUNE_REQUIRE_EXT"):
+            raise RuntimeError(f"POLARPRUNE_REQUIRE_EXT=1 but the CUDA extension cannot be built: {reason}")
+        print(f"polarprune_cuda: not building the CUDA extension ({reason}); installing pure Python", file=sys.stderr)
+        return [], {}
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    if _flag("POLARPRUNE_PTXAS_VERBOSE"):
+        nvcc_flags.append("-Xptxas=-v")
+    ext = CUDAExtension(
+        "polarprune_cuda._C",
+        sources=["csrc/registration.cpp", "csrc/gate_kernels.cu"],
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+    )
+
+    class OptionalBuildExtension(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # compiler errors, missing headers, ...
+                if _flag("POLARPRUNE_REQUIRE_EXT"):
+                    raise
+                warnings.warn(f"polarprune_cuda: building the CUDA extension failed ({exc}); installing pure "
+                              "Python. Set POLARPRUNE_REQUIRE_EXT=1 to make this an error.")
+                return
+            BUILD_INFO.write_text(json.dumps({
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "cuda_home": cuda_home,
+                "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
+            }, indent=1))
+
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_setup()
 
 setup(
     name="polarprune_cuda",
@@ -25,6 +123,9 @@ setup(
     python_requires=">=3.10",
     packages=["polarprune_cuda", "polarprune_cuda.kernels"],
     package_dir={"polarprune_cuda": "polarprune_cuda", "polarprune_cuda.kernels": "kernels"},
+    package_data={"polarprune_cuda": ["_build_info.json"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.6",
         "numpy>=1.24",

@@ -15,8 +15,10 @@ logged once, and the reason is kept for :func:`backend_info`.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,17 +81,32 @@ def _probe_triton() -> Backend:
     return Backend("triton", True, f"Triton kernels from polarprune_cuda.kernels on {where}", ops, version)
 
 
+def _build_info() -> dict | None:
+    path = Path(__file__).resolve().parent / "_build_info.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _probe_cuda() -> Backend:
     if not torch.version.cuda:
         return Backend("cuda", False, "torch is not a CUDA build")
     try:
-        ext = importlib.import_module("polarprune_cuda._C")
+        importlib.import_module("polarprune_cuda._C")
     except ImportError as exc:
         return Backend("cuda", False, f"extension polarprune_cuda._C is not built or failed to load: {exc}")
-    ops = dict(getattr(ext, "IMPLEMENTATIONS", {}))
-    if not ops:
-        return Backend("cuda", False, "extension polarprune_cuda._C registers no ops")
-    return Backend("cuda", True, "compiled extension polarprune_cuda._C", ops)
+    info = _build_info() or {}
+    built = info.get("cuda")
+    if built and built.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return Backend("cuda", False, f"extension polarprune_cuda._C was built for CUDA {built}, torch runs "
+                                      f"CUDA {torch.version.cuda}: rebuild it (pip install --no-build-isolation -e .)")
+    try:
+        ops = {name: getattr(torch.ops.polarprune_C, name) for name in OPS}
+    except (AttributeError, RuntimeError) as exc:
+        return Backend("cuda", False, f"extension polarprune_cuda._C registers no ops: {exc}")
+    where = f" (built for CUDA {built}, archs {info.get('arch_list')})" if built else ""
+    return Backend("cuda", True, f"compiled extension polarprune_cuda._C{where}", ops, built)
 
 
 _PROBES = {"torch": _probe_torch, "triton": _probe_triton, "cuda": _probe_cuda}
@@ -131,6 +148,11 @@ def select(op: str, device_type: str) -> tuple[str, Callable]:
             raise BackendUnavailableError(f"{ENV_VAR}={forced} but that backend is unavailable: {backend.reason}")
         if op not in backend.ops:
             raise BackendUnavailableError(f"{ENV_VAR}={forced} but that backend has no implementation of {op}")
+        if forced == "cuda" and device_type != "cuda":
+            raise BackendUnavailableError(f"{ENV_VAR}=cuda runs CUDA tensors only, got tensors on {device_type}")
+        if forced == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailableError(f"{ENV_VAR}=triton runs {device_type} tensors only under "
+                                          "TRITON_INTERPRET=1 (Triton's CPU interpreter)")
         result = (forced, backend.ops[op])
     else:
         result = None

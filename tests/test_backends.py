@@ -76,7 +76,11 @@ def test_a_registered_backend_is_used_for_cuda_tensors(monkeypatch):
 
     ops = {name: getattr(reference, name) for name in backends.OPS} | {"binary_gate": fake_gate}
     monkeypatch.setitem(backends._PROBES, "triton", lambda: backends.Backend("triton", True, "fake", ops))
-    assert backends.select("binary_gate", "cuda") == ("triton", fake_gate)
+    monkeypatch.setitem(backends._PROBES, "cuda", lambda: backends.Backend("cuda", True, "fake ext", dict(ops)))
+    assert backends.select("binary_gate", "cuda")[0] == "cuda"       # extension first
+    backends._reset()
+    monkeypatch.setitem(backends._PROBES, "cuda", lambda: backends.Backend("cuda", False, "not built"))
+    assert backends.select("binary_gate", "cuda") == ("triton", fake_gate)   # then Triton
     assert backends.select("binary_gate", "cpu")[0] == "torch"
     monkeypatch.setenv("POLARPRUNE_BACKEND", "triton")
     pp.functional.binary_gate(randn(4))

@@ -1,0 +1,47 @@
+// Registers the CUDA kernels as the polarprune_C ops. The public op schemas
+// (polarprune::*) are defined once, in Python (polarprune_cuda/ops.py); their
+// implementation calls these ops when the backend registry picks the extension.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "gate_ops.h"
+
+TORCH_LIBRARY(polarprune_C, m) {
+  m.def("binary_gate(Tensor scores, str ste, float tau) -> Tensor");
+  m.def("binary_gate_backward(Tensor grad, Tensor scores, str ste, float tau) -> Tensor");
+  m.def(
+      "gate_penalty(Tensor scores, Tensor cost, Tensor seg_offsets, Tensor pairs, Tensor pair_coef, int num_segments, "
+      "float const, float total, float tau, float rho, float target_weight, float polar_weight, str polar_form, "
+      "float t) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gate_bank(Tensor scores, str ste, Tensor cost, Tensor seg_offsets, Tensor pairs, Tensor pair_coef, "
+      "int num_segments, float const, float total, float tau, float rho, str polar_form, float t) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gate_bank_backward(Tensor grad_gates, Tensor grad_terms, Tensor scores, Tensor grad_target, "
+      "Tensor grad_polar, str ste, float tau) -> Tensor");
+  m.def("channel_gate(Tensor x, Tensor gate) -> Tensor");
+  m.def("channel_gate_backward(Tensor grad, Tensor x, Tensor gate) -> (Tensor, Tensor)");
+  m.def("gated_affine(Tensor weight, Tensor bias, Tensor gate) -> (Tensor, Tensor)");
+  m.def(
+      "gated_affine_backward(Tensor grad_weight, Tensor grad_bias, Tensor weight, Tensor bias, Tensor gate) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(polarprune_C, CUDA, m) {
+  m.impl("binary_gate", &polarprune::binary_gate_cuda);
+  m.impl("binary_gate_backward", &polarprune::binary_gate_backward_cuda);
+  m.impl("gate_penalty", &polarprune::gate_penalty_cuda);
+  m.impl("gate_bank", &polarprune::gate_bank_cuda);
+  m.impl("gate_bank_backward", &polarprune::gate_bank_backward_cuda);
+  m.impl("channel_gate", &polarprune::channel_gate_cuda);
+  m.impl("channel_gate_backward", &polarprune::channel_gate_backward_cuda);
+  m.impl("gated_affine", &polarprune::gated_affine_cuda);
+  m.impl("gated_affine_backward", &polarprune::gated_affine_backward_cuda);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CUDA kernels of polarprune_cuda, registered as torch.ops.polarprune_C.*";
+  m.def("cuda_runtime_version_built", &polarprune::cuda_runtime_version_built,
+        "CUDART_VERSION the extension was compiled against");
+}
