@@ -23,7 +23,6 @@ import torch
 
 import polarprune_cuda as pp
 from polarprune_cuda import backends, reference
-from polarprune_cuda.cost import CostModel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

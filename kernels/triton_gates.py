@@ -258,7 +258,6 @@ def gate_bank_backward(grad_gates, grad_terms, scores, grad_target, grad_polar, 
 
 def _nchw_view(x: torch.Tensor):
     """(stride_n, stride_c, stride_hw, hw) addressing x as (N, C, HW), or None if the spatial dims don't merge."""
-    n, c = x.shape[0], x.shape[1]
     spatial = x.shape[2:]
     hw = 1
     for d in spatial:

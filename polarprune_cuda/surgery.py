@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_write
 from .cost import CostModel
 from .gates import (
     GATED_CLASS,
@@ -519,25 +518,31 @@ def extract(model: nn.Module, example_inputs=None, min_channels: int | None = No
     if hasattr(small_bank, "surgery"):
         del small_bank.surgery
 
-    graph = _build_graph(small, _random_inputs(record, device))
-    tp = _tp()
     spec_groups = []
     for rec, keep in zip(record.groups, masks):
         full_keep = keep.repeat(rec.repeat)
-        drop = torch.nonzero(~full_keep).flatten().tolist()
         spec_groups.append({"name": rec.name, "root": rec.root, "channels": rec.channels, "repeat": rec.repeat,
                             "kept": torch.nonzero(full_keep).flatten().tolist()})
-        if drop:
-            root = small.get_submodule(rec.root)
-            pruner = graph.get_pruner_of_module(root)
-            fn = tp.pruner.function.prune_depthwise_conv_out_channels if (
-                isinstance(root, nn.Conv2d) and root.groups == root.out_channels > 1) else pruner.prune_out_channels
-            graph.get_pruning_group(root, fn, drop).prune()
+    _remove_channels(small, spec_groups, _random_inputs(record, device))
     small.train(model.training)
     small.polarprune_spec = _spec(small, record, spec_groups)
     if verify:
         _verify(model, small, inputs)
     return small
+
+
+def _remove_channels(model: nn.Module, groups: list[dict], inputs) -> None:
+    """Remove every channel a group does not keep, with Torch-Pruning's group pruning (in place)."""
+    graph = _build_graph(model, inputs)
+    depthwise_out = _tp().pruner.function.prune_depthwise_conv_out_channels
+    for group in groups:
+        keep = set(group["kept"])
+        drop = [i for i in range(group["channels"]) if i not in keep]
+        if drop:
+            root = model.get_submodule(group["root"])
+            depthwise = isinstance(root, nn.Conv2d) and root.groups == root.out_channels > 1
+            fn = depthwise_out if depthwise else graph.get_pruner_of_module(root).prune_out_channels
+            graph.get_pruning_group(root, fn, drop).prune()
 
 
 def _verify(gated: nn.Module, small: nn.Module, inputs) -> None:
@@ -591,18 +596,6 @@ def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict]) -> dict:
     }
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pruned(model: nn.Module, path) -> Path:
     """Write ``path/spec.json`` (human-readable channel spec) and ``path/weights.pt`` (state_dict)."""
     _check_model(model)
@@ -612,9 +605,9 @@ def save_pruned(model: nn.Module, path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(path / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
     text = json.dumps(spec, indent=1)
-    _atomic_write(path / SPEC_FILE, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / SPEC_FILE, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -650,17 +643,7 @@ def load_pruned(path, factory: Callable[[], nn.Module], map_location="cpu") -> n
             raise ValueError(f"spec does not match the model: module {group['root']!r} has {channels} output "
                              f"channels, the spec says {group['channels']}")
     record = SurgeryRecord([], spec["input_shapes"], spec["input_dtypes"], 1, None, {})
-    graph = _build_graph(model, _random_inputs(record, device))
-    tp = _tp()
-    for group in spec["groups"]:
-        keep = set(group["kept"])
-        drop = [i for i in range(group["channels"]) if i not in keep]
-        if drop:
-            root = model.get_submodule(group["root"])
-            pruner = graph.get_pruner_of_module(root)
-            fn = tp.pruner.function.prune_depthwise_conv_out_channels if (
-                isinstance(root, nn.Conv2d) and root.groups == root.out_channels > 1) else pruner.prune_out_channels
-            graph.get_pruning_group(root, fn, drop).prune()
+    _remove_channels(model, spec["groups"], _random_inputs(record, device))
     state_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     for key, shape in state_shapes.items():      # in the model's own order
         module = key.rpartition(".")[0] or key

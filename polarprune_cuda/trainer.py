@@ -12,9 +12,7 @@ For people with their own loop, the pieces are public: :func:`make_optimizer`
 from __future__ import annotations
 
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
+from ._io import atomic_write
 from .gates import find_bank
 from .loss import PolarizationLoss, gate_stats, ramp
 from .models import build_model
@@ -158,16 +157,7 @@ class Checkpointer:
         self.path = Path(path)
 
     def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ckpt-", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
     def load(self, config: dict) -> dict:
         try:

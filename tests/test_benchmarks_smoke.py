@@ -1,6 +1,5 @@
 """The benchmark code runs (tiny sizes, no timing claims) so it cannot rot."""
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
