@@ -15,7 +15,7 @@ modules may share one segment (channels coupled by residual additions).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -547,8 +547,3 @@ def flat_gate_view(obj) -> tuple[Tensor, list[str], list[int], float, GateBank |
         raise ValueError(f"gate modules disagree on tau: {sorted(taus)}; bind them with bind_gates(model, tau=...)")
     scores = torch.cat([m.gate_scores for _, m in found])
     return scores, [n for n, _ in found], [m.num_gates for _, m in found], taus.pop(), None
-
-
-def iter_segments(obj) -> Iterator[tuple[str, Tensor]]:
-    scores, names, sizes, _, _ = flat_gate_view(obj)
-    yield from zip(names, scores.detach().split(sizes))

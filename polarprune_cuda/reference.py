@@ -138,7 +138,7 @@ def gate_bank(
     rho: float,
     polar_form: str,
     t: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every hard gate and both penalty terms of a gate bank, in one pass.
 
     Returns ``(gates, terms, grad_target, grad_polar)``: the hard gates, terms

@@ -35,6 +35,7 @@ from .gates import (
     GateMixin,
     find_bank,
     fold_in_place,
+    gate_modules,
     gate_in_place,
     install_bank,
     remove_bank,
@@ -390,7 +391,7 @@ def attach_gates(
         raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
     if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
         raise ValueError(f"init must be a finite number, got {init!r}")
-    if find_bank(model) is not None or any(True for _ in _gate_modules(model)):
+    if find_bank(model) is not None or gate_modules(model):
         raise ValueError("model already has gates; attach_gates is called once on a plain model")
     names = {m: n for n, m in model.named_modules()}
     ignored = []
@@ -437,10 +438,6 @@ def attach_gates(
         dense=dense,
     )
     return model
-
-
-def _gate_modules(model):
-    return (m for m in model.modules() if isinstance(m, GateMixin))
 
 
 # ----------------------------------------------------------------------------- extract

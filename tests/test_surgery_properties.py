@@ -1,5 +1,6 @@
 """Property test: random gate patterns (all-closed groups, single-channel groups, round_to)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -77,7 +78,8 @@ def test_random_gate_patterns_extract_exactly(attached, data, which, min_channel
                 width = min(n, math.ceil(width / round_to) * round_to)
             expected_widths.append(width)
         gated_out = model(x)
-    with _maybe_warns():
+    with warnings.catch_warnings():   # guard warnings are expected for closed groups
+        warnings.simplefilter("ignore", UserWarning)
         small = pp.extract(model, x, min_channels=min_channels, round_to=round_to)
     widths = [len(g["kept"]) for g in small.polarprune_spec["groups"]]
     assert widths == expected_widths
@@ -86,16 +88,3 @@ def test_random_gate_patterns_extract_exactly(attached, data, which, min_channel
     assert (out - gated_out).abs().max() <= 1e-5 * gated_out.abs().max() + 1e-7
     assert pp.count(small, x) == pp.predicted_count(model, min_channels=min_channels, round_to=round_to)
 
-
-class _maybe_warns:
-    """Guard warnings are expected for closed groups; silence them here."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", UserWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
