@@ -20,11 +20,12 @@ PINS := \
 	torchvision==0.29.1 \
 	scikit-learn==1.9.1 \
 	matplotlib==3.11.2 \
-	tqdm==4.70.1
+	tqdm==4.70.1 \
+	nvidia-ml-py==13.615.71
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -41,8 +42,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+# CPU benchmark suites -> benchmarks/results/<device>-<date>.{json,md,png} and the README table
 bench: setup
-	$(BIN)/python -m pytest benchmarks -c benchmarks/pytest.ini
+	$(BIN)/python benchmarks/run.py
+
+# wheels that the GPU machine lacks (it has no network): carry .whl/ and run benchmarks/run_gpu.sh
+gpu-wheels: setup
+	$(PIP) download --no-deps -d .whl torch-pruning==1.6.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

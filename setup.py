@@ -137,6 +137,7 @@ setup(
     entry_points={"console_scripts": ["polarprune = polarprune_cuda.cli:main"]},
     extras_require={
         "triton": ["triton>=3.1"],
+        "energy": ["nvidia-ml-py>=12"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -144,6 +145,7 @@ setup(
             "ninja>=1.11",
             "pybind11>=2.12",
             "torchvision>=0.21",
+            "nvidia-ml-py>=12",
         ],
     },
     classifiers=[

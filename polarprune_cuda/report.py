@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import energy
+
 REPORT_FORMAT = 1
-RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 
 
 def _sync(device: torch.device) -> None:
@@ -50,37 +51,26 @@ def latency_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, rounds: 
     return out
 
 
-def rapl_available() -> tuple[bool, str]:
-    try:
-        int(RAPL.read_text())
-        return True, str(RAPL)
-    except FileNotFoundError:
-        return False, "no RAPL energy counter on this machine (/sys/class/powercap/intel-rapl:0 missing)"
-    except PermissionError:
-        return False, f"{RAPL} is not readable by this user"
-    except (OSError, ValueError) as exc:
-        return False, f"{RAPL} unreadable: {exc}"
-
-
 @torch.no_grad()
 def energy_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, seconds: float = 2.0) -> dict:
-    """CPU package energy per forward pass from RAPL, or the reason it is unavailable (never an estimate)."""
-    ok, where = rapl_available()
-    if not ok:
+    """Energy per forward pass from a hardware counter (NVML on a GPU, RAPL on a CPU), or why it is unavailable.
+
+    Never an estimate: without a readable counter the result says so.
+    """
+    counter, where = energy.open_counter(x.device)
+    if counter is None:
         return {"available": False, "reason": where}
     result = {"available": True, "source": where}
     for name, m in models.items():
         was = m.training
         m.eval()
-        n, e0, t0 = 0, int(RAPL.read_text()), time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            m(x)
-            n += 1
-        e1 = int(RAPL.read_text())
-        m.train(was)
-        if e1 < e0:
-            return {"available": False, "reason": "RAPL counter wrapped during the measurement"}
-        result[name] = {"joules_per_batch": (e1 - e0) / 1e6 / n, "batches": n}
+        try:
+            got = energy.measure(lambda: m(x), counter, seconds, sync=lambda: _sync(x.device))
+        except RuntimeError as exc:
+            return {"available": False, "reason": str(exc)}
+        finally:
+            m.train(was)
+        result[name] = {"joules_per_batch": got["joules"] / got["calls"], "batches": got["calls"]}
     return result
 
 
@@ -164,7 +154,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         rows.append(("test accuracy after fine-tuning", "", f"{100 * acc['finetuned']:.2f}%"))
     energy = report["energy"]
     if energy.get("available"):
-        rows.append(("energy per batch (J, CPU package)", f"{energy['dense']['joules_per_batch']:.4f}",
+        rows.append((f"energy per batch (J, {energy['source']})", f"{energy['dense']['joules_per_batch']:.4f}",
                      f"{energy['pruned']['joules_per_batch']:.4f}"))
     return rows
 
@@ -196,7 +186,7 @@ def markdown(report: dict) -> str:
         lines.append(f"Accuracy drop against the dense baseline trained with the same recipe: "
                      f"{acc['drop_points']:.2f} points.")
     energy = report["energy"]
-    lines.append("Energy: " + ("CPU package energy from RAPL." if energy.get("available")
+    lines.append("Energy: " + (f"{energy['source']}." if energy.get("available")
                                else f"unavailable ({energy['reason']})."))
     lines += ["", "![gate probabilities](gates.png)", "", "![density](density.png)", "",
               "![accuracy](accuracy.png)", "", "Command:", "", "```", report["command"], "```", "",

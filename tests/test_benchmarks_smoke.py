@@ -1,17 +1,27 @@
 """The benchmark code runs (tiny sizes, no timing claims) so it cannot rot."""
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+import polarprune_cuda as pp
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+common = _load("common")
 
 
 def test_kernel_benchmark_quick(tmp_path):
@@ -23,8 +33,105 @@ def test_kernel_benchmark_quick(tmp_path):
     assert len(list(tmp_path.glob("kernels-*.json"))) == 1
 
 
-def test_pytest_benchmark_suite_runs_disabled():
+def test_pytest_benchmark_suites_run_disabled():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", "benchmarks/pytest.ini", "benchmarks",
-                          "--benchmark-disable", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
+                          "--benchmark-disable", "--tiny", "-p", "no:cacheprovider"],
+                         cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert " passed" in out.stdout
+    passed = int(out.stdout.strip().splitlines()[-1].split(" passed")[0].split()[-1])
+    assert passed >= 40, out.stdout    # kernels x providers, training x variants, inference x variants
+
+
+def test_make_bench_pipeline_tiny(tmp_path):
+    """run.py end to end on tiny shapes: suites, JSON, Markdown, PNG, and the README block."""
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n\n<!-- bench-table:start -->\nstale table\n<!-- bench-table:end -->\n\noutro\n")
+    path = _load("run").main(["--out", str(tmp_path / "res"), "--readme", str(readme), "--keep-raw", "--", "--tiny"])
+    res = json.loads(path.read_text())
+    assert res["tiny"] and res["device_type"] == "cpu"
+    assert path.name.startswith(common.device_slug(res["device"]))
+    for model in common.MODELS:
+        train = res["training"][model]
+        assert set(train) == {"unpruned", "naive", "polarprune"}
+        assert train["unpruned"]["vs_unpruned"] == 1.0 and train["polarprune"]["median_ms"] > 0
+        inf = res["inference"][model]
+        assert set(inf) == {"unpruned", "extracted-30", "extracted-50", "extracted-70"}
+        removed = [inf[f"extracted-{p}"]["macs_removed"] for p in (30, 50, 70)]
+        assert removed == sorted(removed) and 0.15 < removed[0] and removed[-1] < 0.9
+        assert inf["extracted-70"]["macs"] < inf["unpruned"]["macs"]
+        assert inf["unpruned"]["speedup"] == 1.0
+    assert {r["provider"] for r in res["kernels"]} >= {"eager", "compile"}
+    if not res["energy"]["available"]:
+        assert res["energy"]["reason"]
+    for ext in (".md", ".png"):
+        assert path.with_suffix(ext).stat().st_size > 0
+    assert (path.parent / f"{path.stem}-raw.json").is_file()
+    text = readme.read_text()
+    assert "stale table" not in text and text.startswith("intro") and text.rstrip().endswith("outro")
+    assert "Training step" in text and "extracted-50" in text and path.stem in text
+
+    again = _load("run").main(["--from-json", str(path.parent / f"{path.stem}-raw.json"), "--out",
+                               str(tmp_path / "again"), "--no-readme"])
+    assert json.loads(again.read_text())["inference"] == res["inference"]
+
+
+def test_run_refuses_foreign_json(tmp_path):
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps({"machine_info": {}, "benchmarks": []}))
+    with pytest.raises(ValueError, match="polarprune machine info"):
+        _load("run").main(["--from-json", str(raw), "--out", str(tmp_path), "--no-readme"])
+    with pytest.raises(SystemExit, match="no such file"):
+        _load("run").main(["--from-json", str(tmp_path / "missing.json"), "--no-readme"])
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_seeded_gate_rule_hits_the_macs_target(target):
+    setting = common.Setting("resnet56", 2, 32, "float32", False, 2)
+    small, dense, counts = common.extracted(setting, target)
+    assert abs(1 - counts["macs"] / dense["macs"] - target) < 0.05
+    small2, _, counts2 = common.extracted(setting, target)
+    assert counts2 == counts     # seeded: the same model every run
+    assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), small2.state_dict().values()))
+    with pytest.raises(ValueError, match="macs_removed"):
+        common.close_for_macs(pp.attach_gates(pp.resnet20(), torch.randn(1, 3, 32, 32)), 1.0)
+
+
+def test_naive_and_polarprune_gating_compute_the_same_function():
+    """The training-step comparison is fair: with the same gates closed both gated models are the same function."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = common.build("resnet56").eval()
+    with torch.no_grad():        # non-trivial BN statistics so closing a channel changes the output
+        for m in plain.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.bias.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    naive = common.naive_gated(copy.deepcopy(plain)).eval()
+    ours = pp.attach_gates(copy.deepcopy(plain), x[:1]).eval()
+    torch.testing.assert_close(naive(x), plain(x))
+    torch.testing.assert_close(ours(x), plain(x))
+    bank = pp.find_bank(ours)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for index, rec in enumerate(bank.surgery.groups):
+            closed = torch.randperm(bank.sizes[index], generator=g)[: bank.sizes[index] // 3]
+            bank.scores[bank.offsets[index] + closed] = -1.0
+            for name in rec.gated:          # every BN gated by this group: its naive gate closes the same channels
+                naive.get_submodule(name + ".1").scores[closed] = -1.0
+    out = ours(x)
+    assert not torch.allclose(out, plain(x), atol=1e-3)
+    torch.testing.assert_close(naive(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_variants_update_every_parameter():
+    setting = common.settings(torch.device("cpu"), tiny=True)["resnet56"]
+    for variant in ("unpruned", "naive", "polarprune"):
+        step, model = common.training_step(variant, setting, torch.device("cpu"))
+        before = [p.detach().clone() for p in model.parameters()]
+        step()
+        changed = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        assert changed >= len(before) - 2, variant     # weights, BN affines and gate scores all get updates
+    with pytest.raises(ValueError, match="variant"):
+        common.training_step("other", setting, torch.device("cpu"))

@@ -195,8 +195,9 @@ def test_armed_bank_fuses_gates_and_penalty_into_one_launch_each_way():
         out = fused_model(x).square().sum() + fused_loss(fused_model)
         forward_counts = dict(counter.counts)
         out.backward()
-    assert forward_counts == {"polarprune.gate_bank": 1, "polarprune.gated_affine": 1,
-                              "polarprune.channel_gate": 1}
+    # on CPU fp32 the gated BatchNorm affine runs the reference under plain autograd (no op call; see
+    # test_gated_affine_plain_path_equals_the_op)
+    assert forward_counts == {"polarprune.gate_bank": 1, "polarprune.channel_gate": 1}
     assert counter.counts["polarprune.gate_bank_backward"] == 1
     assert "polarprune.gate_penalty" not in counter.counts and "polarprune.binary_gate" not in counter.counts
     ref = plain_model(x).square().sum() + plain_loss(plain_model)
@@ -208,3 +209,35 @@ def test_armed_bank_fuses_gates_and_penalty_into_one_launch_each_way():
     torch.testing.assert_close(again.detach().as_subclass(torch.Tensor),
                                plain_loss(plain_model).detach().as_subclass(torch.Tensor))
     copy.deepcopy(fused_model)   # a model holding the terms of a forward pass can still be copied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gated_affine_plain_path_equals_the_op(dtype):
+    """ops.gated_affine's plain-autograd path (torch backend, eager) gives the op's values and gradients bit for bit."""
+    torch.manual_seed(0)
+    w, b = randn(13, dtype=dtype), randn(13, dtype=dtype)
+    gate = (torch.rand(13) > 0.4).to(dtype) + torch.zeros(13, dtype=dtype)
+    dw, db = randn(13, dtype=dtype), randn(13, dtype=dtype)
+    grads = []
+    for fn in (pp.ops.gated_affine, pp.ops._gated_affine):
+        leaves = [t.clone().requires_grad_() for t in (w, b, gate)]
+        with CountOps() as counter:
+            gw, gb = fn(*leaves)
+            torch.autograd.backward([gw, gb], [dw, db])
+        grads.append(([gw.detach(), gb.detach()] + [t.grad for t in leaves], dict(counter.counts)))
+    (plain, plain_ops), (op, op_ops) = grads
+    for a, c in zip(plain, op):
+        assert torch.equal(a, c)
+    assert plain_ops == {} and op_ops == {"polarprune.gated_affine": 1, "polarprune.gated_affine_backward": 1}
+
+
+def test_gated_affine_uses_the_op_for_half_precision_and_forced_backends(monkeypatch):
+    w, b = randn(5).half(), randn(5).half()
+    gate = torch.ones(5, dtype=torch.float16)
+    with CountOps() as counter:
+        pp.ops.gated_affine(w, b, gate)
+    assert counter.counts == {"polarprune.gated_affine": 1}     # fp32 accumulation of the gate's gradient
+    monkeypatch.setenv("POLARPRUNE_BACKEND", "torch")
+    with CountOps() as counter:
+        pp.ops.gated_affine(w.float(), b.float(), gate.float())
+    assert counter.counts == {}                                 # forcing the reference: still the reference
