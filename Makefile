@@ -44,7 +44,7 @@ test: setup
 
 # CPU benchmark suites -> benchmarks/results/<device>-<date>.{json,md,png} and the README table
 bench: setup
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py --keep-raw
 
 # wheels that the GPU machine lacks (it has no network): carry .whl/ and run benchmarks/run_gpu.sh
 gpu-wheels: setup
