@@ -18,6 +18,7 @@ from .gates import (
     gate_modules,
 )
 from .cost import CostModel
+from .fggp import FGGP, GMP, AnnealedPruner
 from .loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
 from .models import resnet20, resnet32, resnet44, resnet56, resnet110
 from .surgery import (
@@ -34,7 +35,10 @@ from .surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnnealedPruner",
     "BackendUnavailableError",
+    "FGGP",
+    "GMP",
     "ChannelGate",
     "CostModel",
     "GateBank",

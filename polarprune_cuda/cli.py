@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from .trainer import CheckpointError, PruneConfig
+from .trainer import METHODS, CheckpointError, PruneConfig
 
 DEFAULTS = PruneConfig()
 
@@ -24,8 +24,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="resnet20/32/44/56/110 (CIFAR-style), resnet18/34/50 (torchvision) or module:function")
     p.add_argument("--dataset", default=DEFAULTS.dataset, choices=data_mod.DATASETS)
     p.add_argument("--data-dir", default=None, help="folder with the data set's files (nothing is downloaded)")
+    p.add_argument("--method", default=DEFAULTS.method, choices=METHODS,
+                   help="polar: one-pass channel pruning with gates (a smaller, faster network); fggp, gmp, "
+                        "annealed: gradual unstructured weight pruning (zeros, a smaller sparse copy)")
     p.add_argument("--target-sparsity", type=float, default=DEFAULTS.target_sparsity,
-                   help="fraction of the cost to remove, in [0, 1)")
+                   help="fraction of the cost to remove, in [0, 1) (unstructured methods: of the weights, in (0, 1))")
     p.add_argument("--cost", default=DEFAULTS.cost, choices=("channels", "params", "macs"))
     p.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
@@ -46,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of training after which the gates stop moving and the weights settle")
     p.add_argument("--min-channels", type=int, default=DEFAULTS.min_channels)
     p.add_argument("--round-to", type=int, default=None)
+    p.add_argument("--update-every", type=int, default=None,
+                   help="unstructured methods: steps between mask updates (default: 50 updates over 80%% of the run)")
+    p.add_argument("--select-ratio", type=float, default=DEFAULTS.select_ratio,
+                   help="fggp: fraction of the remaining weights that are gradient candidates")
+    p.add_argument("--start", default=DEFAULTS.start, choices=("dense", "erk50"),
+                   help="unstructured methods: dense start, or a random ERK mask at 50%% density")
     p.add_argument("--finetune-epochs", type=int, default=0, help="optional fine-tuning of the extracted model")
     p.add_argument("--baseline", action="store_true", help="also train the dense model with the same recipe")
     p.add_argument("--init", default=None, help="state_dict (.pt) of pretrained dense weights to start from")
@@ -76,7 +85,8 @@ def _config(args) -> PruneConfig:
         polarization=args.polarization, warmup_epochs=args.warmup_epochs, ramp_epochs=args.ramp_epochs,
         freeze_gates_at=args.freeze_gates_at, min_channels=args.min_channels, round_to=args.round_to,
         finetune_epochs=args.finetune_epochs, seed=args.seed, small_input=args.small_input, init=args.init,
-        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=device)
+        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=device,
+        method=args.method, update_every=args.update_every, select_ratio=args.select_ratio, start=args.start)
 
 
 def prune(args, argv: list[str]) -> int:
@@ -85,7 +95,8 @@ def prune(args, argv: list[str]) -> int:
 
     cfg = _config(args)
     cfg.validate()
-    out = Path(args.out or f"runs/{cfg.model.replace(':', '_')}-{cfg.dataset}-p{round(100 * cfg.target_sparsity)}")
+    method = "" if cfg.method == "polar" else f"-{cfg.method}"
+    out = Path(args.out or f"runs/{cfg.model.replace(':', '_')}-{cfg.dataset}{method}-p{round(100 * cfg.target_sparsity)}")
     has_run = (out / "checkpoint.pt").exists() or (out / "report.json").exists()
     if has_run and not (args.resume or args.overwrite):
         print(f"polarprune: {out} already holds a run; pass --resume to continue it, --overwrite to start over, "

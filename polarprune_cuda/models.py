@@ -100,12 +100,46 @@ def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(110, num_classes, in_channels)
 
 
+class CifarVGG(nn.Module):
+    """A VGG-style plain CNN for small images: 3x3 conv + BN + ReLU stages with max pooling, global average
+    pooling, one linear classifier. ``widths`` lists the convs, ``"M"`` a 2x2 max pool (in
+    ceil mode, so a 1x1 map stays 1x1 and 8x8 inputs work too)."""
+
+    def __init__(self, widths, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for w in widths:
+            if w == "M":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            else:
+                layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                c = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+VGG_WIDTHS = {"vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512]}
+
+
+def vgg11(num_classes: int = 10, in_channels: int = 3) -> CifarVGG:
+    """VGG-11 with BatchNorm for small images (9.2M params)."""
+    return CifarVGG(VGG_WIDTHS["vgg11"], num_classes, in_channels)
+
+
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 TORCHVISION = ("resnet18", "resnet34", "resnet50")
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, small_input: bool = False) -> nn.Module:
-    """A model by name: a CIFAR ResNet (resnet20 ... resnet110), torchvision resnet18/34/50, or ``module:function``.
+    """A model by name: a CIFAR ResNet (resnet20 ... resnet110), vgg11, torchvision resnet18/34/50, or ``module:function``.
 
     ``small_input`` gives a torchvision ResNet a 3x3 stride-1 stem without max
     pooling, for 32x32-sized images. ``module:function`` is called with
@@ -115,6 +149,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, small_input: 
         raise ValueError(f"model must be a non-empty name, got {name!r}")
     if name in CIFAR_DEPTHS:
         return CifarResNet(CIFAR_DEPTHS[name], num_classes, in_channels)
+    if name in VGG_WIDTHS:
+        return CifarVGG(VGG_WIDTHS[name], num_classes, in_channels)
     if name in TORCHVISION:
         import torchvision
 
@@ -144,5 +180,5 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, small_input: 
         if not isinstance(model, nn.Module):
             raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
         return model
-    raise ValueError(f"model must be one of {', '.join(list(CIFAR_DEPTHS) + list(TORCHVISION))} or "
+    raise ValueError(f"model must be one of {', '.join(list(CIFAR_DEPTHS) + list(VGG_WIDTHS) + list(TORCHVISION))} or "
                      f"'module:function', got {name!r}")

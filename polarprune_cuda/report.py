@@ -89,6 +89,8 @@ def versions() -> dict:
 
 
 def build_report(result, command: list[str], latency: dict, energy: dict, latency_batch: int) -> dict:
+    if getattr(result, "pruner", None) is not None:
+        return build_sparse_report(result, command, latency, energy, latency_batch)
     cfg = result.config
     dense, pruned = result.dense_count, result.pruned_count
     kept, total = result.channels
@@ -100,6 +102,7 @@ def build_report(result, command: list[str], latency: dict, energy: dict, latenc
     speedup = latency["dense"]["median_ms"] / latency["pruned"]["median_ms"]
     report = {
         "format": REPORT_FORMAT,
+        "method": "polar",
         "command": " ".join(command),
         "versions": versions(),
         "config": cfg.to_dict(),
@@ -248,6 +251,12 @@ def plots(report: dict, out: Path) -> list[str]:
 
 def write(report: dict, out: Path) -> None:
     out = Path(out)
+    if report.get("method", "polar") != "polar":
+        report["files"] = sparse_plots(report, out) + ["report.md", "report.json", "model/weights.pt",
+                                                       "model/sparse.pt"]
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        (out / "report.md").write_text(sparse_markdown(report))
+        return
     report["files"] = plots(report, out) + ["report.md", "report.json", "model/spec.json", "model/weights.pt"]
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
@@ -255,6 +264,16 @@ def write(report: dict, out: Path) -> None:
 
 def print_table(report: dict, stream=None) -> None:
     stream = sys.stdout if stream is None else stream
+    if report.get("method", "polar") != "polar":
+        rows = [("", "dense", "pruned")] + sparse_rows(report)
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for i, (a, b, c) in enumerate(rows):
+            print(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}", file=stream)
+            if i == 0:
+                print("-" * (sum(widths) + 4), file=stream)
+        print(f"{report['method']}: weight sparsity {100 * report['achieved_sparsity']:.2f}% "
+              f"(target {100 * report['target_sparsity']:.1f}%)", file=stream)
+        return
     rows = [("", "dense", "pruned")] + summary_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for i, (a, b, c) in enumerate(rows):
@@ -264,3 +283,124 @@ def print_table(report: dict, stream=None) -> None:
     print(f"achieved {report['cost']} sparsity {100 * report['achieved_sparsity']:.1f}% "
           f"(target {100 * report['target_sparsity']:.0f}%), latency speedup {report['latency']['speedup']:.2f}x",
           file=stream)
+
+
+# ----------------------------------------------------------------------------- gradual unstructured methods
+
+SPARSE_NOTE = ("Unstructured zeros keep every layer's shape: dense kernels run the pruned model at the dense "
+               "model's speed (the latency row shows it); the gain is storage, in the sparse copy.")
+
+
+def build_sparse_report(result, command: list[str], latency: dict, energy: dict, latency_batch: int) -> dict:
+    cfg = result.config
+    p = result.pruner
+    report = {
+        "format": REPORT_FORMAT,
+        "method": cfg.method,
+        "command": " ".join(command),
+        "versions": versions(),
+        "config": cfg.to_dict(),
+        "data": {"name": result.data.name, "source": result.data.source, "train": len(result.data.train_y),
+                 "test": len(result.data.test_y), "num_classes": result.data.num_classes},
+        "target_sparsity": cfg.target_sparsity,
+        "achieved_sparsity": result.sparsity["sparsity"],
+        "sparsity": result.sparsity,
+        "pruner": {"class": type(p).__name__, **p._config(), "updates": len(p.updates),
+                   "end_step": p.end_step, "final_update_density": p.final_update_density()},
+        "sizes": result.sizes,
+        "accuracy": {"pruned": result.pruned_accuracy,
+                     "baseline": None if result.baseline is None else result.baseline["accuracy"]},
+        "latency": {"device": str(next(result.pruned_model.parameters()).device), "batch": latency_batch,
+                    "threads": torch.get_num_threads(), **latency,
+                    "speedup": latency["dense"]["median_ms"] / latency["pruned"]["median_ms"]},
+        "energy": energy,
+        "history": {k: v for k, v in vars(result.history).items()},
+        "mask_updates": p.updates,
+        "seconds": result.seconds,
+        "baseline_curve": None if result.baseline is None else result.baseline["test_accuracy"],
+        "note": SPARSE_NOTE,
+    }
+    acc = report["accuracy"]
+    if acc["baseline"] is not None:
+        acc["drop_points"] = 100 * (acc["baseline"] - acc["pruned"])
+    return report
+
+
+def sparse_rows(report: dict) -> list[tuple[str, str, str]]:
+    sp, sizes, lat, acc = report["sparsity"], report["sizes"], report["latency"], report["accuracy"]
+    rows = [
+        ("nonzero conv/linear weights and biases", _fmt_int(sp["total"]), _fmt_int(sp["nonzeros"])),
+        ("saved size (bytes)", _fmt_int(sizes["dense_bytes"]), f"{_fmt_int(sizes['sparse_bytes'])} (sparse copy)"),
+        (f"latency, batch {lat['batch']} ({lat['device']}, median ms)", f"{lat['dense']['median_ms']:.2f}",
+         f"{lat['pruned']['median_ms']:.2f}"),
+        ("test accuracy", "-" if acc["baseline"] is None else f"{100 * acc['baseline']:.2f}%",
+         f"{100 * acc['pruned']:.2f}%"),
+    ]
+    return rows
+
+
+def sparse_markdown(report: dict) -> str:
+    cfg, pr = report["config"], report["pruner"]
+    lines = [
+        f"# Gradual unstructured pruning ({report['method']}): {cfg['model']} on {report['data']['name']}", "",
+        f"Target weight sparsity {100 * report['target_sparsity']:.1f}%; achieved "
+        f"**{100 * report['achieved_sparsity']:.2f}%** (1 - nonzeros / total over Conv2d/Linear weights and "
+        f"biases). {pr['updates']} mask updates every {pr['update_every']} steps until step {pr['end_step']}, "
+        f"start {pr['start']}" + (f", select ratio {pr['select_ratio']}" if "select_ratio" in pr else "") + ".",
+        "", "| | dense | pruned |", "|---|---:|---:|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in sparse_rows(report)]
+    acc = report["accuracy"]
+    lines += ["", report["note"]]
+    if "drop_points" in acc:
+        lines.append(f"Accuracy drop against the dense baseline trained with the same recipe: "
+                     f"{acc['drop_points']:.2f} points.")
+    energy = report["energy"]
+    lines.append("Energy: " + (f"{energy['source']}." if energy.get("available")
+                               else f"unavailable ({energy['reason']})."))
+    lines += ["", "![density](density.png)", "", "![accuracy](accuracy.png)", "", "Command:", "", "```",
+              report["command"], "```", "", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+              ""]
+    return "\n".join(lines)
+
+
+def sparse_plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fggp import cubic_density
+
+    hist, pr = report["history"], report["pruner"]
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = list(range(0, pr["total_steps"] + 1, max(1, pr["total_steps"] // 200)))
+    start = 1.0 if pr["start"] == "dense" else 0.5
+    ax.plot(steps, [cubic_density(t, pr["end_step"], 1 - report["target_sparsity"], start) for t in steps],
+            "--", color="gray", label="cubic schedule")
+    ups = report["mask_updates"]
+    ax.plot([u["step"] for u in ups], [u["density_target"] for u in ups], ".", ms=4, label="mask updates")
+    if hist["epoch_step"]:
+        ax.plot(hist["epoch_step"], hist["density"], "o-", ms=3, label="measured density (end of epoch)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("density of weights")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "density.png", dpi=110)
+    plt.close(fig)
+    files.append("density.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(hist["epoch"], [100 * a for a in hist["test_accuracy"]], label=report["method"])
+    if report.get("baseline_curve"):
+        ax.plot(range(1, len(report["baseline_curve"]) + 1), [100 * a for a in report["baseline_curve"]],
+                label="dense baseline")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    files.append("accuracy.png")
+    return files

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
+from . import fggp as fggp_mod
 from ._io import atomic_write
 from .gates import find_bank
 from .loss import PolarizationLoss, gate_stats, ramp
@@ -30,6 +31,8 @@ from .models import build_model
 from .surgery import attach_gates, count, extract, save_pruned
 
 CHECKPOINT_FORMAT = 1
+#: polar: one-pass channel pruning with gates; the others: gradual unstructured pruning (fggp.py)
+METHODS = ("polar", "fggp", "gmp", "annealed")
 
 
 class CheckpointError(RuntimeError):
@@ -42,6 +45,7 @@ class PruneConfig:
 
     model: str = "resnet20"
     dataset: str = "digits"
+    method: str = "polar"
     target_sparsity: float = 0.5
     cost: str = "macs"
     epochs: int = 40
@@ -67,6 +71,10 @@ class PruneConfig:
     max_test: int | None = None
     data_dir: str | None = None
     device: str = "cpu"
+    # gradual unstructured methods (method fggp, gmp, annealed)
+    update_every: int | None = None
+    select_ratio: float = 0.5
+    start: str = "dense"
 
     #: fields that may differ between a run and the checkpoint it resumes from
     RESUME_FREE = ("data_dir", "device")
@@ -79,8 +87,23 @@ class PruneConfig:
 
         for name in ("epochs", "batch_size", "min_channels"):
             positive_int(name)
-        if not 0 <= self.target_sparsity < 1:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "polar" and not 0 <= self.target_sparsity < 1:
             raise ValueError(f"target-sparsity must be in [0, 1), got {self.target_sparsity!r}")
+        if self.method != "polar":
+            if not 0 < self.target_sparsity < 1:
+                raise ValueError(f"target-sparsity must be in (0, 1) for method {self.method}, "
+                                 f"got {self.target_sparsity!r}")
+            if self.update_every is not None:
+                positive_int("update_every")
+            if self.start not in fggp_mod.STARTS:
+                raise ValueError(f"start must be one of {', '.join(fggp_mod.STARTS)}, got {self.start!r}")
+            if not 0 < self.select_ratio < 1:
+                raise ValueError(f"select-ratio must be in (0, 1), got {self.select_ratio!r}")
+            if self.finetune_epochs:
+                raise ValueError(f"finetune-epochs applies to method polar only (method {self.method} keeps "
+                                 "training the pruned weights to the end of the run)")
         if self.cost not in ("channels", "params", "macs"):
             raise ValueError(f"cost must be channels, params or macs, got {self.cost!r}")
         if self.dataset not in data_mod.DATASETS:
@@ -206,8 +229,10 @@ class History:
 
 def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
          gated: bool, epochs: int, lr: float, resume: bool, progress: bool, label: str,
-         interrupt_after: int | None = None) -> History:
-    """Train ``model`` for ``epochs``; gated models add the penalty. Checkpoints every epoch."""
+         interrupt_after: int | None = None, pruner: "fggp_mod.GradualPruner | None" = None) -> History:
+    """Train ``model`` for ``epochs``; gated models add the penalty; a pruner steps after the optimizer.
+
+    Checkpoints every epoch (the pruner's masks included)."""
     device = torch.device(cfg.device)
     steps_per_epoch = data_mod.num_batches(len(data.train_y), cfg.batch_size)
     total = steps_per_epoch * epochs
@@ -231,6 +256,8 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
         sched.load_state_dict(state["scheduler"])
         if loss_fn is not None:
             loss_fn.step = state["loss_step"]
+        if pruner is not None:
+            pruner.load_state_dict(state["pruner"])
         history = History(**state["history"])
         start_epoch = state["epoch"]
         torch.set_rng_state(state["rng"])
@@ -256,6 +283,8 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if pruner is not None:
+                pruner.step()
             sched.step()
             total_loss += task.detach()
             n_batches += 1
@@ -279,6 +308,11 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
             if progress:
                 epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}", density=f"{stats['density']:.3f}",
                                        polarized=f"{stats['polarized']:.2f}")
+        elif pruner is not None:
+            sp = pruner.sparsity()["sparsity"]
+            history.density.append(1 - sp)
+            if progress:
+                epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}", sparsity=f"{sp:.3f}")
         elif progress:
             epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}")
         ckpt.save({
@@ -289,6 +323,7 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "loss_step": loss_fn.step if loss_fn is not None else 0,
+            "pruner": pruner.state_dict() if pruner is not None else None,
             "history": asdict(history),
             "rng": torch.get_rng_state(),
         })
@@ -335,8 +370,14 @@ class PruneResult:
 
 def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool = False,
               progress: bool = True, interrupt_after: int | None = None) -> PruneResult:
-    """Train once with gates, extract, (optionally fine-tune); returns what the report needs."""
+    """Train once with gates, extract, (optionally fine-tune); returns what the report needs.
+
+    With ``cfg.method`` fggp, gmp or annealed: gradual unstructured pruning instead (:func:`run_sparse`).
+    """
     cfg.validate()
+    if cfg.method != "polar":
+        return run_sparse(cfg, out_dir, resume=resume, baseline=baseline, progress=progress,
+                          interrupt_after=interrupt_after)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -369,3 +410,68 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
     total = sum(g["channels"] for g in spec["groups"])
     return PruneResult(cfg, data, dense, model, small, history, gated_acc, pruned_acc, finetuned_acc, base,
                        dense_count, count(small, example), (kept, total), time.perf_counter() - start)
+
+
+@dataclass
+class SparseResult:
+    """What a gradual unstructured run (FGGP, GMP, annealed) returns for the report."""
+
+    config: PruneConfig
+    data: data_mod.ImageData
+    dense_model: nn.Module
+    pruned_model: nn.Module          # same architecture, pruned weights exactly zero
+    pruner: "fggp_mod.GradualPruner"
+    history: History
+    pruned_accuracy: float
+    baseline: dict | None
+    sparsity: dict
+    sizes: dict
+    seconds: float
+
+
+def default_update_every(total_steps: int, end_fraction: float = 0.8) -> int:
+    """Mask-update interval near the authors' 50 updates over the schedule (2000 of 100k steps): the divisor of
+    ``int(end_fraction * total_steps)`` closest to a 50th of it, so the last update lands on the schedule's
+    end and meets the target exactly."""
+    end = int(end_fraction * total_steps)
+    if end < 1:
+        return 1
+    ideal = max(1.0, end / 50)
+    small = [d for d in range(1, math.isqrt(end) + 1) if end % d == 0]
+    divisors = small + [end // d for d in small]
+    return min(divisors, key=lambda d: (abs(math.log(d / ideal)), d))
+
+
+def run_sparse(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool = False,
+               progress: bool = True, interrupt_after: int | None = None) -> SparseResult:
+    """Train once while a gradual pruner (FGGP, GMP or annealed) removes weights; save the zeros."""
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
+    dense = build(cfg, data)
+    model = build(cfg, data)
+    total = data_mod.num_batches(len(data.train_y), cfg.batch_size) * cfg.epochs
+    update_every = cfg.update_every or default_update_every(total)
+    kwargs = {"update_every": update_every, "start": cfg.start, "seed": cfg.seed}
+    if cfg.method == "fggp":
+        kwargs["select_ratio"] = cfg.select_ratio
+    pruner = fggp_mod.METHODS[cfg.method](model, cfg.target_sparsity, total, **kwargs)
+    history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs,
+                   lr=cfg.lr, resume=resume, progress=progress, label=cfg.method, interrupt_after=interrupt_after,
+                   pruner=pruner)
+    pruner.remove()
+    state = pruner.export()
+    (out / "model").mkdir(exist_ok=True)
+    atomic_write(out / "model" / "weights.pt", lambda tmp: torch.save(state, tmp))
+    sizes = fggp_mod.save_sparse(state, out / "model" / "sparse.pt")
+    accuracy = evaluate(model, data.test_x, data.test_y, device=cfg.device)
+    base = None
+    if baseline:
+        base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False, epochs=cfg.epochs,
+                         lr=cfg.lr, resume=resume, progress=progress, label="baseline")
+        base = {"accuracy": evaluate(dense, data.test_x, data.test_y, device=cfg.device),
+                "test_accuracy": base_hist.test_accuracy}
+    return SparseResult(cfg, data, dense, model, pruner, history, accuracy, base, pruner.sparsity(), sizes,
+                        time.perf_counter() - start)

@@ -135,3 +135,20 @@ def test_training_step_variants_update_every_parameter():
         assert changed >= len(before) - 2, variant     # weights, BN affines and gate scores all get updates
     with pytest.raises(ValueError, match="variant"):
         common.training_step("other", setting, torch.device("cpu"))
+
+
+def test_fggp_comparison_tiny(tmp_path):
+    """The FGGP vs GMP vs annealed comparison runs, writes its table, and reuses finished runs."""
+    args = ["--preset", "quick", "--models", "resnet20", "--sparsities", "0.9", "--epochs", "2",
+            "--max-train", "256", "--quiet", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res")]
+    res = _load("fggp_compare").main(args)
+    assert res["settings"] == 1 and set(res["table"][0]["best"]) <= {"fggp", "gmp", "annealed"}
+    assert set(res["table"][0]["mean_accuracy"]) == {"fggp", "gmp", "annealed"}
+    runs = [r for r in res["runs"] if r["method"] != "dense"]
+    assert len(runs) == 3 and all(abs(r["sparsity"] - 0.9) < 1e-3 for r in runs)
+    md = next((tmp_path / "res").glob("fggp-digits-*.md")).read_text()
+    assert "FGGP ranks first alone in" in md and "resnet20" in md
+    again = _load("fggp_compare").main(args)      # every run is read back, not repeated
+    assert again["runs"] == res["runs"]
+    with pytest.raises(SystemExit, match="sparsities"):
+        _load("fggp_compare").main(args[:4] + ["--sparsities", "1.2"])

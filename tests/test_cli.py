@@ -178,3 +178,68 @@ def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "polarprune_cuda", "info"], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout)
     assert info["backends"]["backends"]["torch"]["available"]
+
+
+# ----------------------------------------------------------------------------- --method fggp / gmp / annealed
+
+@pytest.mark.parametrize("method", ["fggp", "gmp", "annealed"])
+def test_unstructured_method_run_writes_the_report(tmp_path, capsys, method):
+    from polarprune_cuda import fggp, models
+
+    out = tmp_path / method
+    rc, cap = run(["prune", *TINY, "--method", method, "--target-sparsity", "0.9", "--epochs", "4",
+                   "--update-every", "2", "--out", str(out), "--baseline"], capsys)
+    assert rc == 0, cap.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["target_sparsity"] == 0.9
+    # 4 epochs x 5 steps: updates at 2, 4, ..., 16 = int(0.8 * 20): the target exactly
+    n = report["sparsity"]["total"]
+    assert report["pruner"]["updates"] == 8 and report["pruner"]["end_step"] == 16
+    assert report["sparsity"]["nonzeros"] == n - int(n * 0.9) or abs(report["achieved_sparsity"] - 0.9) < 2 / n
+    assert report["sizes"]["sparse_bytes"] < 0.5 * report["sizes"]["dense_bytes"]
+    assert report["accuracy"]["baseline"] is not None and "drop_points" in report["accuracy"]
+    assert len(report["history"]["density"]) == 4 and report["history"]["density"][-1] == pytest.approx(0.1, abs=2 / n)
+    assert len(report["mask_updates"]) == 8
+    for name in ("density.png", "accuracy.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dense_state = torch.load(out / "model" / "weights.pt", weights_only=True)
+    sparse = fggp.load_sparse(out / "model" / "sparse.pt")
+    assert all(torch.equal(dense_state[k], sparse[k]) for k in dense_state)
+    model = models.build_model("resnet20", 10, 1)
+    model.load_state_dict(dense_state)
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros >= int(0.9 * n) - 1 and int((weights[0] == 0).sum()) == 0     # the first conv stays dense
+    md = (out / "report.md").read_text()
+    assert "dense kernels run the pruned model at the dense model's speed" in md and method in md
+    assert f"{method}: weight sparsity" in cap.out
+
+
+def test_unstructured_resume_after_interruption_equals_uninterrupted(tmp_path, capsys):
+    args = ["prune", *TINY, "--method", "fggp", "--target-sparsity", "0.8", "--epochs", "3", "--update-every", "2"]
+    rc, cap = run([*args, "--out", str(tmp_path / "a")], capsys)
+    assert rc == 0, cap.err
+    rc, cap = run([*args, "--out", str(tmp_path / "b"), "--interrupt-after-epoch", "1"], capsys)
+    assert rc == 130
+    rc, cap = run([*args, "--out", str(tmp_path / "b"), "--resume"], capsys)
+    assert rc == 0, cap.err
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert a["history"] == b["history"] and a["mask_updates"] == b["mask_updates"]
+    assert a["sparsity"] == b["sparsity"] and a["accuracy"] == b["accuracy"]
+    wa = torch.load(tmp_path / "a" / "model" / "weights.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "model" / "weights.pt", weights_only=True)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_unstructured_bad_options_are_named(tmp_path, capsys):
+    base = ["prune", *TINY, "--method", "fggp", "--epochs", "1"]
+    rc, cap = run([*base, "--target-sparsity", "0", "--out", str(tmp_path / "o1")], capsys)
+    assert rc == 2 and "target-sparsity must be in (0, 1) for method fggp" in cap.err
+    rc, cap = run([*base, "--update-every", "0", "--out", str(tmp_path / "o2")], capsys)
+    assert rc == 2 and "update-every must be a positive int" in cap.err
+    rc, cap = run([*base, "--update-every", "50", "--out", str(tmp_path / "o3")], capsys)
+    assert rc == 2 and "before the first update" in cap.err
+    rc, cap = run([*base, "--finetune-epochs", "1", "--out", str(tmp_path / "o4")], capsys)
+    assert rc == 2 and "finetune-epochs applies to method polar only" in cap.err
