@@ -233,20 +233,32 @@ def plots(report: dict, out: Path) -> list[str]:
         fig.savefig(out / "density.png", dpi=110)
         plt.close(fig)
         files.append("density.png")
+    files.append(_accuracy_plot(report, out, "gated model", extracted=True))
+    return files
+
+
+def _accuracy_plot(report: dict, out: Path, label: str, extracted: bool) -> str:
+    """accuracy.png: test accuracy per epoch, the dense baseline's beside it; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report["history"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(hist["epoch"], [100 * a for a in hist["test_accuracy"]], label="gated model")
+    ax.plot(hist["epoch"], [100 * a for a in hist["test_accuracy"]], label=label)
     if report.get("baseline_curve"):
         ax.plot(range(1, len(report["baseline_curve"]) + 1), [100 * a for a in report["baseline_curve"]],
                 label="dense baseline")
-    ax.axhline(100 * report["accuracy"]["pruned"], color="C2", ls="--", label="extracted model")
+    if extracted:
+        ax.axhline(100 * report["accuracy"]["pruned"], color="C2", ls="--", label="extracted model")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
-    files.append("accuracy.png")
-    return files
+    return "accuracy.png"
 
 
 def write(report: dict, out: Path) -> None:
@@ -262,24 +274,22 @@ def write(report: dict, out: Path) -> None:
     (out / "report.md").write_text(markdown(report))
 
 
-def print_table(report: dict, stream=None) -> None:
-    stream = sys.stdout if stream is None else stream
-    if report.get("method", "polar") != "polar":
-        rows = [("", "dense", "pruned")] + sparse_rows(report)
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        for i, (a, b, c) in enumerate(rows):
-            print(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}", file=stream)
-            if i == 0:
-                print("-" * (sum(widths) + 4), file=stream)
-        print(f"{report['method']}: weight sparsity {100 * report['achieved_sparsity']:.2f}% "
-              f"(target {100 * report['target_sparsity']:.1f}%)", file=stream)
-        return
-    rows = [("", "dense", "pruned")] + summary_rows(report)
+def _print_rows(rows: list[tuple[str, str, str]], stream) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for i, (a, b, c) in enumerate(rows):
         print(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}", file=stream)
         if i == 0:
             print("-" * (sum(widths) + 4), file=stream)
+
+
+def print_table(report: dict, stream=None) -> None:
+    stream = sys.stdout if stream is None else stream
+    if report.get("method", "polar") != "polar":
+        _print_rows([("", "dense", "pruned")] + sparse_rows(report), stream)
+        print(f"{report['method']}: weight sparsity {100 * report['achieved_sparsity']:.2f}% "
+              f"(target {100 * report['target_sparsity']:.1f}%)", file=stream)
+        return
+    _print_rows([("", "dense", "pruned")] + summary_rows(report), stream)
     print(f"achieved {report['cost']} sparsity {100 * report['achieved_sparsity']:.1f}% "
           f"(target {100 * report['target_sparsity']:.0f}%), latency speedup {report['latency']['speedup']:.2f}x",
           file=stream)
@@ -391,16 +401,5 @@ def sparse_plots(report: dict, out: Path) -> list[str]:
     fig.savefig(out / "density.png", dpi=110)
     plt.close(fig)
     files.append("density.png")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(hist["epoch"], [100 * a for a in hist["test_accuracy"]], label=report["method"])
-    if report.get("baseline_curve"):
-        ax.plot(range(1, len(report["baseline_curve"]) + 1), [100 * a for a in report["baseline_curve"]],
-                label="dense baseline")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
-    files.append("accuracy.png")
+    files.append(_accuracy_plot(report, out, report["method"], extracted=False))
     return files
