@@ -1,6 +1,6 @@
 """Run the benchmark suites and write the results: JSON, a Markdown table, a PNG plot, the README table.
 
-    .venv/bin/python benchmarks/run.py                    # what `make bench` runs (CPU: about 5 minutes)
+    .venv/bin/python benchmarks/run.py                    # what `make bench` runs (CPU: about 3 minutes)
     .venv/bin/python benchmarks/run.py --out /tmp/res     # results elsewhere (the GPU script does this)
     .venv/bin/python benchmarks/run.py --from-json raw.json   # only summarise an earlier pytest-benchmark JSON
 
