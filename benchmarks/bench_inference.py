@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import polarprune_cuda as pp
 
 VARIANTS = ("unpruned",) + tuple(f"extracted-{int(100 * r)}" for r in common.MACS_REMOVED)
 
@@ -20,8 +21,6 @@ def _model(model: str, variant: str, setting):
     if variant == "unpruned":
         net = common.build(model)
         example = torch.randn(1, 3, setting.size, setting.size)
-        import polarprune_cuda as pp
-
         counts = pp.count(net, example)
         return net, counts, counts
     return common.extracted(setting, int(variant.split("-")[1]) / 100)

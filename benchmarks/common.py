@@ -123,7 +123,7 @@ class NaiveGate(nn.Module):
 
 def naive_gated(model: nn.Module) -> nn.Module:
     """``model`` with a :class:`NaiveGate` after every BatchNorm2d (in place; returns it)."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.BatchNorm2d):
                 setattr(module, child_name, nn.Sequential(child, NaiveGate(child.num_features)))

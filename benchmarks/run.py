@@ -16,27 +16,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import device_slug  # noqa: E402
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 README = ROOT / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 FORMAT = 1
 GOALS = {"training_slowdown": 0.03, "speedup_over_macs_ratio": 0.85}
-
-
-def _slug(name: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 def run_suites(raw_json: Path, pytest_args: list[str]) -> None:
@@ -304,7 +298,7 @@ def update_readme(res: dict, stem: str, readme: Path = README) -> bool:
 
 def write(res: dict, out: Path, readme: Path | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{_slug(res['device'])}-{res['date']}"
+    stem = f"{device_slug(res['device'])}-{res['date']}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     (out / f"{stem}.md").write_text(markdown(res, stem))
     plot(res, out / f"{stem}.png")

@@ -44,7 +44,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _check_fraction(value, name: str, low_open: bool = True) -> float:
+def _check_fraction(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0 < value < 1:
         raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
@@ -213,9 +213,8 @@ class GradualPruner:
             grads = self._flat_grads()[idx].abs()
             mags = torch.cat([s.flatten() for s in self._snapshot])[idx]
             chosen = idx[self.select(k, R, grads, mags)]
-            flat = torch.cat([m.flatten() for m in self.masks])
-            flat[chosen] = False
-            self._set_flat_masks(flat)
+            active[chosen] = False
+            self._set_flat_masks(active)
             record["pruned"] = int(chosen.numel())
         self._snapshot = None
         self.updates.append(record)
