@@ -2,10 +2,11 @@
 
 Attach learned binary channel gates, train once with a polarization penalty
 that drives every gate to 0 or 1 and the network to a target sparsity, and
-extract a smaller gate-free network.
+extract a smaller gate-free network; optionally gate whole residual blocks too.
 """
 from . import functional, ops, reference
 from .backends import BackendUnavailableError, backend_info
+from .blocks import ClosedBlock, depth
 from .gates import (
     ChannelGate,
     GateBank,
@@ -29,6 +30,8 @@ from .surgery import (
     kept_channels,
     load_pruned,
     predicted_count,
+    predicted_depth,
+    removed_blocks,
     save_pruned,
 )
 
@@ -40,6 +43,7 @@ __all__ = [
     "FGGP",
     "GMP",
     "ChannelGate",
+    "ClosedBlock",
     "CostModel",
     "GateBank",
     "GatedBatchNorm2d",
@@ -48,10 +52,13 @@ __all__ = [
     "UnsupportedModelError",
     "attach_gates",
     "count",
+    "depth",
     "extract",
     "kept_channels",
     "load_pruned",
     "predicted_count",
+    "predicted_depth",
+    "removed_blocks",
     "save_pruned",
     "resnet20",
     "resnet32",

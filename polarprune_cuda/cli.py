@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="epochs over which the penalty weight ramps to its full value")
     p.add_argument("--freeze-gates-at", type=float, default=DEFAULTS.freeze_gates_at,
                    help="fraction of training after which the gates stop moving and the weights settle")
+    p.add_argument("--blocks", action="store_true",
+                   help="also gate every residual block's branch; closed blocks are replaced by their shortcut")
+    p.add_argument("--blocks-only", action="store_true", help="gate residual blocks only, no channel gates")
     p.add_argument("--min-channels", type=int, default=DEFAULTS.min_channels)
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--update-every", type=int, default=None,
@@ -86,7 +89,8 @@ def _config(args) -> PruneConfig:
         freeze_gates_at=args.freeze_gates_at, min_channels=args.min_channels, round_to=args.round_to,
         finetune_epochs=args.finetune_epochs, seed=args.seed, small_input=args.small_input, init=args.init,
         max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=device,
-        method=args.method, update_every=args.update_every, select_ratio=args.select_ratio, start=args.start)
+        method=args.method, update_every=args.update_every, select_ratio=args.select_ratio, start=args.start,
+        blocks=args.blocks or args.blocks_only, channel_gates=not args.blocks_only)
 
 
 def prune(args, argv: list[str]) -> int:
@@ -96,6 +100,8 @@ def prune(args, argv: list[str]) -> int:
     cfg = _config(args)
     cfg.validate()
     method = "" if cfg.method == "polar" else f"-{cfg.method}"
+    if cfg.blocks:
+        method += "-blocks" if cfg.channel_gates else "-blocks-only"
     out = Path(args.out or f"runs/{cfg.model.replace(':', '_')}-{cfg.dataset}{method}-p{round(100 * cfg.target_sparsity)}")
     has_run = (out / "checkpoint.pt").exists() or (out / "report.json").exists()
     if has_run and not (args.resume or args.overwrite):

@@ -61,6 +61,7 @@ class GateMixin:
         object.__setattr__(self, "_bank", None)
         self._segment = -1
         self._repeat = 1
+        self._block = -1
 
     @property
     def bank(self) -> "GateBank | None":
@@ -78,7 +79,9 @@ class GateMixin:
         if self._bank is None:
             return ops.binary_gate(self.gate_scores, self.ste, self.tau)
         g = self._bank.gate(self._segment)
-        return g if self._repeat == 1 else g.repeat(self._repeat)
+        g = g if self._repeat == 1 else g.repeat(self._repeat)
+        block = getattr(self, "_block", -1)
+        return g if block < 0 else g * self._bank.gate(block)
 
     def _bind(self, bank: "GateBank", segment: int, repeat: int = 1) -> None:
         """Read gates from ``bank``'s ``segment`` (tiled ``repeat`` times) instead of own scores."""
@@ -88,11 +91,23 @@ class GateMixin:
         object.__setattr__(self, "_bank", bank)
         self._segment = segment
         self._repeat = repeat
+        if not hasattr(self, "_block"):
+            self._block = -1
+
+    def _bind_block(self, segment: int) -> None:
+        """Also multiply the gates by the (size-1) block gate of ``segment``: this module ends a residual branch."""
+        if self._bank is None:
+            raise ValueError("bind the module to a bank before giving it a block gate")
+        if self._bank.sizes[segment] != 1:
+            raise ValueError(f"a block gate segment has one gate, segment {segment} has {self._bank.sizes[segment]}")
+        self._block = segment
 
     def _gate_repr(self) -> str:
         where = f"segment={self._segment}" if self._bank is not None else "unbound"
         if self._repeat > 1:
             where += f", repeat={self._repeat}"
+        if getattr(self, "_block", -1) >= 0:
+            where += f", block={self._block}"
         return f"ste={self.ste!r}, tau={self.tau}, {where}"
 
 
@@ -236,6 +251,7 @@ def gate_in_place(module: nn.Module, bank: "GateBank", segment: int, repeat: int
     module.__class__ = cls
     module.num_gates = channels
     object.__setattr__(module, "_bank", None)
+    module._block = -1
     module._bind(bank, segment, repeat)
     return module
 
@@ -251,7 +267,7 @@ def fold_in_place(module: GateMixin, gate: Tensor) -> nn.Module:
         module.weight.mul_(g.view(shape))
         if module.bias is not None:
             module.bias.mul_(g)
-    for attr in ("num_gates", "ste", "tau", "_segment", "_repeat", "_pp_plain_class"):
+    for attr in ("num_gates", "ste", "tau", "_segment", "_repeat", "_block", "_pp_plain_class"):
         module.__dict__.pop(attr, None)
     object.__delattr__(module, "_bank")
     module.__class__ = plain
@@ -286,11 +302,15 @@ class GateBank(nn.Module):
         self.names: list[str] = []
         self.sizes: list[int] = []
         self._costs: dict[str, CostModel] = {}
+        self.unavailable: dict[str, str] = {}   # cost kind -> why this bank cannot weigh gates by it
         self._cache: tuple[Tensor, ...] | None = None
         self._active = False
         self._hooks: list = []
         self._penalty: tuple | None = None     # (key, cost model, rho, form, t) armed by PolarizationLoss
         self._terms: tuple | None = None       # (key, terms) of the last forward pass, taken once
+        self.block_of: list[int] = []          # per segment: the block gate segment that also closes it, or -1
+        self.block_segments: list[int] = []    # segments that are block gates (one gate each)
+        self._block_map: Tensor | None = None
 
     # ----- building
     def add_segment(self, name: str, init_scores: Tensor) -> int:
@@ -308,8 +328,68 @@ class GateBank(nn.Module):
         self.scores = nn.Parameter(data)
         self.names.append(name)
         self.sizes.append(init_scores.numel())
+        self.block_of.append(-1)
+        self._block_map = None
         self._costs.clear()
         return len(self.names) - 1
+
+    # ----- block gates
+    def set_blocks(self, block_segments: list[int], block_of: dict[int, int]) -> None:
+        """Mark ``block_segments`` as block gates and each ``segment -> block segment`` of ``block_of``
+        as closed with its block (its channels live inside that block's residual branch)."""
+        for b in block_segments:
+            if not 0 <= b < len(self.sizes) or self.sizes[b] != 1:
+                raise ValueError(f"block segment {b} must be an existing segment of one gate")
+        for k, b in block_of.items():
+            if b not in block_segments or not 0 <= k < len(self.sizes) or k in block_segments:
+                raise ValueError(f"segment {k} cannot belong to block segment {b}")
+        self.block_segments = sorted(block_segments)
+        self.block_of = [block_of.get(k, -1) for k in range(len(self.sizes))]
+        self._block_map = None
+
+    @property
+    def has_nested_gates(self) -> bool:
+        """True when some channel gates sit inside a block-gated branch (effective gates differ from raw)."""
+        return any(b >= 0 for b in self.block_of)
+
+    def _map(self) -> Tensor:
+        """Per gate: the flat index of the block gate that also closes it, else -1."""
+        if self._block_map is None or self._block_map.device != self.scores.device:
+            offsets = self.offsets
+            parts = [torch.full((size,), offsets[b] if b >= 0 else -1, dtype=torch.int64)
+                     for size, b in zip(self.sizes, self.block_of)]
+            self._block_map = torch.cat(parts).to(self.scores.device) if parts else torch.zeros(0, dtype=torch.int64)
+        return self._block_map
+
+    def effective(self, values: Tensor) -> Tensor:
+        """Gates (hard or probabilities) times the gate of the block that contains them.
+
+        With hard gates this is what the extracted network keeps: a channel
+        inside a removed block is removed with it.
+        """
+        if not self.has_nested_gates:
+            return values
+        m = self._map()
+        inside = m >= 0
+        return torch.where(inside, values * values[m.clamp(min=0)], values)
+
+    def effective_scores(self, scores: Tensor | None = None) -> Tensor:
+        """Scores whose probabilities are the effective probabilities ``p_j * p_block`` (differentiable).
+
+        ``tau * logit(p_j * p_block)`` for channel gates inside a block-gated
+        branch, the scores themselves elsewhere. The penalty op then sees every
+        channel of a closing block leave the cost, through the same kernels.
+        """
+        scores = self.scores if scores is None else scores
+        if not self.has_nested_gates:
+            return scores
+        m = self._map()
+        idx = torch.nonzero(m >= 0).flatten()
+        s = scores.double() / self.tau
+        log_p = torch.nn.functional.logsigmoid(s)
+        log_eff = (log_p[idx] + log_p[m[idx]]).clamp(max=-1e-300)
+        eff = self.tau * (log_eff - torch.log(-torch.expm1(log_eff)))
+        return torch.index_put(scores, (idx,), eff.to(scores.dtype))
 
     @property
     def offsets(self) -> list[int]:
@@ -342,12 +422,15 @@ class GateBank(nn.Module):
 
     @property
     def cost_kinds(self) -> list[str]:
-        return ["channels", *sorted(k for k in self._costs if k != "channels")]
+        kinds = ["channels", *sorted(k for k in self._costs if k != "channels")]
+        return [k for k in kinds if k not in self.unavailable]
 
     def cost_model(self, kind: str = "channels") -> CostModel:
         """The cost model registered under ``kind`` (``channels``: every gate costs 1)."""
         if not isinstance(kind, str):
             raise TypeError(f"cost must be a str, got {type(kind).__name__}")
+        if kind in self.unavailable:
+            raise ValueError(f"cost {kind!r} is not available for this model: {self.unavailable[kind]}")
         cm = self._costs.get(kind)
         if cm is None:
             if kind != "channels":
@@ -398,6 +481,10 @@ class GateBank(nn.Module):
     def probabilities(self) -> Tensor:
         return torch.sigmoid(self.scores.detach() / self.tau)
 
+    def fusable(self) -> bool:
+        """Whether the penalty can be computed on the raw scores, together with the gates."""
+        return not self.has_nested_gates
+
     def _enter(self, module, args) -> None:
         self._cache = None
         self._active = True
@@ -416,6 +503,7 @@ class GateBank(nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         state["_cache"], state["_active"], state["_terms"] = None, False, None
+        state["_block_map"] = None
         return state
 
 

@@ -221,7 +221,7 @@ class PolarizationLoss(nn.Module):
         included, take the fused path (what a resumed run must match).
         """
         scores, _, _, _, bank = flat_gate_view(gates)
-        if bank is not None and self.fuse:
+        if bank is not None and self.fuse and bank.fusable():
             cm = self._cost_for(scores, bank)
             bank.arm_penalty((id(cm), self.rho, self.polarization, self.t), cm, self.rho, self.polarization, self.t)
 
@@ -234,14 +234,16 @@ class PolarizationLoss(nn.Module):
         target_weight, polar_weight = self.weights(step)
         cm = self._cost_for(scores, bank)
         terms = None
-        if bank is not None and self.fuse:
+        if bank is not None and self.fuse and bank.fusable():
             key = (id(cm), self.rho, self.polarization, self.t)
             bank.arm_penalty(key, cm, self.rho, self.polarization, self.t)
             terms = bank.take_terms(key)
         if terms is not None:   # computed with the gates, in the model's forward pass
             loss = target_weight * terms[1] + polar_weight * terms[2]
         else:
-            loss, terms = ops.gate_penalty(scores, cm, tau, self.rho, target_weight, polar_weight,
+            # channel gates inside a block-gated branch count through p_j * p_block
+            effective = scores if bank is None else bank.effective_scores(scores)
+            loss, terms = ops.gate_penalty(effective, cm, tau, self.rho, target_weight, polar_weight,
                                            self.polarization, self.t)
         self.last_terms = terms.detach()
         if not self.guard or torch.compiler.is_compiling():
@@ -290,12 +292,16 @@ def gate_stats(model, cost: "str | Tensor | CostModel" = "channels", margin: flo
         raise ValueError(f"cost={cost!r} needs a gate bank with that cost registered")
     g = (s > 0).float()
     p = torch.sigmoid(s / tau)
+    if bank is not None:   # a channel inside a closed block is closed with it
+        g_eff, p_eff = bank.effective(g), bank.effective(p)
+    else:
+        g_eff, p_eff = g, p
     layers = {name: {"open": int(c.sum()), "total": size} for name, c, size in zip(names, g.split(sizes), sizes)}
     return {
         "num_gates": s.numel(),
         "open": int(g.sum()),
-        "density": float(cm.density(g)),
-        "soft_density": float(cm.density(p)),
+        "density": float(cm.density(g_eff)),
+        "soft_density": float(cm.density(p_eff)),
         "polarized": float(((p - 0.5).abs() > margin).float().mean()),
         "layers": layers,
     }

@@ -95,7 +95,7 @@ def build_report(result, command: list[str], latency: dict, energy: dict, latenc
     dense, pruned = result.dense_count, result.pruned_count
     kept, total = result.channels
     sparsity = {
-        "channels": 1 - kept / total,
+        "channels": 1 - kept / total if total else None,   # None: no channel gates (blocks only)
         "params": 1 - pruned["params"] / dense["params"],
         "macs": 1 - pruned["macs"] / dense["macs"],
     }
@@ -128,6 +128,7 @@ def build_report(result, command: list[str], latency: dict, energy: dict, latenc
         "history": {k: v for k, v in vars(result.history).items()},
         "seconds": result.seconds,
         "baseline_curve": None if result.baseline is None else result.baseline["test_accuracy"],
+        "blocks": result.blocks,
     }
     acc = report["accuracy"]
     if acc["baseline"] is not None:
@@ -147,6 +148,15 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         ("params", _fmt_int(d["params"]), _fmt_int(p["params"])),
         ("MACs / sample", _fmt_int(d["macs"]), _fmt_int(p["macs"])),
         ("channels", _fmt_int(report["channels"]["total"]), _fmt_int(report["channels"]["kept"])),
+    ]
+    blocks = report.get("blocks")
+    if blocks:
+        rows += [
+            ("residual blocks (gated)", str(len(blocks["gated"])), str(len(blocks["gated"]) - len(blocks["removed"]))),
+            ("depth (conv/linear layers on the longest path)", str(blocks["depth"]["dense"]),
+             str(blocks["depth"]["pruned"])),
+        ]
+    rows += [
         (f"latency, batch {lat['batch']} ({lat['device']}, median ms)", f"{lat['dense']['median_ms']:.2f}",
          f"{lat['pruned']['median_ms']:.2f}"),
     ]
@@ -162,13 +172,18 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _channels_text(report: dict) -> str:
+    share = report["sparsity"]["channels"]
+    return "no channel gates, " if share is None else f"channels {100 * share:.1f}%, "
+
+
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [
         f"# One-pass pruning: {cfg['model']} on {report['data']['name']}",
         "",
         f"Target: {100 * report['target_sparsity']:.0f}% of {report['cost']} removed; achieved "
-        f"**{100 * report['achieved_sparsity']:.1f}%** (channels {100 * report['sparsity']['channels']:.1f}%, "
+        f"**{100 * report['achieved_sparsity']:.1f}%** ({_channels_text(report)}"
         f"params {100 * report['sparsity']['params']:.1f}%, MACs {100 * report['sparsity']['macs']:.1f}%).",
         "",
         "| | dense | pruned (extracted) |",
@@ -188,6 +203,11 @@ def markdown(report: dict) -> str:
     if "drop_points" in acc:
         lines.append(f"Accuracy drop against the dense baseline trained with the same recipe: "
                      f"{acc['drop_points']:.2f} points.")
+    blocks = report.get("blocks")
+    if blocks:
+        removed = ", ".join(f"`{b}`" for b in blocks["removed"]) or "none"
+        lines.append(f"Removed residual blocks ({len(blocks['removed'])} of {len(blocks['gated'])} gated, each "
+                     f"replaced by its shortcut): {removed}.")
     energy = report["energy"]
     lines.append("Energy: " + (f"{energy['source']}." if energy.get("available")
                                else f"unavailable ({energy['reason']})."))
@@ -293,6 +313,10 @@ def print_table(report: dict, stream=None) -> None:
     print(f"achieved {report['cost']} sparsity {100 * report['achieved_sparsity']:.1f}% "
           f"(target {100 * report['target_sparsity']:.0f}%), latency speedup {report['latency']['speedup']:.2f}x",
           file=stream)
+    blocks = report.get("blocks")
+    if blocks:
+        print(f"removed blocks ({len(blocks['removed'])} of {len(blocks['gated'])}): "
+              f"{', '.join(blocks['removed']) or 'none'}", file=stream)
 
 
 # ----------------------------------------------------------------------------- gradual unstructured methods
@@ -365,6 +389,11 @@ def sparse_markdown(report: dict) -> str:
     if "drop_points" in acc:
         lines.append(f"Accuracy drop against the dense baseline trained with the same recipe: "
                      f"{acc['drop_points']:.2f} points.")
+    blocks = report.get("blocks")
+    if blocks:
+        removed = ", ".join(f"`{b}`" for b in blocks["removed"]) or "none"
+        lines.append(f"Removed residual blocks ({len(blocks['removed'])} of {len(blocks['gated'])} gated, each "
+                     f"replaced by its shortcut): {removed}.")
     energy = report["energy"]
     lines.append("Energy: " + (f"{energy['source']}." if energy.get("available")
                                else f"unavailable ({energy['reason']})."))

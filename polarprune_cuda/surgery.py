@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_write
+from .blocks import BlockRecord, ClosedBlock, close_blocks, depth, prepare_blocks
 from .cost import CostModel
 from .gates import (
     GATED_CLASS,
@@ -59,6 +60,7 @@ class GroupRecord:
     channels: int             # channels of the group
     repeat: int = 1           # the segment's gates tile this many times (grouped convolutions)
     gated: list[str] = field(default_factory=list)   # modules gated in place
+    producers: list[str] = field(default_factory=list)   # layers whose output channels are the group
 
     @property
     def size(self) -> int:
@@ -75,6 +77,8 @@ class SurgeryRecord:
     min_channels: int
     round_to: int | None
     dense: dict[str, int]
+    blocks: list[BlockRecord] = field(default_factory=list)
+    dense_depth: int | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -282,8 +286,19 @@ def count(model: nn.Module, example_inputs) -> dict[str, int]:
     return {"params": int(params), "macs": int(macs)}
 
 
-def _cost_models(model, plans: list[_Plan], sizes: list[int], spatial) -> dict[str, CostModel]:
-    """Exact params and MACs as functions of the gates (see cost.py)."""
+def _cost_models(model, plans: list[_Plan], sizes: list[int], spatial,
+                 blocks: list[tuple[int, set, set[int]]] = ()) -> dict[str, CostModel]:
+    """Exact params and MACs as functions of the gates (see cost.py).
+
+    ``plans`` are the groups that have gate segments 0..K-1 (``sizes``).
+    ``blocks`` lists (block segment, modules of its branch, channel segments
+    inside the branch). Every cost of a branch module is multiplied by its
+    block gate: a constant becomes linear in the block gate, a term linear in
+    a segment outside the branch becomes a pair with the block gate, and terms
+    in segments inside the branch stay as they are, because the penalty feeds
+    those segments the effective probabilities ``p_j * p_block``
+    (:meth:`GateBank.effective_scores`).
+    """
     seg_of_module_out: dict[nn.Module, list[tuple[int, float]]] = {}
     seg_of_module_in: dict[nn.Module, list[tuple[int, float]]] = {}
     covered_out: dict[nn.Module, int] = {}
@@ -295,24 +310,51 @@ def _cost_models(model, plans: list[_Plan], sizes: list[int], spatial) -> dict[s
         for module, idxs, root_idxs in plan.inputs:
             seg_of_module_in.setdefault(module, []).append((k, len(idxs) / sizes[k]))
             covered_in[module] = covered_in.get(module, 0) + len(idxs)
+    block_of_module = {id(m): (seg, internal) for seg, members, internal in blocks for m in members}
 
     costs = {"params": ({}, {}, [0.0]), "macs": ({}, {}, [0.0])}
 
-    def add_product(kind, coef, left, f_left, right, f_right):
+    def sink(kind, module):
+        """(add to linear, add to pairs, add to const) for one module's terms, times its block gate."""
         linear, pairs, const = costs[kind]
-        for a, ma in left:
-            linear[a] = linear.get(a, 0.0) + coef * ma * f_right
-            for b, mb in right:
-                pairs[(a, b)] = pairs.get((a, b), 0.0) + coef * ma * mb
-        for b, mb in right:
-            linear[b] = linear.get(b, 0.0) + coef * mb * f_left
-        const[0] += coef * f_left * f_right
+        found = block_of_module.get(id(module))
 
-    def add_linear(kind, coef, terms, fixed):
-        linear, _, const = costs[kind]
+        def lin(a, c):
+            if found is None or a in found[1]:
+                linear[a] = linear.get(a, 0.0) + c
+            else:
+                key = (a, found[0])
+                pairs[key] = pairs.get(key, 0.0) + c
+
+        def pair(a, b, c):
+            if found is not None and a not in found[1] and b not in found[1]:
+                raise UnsupportedModelError("a branch layer maps gated channels outside its block to gated channels "
+                                            "outside its block")   # refused earlier, in _block_exactness
+            pairs[(a, b)] = pairs.get((a, b), 0.0) + c
+
+        def fixed(c):
+            if found is None:
+                const[0] += c
+            else:
+                linear[found[0]] = linear.get(found[0], 0.0) + c
+
+        return lin, pair, fixed
+
+    def add_product(kind, module, coef, left, f_left, right, f_right):
+        lin, pair, fixed = sink(kind, module)
+        for a, ma in left:
+            lin(a, coef * ma * f_right)
+            for b, mb in right:
+                pair(a, b, coef * ma * mb)
+        for b, mb in right:
+            lin(b, coef * mb * f_left)
+        fixed(coef * f_left * f_right)
+
+    def add_linear(kind, module, coef, terms, f):
+        lin, _, fixed = sink(kind, module)
         for a, ma in terms:
-            linear[a] = linear.get(a, 0.0) + coef * ma
-        const[0] += coef * fixed
+            lin(a, coef * ma)
+        fixed(coef * f)
 
     counted = set()
     bank = find_bank(model)
@@ -327,25 +369,25 @@ def _cost_models(model, plans: list[_Plan], sizes: list[int], spatial) -> dict[s
             kk = m.weight.shape[2] * m.weight.shape[3]
             positions = spatial.get(m, 0)
             if m.groups > 1 and m.groups == m.out_channels == m.in_channels:   # depthwise: in == out
-                add_linear("params", kk + (m.bias is not None), outs, f_out)
-                add_linear("macs", kk * positions, outs, f_out)
+                add_linear("params", m, kk + (m.bias is not None), outs, f_out)
+                add_linear("macs", m, kk * positions, outs, f_out)
                 continue
             f_in = m.in_channels - covered_in.get(m, 0)
-            add_product("params", kk / m.groups, ins, f_in, outs, f_out)
-            add_product("macs", positions * kk / m.groups, ins, f_in, outs, f_out)
+            add_product("params", m, kk / m.groups, ins, f_in, outs, f_out)
+            add_product("macs", m, positions * kk / m.groups, ins, f_in, outs, f_out)
             if m.bias is not None:
-                add_linear("params", 1.0, outs, f_out)
+                add_linear("params", m, 1.0, outs, f_out)
         elif isinstance(m, nn.Linear):
             counted.update(id(p) for p in m.parameters(recurse=False))
             f_out = m.out_features - covered_out.get(m, 0)
             f_in = m.in_features - covered_in.get(m, 0)
-            add_product("params", 1.0, ins, f_in, outs, f_out)
-            add_product("macs", float(spatial.get(m, 0)), ins, f_in, outs, f_out)
+            add_product("params", m, 1.0, ins, f_in, outs, f_out)
+            add_product("macs", m, float(spatial.get(m, 0)), ins, f_in, outs, f_out)
             if m.bias is not None:
-                add_linear("params", 1.0, outs, f_out)
+                add_linear("params", m, 1.0, outs, f_out)
         elif isinstance(m, nn.BatchNorm2d) and m.affine:
             counted.update(id(p) for p in m.parameters(recurse=False))
-            add_linear("params", 2.0, outs, m.num_features - covered_out.get(m, 0))
+            add_linear("params", m, 2.0, outs, m.num_features - covered_out.get(m, 0))
     skip = {id(bank.scores)} if bank is not None else set()
     costs["params"][2][0] += sum(p.numel() for p in model.parameters() if id(p) not in counted | skip)
     n = sum(sizes)
@@ -363,8 +405,10 @@ def attach_gates(
     ste: str = "identity",
     tau: float = 1.0,
     init: float = 1.0,
+    blocks: "bool | Iterable[str]" = False,
+    channels: bool = True,
 ) -> nn.Module:
-    """Gate every prunable channel group of ``model`` in place; returns the model.
+    """Gate every prunable channel group (and, with ``blocks``, every residual block) of ``model`` in place.
 
     Args:
         model: any CNN built from standard layers (Conv2d, BatchNorm2d, Linear,
@@ -377,11 +421,20 @@ def attach_gates(
         round_to: :func:`extract` makes every kept width a multiple of this.
         ste, tau, init: gate settings (see :class:`~polarprune_cuda.ChannelGate`);
             ``init > 0`` starts with every gate open, and the model's outputs unchanged.
+        blocks: ``True`` gives every residual block one more gate that scales its
+            branch (``act(gate * branch(x) + shortcut(x))``; the shortcut always
+            stays, a projection shortcut included), or a list of block module names.
+            A closed block is replaced by ``act(shortcut(x))`` at extraction. Blocks
+            are recognised as described in :mod:`polarprune_cuda.blocks`.
+        channels: gate channel groups (default). ``channels=False, blocks=True``
+            gates whole blocks only.
 
-    The gate scores live in ``model.polarprune_bank``; the cost models
-    ``channels``, ``params`` and ``macs`` are registered on it for
-    :class:`~polarprune_cuda.PolarizationLoss`. State-dict keys of the
-    original parameters do not change.
+    The gate scores live in ``model.polarprune_bank`` (block gates are segments
+    of one gate, after the channel segments); the cost models ``channels``,
+    ``params`` and ``macs`` are registered on it for
+    :class:`~polarprune_cuda.PolarizationLoss`. A block gate costs what its
+    branch costs, and channel gates inside a closed branch stop counting. State-
+    dict keys of the original parameters do not change.
     """
     _check_model(model)
     inputs = _as_inputs(example_inputs)
@@ -391,6 +444,16 @@ def attach_gates(
         raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
     if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
         raise ValueError(f"init must be a finite number, got {init!r}")
+    if not isinstance(channels, bool):
+        raise TypeError(f"channels must be True or False, got {channels!r}")
+    if blocks is not True and blocks is not False:
+        if isinstance(blocks, str) or not isinstance(blocks, Iterable):
+            raise TypeError(f"blocks must be True, False or a list of block module names, got {blocks!r}")
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("blocks is an empty list: name at least one block, or pass blocks=True for all")
+    if not channels and blocks is False:
+        raise ValueError("channels=False needs blocks=True (or a list of blocks): there would be nothing to gate")
     if find_bank(model) is not None or gate_modules(model):
         raise ValueError("model already has gates; attach_gates is called once on a plain model")
     names = {m: n for n, m in model.named_modules()}
@@ -406,29 +469,57 @@ def attach_gates(
         ignored.append(item)
     bank = GateBank(ste=ste, tau=tau)   # validates ste/tau before any change to the model
 
+    block_records = prepare_blocks(model, names, inputs, blocks) if blocks is not False else []
+    if blocks is not False and not block_records:
+        raise UnsupportedModelError("blocks=True, but the model has no residual block that can be block-gated "
+                                    "(see polarprune_cuda.blocks for what a block must look like)")
     graph = _build_graph(model, inputs)
     outputs = _output_layers(graph)
     groups = list(graph.get_all_groups(ignored_layers=ignored + outputs, root_module_types=(nn.Conv2d, nn.Linear)))
-    plans = [_Plan(graph, g, names) for g in groups]
+    all_plans = [_Plan(graph, g, names) for g in groups]
     order = {n: i for i, n in enumerate(names.values())}
-    plans = sorted((p for p in plans if p.bns or p.weight_gated), key=lambda p: order[p.root])
-    if not plans:
+    all_plans = sorted((p for p in all_plans if p.bns or p.weight_gated), key=lambda p: order[p.root])
+    plans = all_plans if channels else []
+    if channels and not plans and not block_records:
         raise UnsupportedModelError("no prunable channel group found (every group is ignored or is the classifier)")
+    block_records = _block_exactness(block_records, plans, names, blocks is True)
     spatial = _io_shapes(model, inputs)
     dense = count(model, inputs)
+    dense_depth = depth(model, inputs) if block_records else None
 
     records = []
     for plan in plans:
         index = bank.add_segment(plan.root, torch.full((plan.channels // plan.repeat,), float(init)))
-        rec = GroupRecord(plan.root, plan.root, plan.channels, plan.repeat)
+        rec = GroupRecord(plan.root, plan.root, plan.channels, plan.repeat,
+                          producers=[names[m] for m in plan.producers])
         for module in plan.bns + plan.weight_gated:
             gate_in_place(module, bank, index, plan.repeat)
             rec.gated.append(names[module])
         records.append(rec)
+    block_of: dict[int, int] = {}
+    for brec in block_records:
+        brec.segment = bank.add_segment(brec.name, torch.full((1,), float(init)))
+        for k in brec.internal:
+            block_of[k] = brec.segment
+        bn = model.get_submodule(brec.last_bn)
+        if not isinstance(bn, GateMixin):   # its channels are not gated: it carries the block gate alone
+            gate_in_place(bn, bank, brec.segment, bn.num_features)
+        else:
+            bn._bind_block(brec.segment)
+    if block_records:
+        bank.set_blocks([b.segment for b in block_records], block_of)
     bank.to(_model_device(model))
     install_bank(model, bank)
-    for kind, cm in _cost_models(model, plans, [r.size for r in records], spatial).items():
+    block_terms = [(b.segment, {model.get_submodule(n) for n in b.branch}, set(b.internal)) for b in block_records]
+    for kind, cm in _cost_models(model, plans, bank.sizes, spatial, block_terms).items():
         bank.set_cost(kind, cm)
+    if block_records:
+        channel_cost = _channel_cost(bank, all_plans, plans, block_records, names)
+        if channel_cost is None:
+            bank.unavailable["channels"] = ("the gated blocks have no channels of their own (no channel gates, "
+                                            "no channels inside the branches): use cost 'params' or 'macs'")
+        else:
+            bank.set_cost("channels", channel_cost)
     bank.surgery = SurgeryRecord(
         groups=records,
         input_shapes=[list(t.shape) for t in inputs],
@@ -436,8 +527,66 @@ def attach_gates(
         min_channels=min_channels,
         round_to=round_to,
         dense=dense,
+        blocks=block_records,
+        dense_depth=dense_depth,
     )
     return model
+
+
+def _block_exactness(block_records: list[BlockRecord], plans: list[_Plan], names, auto: bool) -> list[BlockRecord]:
+    """Find each block's inside channel segments; drop blocks whose cost is not exact with one gate per segment.
+
+    A segment is inside a block when every module of its group is in the
+    branch. A branch layer that maps gated channels outside the block to gated
+    channels outside the block would make its cost a product of three gates,
+    which the penalty op does not represent: such a block is skipped (warned)
+    or, when the user named it, refused.
+    """
+    kept = []
+    for brec in block_records:
+        branch = set(brec.branch)
+        brec.internal = []
+        outside_segments: dict[str, set[int]] = {}
+        for k, plan in enumerate(plans):
+            modules = {names[m] for m, _, _ in plan.outputs + plan.inputs}
+            if modules <= branch:
+                brec.internal.append(k)
+            for m, _, _ in plan.outputs:
+                outside_segments.setdefault(names[m], set()).add(("out", k))
+            for m, _, _ in plan.inputs:
+                outside_segments.setdefault(names[m], set()).add(("in", k))
+        bad = None
+        for layer in brec.branch:
+            tags = outside_segments.get(layer, set())
+            outs = {k for side, k in tags if side == "out" and k not in brec.internal}
+            ins = {k for side, k in tags if side == "in" and k not in brec.internal}
+            if outs and ins:
+                bad = layer
+                break
+        if bad is None:
+            kept.append(brec)
+            continue
+        message = (f"block {brec.name!r} is not block-gated: its layer {bad!r} maps gated channels outside the "
+                   "block to gated channels outside the block (add that layer's group to ignored_layers to gate it)")
+        if not auto:
+            raise UnsupportedModelError(message)
+        warnings.warn(message, stacklevel=3)
+    return kept
+
+
+def _channel_cost(bank: GateBank, all_plans, plans, block_records, names) -> CostModel | None:
+    """``channels`` cost with block gates: each channel gate costs 1; a block gate costs the channels of
+    its branch that no channel gate covers (with channel gates on, those inside the branch count
+    through ``p_j * p_block`` already)."""
+    gated = {id(p) for p in plans}
+    linear = {k: 1.0 for k in range(len(plans))}
+    for brec in block_records:
+        branch = set(brec.branch)
+        linear[brec.segment] = float(sum(p.channels for p in all_plans if id(p) not in gated
+                                         and {names[m] for m, _, _ in p.outputs + p.inputs} <= branch))
+    if not any(linear.values()):
+        return None
+    return CostModel.from_terms(bank.scores.numel(), bank.sizes, linear, {}, 0.0)
 
 
 # ----------------------------------------------------------------------------- extract
@@ -453,13 +602,18 @@ def _surgery(model) -> tuple[GateBank, SurgeryRecord]:
 
 def kept_channels(model, min_channels: int | None = None, round_to: int | None = None,
                   warn: bool = True) -> list[Tensor]:
-    """Per group, the boolean mask of channels extraction keeps (open gates plus the guard's)."""
+    """Per gate segment, the boolean mask of channels extraction keeps (open gates plus the guard's).
+
+    A block gate's segment (one gate) says whether the block's branch is kept.
+    Channels inside a removed branch go with it, whatever their mask says.
+    """
     bank, record = _surgery(model)
     bank.check_finite()
     min_channels = record.min_channels if min_channels is None else min_channels
     round_to = record.round_to if round_to is None else round_to
+    chunks = bank.scores.detach().float().cpu().split(bank.sizes)
     masks = []
-    for rec, scores in zip(record.groups, bank.scores.detach().float().cpu().split(bank.sizes)):
+    for rec, scores in zip(record.groups, chunks):
         keep = scores > 0
         need = min(rec.size, math.ceil(min(min_channels, rec.channels) / rec.repeat))
         kept = int(keep.sum())
@@ -470,36 +624,61 @@ def kept_channels(model, min_channels: int | None = None, round_to: int | None =
         if target > kept:
             order = torch.argsort(torch.where(keep, torch.full_like(scores, -math.inf), scores), descending=True)
             keep[order[: target - kept]] = True
-            if warn and kept < need:
+            if warn and kept < need and not _inside_closed_block(bank, len(masks), chunks):
                 warnings.warn(f"group {rec.name!r}: {kept} of {rec.channels} channels open, below min_channels="
                               f"{min_channels}; keeping the {(target - kept) * rec.repeat} highest-scoring closed "
                               "channels", stacklevel=3)
         masks.append(keep)
+    masks.extend(chunks[b.segment] > 0 for b in record.blocks)
     return masks
+
+
+def _inside_closed_block(bank: GateBank, segment: int, chunks) -> bool:
+    block = bank.block_of[segment] if segment < len(bank.block_of) else -1
+    return block >= 0 and not bool(chunks[block][0] > 0)
+
+
+def removed_blocks(model) -> list[str]:
+    """Names of the blocks whose gate is closed: extraction replaces them by their shortcut."""
+    bank, record = _surgery(model)
+    chunks = bank.scores.detach().float().cpu().split(bank.sizes)
+    return [b.name for b in record.blocks if not bool(chunks[b.segment][0] > 0)]
 
 
 def predicted_count(model, min_channels: int | None = None, round_to: int | None = None) -> dict[str, int]:
     """Params and MACs the extracted model will have, from the gates (cost models of attach_gates)."""
     bank, _ = _surgery(model)
-    keep = torch.cat(kept_channels(model, min_channels, round_to, warn=False)).float()
-    return {kind: int(round(float(bank.cost_model(kind).cost(keep.to(bank.scores.device)))))
-            for kind in ("params", "macs")}
+    keep = torch.cat(kept_channels(model, min_channels, round_to, warn=False)).float().to(bank.scores.device)
+    keep = bank.effective(keep)
+    return {kind: int(round(float(bank.cost_model(kind).cost(keep)))) for kind in ("params", "macs")}
+
+
+def predicted_depth(model) -> int:
+    """Depth (see :func:`~polarprune_cuda.depth`) the extracted model will have: the dense depth less what
+    each removed block's branch adds to the longest path (exact for blocks in sequence, as in ResNets)."""
+    bank, record = _surgery(model)
+    if record.dense_depth is None:
+        raise ValueError("model was gated without blocks: its depth does not change (use pp.depth on the model)")
+    closed = set(removed_blocks(model))
+    return record.dense_depth - sum(b.depth_saved for b in record.blocks if b.name in closed)
 
 
 def extract(model: nn.Module, example_inputs=None, min_channels: int | None = None,
             round_to: int | None = None, verify: bool = True) -> nn.Module:
-    """The static sub-network: closed channels removed, gates folded away, a plain module.
+    """The static sub-network: closed channels removed, closed blocks replaced, gates folded away.
 
-    ``min_channels``/``round_to`` override the values given to attach_gates.
-    With ``verify`` (default) the eval-mode outputs of the gated and the
-    extracted model are compared on ``example_inputs`` (default: a seeded
-    random batch shaped like attach_gates' example) and a mismatch raises.
-    The gated model is not changed.
+    A block whose gate is closed becomes a :class:`~polarprune_cuda.blocks.ClosedBlock`,
+    ``act(shortcut(x))``: the model gets shallower. ``min_channels``/``round_to``
+    override the values given to attach_gates. With ``verify`` (default) the
+    eval-mode outputs of the gated and the extracted model are compared on
+    ``example_inputs`` (default: a seeded random batch shaped like
+    attach_gates' example) and a mismatch raises. The gated model is not changed.
     """
     bank, record = _surgery(model)
     masks = kept_channels(model, min_channels, round_to)
     device = _model_device(model)
     inputs = _random_inputs(record, device) if example_inputs is None else _as_inputs(example_inputs)
+    closed = set(removed_blocks(model))
 
     small = copy.deepcopy(model)
     small_bank = small.polarprune_bank
@@ -510,22 +689,43 @@ def extract(model: nn.Module, example_inputs=None, min_channels: int | None = No
                 raise UnsupportedModelError(f"{type(m).__name__} gates were added by hand; extract handles models "
                                             "gated with attach_gates only")
             g = hard[m._segment]
-            fold_in_place(m, g.repeat(m._repeat) if m._repeat > 1 else g)
+            g = g.repeat(m._repeat) if m._repeat > 1 else g
+            if m._block >= 0:
+                g = g * hard[m._block]
+            fold_in_place(m, g)
     remove_bank(small)
     if hasattr(small_bank, "surgery"):
         del small_bank.surgery
+    block_specs = [b.to_spec(b.name in closed) for b in record.blocks]
+    close_blocks(small, block_specs)
 
+    gone = [b for b in record.blocks if b.name in closed]
     spec_groups = []
-    for rec, keep in zip(record.groups, masks):
-        full_keep = keep.repeat(rec.repeat)
-        spec_groups.append({"name": rec.name, "root": rec.root, "channels": rec.channels, "repeat": rec.repeat,
-                            "kept": torch.nonzero(full_keep).flatten().tolist()})
+    for k, (rec, keep) in enumerate(zip(record.groups, masks)):
+        owner = next((b.name for b in gone if k in b.internal), None)
+        entry = {"name": rec.name, "root": rec.root, "channels": rec.channels, "repeat": rec.repeat}
+        if owner is not None:
+            spec_groups.append(entry | {"kept": [], "removed_with": owner})
+            continue
+        entry["root"] = _surviving_root(rec, gone)
+        entry["kept"] = torch.nonzero(keep.repeat(rec.repeat)).flatten().tolist()
+        spec_groups.append(entry)
     _remove_channels(small, spec_groups, _random_inputs(record, device))
     small.train(model.training)
-    small.polarprune_spec = _spec(small, record, spec_groups)
+    small.polarprune_spec = _spec(small, record, spec_groups, block_specs)
     if verify:
         _verify(model, small, inputs)
     return small
+
+
+def _surviving_root(rec: GroupRecord, gone: list[BlockRecord]) -> str:
+    """A layer producing the group's channels that is still in the model after the closed blocks went."""
+    removed = {n for b in gone for n in b.branch}
+    for name in [rec.root, *rec.producers]:
+        if name not in removed:
+            return name
+    raise UnsupportedModelError(f"every layer producing the channels of group {rec.name!r} is inside a removed "
+                                "block, yet the group reaches outside it")
 
 
 def _remove_channels(model: nn.Module, groups: list[dict], inputs) -> None:
@@ -535,7 +735,7 @@ def _remove_channels(model: nn.Module, groups: list[dict], inputs) -> None:
     for group in groups:
         keep = set(group["kept"])
         drop = [i for i in range(group["channels"]) if i not in keep]
-        if drop:
+        if drop and "removed_with" not in group:
             root = model.get_submodule(group["root"])
             depthwise = isinstance(root, nn.Conv2d) and root.groups == root.out_channels > 1
             fn = depthwise_out if depthwise else graph.get_pruner_of_module(root).prune_out_channels
@@ -578,7 +778,7 @@ def _flatten(out) -> list[Tensor]:
 
 # ----------------------------------------------------------------------------- save / load
 
-def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict]) -> dict:
+def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict], blocks: list[dict]) -> dict:
     from . import __version__
 
     return {
@@ -589,6 +789,8 @@ def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict]) -> dict:
         "input_shapes": record.input_shapes,
         "input_dtypes": record.input_dtypes,
         "groups": groups,
+        "blocks": blocks,
+        "removed_blocks": [b["name"] for b in blocks if b["closed"]],
         "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
     }
 
@@ -629,7 +831,14 @@ def load_pruned(path, factory: Callable[[], nn.Module], map_location="cpu") -> n
     model = factory()
     _check_model(model)
     device = _model_device(model)
+    blocks = spec.get("blocks", [])
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) and isinstance(b.get("name"), str)
+                                               for b in blocks):
+        raise ValueError(f"{spec_file}: 'blocks' must be a list of {{name, closed, shortcut, act}} entries")
+    close_blocks(model, blocks)
     for group in spec["groups"]:
+        if "removed_with" in group:
+            continue
         try:
             root = model.get_submodule(group["root"])
         except AttributeError:
@@ -667,5 +876,7 @@ __all__ = [
     "kept_channels",
     "load_pruned",
     "predicted_count",
+    "predicted_depth",
+    "removed_blocks",
     "save_pruned",
 ]

@@ -28,7 +28,8 @@ from ._io import atomic_write
 from .gates import find_bank
 from .loss import PolarizationLoss, gate_stats, ramp
 from .models import build_model
-from .surgery import attach_gates, count, extract, save_pruned
+from .blocks import depth
+from .surgery import attach_gates, count, extract, kept_channels, predicted_depth, save_pruned
 
 CHECKPOINT_FORMAT = 1
 #: polar: one-pass channel pruning with gates; the others: gradual unstructured pruning (fggp.py)
@@ -71,6 +72,9 @@ class PruneConfig:
     max_test: int | None = None
     data_dir: str | None = None
     device: str = "cpu"
+    # block (layer) gates of method polar: one gate per residual branch, with or without channel gates
+    blocks: bool = False
+    channel_gates: bool = True
     # gradual unstructured methods (method fggp, gmp, annealed)
     update_every: int | None = None
     select_ratio: float = 0.5
@@ -104,6 +108,11 @@ class PruneConfig:
             if self.finetune_epochs:
                 raise ValueError(f"finetune-epochs applies to method polar only (method {self.method} keeps "
                                  "training the pruned weights to the end of the run)")
+        if not self.channel_gates and not self.blocks:
+            raise ValueError("blocks-only needs block gates: channel gates off and block gates off leave nothing "
+                             "to prune")
+        if self.blocks and self.method != "polar":
+            raise ValueError(f"blocks applies to method polar only, got method {self.method}")
         if self.cost not in ("channels", "params", "macs"):
             raise ValueError(f"cost must be channels, params or macs, got {self.cost!r}")
         if self.dataset not in data_mod.DATASETS:
@@ -366,6 +375,7 @@ class PruneResult:
     pruned_count: dict
     channels: tuple[int, int]
     seconds: float
+    blocks: dict | None = None        # block gates: gated and removed block names, depth dense/pruned/predicted
 
 
 def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool = False,
@@ -386,7 +396,8 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
     dense = build(cfg, data)
     dense_count = count(dense, example)
     model = build(cfg, data)
-    attach_gates(model, example, min_channels=cfg.min_channels, round_to=cfg.round_to)
+    attach_gates(model, example, min_channels=cfg.min_channels, round_to=cfg.round_to, blocks=cfg.blocks,
+                 channels=cfg.channel_gates)
     history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=True, epochs=cfg.epochs,
                    lr=cfg.lr, resume=resume, progress=progress, label="prune", interrupt_after=interrupt_after)
     gated_acc = evaluate(model, data.test_x, data.test_y, device=cfg.device)
@@ -408,8 +419,19 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
     spec = small.polarprune_spec
     kept = sum(len(g["kept"]) for g in spec["groups"])
     total = sum(g["channels"] for g in spec["groups"])
+    if not cfg.channel_gates:   # blocks only: the channels inside the branches, kept with their block
+        bank = find_bank(model)
+        if "channels" not in bank.unavailable:
+            cm = bank.cost_model("channels")
+            keep = torch.cat(kept_channels(model, warn=False)).float().to(bank.scores.device)
+            kept, total = int(round(float(cm.cost(keep)))), int(round(cm.total))
+    blocks = None
+    if cfg.blocks:
+        blocks = {"gated": [b["name"] for b in spec["blocks"]], "removed": list(spec["removed_blocks"]),
+                  "depth": {"dense": depth(dense, example), "pruned": depth(small, example),
+                            "predicted": predicted_depth(model)}}
     return PruneResult(cfg, data, dense, model, small, history, gated_acc, pruned_acc, finetuned_acc, base,
-                       dense_count, count(small, example), (kept, total), time.perf_counter() - start)
+                       dense_count, count(small, example), (kept, total), time.perf_counter() - start, blocks)
 
 
 @dataclass

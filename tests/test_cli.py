@@ -243,3 +243,34 @@ def test_unstructured_bad_options_are_named(tmp_path, capsys):
     assert rc == 2 and "before the first update" in cap.err
     rc, cap = run([*base, "--finetune-epochs", "1", "--out", str(tmp_path / "o4")], capsys)
     assert rc == 2 and "finetune-epochs applies to method polar only" in cap.err
+
+
+@pytest.mark.parametrize("flag", ["--blocks", "--blocks-only"])
+def test_block_gating_run_lists_removed_blocks(tmp_path, capsys, flag):
+    from polarprune_cuda import load_pruned, models
+    from polarprune_cuda.blocks import ClosedBlock
+
+    out = tmp_path / "run"
+    rc, cap = run(["prune", *TINY, "--epochs", "3", "--warmup-epochs", "0", "--ramp-epochs", "1", "--target-sparsity",
+                   "0.6", "--out", str(out), flag], capsys)
+    assert rc == 0, cap.err
+    report = json.loads((out / "report.json").read_text())
+    _check_schema(report)
+    blocks = report["blocks"]
+    assert blocks["gated"] == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+    assert blocks["removed"], "a 60% MACs target on ResNet-20 removes some blocks"
+    assert blocks["depth"]["pruned"] == blocks["depth"]["predicted"] < blocks["depth"]["dense"] == 20
+    assert report["config"]["blocks"] and report["config"]["channel_gates"] == (flag == "--blocks")
+    assert f"removed blocks ({len(blocks['removed'])} of 9)" in cap.out
+    assert "Removed residual blocks" in (out / "report.md").read_text()
+    spec = json.loads((out / "model" / "spec.json").read_text())
+    assert spec["removed_blocks"] == blocks["removed"]
+    model = load_pruned(out / "model", lambda: models.resnet20(num_classes=10, in_channels=1))
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, ClosedBlock)) == sorted(blocks["removed"])
+    if flag == "--blocks-only":
+        assert all(len(g["kept"]) == g["channels"] for g in spec["groups"])   # no channel removed
+
+
+def test_block_options_are_checked(tmp_path, capsys):
+    rc, cap = run(["prune", *TINY, "--method", "fggp", "--blocks", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "blocks applies to method polar only" in cap.err
