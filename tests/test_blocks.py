@@ -317,3 +317,30 @@ def test_load_refuses_a_spec_whose_block_is_missing(tmp_path):
     pp.save_pruned(pp.extract(model, x), tmp_path / "m")
     with pytest.raises(ValueError, match="block 'layer3.2' of the spec is not in the model"):
         pp.load_pruned(tmp_path / "m", lambda: pp.models.CifarResNet(14))
+
+
+def test_block_gates_step_as_if_alone():
+    from polarprune_cuda import trainer
+
+    torch.manual_seed(0)
+    model = pp.resnet20()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    pp.attach_gates(model, x, blocks=True)
+    bank = model.polarprune_bank
+    loss_fn = pp.PolarizationLoss(0.5, cost="macs")
+
+    def grad():
+        bank.scores.grad = None
+        model.eval()   # same BatchNorm statistics on every call
+        (nn.functional.cross_entropy(model(x), y) + loss_fn(model, step=0)).backward()
+        return bank.scores.grad.clone()
+
+    plain = grad()
+    for _ in range(2):   # installed once, however often the optimizer is made
+        trainer.make_optimizer(model, 0.1)
+        scaled = grad()
+    blocks = [bank.offsets[b.segment] for b in bank.surgery.blocks]
+    mask = torch.zeros_like(plain, dtype=torch.bool)
+    mask[blocks] = True
+    torch.testing.assert_close(scaled[~mask], plain[~mask], rtol=0, atol=0)
+    torch.testing.assert_close(scaled[mask], plain[mask] * len(blocks) / bank.scores.numel())
