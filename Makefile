@@ -21,7 +21,14 @@ PINS := \
 	scikit-learn==1.9.1 \
 	matplotlib==3.11.2 \
 	tqdm==4.70.1 \
-	nvidia-ml-py==13.615.71
+	nvidia-ml-py==13.615.71 \
+	onnx==1.23.2 \
+	onnxscript==0.7.2 \
+	onnx-ir==1.1.0 \
+	ml_dtypes==0.6.0 \
+	protobuf==7.36.2 \
+	onnxruntime==1.32.0 \
+	flatbuffers==25.12.19
 
 PYTEST_ARGS ?=
 

@@ -138,6 +138,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         "energy": ["nvidia-ml-py>=12"],
+        "onnx": ["onnx>=1.17", "onnxscript>=0.3"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -146,6 +147,9 @@ setup(
             "pybind11>=2.12",
             "torchvision>=0.21",
             "nvidia-ml-py>=12",
+            "onnx>=1.17",
+            "onnxscript>=0.3",
+            "onnxruntime>=1.20",
         ],
     },
     classifiers=[

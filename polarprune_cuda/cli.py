@@ -63,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="state_dict (.pt) of pretrained dense weights to start from")
     p.add_argument("--small-input", action="store_true", help="3x3 stride-1 stem for torchvision ResNets")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16"),
+                   help="mixed precision: autocast to bf16 or fp16 (fp16 adds a grad scaler)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and activations")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (the result of one process)")
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--max-test", type=int, default=None, help="use only the first N test images")
     p.add_argument("--latency-batch", type=int, default=32)
@@ -73,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--interrupt-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
     sub.add_parser("info", help="print the backends and versions")
+    e = sub.add_parser("export", help="export a run's extracted model with torch.export (.pt2) or to ONNX",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("run", help="output folder of polarprune prune (holds report.json and model/)")
+    e.add_argument("--format", default="pt2", choices=("pt2", "onnx"))
+    e.add_argument("--out", default=None, help="file to write (default RUN/model.pt2 or RUN/model.onnx)")
+    e.add_argument("--batch", type=int, default=2, help="batch of the example input (dim 0 stays dynamic)")
     return parser
 
 
@@ -90,44 +101,101 @@ def _config(args) -> PruneConfig:
         finetune_epochs=args.finetune_epochs, seed=args.seed, small_input=args.small_input, init=args.init,
         max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=device,
         method=args.method, update_every=args.update_every, select_ratio=args.select_ratio, start=args.start,
-        blocks=args.blocks or args.blocks_only, channel_gates=not args.blocks_only)
+        blocks=args.blocks or args.blocks_only, channel_gates=not args.blocks_only, amp=args.amp,
+        channels_last=args.channels_last, sync_bn=args.sync_bn)
 
 
 def prune(args, argv: list[str]) -> int:
-    from . import report as report_mod
-    from .trainer import run_prune
+    from . import distributed as dist_mod
 
     cfg = _config(args)
     cfg.validate()
+    info = dist_mod.setup(cfg.device)
+    cfg.device = info.device
+    try:
+        return _prune(args, argv, cfg, info)
+    finally:
+        dist_mod.cleanup(info)
+
+
+def _prune(args, argv: list[str], cfg, info) -> int:
+    from . import distributed as dist_mod
+    from . import report as report_mod
+    from .trainer import run_prune
+
     method = "" if cfg.method == "polar" else f"-{cfg.method}"
     if cfg.blocks:
         method += "-blocks" if cfg.channel_gates else "-blocks-only"
     out = Path(args.out or f"runs/{cfg.model.replace(':', '_')}-{cfg.dataset}{method}-p{round(100 * cfg.target_sparsity)}")
     has_run = (out / "checkpoint.pt").exists() or (out / "report.json").exists()
     if has_run and not (args.resume or args.overwrite):
-        print(f"polarprune: {out} already holds a run; pass --resume to continue it, --overwrite to start over, "
-              "or choose another --out", file=sys.stderr)
+        if info.is_main:
+            print(f"polarprune: {out} already holds a run; pass --resume to continue it, --overwrite to start "
+                  "over, or choose another --out", file=sys.stderr)
         return 2
-    if args.overwrite and out.exists() and not args.resume:
+    dist_mod.barrier(info)   # every rank has looked before rank 0 clears the folder
+    if args.overwrite and out.exists() and not args.resume and info.is_main:
         for name in ("checkpoint.pt", "finetune.pt", "baseline.pt", "report.json", "report.md"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "model", ignore_errors=True)
     try:
+        dist_mod.barrier(info)
         result = run_prune(cfg, out, resume=args.resume, baseline=args.baseline, progress=not args.quiet,
-                           interrupt_after=args.interrupt_after_epoch)
+                           interrupt_after=args.interrupt_after_epoch, dist_info=info)
     except KeyboardInterrupt:
-        print(f"\npolarprune: interrupted. The last finished epoch is saved in {out / 'checkpoint.pt'}; "
-              f"run the same command with --resume to continue.", file=sys.stderr)
+        if info.is_main:
+            print(f"\npolarprune: interrupted. The last finished epoch is saved in {out / 'checkpoint.pt'}; "
+                  f"run the same command with --resume to continue.", file=sys.stderr)
         return 130
+    if not info.is_main:
+        return 0
     example = result.data.example_input(args.latency_batch).to(cfg.device)
     models = {"dense": result.dense_model, "pruned": result.pruned_model}
     latency = report_mod.latency_side_by_side(models, example)
     energy = report_mod.energy_side_by_side(models, example)
     report = report_mod.build_report(result, ["polarprune", *argv], latency, energy, args.latency_batch)
+    report["processes"] = info.world_size
     report_mod.write(report, out)
     print()
     report_mod.print_table(report)
     print(f"\nreport: {out / 'report.md'}  model: {out / 'model'}")
+    return 0
+
+
+def load_run(run) -> tuple:
+    """(extracted model, example input of one sample) of a ``polarprune prune`` output folder."""
+    from .models import build_model
+    from .surgery import load_pruned
+
+    run = Path(run)
+    report_file = run / "report.json"
+    if not report_file.is_file():
+        raise FileNotFoundError(f"{report_file} not found: run must be an output folder of polarprune prune")
+    report = json.loads(report_file.read_text())
+    if report.get("method", "polar") != "polar":
+        raise ValueError(f"run {run} used method {report['method']}: its model has the dense shapes "
+                         "(model/weights.pt); export the channel-pruned result of method polar")
+    cfg = report["config"]
+    spec = json.loads((run / "model" / "spec.json").read_text())
+    in_channels = spec["input_shapes"][0][1]
+    model = load_pruned(run / "model", lambda: build_model(cfg["model"], report["data"]["num_classes"], in_channels,
+                                                           cfg.get("small_input", False)))
+    return model.eval(), torch.zeros(spec["input_shapes"][0][1:])
+
+
+def export(args) -> int:
+    from .export import export_onnx, export_program
+
+    if args.batch < 2:
+        raise ValueError(f"batch must be >= 2 (the exported batch dimension stays dynamic), got {args.batch}")
+    model, sample = load_run(args.run)
+    x = torch.randn(args.batch, *sample.shape, generator=torch.Generator().manual_seed(0))
+    out = Path(args.out or Path(args.run) / f"model.{args.format}")
+    if args.format == "pt2":
+        export_program(model, x, out)
+    else:
+        export_onnx(model, x, out)
+    print(f"polarprune: wrote {out} (checked against eager on a batch of {args.batch})")
     return 0
 
 
@@ -141,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return prune(args, argv)
         except (ValueError, TypeError, data_mod.DatasetNotFoundError, CheckpointError) as exc:
+            print(f"polarprune: error: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "export":
+        try:
+            return export(args)
+        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
             print(f"polarprune: error: {exc}", file=sys.stderr)
             return 2
     if args.command == "info":

@@ -11,6 +11,7 @@ For people with their own loop, the pieces are public: :func:`make_optimizer`
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
+from . import distributed as dist_mod
 from . import fggp as fggp_mod
 from ._io import atomic_write
 from .gates import find_bank
@@ -75,6 +77,11 @@ class PruneConfig:
     # block (layer) gates of method polar: one gate per residual branch, with or without channel gates
     blocks: bool = False
     channel_gates: bool = True
+    # precision and layout: autocast dtype (None, "bf16", "fp16"; fp16 adds a grad scaler), NHWC activations
+    amp: str | None = None
+    channels_last: bool = False
+    # under torchrun: BatchNorm statistics over the global batch (same result as one process)
+    sync_bn: bool = False
     # gradual unstructured methods (method fggp, gmp, annealed)
     update_every: int | None = None
     select_ratio: float = 0.5
@@ -113,6 +120,8 @@ class PruneConfig:
                              "to prune")
         if self.blocks and self.method != "polar":
             raise ValueError(f"blocks applies to method polar only, got method {self.method}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be bf16 or fp16 (or left out for float32), got {self.amp!r}")
         if self.cost not in ("channels", "params", "macs"):
             raise ValueError(f"cost must be channels, params or macs, got {self.cost!r}")
         if self.dataset not in data_mod.DATASETS:
@@ -139,8 +148,15 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_de
 
     The penalty is a mean over all gates, so the scores' step is scaled by
     their number: ``gate_lr * n_gates / target_weight``; no weight decay on them.
+    Block gates take the step they would take in a bank of block gates alone
+    (``gate_lr * n_blocks / target_weight``): their gradient is scaled by
+    ``n_blocks / n_gates`` (a hook on the scores, installed once). Otherwise a
+    block gate, whose task-loss gradient sums over a whole branch, would move
+    by as many times more as there are channel gates.
     """
     bank = find_bank(model)
+    if bank is not None:
+        _scale_block_gradients(bank)
     scores = [bank.scores] if bank is not None else []
     ids = {id(p) for p in scores}
     weights = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
@@ -149,6 +165,21 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_de
         groups.append({"params": scores, "lr": gate_lr * bank.scores.numel() / max(target_weight, 1e-12),
                        "momentum": 0.9, "weight_decay": 0.0})
     return torch.optim.SGD(groups)
+
+
+def _scale_block_gradients(bank) -> None:
+    handle = getattr(bank, "_block_grad_hook", None)
+    if handle is not None:
+        handle.remove()
+        bank._block_grad_hook = None
+    blocks = bank.block_segments
+    if not blocks or len(blocks) == bank.scores.numel():
+        return
+    scale = torch.ones_like(bank.scores.detach())
+    offsets = bank.offsets
+    for b in blocks:
+        scale[offsets[b]] = len(blocks) / bank.scores.numel()
+    bank._block_grad_hook = bank.scores.register_hook(lambda grad: grad * scale.to(grad.dtype))
 
 
 def lr_lambdas(total_steps: int, freeze_step: int | None, warmup_steps: int = 0) -> list[Callable[[int], float]]:
@@ -169,17 +200,43 @@ def penalty_schedule(steps_per_epoch: int, warmup_epochs: float, ramp_epochs: fl
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-             device="cpu") -> float:
-    """Top-1 accuracy (eval mode; training mode restored)."""
+             device="cpu", dist_info: dist_mod.DistInfo = dist_mod.SINGLE, amp: str | None = None,
+             channels_last: bool = False) -> float:
+    """Top-1 accuracy (eval mode; training mode restored).
+
+    Under torchrun every rank scores its share of the test set and the counts
+    are summed over the ranks, so every rank returns the accuracy on all of it.
+    """
     was = model.training
     model.eval()
     correct = 0
+    if dist_info.enabled:
+        part = torch.tensor_split(torch.arange(len(y)), dist_info.world_size)[dist_info.rank]
+        x, y_part = x[part], y[part]
+    else:
+        y_part = y
     try:
-        for xb, yb in data_mod.batches(x, y, batch_size):
-            correct += int((model(xb.to(device)).argmax(1).cpu() == yb).sum())
+        for xb, yb in data_mod.batches(x, y_part, batch_size):
+            xb = xb.to(device)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, amp):
+                out = model(xb)
+            correct += int((out.argmax(1).cpu() == yb).sum())
     finally:
         model.train(was)
+    (correct,) = dist_mod.all_sum(dist_info, [correct], device)
     return correct / max(len(y), 1)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device, amp: str | None):
+    """Autocast to ``amp``'s dtype on ``device`` (a no-op context for float32)."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
 
 
 class Checkpointer:
@@ -201,9 +258,12 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {self.path} is not a polarprune checkpoint of format "
                                   f"{CHECKPOINT_FORMAT}; delete it or use another --out")
         saved = state["config"]
+        defaults = PruneConfig().to_dict()
         for key, value in config.items():
             if key in PruneConfig.RESUME_FREE:
                 continue
+            if key not in saved and key in defaults and value == defaults[key]:
+                continue   # an option added after the checkpoint was written, left at its default
             if saved.get(key) != value:
                 raise CheckpointError(
                     f"checkpoint {self.path} was written with {key}={saved.get(key)!r}, this run asks for "
@@ -238,10 +298,15 @@ class History:
 
 def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
          gated: bool, epochs: int, lr: float, resume: bool, progress: bool, label: str,
-         interrupt_after: int | None = None, pruner: "fggp_mod.GradualPruner | None" = None) -> History:
+         interrupt_after: int | None = None, pruner: "fggp_mod.GradualPruner | None" = None,
+         dist_info: dist_mod.DistInfo = dist_mod.SINGLE) -> History:
     """Train ``model`` for ``epochs``; gated models add the penalty; a pruner steps after the optimizer.
 
-    Checkpoints every epoch (the pruner's masks included)."""
+    Checkpoints every epoch (the pruner's masks included). Under torchrun the
+    model is wrapped in DistributedDataParallel, each rank trains on its slice
+    of every global batch, metrics are summed over the ranks, and only rank 0
+    writes the checkpoint."""
+    info = dist_info
     device = torch.device(cfg.device)
     steps_per_epoch = data_mod.num_batches(len(data.train_y), cfg.batch_size)
     total = steps_per_epoch * epochs
@@ -251,18 +316,26 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
                                    target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
                                    schedule=penalty_schedule(steps_per_epoch, cfg.warmup_epochs, cfg.ramp_epochs))
         loss_fn.arm(model)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay, cfg.gate_lr, cfg.target_weight)
     freeze = int(cfg.freeze_gates_at * total) if gated else None
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if gated else 0
     lambdas = lr_lambdas(total, freeze, warmup)[: len(opt.param_groups)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     history = History()
     start_epoch = 0
-    if resume and ckpt.path.is_file():
-        state = ckpt.load(cfg.to_dict() | {"_label": label})
+    state = None
+    if resume:
+        state = ckpt.load(cfg.to_dict() | {"_label": label}) if info.is_main and ckpt.path.is_file() else None
+        state = dist_mod.broadcast_object(info, state)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if loss_fn is not None:
             loss_fn.step = state["loss_step"]
         if pruner is not None:
@@ -270,75 +343,118 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
         history = History(**state["history"])
         start_epoch = state["epoch"]
         torch.set_rng_state(state["rng"])
+    train_model = model
+    if info.enabled:
+        if cfg.sync_bn:
+            dist_mod.enable_sync_batchnorm(model)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    progress = progress and info.is_main
     step = start_epoch * steps_per_epoch
     log_every = max(1, steps_per_epoch // 10)
     epochs_bar = _progress(range(start_epoch, epochs), progress, desc=label, initial=start_epoch, total=epochs,
                            unit="epoch")
-    for epoch in epochs_bar:
-        model.train()
-        total_loss = total_pen = 0.0
-        n_batches = 0
-        batch_iter = data_mod.batches(data.train_x, data.train_y, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                      pad=data.pad, flip=data.flip)
-        for xb, yb in _progress(batch_iter, progress, total=steps_per_epoch, leave=False, unit="step",
-                                desc=f"epoch {epoch + 1}"):
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            task = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
-            loss = task
-            if loss_fn is not None and (freeze is None or step < freeze):
-                penalty = loss_fn(model, step=step)
-                loss = task + penalty
-                total_pen += penalty.detach().as_subclass(torch.Tensor)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if pruner is not None:
-                pruner.step()
-            sched.step()
-            total_loss += task.detach()
-            n_batches += 1
-            if loss_fn is not None and step % log_every == 0 and loss_fn.last_terms is not None:
-                history.step.append(step)
-                history.step_density.append(float(loss_fn.last_terms[0]))
-            step += 1
-        history.epoch.append(epoch + 1)
-        history.epoch_step.append(step)
-        history.train_loss.append(float(total_loss) / max(n_batches, 1))
-        history.penalty.append(float(total_pen) / max(n_batches, 1))
-        history.test_accuracy.append(evaluate(model, data.test_x, data.test_y, device=device))
-        if gated:
-            stats = gate_stats(model, cost=cfg.cost)
-            history.density.append(stats["density"])
-            history.soft_density.append(stats["soft_density"])
-            history.polarized.append(stats["polarized"])
-            bank = find_bank(model)
-            p = bank.probabilities().float().cpu()
-            history.histogram.append(torch.histc(p, bins=20, min=0, max=1).tolist())
-            if progress:
-                epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}", density=f"{stats['density']:.3f}",
-                                       polarized=f"{stats['polarized']:.2f}")
-        elif pruner is not None:
-            sp = pruner.sparsity()["sparsity"]
-            history.density.append(1 - sp)
-            if progress:
-                epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}", sparsity=f"{sp:.3f}")
-        elif progress:
-            epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}")
-        ckpt.save({
-            "format": CHECKPOINT_FORMAT,
-            "config": cfg.to_dict() | {"_label": label},
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "loss_step": loss_fn.step if loss_fn is not None else 0,
-            "pruner": pruner.state_dict() if pruner is not None else None,
-            "history": asdict(history),
-            "rng": torch.get_rng_state(),
-        })
-        if interrupt_after is not None and epoch + 1 >= interrupt_after:
-            raise KeyboardInterrupt
+    try:
+        for epoch in epochs_bar:
+            model.train()
+            total_loss = total_pen = 0.0
+            n_batches = 0
+            batch_iter = data_mod.batches(data.train_x, data.train_y, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                          pad=data.pad, flip=data.flip)
+            for xb, yb in _progress(batch_iter, progress, total=steps_per_epoch, leave=False, unit="step",
+                                    desc=f"epoch {epoch + 1}"):
+                part = dist_mod.shard(len(yb), info)
+                if part is None:   # fewer samples than ranks: every rank skips it alike
+                    step += 1
+                    continue
+                share = 1.0
+                if info.enabled:   # this rank's slice; DDP averages, so weight by the slice's share
+                    share = (part.stop - part.start) * info.world_size / len(yb)
+                    xb, yb = xb[part], yb[part]
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, cfg.amp):
+                    logits = train_model(xb)
+                task = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                loss = task if share == 1.0 else task * share
+                if loss_fn is not None and (freeze is None or step < freeze):
+                    penalty = loss_fn(model, step=step)
+                    loss = loss + penalty
+                    total_pen += penalty.detach().as_subclass(torch.Tensor)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if pruner is not None:
+                    pruner.step()
+                sched.step()
+                total_loss += task.detach() * (share / info.world_size)
+                n_batches += 1
+                if loss_fn is not None and step % log_every == 0 and loss_fn.last_terms is not None:
+                    history.step.append(step)
+                    history.step_density.append(float(loss_fn.last_terms[0]))
+                step += 1
+            if info.enabled:
+                _sync_buffers(model)   # rank 0's BatchNorm statistics everywhere before evaluating
+                bank = find_bank(model)
+                if bank is not None:
+                    dist_mod.check_identical(info, bank.scores, "gate scores")
+            total_loss, = dist_mod.all_sum(info, [float(total_loss)], device)
+            history.epoch.append(epoch + 1)
+            history.epoch_step.append(step)
+            history.train_loss.append(total_loss / max(n_batches, 1))
+            history.penalty.append(float(total_pen) / max(n_batches, 1))
+            history.test_accuracy.append(evaluate(model, data.test_x, data.test_y, device=device, dist_info=info,
+                                                  amp=cfg.amp, channels_last=cfg.channels_last))
+            if gated:
+                stats = gate_stats(model, cost=cfg.cost)
+                history.density.append(stats["density"])
+                history.soft_density.append(stats["soft_density"])
+                history.polarized.append(stats["polarized"])
+                bank = find_bank(model)
+                p = bank.probabilities().float().cpu()
+                history.histogram.append(torch.histc(p, bins=20, min=0, max=1).tolist())
+                if progress:
+                    epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}",
+                                           density=f"{stats['density']:.3f}", polarized=f"{stats['polarized']:.2f}")
+            elif pruner is not None:
+                sp = pruner.sparsity()["sparsity"]
+                history.density.append(1 - sp)
+                if progress:
+                    epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}", sparsity=f"{sp:.3f}")
+            elif progress:
+                epochs_bar.set_postfix(acc=f"{history.test_accuracy[-1]:.3f}")
+            if info.is_main:
+                ckpt.save({
+                    "format": CHECKPOINT_FORMAT,
+                    "config": cfg.to_dict() | {"_label": label},
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "loss_step": loss_fn.step if loss_fn is not None else 0,
+                    "pruner": pruner.state_dict() if pruner is not None else None,
+                    "history": asdict(history),
+                    "rng": torch.get_rng_state(),
+                    "world_size": info.world_size,
+                })
+            dist_mod.barrier(info)
+            if interrupt_after is not None and epoch + 1 >= interrupt_after:
+                raise KeyboardInterrupt
+    finally:
+        if info.enabled:
+            dist_mod.disable_sync_batchnorm(model)
     return history
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
 
 
 def build(cfg: PruneConfig, data: data_mod.ImageData) -> nn.Module:
@@ -379,15 +495,22 @@ class PruneResult:
 
 
 def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool = False,
-              progress: bool = True, interrupt_after: int | None = None) -> PruneResult:
+              progress: bool = True, interrupt_after: int | None = None,
+              dist_info: dist_mod.DistInfo = dist_mod.SINGLE) -> PruneResult:
     """Train once with gates, extract, (optionally fine-tune); returns what the report needs.
 
     With ``cfg.method`` fggp, gmp or annealed: gradual unstructured pruning instead (:func:`run_sparse`).
+    Under torchrun (``dist_info`` from :func:`polarprune_cuda.distributed.setup`) every rank trains and
+    extracts the same model; only rank 0 writes files.
     """
     cfg.validate()
+    _check_world(cfg, dist_info)
     if cfg.method != "polar":
         return run_sparse(cfg, out_dir, resume=resume, baseline=baseline, progress=progress,
-                          interrupt_after=interrupt_after)
+                          interrupt_after=interrupt_after, dist_info=dist_info)
+    info = dist_info
+    fit = dict(resume=resume, progress=progress, dist_info=info)
+    ev = dict(device=cfg.device, dist_info=info, amp=cfg.amp, channels_last=cfg.channels_last)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -399,22 +522,22 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
     attach_gates(model, example, min_channels=cfg.min_channels, round_to=cfg.round_to, blocks=cfg.blocks,
                  channels=cfg.channel_gates)
     history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=True, epochs=cfg.epochs,
-                   lr=cfg.lr, resume=resume, progress=progress, label="prune", interrupt_after=interrupt_after)
-    gated_acc = evaluate(model, data.test_x, data.test_y, device=cfg.device)
+                   lr=cfg.lr, label="prune", interrupt_after=interrupt_after, **fit)
+    gated_acc = evaluate(model, data.test_x, data.test_y, **ev)
     small = extract(model, data.example_input(8).to(cfg.device))
-    pruned_acc = evaluate(small, data.test_x, data.test_y, device=cfg.device)
+    pruned_acc = evaluate(small, data.test_x, data.test_y, **ev)
     finetuned_acc = None
     if cfg.finetune_epochs:
         _fit(small, data, cfg, Checkpointer(out / "finetune.pt"), gated=False, epochs=cfg.finetune_epochs,
-             lr=cfg.lr * 0.1, resume=resume, progress=progress, label="finetune")
-        finetuned_acc = evaluate(small, data.test_x, data.test_y, device=cfg.device)
-    save_pruned(small, out / "model")
+             lr=cfg.lr * 0.1, label="finetune", **fit)
+        finetuned_acc = evaluate(small, data.test_x, data.test_y, **ev)
+    if info.is_main:
+        save_pruned(small, out / "model")
     base = None
     if baseline:
         base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False,
-                         epochs=cfg.epochs + cfg.finetune_epochs, lr=cfg.lr, resume=resume, progress=progress,
-                         label="baseline")
-        base = {"accuracy": evaluate(dense, data.test_x, data.test_y, device=cfg.device),
+                         epochs=cfg.epochs + cfg.finetune_epochs, lr=cfg.lr, label="baseline", **fit)
+        base = {"accuracy": evaluate(dense, data.test_x, data.test_y, **ev),
                 "test_accuracy": base_hist.test_accuracy}
     spec = small.polarprune_spec
     kept = sum(len(g["kept"]) for g in spec["groups"])
@@ -432,6 +555,12 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
                             "predicted": predicted_depth(model)}}
     return PruneResult(cfg, data, dense, model, small, history, gated_acc, pruned_acc, finetuned_acc, base,
                        dense_count, count(small, example), (kept, total), time.perf_counter() - start, blocks)
+
+
+def _check_world(cfg: PruneConfig, info: dist_mod.DistInfo) -> None:
+    if info.enabled and cfg.batch_size < info.world_size:
+        raise ValueError(f"batch-size is the global batch and must be at least the number of processes "
+                         f"({info.world_size}), got {cfg.batch_size}")
 
 
 @dataclass
@@ -465,9 +594,16 @@ def default_update_every(total_steps: int, end_fraction: float = 0.8) -> int:
 
 
 def run_sparse(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool = False,
-               progress: bool = True, interrupt_after: int | None = None) -> SparseResult:
-    """Train once while a gradual pruner (FGGP, GMP or annealed) removes weights; save the zeros."""
+               progress: bool = True, interrupt_after: int | None = None,
+               dist_info: dist_mod.DistInfo = dist_mod.SINGLE) -> SparseResult:
+    """Train once while a gradual pruner (FGGP, GMP or annealed) removes weights; save the zeros.
+
+    Under torchrun the gradients the pruner reads are all-reduced, so every rank prunes alike."""
     cfg.validate()
+    _check_world(cfg, dist_info)
+    info = dist_info
+    fit = dict(resume=resume, progress=progress, dist_info=info)
+    ev = dict(device=cfg.device, dist_info=info, amp=cfg.amp, channels_last=cfg.channels_last)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -481,19 +617,20 @@ def run_sparse(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: boo
         kwargs["select_ratio"] = cfg.select_ratio
     pruner = fggp_mod.METHODS[cfg.method](model, cfg.target_sparsity, total, **kwargs)
     history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs,
-                   lr=cfg.lr, resume=resume, progress=progress, label=cfg.method, interrupt_after=interrupt_after,
-                   pruner=pruner)
+                   lr=cfg.lr, label=cfg.method, interrupt_after=interrupt_after, pruner=pruner, **fit)
     pruner.remove()
     state = pruner.export()
-    (out / "model").mkdir(exist_ok=True)
-    atomic_write(out / "model" / "weights.pt", lambda tmp: torch.save(state, tmp))
-    sizes = fggp_mod.save_sparse(state, out / "model" / "sparse.pt")
-    accuracy = evaluate(model, data.test_x, data.test_y, device=cfg.device)
+    sizes = None
+    if info.is_main:
+        (out / "model").mkdir(exist_ok=True)
+        atomic_write(out / "model" / "weights.pt", lambda tmp: torch.save(state, tmp))
+        sizes = fggp_mod.save_sparse(state, out / "model" / "sparse.pt")
+    accuracy = evaluate(model, data.test_x, data.test_y, **ev)
     base = None
     if baseline:
         base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False, epochs=cfg.epochs,
-                         lr=cfg.lr, resume=resume, progress=progress, label="baseline")
-        base = {"accuracy": evaluate(dense, data.test_x, data.test_y, device=cfg.device),
+                         lr=cfg.lr, label="baseline", **fit)
+        base = {"accuracy": evaluate(dense, data.test_x, data.test_y, **ev),
                 "test_accuracy": base_hist.test_accuracy}
     return SparseResult(cfg, data, dense, model, pruner, history, accuracy, base, pruner.sparsity(), sizes,
                         time.perf_counter() - start)
