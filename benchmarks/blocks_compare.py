@@ -73,20 +73,13 @@ def run_variant(kw: dict, work: Path, latency_batch: int, progress: bool) -> dic
 
 
 def run_dense(kw: dict, work: Path, progress: bool) -> dict:
-    from polarprune_cuda import data as data_mod
     from polarprune_cuda import trainer
 
     out = work / ("dense-" + _folder({k: v for k, v in kw.items() if k != "target_sparsity"}))
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = trainer.PruneConfig(**kw)
-    data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
-    model = trainer.build(cfg, data)
-    trainer._fit(model, data, cfg, trainer.Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs,
-                 lr=cfg.lr, resume=(out / "checkpoint.pt").is_file(), progress=progress, label="dense")
-    row = {"accuracy": trainer.evaluate(model, data.test_x, data.test_y, device=cfg.device)}
+    row = {"accuracy": trainer.run_dense(trainer.PruneConfig(**kw), out, progress=progress)}
     done.write_text(json.dumps(row))
     return row
 

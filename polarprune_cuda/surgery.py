@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_write
-from .blocks import BlockRecord, ClosedBlock, close_blocks, depth, prepare_blocks
+from .blocks import BlockRecord, close_blocks, depth, prepare_blocks
 from .cost import CostModel
 from .gates import (
     GATED_CLASS,

@@ -557,6 +557,22 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
                        dense_count, count(small, example), (kept, total), time.perf_counter() - start, blocks)
 
 
+def run_dense(cfg: PruneConfig, out_dir, *, resume: bool = True, progress: bool = True,
+              dist_info: dist_mod.DistInfo = dist_mod.SINGLE) -> float:
+    """Train the dense model with the recipe (no gates, no pruner); returns its test accuracy.
+
+    Checkpoints to ``out_dir/checkpoint.pt`` every epoch and continues from it when ``resume``."""
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
+    model = build(cfg, data)
+    _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs, lr=cfg.lr,
+         resume=resume, progress=progress, label="dense", dist_info=dist_info)
+    return evaluate(model, data.test_x, data.test_y, device=cfg.device, dist_info=dist_info, amp=cfg.amp,
+                    channels_last=cfg.channels_last)
+
+
 def _check_world(cfg: PruneConfig, info: dist_mod.DistInfo) -> None:
     if info.enabled and cfg.batch_size < info.world_size:
         raise ValueError(f"batch-size is the global batch and must be at least the number of processes "
