@@ -344,3 +344,21 @@ def test_block_gates_step_as_if_alone():
     mask[blocks] = True
     torch.testing.assert_close(scaled[~mask], plain[~mask], rtol=0, atol=0)
     torch.testing.assert_close(scaled[mask], plain[mask] * len(blocks) / bank.scores.numel())
+
+
+def test_block_gate_on_a_branch_whose_channels_are_not_gated():
+    """The residual group of stage 1 is ignored: its BatchNorms carry the block gate alone."""
+    torch.manual_seed(0)
+    model = randomize_bn(pp.resnet20()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    pp.attach_gates(model, x, min_channels=1, blocks=True, ignored_layers=["conv1"])
+    bn = model.layer1[1].bn2
+    assert bn._repeat == 16 and bn._segment == block_segments(model)["layer1.1"]
+    set_gates(model, seed=1, closed_blocks={"layer1.1", "layer2.2"})
+    with torch.no_grad():
+        gated = model(x)
+    small = pp.extract(model, x)
+    with torch.no_grad():
+        assert_outputs_match(gated, small(x))
+    assert pp.count(small, x) == pp.predicted_count(model)
+    assert pp.depth(small, x) == pp.predicted_depth(model) == 16
