@@ -109,7 +109,7 @@ def _parts(module: nn.Module) -> tuple[str | None, str | None, str] | None:
     return shortcut, act, bns[-1]
 
 
-def find_blocks(model: nn.Module, names: dict[nn.Module, str], which) -> list[tuple[nn.Module, tuple]]:
+def find_blocks(model: nn.Module, which) -> list[tuple[nn.Module, tuple]]:
     """Candidate blocks of ``model`` in module order: (module, parts).
 
     ``which`` is True (every module that looks like a block) or a list of block
@@ -207,7 +207,7 @@ def prepare_blocks(model: nn.Module, names: dict[nn.Module, str], inputs: tuple[
     Candidates that fail the numerical check are skipped with a warning when
     ``which`` is True, and raise ValueError when the user named them.
     """
-    candidates = find_blocks(model, names, which)
+    candidates = find_blocks(model, which)
     captured = capture_inputs(model, [m for m, _ in candidates], inputs)
     records = []
     for block, parts in candidates:

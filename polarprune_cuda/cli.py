@@ -164,7 +164,7 @@ def _prune(args, argv: list[str], cfg, info) -> int:
 
 
 def load_run(run) -> tuple:
-    """(extracted model, example input of one sample) of a ``polarprune prune`` output folder."""
+    """(extracted model, shape of one input sample) of a ``polarprune prune`` output folder."""
     from .models import build_model
     from .surgery import load_pruned
 
@@ -181,7 +181,7 @@ def load_run(run) -> tuple:
     in_channels = spec["input_shapes"][0][1]
     model = load_pruned(run / "model", lambda: build_model(cfg["model"], report["data"]["num_classes"], in_channels,
                                                            cfg.get("small_input", False)))
-    return model.eval(), torch.zeros(spec["input_shapes"][0][1:])
+    return model.eval(), tuple(spec["input_shapes"][0][1:])
 
 
 def export(args) -> int:
@@ -189,8 +189,8 @@ def export(args) -> int:
 
     if args.batch < 2:
         raise ValueError(f"batch must be >= 2 (the exported batch dimension stays dynamic), got {args.batch}")
-    model, sample = load_run(args.run)
-    x = torch.randn(args.batch, *sample.shape, generator=torch.Generator().manual_seed(0))
+    model, sample_shape = load_run(args.run)
+    x = torch.randn(args.batch, *sample_shape, generator=torch.Generator().manual_seed(0))
     out = Path(args.out or Path(args.run) / f"model.{args.format}")
     if args.format == "pt2":
         export_program(model, x, out)

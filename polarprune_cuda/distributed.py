@@ -165,7 +165,7 @@ def sync_batch_norm(x: Tensor, bn: nn.BatchNorm2d, weight: Tensor | None, bias: 
             bn.num_batches_tracked.add_(1)
             m = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
             bn.running_mean.mul_(1 - m).add_(mean.detach().to(bn.running_mean.dtype), alpha=m)
-            unbiased = var.detach() * (n / (n - 1)).clamp(min=0) if float(n) > 1 else var.detach()
+            unbiased = var.detach() * n / (n - 1).clamp(min=1)   # no host read on the training path
             bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
     y = centred * torch.rsqrt(var + bn.eps).view(shape)
     if weight is not None:

@@ -72,8 +72,8 @@ def test_cli_exports_a_run(tmp_path, capsys):
         rc = cli.main(["export", str(out), "--format", fmt])
         assert rc == 0, capsys.readouterr().err
         assert (out / f"model.{fmt}").stat().st_size > 1000
-    model, sample = cli.load_run(out)
-    x = torch.randn(5, *sample.shape)
+    model, sample_shape = cli.load_run(out)
+    x = torch.randn(5, *sample_shape)
     program = torch.export.load(out / "model.pt2").module()
     with torch.no_grad():
         torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
