@@ -376,7 +376,9 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, cfg.amp):
                     logits = train_model(xb)
-                task = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                if logits.dtype in (torch.float16, torch.bfloat16):   # autocast: the loss in float32
+                    logits = logits.float()
+                task = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
                 loss = task if share == 1.0 else task * share
                 if loss_fn is not None and (freeze is None or step < freeze):
                     penalty = loss_fn(model, step=step)
