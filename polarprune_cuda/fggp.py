@@ -1,19 +1,29 @@
 """Gradual unstructured pruning: FGGP (gradient first, magnitude next) and its baselines GMP and annealed.
 
-FGGP follows Zhu, Bezek and Goksel, "FGGP: Fixed-Rate Gradient-First Gradual
-Pruning" (arXiv 2411.05500), as their public code does it:
+FGGP follows Zhu, Bezek and Goksel, "FGGP: Fixed-Rate Gradient-First
+Gradual Pruning" (arXiv 2411.05500), as their public code does it
+(``main_proposed_class_schedule_cifar.py``; GMP as ``main.py`` does it):
 
 * prunable: every Conv2d and Linear weight except the first Conv2d (in module
-  order); biases and BatchNorm are never pruned; selection is global;
+  order; GMP prunes it too, as ``main.py``'s default ``--prune-conv1 True``
+  does); biases and BatchNorm are never pruned; selection is global;
 * every ``update_every`` steps while ``t <= int(0.8 * total_steps)``, the
-  density target is the cubic ``d_t = s_f + (s_i - s_f) (1 - t / int(0.8 T))^3``;
+  density target is the cubic schedule, computed in percent as the authors do:
+  ``d_t = 0.01 tr + 0.01 (ir - tr) (1 - t / int(0.8 T))^3`` with
+  ``tr = 100 (1 - target)`` (10.0 for 0.9, taken from the decimal the target is
+  written as) and ``ir`` 100 (dense start) or 50 (``erk50``);
 * at an update, ``N`` counts every Conv2d/Linear weight and bias, ``Z`` the
   entries of those weights equal to zero, ``k = floor(N (1 - d_t) - Z)``
   weights go, ``R = N - Z``. Gradient first: the ``floor(rho R)`` active
   prunable weights with the smallest |gradient| of this mini-batch are
   candidates; magnitude next: of those, the ``k`` with the smallest |weight|
   (as of the last forward pass, before this step's update) are pruned.
-  ``rho = select_ratio = 0.5``. Masks are permanent.
+  ``rho = select_ratio = 0.5``. Masks are permanent. GMP's first update ranks
+  the weights after this step's optimizer update (``main.py`` puts no masks on
+  the layers before that update), every later one as the forward pass saw them;
+* ``erk50``: Erdos-Renyi-Kernel densities over every Conv2d and Linear weight
+  (the first conv included), one Bernoulli draw per entry from a generator
+  seeded with ``seed``, in module order.
 
 Use it in any loop, after the optimizer::
 
@@ -32,12 +42,14 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from decimal import Decimal
 
 import torch
 from torch import Tensor, nn
 
 STATE_FORMAT = 1
 STARTS = ("dense", "erk50")
+FIRST_UPDATE_WEIGHTS = ("forward", "stepped")
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -57,27 +69,52 @@ def _check_positive_int(value, name: str) -> int:
     return value
 
 
-def cubic_density(t: int, end: int, final: float, initial: float = 1.0) -> float:
-    """``d_t = s_f + (s_i - s_f) * (1 - t / end)^3`` for ``t <= end``, then ``s_f``."""
+def _percent(fraction: float) -> float:
+    """``100 * fraction`` as the decimal ``fraction`` is written (0.9 -> 90.0, exactly)."""
+    return float(Decimal(repr(float(fraction))) * 100)
+
+
+def cubic_density(t: int, end: int, target_sparsity: float, initial_density: float = 1.0) -> float:
+    """The authors' cubic schedule, in percent as their code computes it, for ``t <= end`` (then the target):
+
+    ``0.01 tr + 0.01 (ir - tr) (1 - t / end)^3``, ``tr = 100 (1 - target_sparsity)``, ``ir = 100 initial_density``.
+    The percentages are those a user would pass on their command line (``tr`` is 10.0 for a target of 0.9,
+    where ``1 - 0.9`` in floats is 0.09999999999999998), so ``floor(N (1 - d_t) - Z)`` removes what theirs does.
+    """
+    target_ratio = float((1 - Decimal(repr(float(target_sparsity)))) * 100)
+    initial_ratio = _percent(initial_density)
     frac = min(max(t / end, 0.0), 1.0)
-    return final + (initial - final) * (1.0 - frac) ** 3
+    return target_ratio * 0.01 + 0.01 * (initial_ratio - target_ratio) * (1 - frac) ** 3
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
-    """Erdos-Renyi-Kernel layer densities with the given overall density (layers that would exceed 1 are dense)."""
+    """Erdos-Renyi-Kernel layer densities with overall ``density`` over the weights of ``shapes``.
+
+    As the authors' code (after GraNet) computes them: the density of a layer is ``eps * sum(shape) /
+    prod(shape)``; while the largest of these exceeds 1, the layer(s) with the largest raw ratio become dense
+    (one step at a time) and ``eps`` is recomputed from the remaining budget.
+    """
+    ratio = _percent(density)
     dense: set[str] = set()
-    total = sum(math.prod(s) for s in shapes.values())
     while True:
-        budget = density * total - sum(math.prod(shapes[n]) for n in dense)
-        raw = {n: sum(s) / math.prod(s) for n, s in shapes.items() if n not in dense}
-        weighted = sum(raw[n] * math.prod(shapes[n]) for n in raw)
-        eps = budget / weighted
-        over = [n for n in raw if eps * raw[n] > 1]
-        if not over:
-            out = {n: eps * raw[n] for n in raw}
-            out.update({n: 1.0 for n in dense})
-            return out
-        dense.update(over)
+        divisor = rhs = 0.0
+        raw: dict[str, float] = {}
+        for name, shape in shapes.items():
+            n_param = math.prod(shape)
+            if name in dense:
+                rhs -= n_param * (1 - ratio * 0.01)
+            else:
+                rhs += n_param * ratio * 0.01
+                raw[name] = sum(shape) / n_param
+                divisor += raw[name] * n_param
+        if not raw:
+            break
+        eps = rhs / divisor
+        max_raw = max(raw.values())
+        if max_raw * eps <= 1:
+            break
+        dense.update(n for n, r in raw.items() if r == max_raw)
+    return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
 
 
 class GradualPruner:
@@ -91,12 +128,19 @@ class GradualPruner:
         start: ``dense`` (s_i = 1) or ``erk50`` (a random ERK mask at 50% density, s_i = 0.5).
         seed: seed of the ``erk50`` mask.
         end_fraction: where the schedule ends, 0.8 in the paper.
+        prune_first_conv: whether the first Conv2d (in module order) is prunable; FGGP's script keeps it
+            dense, ``main.py`` (GMP) prunes it.
+        first_update_weights: the magnitudes the first update ranks: ``forward`` (the weights as the forward
+            pass saw them, as every later update does; FGGP's script, whose layers carry masks from the
+            start) or ``stepped`` (the weights after this step's optimizer update; ``main.py``, whose layers
+            get their masks at the first update).
     """
 
     method = "base"
 
     def __init__(self, model: nn.Module, target_sparsity: float, total_steps: int, update_every: int = 2000,
-                 start: str = "dense", seed: int = 0, end_fraction: float = 0.8):
+                 start: str = "dense", seed: int = 0, end_fraction: float = 0.8, prune_first_conv: bool = False,
+                 first_update_weights: str = "forward"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.target_sparsity = _check_fraction(target_sparsity, "target_sparsity")
@@ -105,8 +149,15 @@ class GradualPruner:
         self.end_fraction = _check_fraction(end_fraction, "end_fraction")
         if start not in STARTS:
             raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+        if not isinstance(prune_first_conv, bool):
+            raise TypeError(f"prune_first_conv must be a bool, got {prune_first_conv!r}")
+        if first_update_weights not in FIRST_UPDATE_WEIGHTS:
+            raise ValueError(f"first_update_weights must be one of {', '.join(FIRST_UPDATE_WEIGHTS)}, "
+                             f"got {first_update_weights!r}")
         self.start = start
         self.seed = seed
+        self.prune_first_conv = prune_first_conv
+        self.first_update_weights = first_update_weights
         self.end_step = int(self.end_fraction * self.total_steps)
         if self.end_step < self.update_every:
             raise ValueError(
@@ -119,15 +170,21 @@ class GradualPruner:
                              f"start={start!r} ({1 - self.initial_density})")
         layers = _layers(model)
         first_conv = next((n for n, m in layers if isinstance(m, nn.Conv2d)), None)
+        fixed = set() if prune_first_conv else {first_conv}
         self.model = model
         self.counted = [m.weight for _, m in layers] + [m.bias for _, m in layers if m.bias is not None]
-        self.fixed_weights = [m.weight for n, m in layers if n == first_conv]
-        self.names = [n for n, _ in layers if n != first_conv]
-        self.params = [m.weight for n, m in layers if n != first_conv]
+        self.layer_names = [n for n, _ in layers]
+        self.fixed_names = [n for n, _ in layers if n in fixed]
+        self.fixed_weights = [m.weight for n, m in layers if n in fixed]
+        self.names = [n for n, _ in layers if n not in fixed]
+        self.params = [m.weight for n, m in layers if n not in fixed]
         if not self.params:
-            raise ValueError("model has no prunable Conv2d/Linear weight (the first Conv2d is never pruned)")
+            raise ValueError("model has no prunable Conv2d/Linear weight (the first Conv2d is pruned only with "
+                             "prune_first_conv=True)")
         self.N = sum(p.numel() for p in self.counted)
         self.masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
+        # masks of the weights that are never pruned (the first conv under erk50), None where there is none
+        self.fixed_masks: list[Tensor | None] = [None] * len(self.fixed_weights)
         self._float_masks: list[Tensor] | None = None
         self.t = 0
         self.updates: list[dict] = []
@@ -135,7 +192,7 @@ class GradualPruner:
         self._hook = model.register_forward_pre_hook(self._remember_weights)
         self._check_schedule()
         if start == "erk50":
-            self._erk_mask()
+            self._erk_mask(layers)
         self.apply_masks()
 
     # ----- schedule
@@ -143,7 +200,7 @@ class GradualPruner:
         return t % self.update_every == 0 and t <= self.end_step
 
     def density_at(self, t: int) -> float:
-        return cubic_density(t, self.end_step, self.final_density, self.initial_density)
+        return cubic_density(t, self.end_step, self.target_sparsity, self.initial_density)
 
     def final_update_density(self) -> float:
         """The density target of the last update (the target itself when int(0.8 T) is a multiple of Delta)."""
@@ -157,30 +214,32 @@ class GradualPruner:
                 f"targets density {self.final_update_density():.6g}, not {self.final_density:.6g}", stacklevel=3)
 
     # ----- masks
-    def _erk_mask(self) -> None:
-        shapes = {n: tuple(p.shape) for n, p in zip(self.names, self.params)}
-        dens = erk_densities(shapes, 0.5)
+    def _erk_mask(self, layers) -> None:
+        """ERK densities over every Conv2d/Linear weight; one Bernoulli draw per entry, layers in module order."""
+        dens = erk_densities({n: tuple(m.weight.shape) for n, m in layers}, self.initial_density)
         g = torch.Generator().manual_seed(self.seed)
-        for i, (n, p) in enumerate(zip(self.names, self.params)):
-            keep = int(round(dens[n] * p.numel()))
-            order = torch.randperm(p.numel(), generator=g)
-            mask = torch.zeros(p.numel(), dtype=torch.bool)
-            mask[order[:keep]] = True
-            self.masks[i] = mask.view(p.shape).to(p.device)
+        drawn = {n: torch.rand(m.weight.shape, generator=g) < dens[n] for n, m in layers}
+        self.masks = [drawn[n].to(p.device) for n, p in zip(self.names, self.params)]
+        self.fixed_masks = [drawn[n].to(w.device) for n, w in zip(self.fixed_names, self.fixed_weights)]
         self._float_masks = None
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero the pruned weights (their optimizer state may move them; this puts them back to exact zero)."""
+        weights = self.params + [w for w, m in zip(self.fixed_weights, self.fixed_masks) if m is not None]
+        masks = self.masks + [m for m in self.fixed_masks if m is not None]
         if self._float_masks is None or any(m.device != p.device or m.dtype != p.dtype
-                                            for m, p in zip(self._float_masks, self.params)):
-            self._float_masks = [m.to(p.device, p.dtype) for m, p in zip(self.masks, self.params)]
-        torch._foreach_mul_([p.data for p in self.params], self._float_masks)
+                                            for m, p in zip(self._float_masks, weights)):
+            self._float_masks = [m.to(p.device, p.dtype) for m, p in zip(masks, weights)]
+        torch._foreach_mul_([p.data for p in weights], self._float_masks)
 
     def _remember_weights(self, module, args) -> None:
         """Forward pre-hook: on iterations that end with an update, keep |w| as the forward pass sees it."""
-        if self.update_due(self.t + 1):
-            self._snapshot = [p.detach().abs() for p in self.params]
+        if self.update_due(self.t + 1) and not self._ranks_stepped_weights(self.t + 1):
+            self._snapshot = [p.detach().abs() for p in self.params + self.fixed_weights]
+
+    def _ranks_stepped_weights(self, t: int) -> bool:
+        return self.first_update_weights == "stepped" and t == self.update_every
 
     # ----- the step
     @torch.no_grad()
@@ -196,14 +255,21 @@ class GradualPruner:
         self.apply_masks()
         return record
 
+    def _stepped_weights(self) -> list[Tensor]:
+        """|w| after this step's optimizer update, the masks applied (entries already pruned stay zero)."""
+        masks = self.masks + self.fixed_masks
+        return [(p.detach() * m if m is not None else p.detach()).abs()
+                for p, m in zip(self.params + self.fixed_weights, masks)]
+
     def _update(self) -> dict:
         d_t = self.density_at(self.t)
+        if self._ranks_stepped_weights(self.t):
+            self._snapshot = self._stepped_weights()
         if self._snapshot is None:
             raise RuntimeError("no forward pass of the model was seen before this update; call pruner.step() "
                                "once per training step of the model the pruner was built on, after optimizer.step()")
-        # Z counts zeros of the weights as the forward pass saw them (masked, before this step's update)
-        Z = int(sum(int((s == 0).sum()) for s in self._snapshot)) + \
-            int(sum(int((p == 0).sum()) for p in self.fixed_weights))
+        # Z counts zeros of every Conv2d/Linear weight as the ranking sees them (masked, before this step's update)
+        Z = int(sum(int((s == 0).sum()) for s in self._snapshot))
         k = math.floor(self.N * (1 - d_t) - Z)
         R = self.N - Z
         record = {"step": self.t, "density_target": d_t, "N": self.N, "Z": Z, "R": R, "k": max(k, 0)}
@@ -211,7 +277,7 @@ class GradualPruner:
             active = torch.cat([m.flatten() for m in self.masks])
             idx = torch.nonzero(active).flatten()
             grads = self._flat_grads()[idx].abs()
-            mags = torch.cat([s.flatten() for s in self._snapshot])[idx]
+            mags = torch.cat([s.flatten() for s in self._snapshot[:len(self.params)]])[idx]
             chosen = idx[self.select(k, R, grads, mags)]
             active[chosen] = False
             self._set_flat_masks(active)
@@ -256,7 +322,8 @@ class GradualPruner:
     # ----- resuming
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "method": self.method, "t": self.t, "config": self._config(),
-                "masks": [m.cpu() for m in self.masks], "updates": list(self.updates)}
+                "masks": [m.cpu() for m in self.masks], "updates": list(self.updates),
+                "fixed_masks": [m.cpu() if m is not None else None for m in self.fixed_masks]}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -266,8 +333,14 @@ class GradualPruner:
                              f"this pruner is {self.method} with {self._config()}")
         if [tuple(m.shape) for m in state["masks"]] != [tuple(p.shape) for p in self.params]:
             raise ValueError("state's masks do not fit this model's prunable weights")
+        fixed = state.get("fixed_masks", [None] * len(self.fixed_weights))
+        if len(fixed) != len(self.fixed_weights) or any(
+                m is not None and tuple(m.shape) != tuple(w.shape) for m, w in zip(fixed, self.fixed_weights)):
+            raise ValueError("state's masks of the never-pruned weights do not fit this model")
         self.t = int(state["t"])
         self.masks = [m.to(p.device, torch.bool) for m, p in zip(state["masks"], self.params)]
+        self.fixed_masks = [m.to(w.device, torch.bool) if m is not None else None
+                            for m, w in zip(fixed, self.fixed_weights)]
         self.updates = list(state["updates"])
         self._float_masks = None
         self.apply_masks()
@@ -275,7 +348,8 @@ class GradualPruner:
     def _config(self) -> dict:
         return {"target_sparsity": self.target_sparsity, "total_steps": self.total_steps,
                 "update_every": self.update_every, "start": self.start, "seed": self.seed,
-                "end_fraction": self.end_fraction}
+                "end_fraction": self.end_fraction, "prune_first_conv": self.prune_first_conv,
+                "first_update_weights": self.first_update_weights}
 
     def remove(self) -> None:
         """Detach the pruner from the model (its forward pre-hook); the zeros stay."""
@@ -293,9 +367,11 @@ class FGGP(GradualPruner):
     method = "fggp"
 
     def __init__(self, model: nn.Module, target_sparsity: float, total_steps: int, update_every: int = 2000,
-                 select_ratio: float = 0.5, start: str = "dense", seed: int = 0, end_fraction: float = 0.8):
+                 select_ratio: float = 0.5, start: str = "dense", seed: int = 0, end_fraction: float = 0.8,
+                 prune_first_conv: bool = False, first_update_weights: str = "forward"):
         self.select_ratio = _check_fraction(select_ratio, "select_ratio")
-        super().__init__(model, target_sparsity, total_steps, update_every, start, seed, end_fraction)
+        super().__init__(model, target_sparsity, total_steps, update_every, start, seed, end_fraction,
+                         prune_first_conv, first_update_weights)
 
     def _check_schedule(self) -> None:
         super()._check_schedule()
@@ -323,9 +399,19 @@ class FGGP(GradualPruner):
 
 
 class GMP(GradualPruner):
-    """Gradual magnitude pruning (Zhu and Gupta) on the same cubic schedule: the ``k`` smallest |w| go."""
+    """Gradual magnitude pruning (Zhu and Gupta) on the same cubic schedule: the ``k`` smallest |w| go.
+
+    As the authors' ``main.py`` runs it: the first conv is prunable (its ``--prune-conv1`` defaults to True),
+    and the first update ranks the weights after this step's optimizer update. ``prune_first_conv=False,
+    first_update_weights="forward"`` gives GMP under FGGP's own rules instead."""
 
     method = "gmp"
+
+    def __init__(self, model: nn.Module, target_sparsity: float, total_steps: int, update_every: int = 2000,
+                 start: str = "dense", seed: int = 0, end_fraction: float = 0.8, prune_first_conv: bool = True,
+                 first_update_weights: str = "stepped"):
+        super().__init__(model, target_sparsity, total_steps, update_every, start, seed, end_fraction,
+                         prune_first_conv, first_update_weights)
 
     def select(self, k, R, grads, mags):
         if k > mags.numel():
@@ -342,12 +428,13 @@ class AnnealedPruner(GradualPruner):
 
     def __init__(self, model: nn.Module, target_sparsity: float, total_steps: int, update_every: int = 2000,
                  rate_start: float = 0.5, rate_end: float = 0.0, start: str = "dense", seed: int = 0,
-                 end_fraction: float = 0.8):
+                 end_fraction: float = 0.8, prune_first_conv: bool = False, first_update_weights: str = "forward"):
         for name, v in (("rate_start", rate_start), ("rate_end", rate_end)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
         self.rate_start, self.rate_end = float(rate_start), float(rate_end)
-        super().__init__(model, target_sparsity, total_steps, update_every, start, seed, end_fraction)
+        super().__init__(model, target_sparsity, total_steps, update_every, start, seed, end_fraction,
+                         prune_first_conv, first_update_weights)
 
     def rate_at(self, t: int) -> float:
         return self.rate_end + (self.rate_start - self.rate_end) * (1 + math.cos(math.pi * min(t / self.end_step, 1))) / 2

@@ -416,7 +416,7 @@ def sparse_plots(report: dict, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = list(range(0, pr["total_steps"] + 1, max(1, pr["total_steps"] // 200)))
     start = 1.0 if pr["start"] == "dense" else 0.5
-    ax.plot(steps, [cubic_density(t, pr["end_step"], 1 - report["target_sparsity"], start) for t in steps],
+    ax.plot(steps, [cubic_density(t, pr["end_step"], report["target_sparsity"], start) for t in steps],
             "--", color="gray", label="cubic schedule")
     ups = report["mask_updates"]
     ax.plot([u["step"] for u in ups], [u["density_target"] for u in ups], ".", ms=4, label="mask updates")

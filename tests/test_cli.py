@@ -209,7 +209,9 @@ def test_unstructured_method_run_writes_the_report(tmp_path, capsys, method):
     model.load_state_dict(dense_state)
     weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     zeros = sum(int((w == 0).sum()) for w in weights)
-    assert zeros >= int(0.9 * n) - 1 and int((weights[0] == 0).sum()) == 0     # the first conv stays dense
+    assert zeros >= int(0.9 * n) - 1
+    if method != "gmp":      # the first conv stays dense (GMP prunes it, as the authors' main.py does)
+        assert int((weights[0] == 0).sum()) == 0
     md = (out / "report.md").read_text()
     assert "dense kernels run the pruned model at the dense model's speed" in md and method in md
     assert f"{method}: weight sparsity" in cap.out

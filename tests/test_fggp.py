@@ -2,6 +2,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,17 +42,33 @@ def _opt(model):
 
 # ----------------------------------------------------------------------------- the independent reference
 
+def authors_density(t, end, target_ratio, initial_ratio=100.0):
+    """The authors' schedule, in percent: target_ratio is 100 (1 - target sparsity), 10.0 for 90%."""
+    return target_ratio * 0.01 + 0.01 * (initial_ratio - target_ratio) * (1 - t / end) ** 3
+
+
+def target_ratio_of(target):
+    return round(100 * (1 - target), 9)     # the percentage a user types: 10.0 for 0.9
+
+
 class Reference:
     """The authors' structure: torch.nn.utils.prune masks (weight = weight_orig * mask in a forward pre-hook),
-    and the update written out step by step with sorts."""
+    and the update written out step by step with sorts.
+
+    FGGP and annealed as main_proposed_class_schedule_cifar.py: the first conv is never pruned and every
+    other layer carries a mask from the start. GMP as main.py: every layer is prunable (its --prune-conv1
+    defaults to True) and the masks are put on at the first update, so that update ranks the live weights
+    after the optimizer step."""
 
     def __init__(self, model, target, T, delta, how, rho=0.5, rate=(0.5, 0.0)):
         self.model, self.target, self.T, self.delta, self.how, self.rho, self.rate = model, target, T, delta, how, rho, rate
         layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.all_layers = layers
-        self.layers = layers[1:]                     # the first conv is never pruned
-        for m in self.layers:
-            tprune.identity(m, "weight")
+        self.main_py = how == "gmp"
+        self.layers = layers if self.main_py else layers[1:]
+        if not self.main_py:
+            for m in self.layers:
+                tprune.identity(m, "weight")
         self.N = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in layers)
         self.end = int(0.8 * T)
 
@@ -61,10 +78,14 @@ class Reference:
     def after_optimizer_step(self, t):
         if not (t % self.delta == 0 and t <= self.end):
             return
-        d = (1 - self.target) + (1.0 - (1 - self.target)) * (1 - t / self.end) ** 3
-        Z = sum(int((m.weight == 0).sum()) for m in self.all_layers)   # m.weight: masked, from the last forward
-        k = math.floor(self.N * (1 - d) - Z)
+        d = authors_density(t, self.end, target_ratio_of(self.target))
+        # m.weight: masked, from the last forward (main.py before its first update: the live parameter)
+        Z = sum(int((m.weight == 0).sum()) for m in self.all_layers)
+        k = int(np.floor(self.N * (1 - d) - Z))
         R = self.N - Z
+        if self.main_py and not hasattr(self.layers[0], "weight_mask"):
+            for m in self.layers:
+                tprune.identity(m, "weight")   # weight = weight_orig * 1: the live weights after this step
         if k <= 0:
             return
         mask = torch.cat([m.weight_mask.flatten() for m in self.layers]).bool()
@@ -120,7 +141,7 @@ def test_masks_equal_the_independent_implementation_after_every_update(how):
         for a, b in zip(ours_masks, ref_masks):
             assert torch.equal(a, b), f"{how}: masks differ after the update at step {t}"
     # the effective weights of both trainings stay equal (the same trajectory for every active weight)
-    for name in ("conv2", "conv3", "fc1", "fc2"):
+    for name in ("conv1", "conv2", "conv3", "fc1", "fc2") if how == "gmp" else ("conv2", "conv3", "fc1", "fc2"):
         theirs_w = getattr(theirs, name).weight_orig * getattr(theirs, name).weight_mask
         torch.testing.assert_close(getattr(ours, name).weight, theirs_w, rtol=0, atol=0)
 
@@ -129,8 +150,8 @@ def test_density_follows_the_cubic_schedule_and_hits_the_target_at_0_8_T():
     pruner, _, history, _, _ = _train_both("fggp", target=0.9, T=60, delta=6)
     N = pruner.N
     for t, record, _, _, sp in history:
-        d = fggp.cubic_density(t, 48, 0.1)
-        assert record["density_target"] == pytest.approx(d)
+        d = authors_density(t, 48, 10.0)
+        assert record["density_target"] == d
         # after the update exactly floor(N (1 - d_t)) entries are zero
         assert N - sp["nonzeros"] == math.floor(N * (1 - d)), t
     t, record, _, _, sp = history[-1]
@@ -209,25 +230,145 @@ def test_state_dict_refuses_another_configuration():
         p1.load_state_dict({"t": 3})
 
 
-def test_erk50_start():
+def _erk_solved(shapes, density):
+    """ERK densities solved directly: the dense layers are the smallest set D, taken in decreasing order of
+    sum(shape) / prod(shape), for which eps = (density * W - |D|) / sum of sum(shape) outside D keeps every
+    other layer's eps * sum(shape) / prod(shape) at or below 1 (W: all weights, |D|: the weights in D)."""
+    W = sum(math.prod(s) for s in shapes.values())
+    order = sorted(shapes, key=lambda n: -sum(shapes[n]) / math.prod(shapes[n]))
+    for j in range(len(order) + 1):
+        dense, rest = order[:j], order[j:]
+        eps = (density * W - sum(math.prod(shapes[n]) for n in dense)) / sum(sum(shapes[n]) for n in rest)
+        if all(eps * sum(shapes[n]) / math.prod(shapes[n]) <= 1 for n in rest):
+            return {n: 1.0 if n in dense else eps * sum(shapes[n]) / math.prod(shapes[n]) for n in shapes}
+
+
+class WideFirst(nn.Module):
+    """A first conv that ERK does not keep dense (three equal convs; the small Linear stays dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
+        return self.fc(torch.tanh(self.conv3(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("net", [Net, WideFirst])
+def test_erk50_start_spends_the_budget_over_every_layer_with_seeded_bernoulli_masks(net):
     torch.manual_seed(0)
-    model = Net()
-    pruner = pp.FGGP(model, 0.9, 50, update_every=5, start="erk50", seed=3)
-    kept = sum(int(m.sum()) for m in pruner.masks)
-    total = sum(m.numel() for m in pruner.masks)
-    assert abs(kept / total - 0.5) < 0.01
-    dens = [float(m.float().mean()) for m in pruner.masks]
-    erk = fggp.erk_densities({n: tuple(p.shape) for n, p in zip(pruner.names, pruner.params)}, 0.5)
-    for m, name, p in zip(pruner.masks, pruner.names, pruner.params):
-        assert int(m.sum()) == round(erk[name] * p.numel())
-    assert dens[-1] > 2 * dens[1]     # ERK: fc2 (5x24) far denser than conv3 (8x8x3x3)
-    for p, m in zip(pruner.params, pruner.masks):
+    model = net()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    shapes = {n: tuple(m.weight.shape) for n, m in layers}
+    expected = _erk_solved(shapes, 0.5)
+    got = fggp.erk_densities(shapes, 0.5)
+    assert got.keys() == expected.keys()
+    for n in shapes:
+        assert got[n] == pytest.approx(expected[n], rel=1e-12, abs=1e-15), n
+    # the budget: half of all Conv2d/Linear weights, the first conv included
+    assert sum(expected[n] * math.prod(s) for n, s in shapes.items()) == pytest.approx(0.5 * sum(
+        math.prod(s) for s in shapes.values()))
+    target = 0.9 if net is Net else 0.6      # WideFirst's first conv holds a third of its weights
+    pruner = pp.FGGP(model, target, 50, update_every=5, start="erk50", seed=3)
+    g = torch.Generator().manual_seed(3)
+    draws = {n: torch.rand(m.weight.shape, generator=g) < expected[n] for n, m in layers}   # module order
+    assert pruner.names == [n for n, _ in layers[1:]]
+    for name, m in zip(pruner.names, pruner.masks):
+        assert torch.equal(m, draws[name]), name
+    (first_mask,) = pruner.fixed_masks
+    assert torch.equal(first_mask, draws["conv1"])
+    for p, m in zip(pruner.params + pruner.fixed_weights, pruner.masks + pruner.fixed_masks):
         assert bool((p[~m] == 0).all())
     assert pruner.density_at(0) == 0.5
-    again = pp.FGGP(Net(), 0.9, 50, update_every=5, start="erk50", seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(pruner.masks, again.masks))
+    again = pp.FGGP(net(), target, 50, update_every=5, start="erk50", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(pruner.masks + pruner.fixed_masks, again.masks + again.fixed_masks))
+    if net is WideFirst:
+        assert expected["conv1"] < 1 and not bool(first_mask.all())    # the first conv is masked too
+        # ... and keeps that mask, and no more, through training and mask updates
+        opt = _opt(model)
+        g = torch.Generator().manual_seed(4)
+        for _ in range(40):
+            opt.zero_grad()
+            F.cross_entropy(model(torch.randn(8, 16, 6, 6, generator=g)), torch.randint(0, 5, (8,), generator=g)).backward()
+            opt.step()
+            pruner.step()
+        assert torch.equal(model.conv1.weight != 0, first_mask)
+        state = pruner.state_dict()
+        pruner.fixed_masks = [torch.ones_like(first_mask)]
+        pruner.load_state_dict(state)
+        assert torch.equal(pruner.fixed_masks[0], first_mask)
+    else:
+        assert expected["fc2"] == 1.0 and expected["conv1"] == 1.0    # the two densest layers stay dense
     with pytest.raises(ValueError, match="starting sparsity"):
-        pp.FGGP(Net(), 0.4, 50, update_every=5, start="erk50")
+        pp.FGGP(net(), 0.4, 50, update_every=5, start="erk50")
+
+
+def test_removals_follow_the_authors_percent_arithmetic_over_a_scan():
+    """k = int(np.floor(N (1 - d_t) - Z)) with d_t computed in percent, over many (N, t) pairs."""
+    differ = 0
+    for target in (0.5, 0.7, 0.9, 0.95, 0.98):
+        tr = target_ratio_of(target)
+        for T, delta in ((150, 5), (100, 1), (1000, 10)):
+            end = int(0.8 * T)
+            for N in list(range(1000, 30000, 37)) + [21780]:
+                for t in range(delta, end + 1, delta):
+                    ours = math.floor(N * (1 - fggp.cubic_density(t, end, target)))
+                    theirs = int(np.floor(N * (1 - authors_density(t, end, tr))))
+                    assert ours == theirs, (target, N, t)
+                    plain = math.floor(N * (1 - ((1 - target) + target * (1 - t / end) ** 3)))
+                    differ += plain != theirs
+    assert differ > 0       # the scan holds points where the fraction arithmetic removes one weight more
+    # the boundary case measured on the authors' code: 13793.999999999996 there, 13794.0 in fraction arithmetic
+    assert 21780 * (1 - fggp.cubic_density(40, 120, 0.9)) == 13793.999999999996
+    assert fggp.cubic_density(120, 120, 0.9) == 10.0 * 0.01
+    assert fggp.cubic_density(0, 120, 0.9, 0.5) == 10.0 * 0.01 + 0.01 * (50.0 - 10.0)
+
+
+class Wide(nn.Module):
+    """N = 21,780 Conv2d/Linear weights and biases: the first conv (40) and one Linear (21,740)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(21739, 1)
+
+    def forward(self, x):
+        return self.fc(x) + self.conv1(x[:, :9].view(-1, 1, 3, 3)).sum((1, 2, 3)).unsqueeze(1)
+
+
+@pytest.mark.parametrize("how", ["fggp", "gmp"])
+def test_the_boundary_update_removes_what_the_authors_code_removes(how):
+    """The issue's case: N = 21,780, target 0.9, T = 150, an update every 5 steps: at t = 40 the authors'
+    density gives N (1 - d) = 13793.999999999996, so 13,793 weights are zero after that update, not 13,794."""
+    torch.manual_seed(0)
+    model = Wide()
+    cls = {"fggp": pp.FGGP, "gmp": fggp.GMP}[how]
+    pruner = cls(model, 0.9, 150, update_every=5, prune_first_conv=True)
+    assert pruner.N == 21780
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, 41):
+        opt.zero_grad()
+        model(torch.randn(4, 21739, generator=g)).square().mean().backward()
+        opt.step()
+        record = pruner.step()
+    assert record["step"] == 40 and record["Z"] + record["k"] == 13793
+    assert pruner.N - pruner.sparsity()["nonzeros"] == 13793
+
+
+def test_gmp_first_update_ranks_the_weights_after_the_optimizer_step():
+    """main.py's GMP: no masks before the first update, so it ranks the live weights after optimizer.step();
+    ranking the forward pass's weights there (FGGP's rule) gives other masks."""
+    _, _, history, _, _ = _train_both("gmp")
+    t, _, ours, theirs, _ = history[0]
+    assert t == 6 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    _, _, other, _, _ = _train_both("gmp", first_update_weights="forward")
+    assert not all(torch.equal(a, b) for a, b in zip(other[0][2], theirs))
+    assert all(torch.equal(a, b) for a, b in zip(other[0][3], theirs))      # the same reference run
 
 
 @pytest.mark.parametrize("kwargs,match", [
