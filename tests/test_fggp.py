@@ -383,11 +383,19 @@ def test_gmp_first_update_ranks_the_weights_after_the_optimizer_step():
     ({"select_ratio": 1.5}, "select_ratio"),
     ({"start": "sparse"}, "start must be one of"),
     ({"target_sparsity": 0.99, "total_steps": 20, "update_every": 8}, "too coarse"),
+    ({"first_update_weights": "later"}, "first_update_weights must be one of forward, stepped"),
 ])
 def test_bad_configuration_is_refused(kwargs, match):
     args = {"target_sparsity": 0.9, "total_steps": 100, "update_every": 10} | kwargs
     with pytest.raises(ValueError, match=match):
         pp.FGGP(Net(), **args)
+
+
+def test_prune_first_conv_must_be_a_bool():
+    with pytest.raises(TypeError, match="prune_first_conv must be a bool, got 'yes'"):
+        fggp.GMP(Net(), 0.9, 100, update_every=10, prune_first_conv="yes")
+    gmp, ours = fggp.GMP(Net(), 0.9, 100, update_every=10), pp.FGGP(Net(), 0.9, 100, update_every=10)
+    assert gmp.names[0] == "conv1" and ours.names[0] == "conv2" and ours.fixed_names == ["conv1"]
 
 
 def test_schedule_not_aligned_with_updates_warns():
