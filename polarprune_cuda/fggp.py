@@ -173,7 +173,6 @@ class GradualPruner:
         fixed = set() if prune_first_conv else {first_conv}
         self.model = model
         self.counted = [m.weight for _, m in layers] + [m.bias for _, m in layers if m.bias is not None]
-        self.layer_names = [n for n, _ in layers]
         self.fixed_names = [n for n, _ in layers if n in fixed]
         self.fixed_weights = [m.weight for n, m in layers if n in fixed]
         self.names = [n for n, _ in layers if n not in fixed]
