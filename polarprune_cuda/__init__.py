@@ -22,6 +22,7 @@ from .cost import CostModel
 from .fggp import FGGP, GMP, AnnealedPruner
 from .loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
 from .models import resnet20, resnet32, resnet44, resnet56, resnet110
+from .budget import BudgetResult, meet_target
 from .surgery import (
     UnsupportedModelError,
     attach_gates,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnnealedPruner",
+    "BudgetResult",
     "BackendUnavailableError",
     "FGGP",
     "GMP",
@@ -55,6 +57,7 @@ __all__ = [
     "depth",
     "extract",
     "kept_channels",
+    "meet_target",
     "load_pruned",
     "predicted_count",
     "predicted_depth",

@@ -129,6 +129,7 @@ def build_report(result, command: list[str], latency: dict, energy: dict, latenc
         "seconds": result.seconds,
         "baseline_curve": None if result.baseline is None else result.baseline["test_accuracy"],
         "blocks": result.blocks,
+        "budget": getattr(result.history, "budget", None) or None,
     }
     acc = report["accuracy"]
     if acc["baseline"] is not None:
@@ -182,9 +183,11 @@ def markdown(report: dict) -> str:
     lines = [
         f"# One-pass pruning: {cfg['model']} on {report['data']['name']}",
         "",
-        f"Target: {100 * report['target_sparsity']:.0f}% of {report['cost']} removed; achieved "
+        f"Target: {100 * report['target_sparsity']:.1f}% of {report['cost']} removed; achieved "
         f"**{100 * report['achieved_sparsity']:.1f}%** ({_channels_text(report)}"
-        f"params {100 * report['sparsity']['params']:.1f}%, MACs {100 * report['sparsity']['macs']:.1f}%).",
+        f"params {100 * report['sparsity']['params']:.1f}%, MACs {100 * report['sparsity']['macs']:.1f}%)."
+        + (f" The target is out of reach: {report['budget']['reason']}." if (report.get("budget") or {}).get("reason")
+           else ""),
         "",
         "| | dense | pruned (extracted) |",
         "|---|---:|---:|",
@@ -311,8 +314,11 @@ def print_table(report: dict, stream=None) -> None:
         return
     _print_rows([("", "dense", "pruned")] + summary_rows(report), stream)
     print(f"achieved {report['cost']} sparsity {100 * report['achieved_sparsity']:.1f}% "
-          f"(target {100 * report['target_sparsity']:.0f}%), latency speedup {report['latency']['speedup']:.2f}x",
+          f"(target {100 * report['target_sparsity']:.1f}%), latency speedup {report['latency']['speedup']:.2f}x",
           file=stream)
+    reason = (report.get("budget") or {}).get("reason")
+    if reason:
+        print(f"target out of reach: {reason}", file=stream)
     blocks = report.get("blocks")
     if blocks:
         print(f"removed blocks ({len(blocks['removed'])} of {len(blocks['gated'])}): "

@@ -31,6 +31,7 @@ from .gates import find_bank
 from .loss import PolarizationLoss, gate_stats, ramp
 from .models import build_model
 from .blocks import depth
+from .budget import meet_target
 from .surgery import attach_gates, count, extract, kept_channels, predicted_depth, save_pruned
 
 CHECKPOINT_FORMAT = 1
@@ -294,6 +295,7 @@ class History:
     epoch_step: list = field(default_factory=list)       # global step at the end of each epoch
     step: list = field(default_factory=list)             # step trace of the density the loss sees
     step_density: list = field(default_factory=list)
+    budget: dict = field(default_factory=dict)           # what meet_target chose when the gates froze
 
 
 def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
@@ -363,6 +365,8 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
                                           pad=data.pad, flip=data.flip)
             for xb, yb in _progress(batch_iter, progress, total=steps_per_epoch, leave=False, unit="step",
                                     desc=f"epoch {epoch + 1}"):
+                if gated and step == freeze:   # the gates stop here: from now on the final architecture
+                    history.budget = _meet_target(model, cfg)
                 part = dist_mod.shard(len(yb), info)
                 if part is None:   # fewer samples than ranks: every rank skips it alike
                     step += 1
@@ -445,10 +449,18 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
             dist_mod.barrier(info)
             if interrupt_after is not None and epoch + 1 >= interrupt_after:
                 raise KeyboardInterrupt
+        if gated and freeze >= total:   # the gates trained to the end: meet the target now
+            history.budget = _meet_target(model, cfg)
     finally:
         if info.enabled:
             dist_mod.disable_sync_batchnorm(model)
     return history
+
+
+def _meet_target(model: nn.Module, cfg: PruneConfig) -> dict:
+    """The exact budget when the gates freeze (budget.py): the hard gates become the set that meets the target."""
+    result = meet_target(model, cfg.target_sparsity, cfg.cost)
+    return result.to_dict()
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -544,12 +556,12 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
     spec = small.polarprune_spec
     kept = sum(len(g["kept"]) for g in spec["groups"])
     total = sum(g["channels"] for g in spec["groups"])
-    if not cfg.channel_gates:   # blocks only: the channels inside the branches, kept with their block
+    if cfg.blocks:   # with block gates: channels inside a removed branch go with it (the channels cost model)
         bank = find_bank(model)
         if "channels" not in bank.unavailable:
             cm = bank.cost_model("channels")
             keep = torch.cat(kept_channels(model, warn=False)).float().to(bank.scores.device)
-            kept, total = int(round(float(cm.cost(keep)))), int(round(cm.total))
+            kept, total = int(round(float(cm.cost(bank.effective(keep))))), int(round(cm.total))
     blocks = None
     if cfg.blocks:
         blocks = {"gated": [b["name"] for b in spec["blocks"]], "removed": list(spec["removed_blocks"]),

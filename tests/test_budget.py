@@ -1,0 +1,196 @@
+"""The exact budget (budget.py): every run ends at the target sparsity, whatever its length.
+
+All assertions are exact by construction (counts of the extracted network,
+chosen gate sets), never closeness after training.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+import polarprune_cuda as pp
+from polarprune_cuda import budget, trainer
+from polarprune_cuda.budget import TOLERANCE, meet_target, select_gates
+from polarprune_cuda.surgery import count, kept_channels
+
+TARGETS = (0.0, 0.3, 0.5, 0.7, 0.9)
+COSTS = ("channels", "params", "macs")
+X = torch.randn(2, 1, 8, 8)
+
+
+def gated_resnet(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = pp.resnet20(num_classes=10, in_channels=1)
+    pp.attach_gates(m, X, **({"min_channels": 1} | kw))
+    with torch.no_grad():
+        pp.find_bank(m).scores.copy_(torch.randn(pp.find_bank(m).scores.shape, generator=torch.Generator().manual_seed(seed)))
+    return m
+
+
+def achieved(model, cost):
+    """Sparsity of the extracted network, counted on it (channels: kept over gated, blocks remove theirs)."""
+    small = pp.extract(model, X)
+    if cost == "channels":
+        bank = pp.find_bank(model)
+        cm = bank.cost_model("channels")
+        keep = bank.effective(torch.cat(kept_channels(model, warn=False)).float())
+        return 1 - float(cm.cost(keep)) / cm.total, small
+    dense = pp.find_bank(model).surgery.dense
+    return 1 - count(small, X)[cost] / dense[cost], small
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["channel-gates", "channel-and-block-gates"])
+@pytest.mark.parametrize("cost", COSTS)
+def test_meet_target_hits_every_target_on_random_scores(cost, blocks):
+    for target in TARGETS + (0.95,):
+        m = gated_resnet(blocks=blocks)
+        result = meet_target(m, target, cost)
+        got, _ = achieved(m, cost)
+        assert abs(got - target) <= TOLERANCE, (target, got)
+        assert result.reason is None and result.within_tolerance
+        assert got == pytest.approx(result.achieved_sparsity, abs=1e-9)   # what it reports is what extract gives
+        if target == 0:
+            assert bool((pp.find_bank(m).scores > 0).all())   # target 0 removes nothing
+
+
+def test_meet_target_follows_the_scores_and_is_deterministic():
+    m = gated_resnet()
+    s0 = pp.find_bank(m).scores.detach().clone()
+    chosen, r1 = select_gates(m, 0.5, "macs")
+    chosen2, r2 = select_gates(m, 0.5, "macs")
+    assert torch.equal(chosen, chosen2) and r1 == r2
+    meet_target(m, 0.5, "macs")
+    s1 = pp.find_bank(m).scores.detach()
+    assert torch.equal((s1 > 0).double(), chosen)
+    assert torch.equal(s1.abs().clamp(min=1e-3), s0.abs().clamp(min=1e-3))   # only signs change
+    # every gate kept outranks most gates removed: the cut follows the score order (the fill may skip a
+    # few expensive ones, so compare medians)
+    assert float(s0[chosen > 0].median()) > float(s0[chosen == 0].median())
+
+
+def test_predicted_count_equals_the_extracted_count_after_meet_target():
+    m = gated_resnet()
+    meet_target(m, 0.6, "params")
+    small = pp.extract(m, X)
+    assert pp.predicted_count(m) == {k: count(small, X)[k] for k in ("params", "macs")}
+
+
+def test_min_channels_floor_is_the_nearest_achievable_and_says_why():
+    m = gated_resnet(min_channels=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the guard is met by the choice, so kept_channels adds nothing
+        result = meet_target(m, 0.95, "channels")
+        got, _ = achieved(m, "channels")
+    record = pp.find_bank(m).surgery
+    floor = sum(min(g.size, math.ceil(min(8, g.channels) / g.repeat)) for g in record.groups)
+    total = sum(g.size for g in record.groups)
+    assert got == pytest.approx(1 - floor / total, abs=1e-12)
+    assert not result.within_tolerance and "min_channels=8" in result.reason
+    assert f"{100 * (1 - floor / total):.2f}%" in result.reason
+
+
+def test_round_to_keeps_widths_in_steps_and_lands_within_one_step():
+    m = gated_resnet(round_to=8)
+    result = meet_target(m, 0.5, "channels")
+    record = pp.find_bank(m).surgery
+    masks = kept_channels(m, warn=False)
+    for g, mask in zip(record.groups, masks):
+        kept = int(mask.sum())
+        assert kept % 8 == 0 or kept == g.size, (g.name, kept)
+    got, _ = achieved(m, "channels")
+    assert got == pytest.approx(result.achieved_sparsity, abs=1e-12)
+    total = sum(g.size for g in record.groups)
+    # within the tolerance, or else the reason names round_to and the gap is under one step of 8 channels
+    assert result.within_tolerance or ("round_to=8" in result.reason and abs(got - 0.5) <= 8 / total)
+
+
+def test_block_only_gates_reach_the_nearest_point_of_the_score_order_and_say_so():
+    m = gated_resnet(channels=False, blocks=True)
+    result = meet_target(m, 0.5, "macs")
+    got, _ = achieved(m, "macs")
+    assert got == pytest.approx(result.achieved_sparsity, abs=1e-12)
+    if not result.within_tolerance:
+        assert "block gates remove whole blocks" in result.reason
+
+
+@pytest.mark.parametrize("bad, match", [(1.0, "target_sparsity"), (-0.1, "target_sparsity"),
+                                        ("0.5", "target_sparsity"), (float("nan"), "target_sparsity")])
+def test_bad_target_is_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        meet_target(gated_resnet(), bad, "macs")
+
+
+def test_bad_cost_and_ungated_model_are_named():
+    with pytest.raises(ValueError, match="cost must be one of"):
+        meet_target(gated_resnet(), 0.5, "flops")
+    with pytest.raises(ValueError, match="attach_gates"):
+        meet_target(pp.resnet20(num_classes=10, in_channels=1), 0.5, "macs")
+
+
+def test_user_loop_gets_the_same_guarantee():
+    """A hand-written loop: penalty for a few steps, meet_target once, then the weights train the final net."""
+    m = gated_resnet()
+    opt = trainer.make_optimizer(m, lr=0.05)
+    loss_fn = pp.PolarizationLoss(0.7, cost="params")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(m(x), y) + loss_fn(m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    result = meet_target(m, 0.7, "params")
+    hard = (pp.find_bank(m).scores > 0).clone()
+    opt.param_groups[1]["lr"] = 0.0   # the gates freeze; the weights go on
+    for _ in range(2):
+        x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(pp.find_bank(m).scores > 0, hard)
+    got, _ = achieved(m, "params")
+    assert abs(got - 0.7) <= TOLERANCE and got == pytest.approx(result.achieved_sparsity, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+def tiny_config(**kw):
+    base = dict(model="resnet20", dataset="digits", epochs=2, batch_size=32, max_train=64, max_test=32,
+                min_channels=1, seed=0)
+    return trainer.PruneConfig(**(base | kw))
+
+
+def run_achieved(result, cost):
+    if cost == "channels":
+        kept, total = result.channels
+        return 1 - kept / total
+    return 1 - result.pruned_count[cost] / result.dense_count[cost]
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["channel-gates", "channel-and-block-gates"])
+@pytest.mark.parametrize("cost", COSTS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_two_epoch_run_ends_at_the_target(tmp_path, target, cost, blocks):
+    cfg = tiny_config(target_sparsity=target, cost=cost, blocks=blocks)
+    result = trainer.run_prune(cfg, tmp_path, progress=False)
+    got = run_achieved(result, cost)
+    assert abs(got - target) <= TOLERANCE, (target, cost, got)
+    assert result.history.budget["reason"] is None
+    if target == 0:
+        assert result.pruned_count == result.dense_count
+
+
+def test_gates_that_train_to_the_end_still_meet_the_target(tmp_path):
+    cfg = tiny_config(target_sparsity=0.4, cost="macs", epochs=1, freeze_gates_at=1.0)
+    result = trainer.run_prune(cfg, tmp_path, progress=False)
+    assert abs(run_achieved(result, "macs") - 0.4) <= TOLERANCE
+
+
+def test_the_run_reports_an_unreachable_target(tmp_path):
+    cfg = tiny_config(target_sparsity=0.95, cost="channels", min_channels=8)
+    result = trainer.run_prune(cfg, tmp_path, progress=False)
+    assert "min_channels=8" in result.history.budget["reason"]
+    assert result.history.budget["achieved_sparsity"] == pytest.approx(run_achieved(result, "channels"), abs=1e-12)
+    assert budget.TOLERANCE == 0.005
