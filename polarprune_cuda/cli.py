@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="epochs over which the penalty weight ramps to its full value")
     p.add_argument("--freeze-gates-at", type=float, default=DEFAULTS.freeze_gates_at,
                    help="fraction of training after which the gates stop moving and the weights settle")
+    p.add_argument("--score-init", type=float, default=DEFAULTS.score_init,
+                   help="initial gate score (gate probability sigmoid(score-init))")
+    p.add_argument("--ste", default=DEFAULTS.ste, choices=("identity", "clipped", "sigmoid"),
+                   help="straight-through estimator of the hard gates' gradient")
+    p.add_argument("--target-control", default=DEFAULTS.target_control, choices=("penalty", "dual"),
+                   help="penalty: fixed-weight quadratic density term; dual: its target moved by dual ascent")
+    p.add_argument("--dual-lr", type=float, default=DEFAULTS.dual_lr, help="step of the dual ascent")
+    p.add_argument("--freeze-lr-scale", type=float, default=DEFAULTS.freeze_lr_scale,
+                   help="weights' learning rate after the gates freeze, times the cosine schedule's")
     p.add_argument("--blocks", action="store_true",
                    help="also gate every residual block's branch; closed blocks are replaced by their shortcut")
     p.add_argument("--blocks-only", action="store_true", help="gate residual blocks only, no channel gates")
@@ -97,7 +106,9 @@ def _config(args) -> PruneConfig:
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, gate_lr=args.gate_lr,
         target_weight=args.target_weight, polarization_weight=args.polarization_weight,
         polarization=args.polarization, warmup_epochs=args.warmup_epochs, ramp_epochs=args.ramp_epochs,
-        freeze_gates_at=args.freeze_gates_at, min_channels=args.min_channels, round_to=args.round_to,
+        freeze_gates_at=args.freeze_gates_at, score_init=args.score_init, ste=args.ste,
+        target_control=args.target_control, dual_lr=args.dual_lr, freeze_lr_scale=args.freeze_lr_scale,
+        min_channels=args.min_channels, round_to=args.round_to,
         finetune_epochs=args.finetune_epochs, seed=args.seed, small_input=args.small_input, init=args.init,
         max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=device,
         method=args.method, update_every=args.update_every, select_ratio=args.select_ratio, start=args.start,

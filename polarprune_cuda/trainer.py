@@ -37,6 +37,7 @@ from .surgery import attach_gates, count, extract, kept_channels, predicted_dept
 CHECKPOINT_FORMAT = 1
 #: polar: one-pass channel pruning with gates; the others: gradual unstructured pruning (fggp.py)
 METHODS = ("polar", "fggp", "gmp", "annealed")
+TARGET_CONTROLS = ("penalty", "dual")
 
 
 class CheckpointError(RuntimeError):
@@ -65,6 +66,15 @@ class PruneConfig:
     warmup_epochs: float = 1.0
     ramp_epochs: float = 4.0
     freeze_gates_at: float = 0.8
+    # gate scores: initial value (p = sigmoid(score_init)), straight-through estimator
+    score_init: float = 1.0
+    ste: str = "identity"
+    # how the density follows the target: "penalty" (fixed-weight quadratic term) or "dual" (its target
+    # shifted by a multiplier updated by dual ascent every step, so the soft density tracks the target)
+    target_control: str = "penalty"
+    dual_lr: float = 0.05
+    # the weights' learning rate after the gates freeze, as a multiple of the cosine schedule's
+    freeze_lr_scale: float = 1.0
     min_channels: int = 4
     round_to: int | None = None
     finetune_epochs: int = 0
@@ -132,6 +142,16 @@ class PruneConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be a number >= 0, got {v!r}")
+        if self.target_control not in TARGET_CONTROLS:
+            raise ValueError(f"target-control must be one of {', '.join(TARGET_CONTROLS)}, got {self.target_control!r}")
+        if self.ste not in ("identity", "clipped", "sigmoid"):
+            raise ValueError(f"ste must be identity, clipped or sigmoid, got {self.ste!r}")
+        for name in ("score_init", "dual_lr", "freeze_lr_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or (name != "score_init" and v < 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a finite number"
+                                 f"{'' if name == 'score_init' else ' >= 0'}, got {v!r}")
         if not 0 < self.freeze_gates_at <= 1:
             raise ValueError(f"freeze-gates-at must be in (0, 1], got {self.freeze_gates_at!r}")
         if self.finetune_epochs < 0:
@@ -183,10 +203,13 @@ def _scale_block_gradients(bank) -> None:
     bank._block_grad_hook = bank.scores.register_hook(lambda grad: grad * scale.to(grad.dtype))
 
 
-def lr_lambdas(total_steps: int, freeze_step: int | None, warmup_steps: int = 0) -> list[Callable[[int], float]]:
-    """Cosine decay for the weights; the gate scores move only between warm-up and ``freeze_step``."""
+def lr_lambdas(total_steps: int, freeze_step: int | None, warmup_steps: int = 0,
+               freeze_lr_scale: float = 1.0) -> list[Callable[[int], float]]:
+    """Cosine decay for the weights (times ``freeze_lr_scale`` from ``freeze_step`` on); the gate scores move
+    only between warm-up and ``freeze_step``."""
     def cosine(step):
-        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+        scale = freeze_lr_scale if freeze_step is not None and step >= freeze_step else 1.0
+        return scale * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
     def gates(step):
         return 1.0 if warmup_steps <= step and (freeze_step is None or step < freeze_step) else 0.0
@@ -318,12 +341,14 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
                                    target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
                                    schedule=penalty_schedule(steps_per_epoch, cfg.warmup_epochs, cfg.ramp_epochs))
         loss_fn.arm(model)
+    dual = gated and cfg.target_control == "dual"
+    rho, dual_shift = 1.0 - cfg.target_sparsity, 0.0
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay, cfg.gate_lr, cfg.target_weight)
     freeze = int(cfg.freeze_gates_at * total) if gated else None
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if gated else 0
-    lambdas = lr_lambdas(total, freeze, warmup)[: len(opt.param_groups)]
+    lambdas = lr_lambdas(total, freeze, warmup, cfg.freeze_lr_scale if gated else 1.0)[: len(opt.param_groups)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     history = History()
@@ -340,6 +365,10 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
             scaler.load_state_dict(state["scaler"])
         if loss_fn is not None:
             loss_fn.step = state["loss_step"]
+            dual_shift = float(state.get("dual_shift", 0.0))
+            if dual:
+                loss_fn.target_sparsity = min(1.0, max(0.0, 1.0 - (rho - dual_shift)))
+                loss_fn.arm(model)
         if pruner is not None:
             pruner.load_state_dict(state["pruner"])
         history = History(**state["history"])
@@ -394,6 +423,12 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
                 scaler.update()
                 if pruner is not None:
                     pruner.step()
+                if dual and loss_fn.last_terms is not None and loss_fn.weights(step)[0] > 0 \
+                        and (freeze is None or step < freeze):
+                    # dual ascent: the multiplier of the constraint d = rho moves the quadratic term's target
+                    dual_shift = min(1.0, max(-1.0, dual_shift + cfg.dual_lr * (float(loss_fn.last_terms[0]) - rho)))
+                    loss_fn.target_sparsity = min(1.0, max(0.0, 1.0 - (rho - dual_shift)))
+                    loss_fn.arm(model)   # the next forward pass computes the terms for the moved target
                 sched.step()
                 total_loss += task.detach() * (share / info.world_size)
                 n_batches += 1
@@ -441,6 +476,7 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
                     "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "loss_step": loss_fn.step if loss_fn is not None else 0,
+                    "dual_shift": dual_shift,
                     "pruner": pruner.state_dict() if pruner is not None else None,
                     "history": asdict(history),
                     "rng": torch.get_rng_state(),
@@ -534,7 +570,7 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
     dense_count = count(dense, example)
     model = build(cfg, data)
     attach_gates(model, example, min_channels=cfg.min_channels, round_to=cfg.round_to, blocks=cfg.blocks,
-                 channels=cfg.channel_gates)
+                 channels=cfg.channel_gates, ste=cfg.ste, init=cfg.score_init)
     history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=True, epochs=cfg.epochs,
                    lr=cfg.lr, label="prune", interrupt_after=interrupt_after, **fit)
     gated_acc = evaluate(model, data.test_x, data.test_y, **ev)

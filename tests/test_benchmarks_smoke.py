@@ -171,3 +171,29 @@ def test_blocks_comparison_runs_and_reuses_finished_runs(tmp_path):
     assert again["variants"] == res["variants"]
     with pytest.raises(SystemExit, match="target-sparsity"):
         _load("blocks_compare").main(args + ["--target-sparsity", "1.5"])
+
+
+def test_equal_budget_arms_share_the_budget_and_resume(tmp_path):
+    eb = _load("equal_budget")
+    args = ["--preset", "digits", "--epochs", "3", "--max-train", "96", "--seeds", "0", "--quiet", "--no-write",
+            "--work", str(tmp_path / "work")]
+    report = eb.main(args)
+    rows = {r["arm"]: r for r in report["rows"]}
+    assert set(rows) == set(eb.ARMS)
+    assert abs(rows["one-pass"]["sparsity"]["macs"] - 0.5) <= 0.005        # the exact target
+    assert rows["dense"]["sparsity"]["macs"] == 0
+    # Torch-Pruning's ratio is bisected to the one-pass MACs; from scratch is the same architecture
+    assert abs(rows["train-prune-finetune"]["sparsity"]["macs"] - rows["one-pass"]["sparsity"]["macs"]) <= 0.02
+    assert rows["from-scratch"]["pruned"] == rows["train-prune-finetune"]["pruned"]
+    assert rows["train-prune-finetune"]["split"] == [2, 1]
+    # finished arms are read back, not rerun
+    again = eb.main(args)
+    assert [r["seconds"] for r in again["rows"]] == [r["seconds"] for r in report["rows"]]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{eb.START}\nold\n{eb.END}\nrest\n")
+    result = tmp_path / "equal-budget-x.json"
+    result.write_text(json.dumps(report))
+    eb.update_readme([result], readme)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert text.count("| digits") == 4 and "from-scratch" in text

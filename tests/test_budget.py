@@ -194,3 +194,36 @@ def test_the_run_reports_an_unreachable_target(tmp_path):
     assert "min_channels=8" in result.history.budget["reason"]
     assert result.history.budget["achieved_sparsity"] == pytest.approx(run_achieved(result, "channels"), abs=1e-12)
     assert budget.TOLERANCE == 0.005
+
+
+def test_dual_control_resumes_bit_identically(tmp_path):
+    """The dual multiplier lives in the checkpoint: interrupted + --resume equals uninterrupted (same layout)."""
+    cfg = tiny_config(epochs=3, target_control="dual", warmup_epochs=0.5, ramp_epochs=0.5, freeze_gates_at=0.9)
+    full = trainer.run_prune(cfg, tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_prune(cfg, tmp_path / "cut", progress=False, interrupt_after=1)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert state["dual_shift"] != 0.0   # the multiplier moved during the first epoch
+    resumed = trainer.run_prune(cfg, tmp_path / "cut", progress=False, resume=True)
+    a, b = full.gated_model.state_dict(), resumed.gated_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full.history.budget == resumed.history.budget
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("target_control", "pid", "target-control must be one of penalty, dual"),
+    ("ste", "hard", "ste must be identity, clipped or sigmoid"),
+    ("score_init", float("nan"), "score-init must be a finite number"),
+    ("dual_lr", -1.0, "dual-lr must be a finite number >= 0"),
+    ("freeze_lr_scale", -0.5, "freeze-lr-scale must be a finite number >= 0"),
+])
+def test_recipe_lever_errors_name_the_option(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**{field: value}).validate()
+
+
+def test_freeze_lr_scale_scales_the_weights_after_the_freeze_only():
+    weights, gates = trainer.lr_lambdas(100, 40, 10, freeze_lr_scale=0.25)
+    plain, _ = trainer.lr_lambdas(100, 40, 10)
+    assert weights(39) == plain(39) and weights(40) == 0.25 * plain(40) and weights(99) == 0.25 * plain(99)
+    assert gates(9) == 0 and gates(10) == 1 and gates(39) == 1 and gates(40) == 0
