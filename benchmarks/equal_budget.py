@@ -48,6 +48,10 @@ PRESETS = {
     "fashion": {"dataset": "fashion-mnist", "epochs": 15, "batch_size": 128, "lr": 0.1, "max_train": None},
 }
 ARMS = ("dense", "one-pass", "train-prune-finetune", "from-scratch")
+#: PruneConfig fields only gated training reads
+GATE_FIELDS = {"gate_lr", "target_weight", "polarization_weight", "polarization", "warmup_epochs", "ramp_epochs",
+               "freeze_gates_at", "score_init", "ste", "target_control", "dual_lr", "freeze_lr_scale",
+               "min_channels", "round_to", "blocks", "channel_gates", "finetune_epochs"}
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -126,7 +130,15 @@ def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fra
     out = work / f"{arm}-seed{cfg.seed}"
     done = out / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        row = json.loads(done.read_text())
+        saved, now = row.get("config") or {}, cfg.to_dict()
+        # arms without gates do not read the gate recipe: a new gate default does not invalidate them
+        ignore = set() if arm == "one-pass" else GATE_FIELDS
+        changed = sorted(k for k in now if k not in ignore and saved.get(k, object()) != now[k])
+        if changed:
+            raise SystemExit(f"{done} was written with other settings ({', '.join(changed)}); delete it or use "
+                             "another --work")
+        return row
     out.mkdir(parents=True, exist_ok=True)
     data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
     example = data.example_input(1).to(cfg.device)
@@ -181,6 +193,7 @@ def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fra
     row["seconds"] = time.perf_counter() - start
     row["dense"], row["pruned"] = dense_count, small_count
     row["sparsity"] = _sparsity(dense_count, small_count)
+    row["config"] = cfg.to_dict()
     done.write_text(json.dumps(row, indent=1))
     return row
 

@@ -43,6 +43,15 @@ VARIANTS = {
     "ste-clipped": ({"ste": "clipped"}, "no gradient to far-gone scores"),
     "ste-sigmoid": ({"ste": "sigmoid"}, "smooth straight-through gradient"),
     "freeze-lr0.5": ({"freeze_lr_scale": 0.5}, "a gentler learning rate for the final architecture"),
+    "freeze0.2": ({"freeze_gates_at": 0.2}, "prune earlier still"),
+    "gate-lr0.1-dual": ({"gate_lr": 0.1, "target_control": "dual"}, "slow gates, density held on target"),
+    "target-weight80": ({"target_weight": 80.0}, "the density term dominates: the target is reached sooner"),
+    "warmup0.25": ({"warmup_epochs": 0.25}, "less dense pre-training, more time at the final architecture"),
+    "warmup1": ({"warmup_epochs": 1.0}, "more dense pre-training before the penalty orders the channels"),
+    "gate-lr0.1-freeze0.2": ({"gate_lr": 0.1, "freeze_gates_at": 0.2}, "slow gates without the collapse, and "
+                             "the final architecture fixed early"),
+    "gate-lr0.1-polar1": ({"gate_lr": 0.1, "polarization_weight": 1.0}, "slow gates polarized harder: the "
+                          "hard gates agree with the soft density at the freeze, fewer flips"),
 }
 
 
@@ -60,7 +69,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--reference", default=None,
                         help="equal-budget result with the other arms (default results/equal-budget-<preset>.json)")
-    parser.add_argument("--work", default=None)
+    parser.add_argument("--record", default=None,
+                        help="stem of the result files (default equal-budget-levers-<preset>); one per base recipe")
+    parser.add_argument("--work", default=None, help="folder of the runs (default runs/<record>)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -80,8 +91,9 @@ def main(argv=None) -> dict:
     if args.max_train:
         preset["max_train"] = args.max_train
     base = equal_budget._parse_set(args.base)
-    work = Path(args.work or f"runs/equal-budget-levers-{args.preset}")
-    out_path = equal_budget.RESULTS / f"equal-budget-levers-{args.preset}.json"
+    stem = args.record or f"equal-budget-levers-{args.preset}"
+    work = Path(args.work or f"runs/{stem}")
+    out_path = equal_budget.RESULTS / f"{stem}.json"
     record = json.loads(out_path.read_text()) if out_path.is_file() else {"variants": {}}
     for name, (overrides, why) in variants.items():
         rows = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from .trainer import METHODS, CheckpointError, PruneConfig
+from .trainer import METHODS, RAMP_FRACTION, WARMUP_FRACTION, CheckpointError, PruneConfig
 
 DEFAULTS = PruneConfig()
 
@@ -42,9 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--polarization-weight", type=float, default=DEFAULTS.polarization_weight)
     p.add_argument("--polarization", default=DEFAULTS.polarization, choices=("bimodal", "zhuang"))
     p.add_argument("--warmup-epochs", type=float, default=DEFAULTS.warmup_epochs,
-                   help="epochs without the penalty at the start")
+                   help="epochs without the penalty at the start; None (unset): "
+                        f"{100 * WARMUP_FRACTION:.0f}%% of --epochs")
     p.add_argument("--ramp-epochs", type=float, default=DEFAULTS.ramp_epochs,
-                   help="epochs over which the penalty weight ramps to its full value")
+                   help="epochs over which the penalty weight ramps to its full value; None (unset): "
+                        f"{100 * RAMP_FRACTION:.0f}%% of --epochs")
     p.add_argument("--freeze-gates-at", type=float, default=DEFAULTS.freeze_gates_at,
                    help="fraction of training after which the gates stop moving and the weights settle")
     p.add_argument("--score-init", type=float, default=DEFAULTS.score_init,

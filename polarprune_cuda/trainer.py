@@ -38,6 +38,9 @@ CHECKPOINT_FORMAT = 1
 #: polar: one-pass channel pruning with gates; the others: gradual unstructured pruning (fggp.py)
 METHODS = ("polar", "fggp", "gmp", "annealed")
 TARGET_CONTROLS = ("penalty", "dual")
+#: default warm-up and ramp of the penalty, as fractions of the run (see the README's equal-budget section)
+WARMUP_FRACTION = 1 / 12
+RAMP_FRACTION = 1 / 6
 
 
 class CheckpointError(RuntimeError):
@@ -59,13 +62,14 @@ class PruneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    gate_lr: float = 0.5
+    gate_lr: float = 0.1
     target_weight: float = 20.0
     polarization_weight: float = 0.1
     polarization: str = "bimodal"
-    warmup_epochs: float = 1.0
-    ramp_epochs: float = 4.0
-    freeze_gates_at: float = 0.8
+    # None: a fraction of the run (WARMUP_FRACTION, RAMP_FRACTION), so every run length gets the same recipe
+    warmup_epochs: float | None = None
+    ramp_epochs: float | None = None
+    freeze_gates_at: float = 0.3
     # gate scores: initial value (p = sigmoid(score_init)), straight-through estimator
     score_init: float = 1.0
     ste: str = "identity"
@@ -140,6 +144,8 @@ class PruneConfig:
         for name in ("lr", "gate_lr", "target_weight", "polarization_weight", "weight_decay", "momentum",
                      "warmup_epochs", "ramp_epochs", "label_smoothing"):
             v = getattr(self, name)
+            if v is None and name in ("warmup_epochs", "ramp_epochs"):
+                continue
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be a number >= 0, got {v!r}")
         if self.target_control not in TARGET_CONTROLS:
@@ -160,11 +166,19 @@ class PruneConfig:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def schedule_epochs(self, epochs: int | None = None) -> tuple[float, float]:
+        """(warm-up, ramp) in epochs for a run of ``epochs`` (default ``self.epochs``): the given values, or the
+        default fractions of the run where they are None."""
+        epochs = self.epochs if epochs is None else epochs
+        warmup = WARMUP_FRACTION * epochs if self.warmup_epochs is None else self.warmup_epochs
+        ramp_ = RAMP_FRACTION * epochs if self.ramp_epochs is None else self.ramp_epochs
+        return float(warmup), float(ramp_)
+
 
 # ----------------------------------------------------------------------------- building blocks
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                   gate_lr: float = 0.5, target_weight: float = 20.0) -> torch.optim.SGD:
+                   gate_lr: float = 0.1, target_weight: float = 20.0) -> torch.optim.SGD:
     """SGD with two groups: the weights (weight decay, Nesterov) and the gate scores.
 
     The penalty is a mean over all gates, so the scores' step is scaled by
@@ -339,7 +353,7 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
     if gated:
         loss_fn = PolarizationLoss(cfg.target_sparsity, cost=cfg.cost, polarization=cfg.polarization,
                                    target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
-                                   schedule=penalty_schedule(steps_per_epoch, cfg.warmup_epochs, cfg.ramp_epochs))
+                                   schedule=penalty_schedule(steps_per_epoch, *cfg.schedule_epochs(epochs)))
         loss_fn.arm(model)
     dual = gated and cfg.target_control == "dual"
     rho, dual_shift = 1.0 - cfg.target_sparsity, 0.0
@@ -347,7 +361,7 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay, cfg.gate_lr, cfg.target_weight)
     freeze = int(cfg.freeze_gates_at * total) if gated else None
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if gated else 0
+    warmup = int(round(cfg.schedule_epochs(epochs)[0] * steps_per_epoch)) if gated else 0
     lambdas = lr_lambdas(total, freeze, warmup, cfg.freeze_lr_scale if gated else 1.0)[: len(opt.param_groups)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -432,7 +446,8 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
                 sched.step()
                 total_loss += task.detach() * (share / info.world_size)
                 n_batches += 1
-                if loss_fn is not None and step % log_every == 0 and loss_fn.last_terms is not None:
+                if loss_fn is not None and step % log_every == 0 and loss_fn.last_terms is not None \
+                        and (freeze is None or step < freeze):   # the density this step's penalty saw
                     history.step.append(step)
                     history.step_density.append(float(loss_fn.last_terms[0]))
                 step += 1

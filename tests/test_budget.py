@@ -227,3 +227,11 @@ def test_freeze_lr_scale_scales_the_weights_after_the_freeze_only():
     plain, _ = trainer.lr_lambdas(100, 40, 10)
     assert weights(39) == plain(39) and weights(40) == 0.25 * plain(40) and weights(99) == 0.25 * plain(99)
     assert gates(9) == 0 and gates(10) == 1 and gates(39) == 1 and gates(40) == 0
+
+
+def test_default_schedule_is_a_fraction_of_the_run():
+    assert trainer.PruneConfig(epochs=12).schedule_epochs() == (1.0, 2.0)
+    assert trainer.PruneConfig(epochs=6).schedule_epochs() == (0.5, 1.0)
+    assert trainer.PruneConfig(epochs=6, warmup_epochs=2.0, ramp_epochs=0.0).schedule_epochs() == (2.0, 0.0)
+    with pytest.raises(ValueError, match="warmup-epochs must be a number >= 0"):
+        trainer.PruneConfig(warmup_epochs=-1.0).validate()
