@@ -17,7 +17,10 @@ weights of exactly the final architecture.
 are honoured: every group keeps its guard channels and widths stay
 multiples of ``round_to``, so :func:`~polarprune_cuda.extract` adds nothing
 afterwards. Where they make the target unreachable, the result is the
-nearest achievable cost and :attr:`BudgetResult.reason` says why.
+nearest achievable cost and :attr:`BudgetResult.reason` says why. With
+block gates only (whole blocks, a coarse choice) and at most
+``EXHAUSTIVE_BLOCKS`` of them, a score order that misses the tolerance is
+replaced by the nearest of all subsets.
 
 The trainer calls it when the gates freeze (``freeze_gates_at``), or at the
 end of the run if they never do; a user with their own loop calls it once,
@@ -38,6 +41,8 @@ from .gates import GateBank
 
 #: the promise: achieved sparsity within this many fractions of the target (0.5 percentage points)
 TOLERANCE = 0.005
+#: with block gates only and at most this many blocks, every subset is tried for the nearest cost
+EXHAUSTIVE_BLOCKS = 12
 
 
 @dataclass
@@ -174,6 +179,21 @@ def select_gates(model, target_sparsity: float, cost: str = "macs", min_channels
                 best, best_gap = trial, gap
         if best is not None:
             chosen = best
+    exhaustive = False
+    if reason is None and not record.groups and len(units) <= EXHAUSTIVE_BLOCKS \
+            and abs(cost_of(chosen) - budget) > TOLERANCE * cm.total:
+        # block gates only: few, coarse units, so the score order may pass by a nearer subset; try them all
+        # (nearest cost first, then the higher total score)
+        best_key, exhaustive = None, True
+        for mask in range(1 << len(units)):
+            trial = g.clone()
+            picked = [u for k, u in enumerate(units) if mask >> k & 1]
+            idx = [i for _, u in picked for i in u]
+            if idx:
+                trial[torch.tensor(idx)] = 1.0
+            key = (abs(cost_of(trial) - budget), -sum(p for p, _ in picked))
+            if best_key is None or key < best_key:
+                best_key, chosen = key, trial
     achieved_cost = cost_of(chosen)
     achieved = 1.0 - achieved_cost / cm.total
     if reason is None and abs(achieved - target) > TOLERANCE:
@@ -181,7 +201,8 @@ def select_gates(model, target_sparsity: float, cost: str = "macs", min_channels
         if round_to:
             why.append(f"round_to={round_to} keeps widths in steps of up to {round_to} channels")
         if record.blocks and not record.groups:
-            why.append("block gates remove whole blocks only")
+            why.append("block gates remove whole blocks only" + ("" if exhaustive else
+                       f" (more than {EXHAUSTIVE_BLOCKS} blocks: the nearest along the score order)"))
         if not why:
             why.append("no remaining gate is small enough to close the gap")
         reason = " and ".join(why) + f": the nearest achievable sparsity is {100 * achieved:.2f}%"

@@ -105,13 +105,28 @@ def test_round_to_keeps_widths_in_steps_and_lands_within_one_step():
     assert result.within_tolerance or ("round_to=8" in result.reason and abs(got - 0.5) <= 8 / total)
 
 
-def test_block_only_gates_reach_the_nearest_point_of_the_score_order_and_say_so():
-    m = gated_resnet(channels=False, blocks=True)
-    result = meet_target(m, 0.5, "macs")
-    got, _ = achieved(m, "macs")
-    assert got == pytest.approx(result.achieved_sparsity, abs=1e-12)
-    if not result.within_tolerance:
-        assert "block gates remove whole blocks" in result.reason
+@pytest.mark.parametrize("cost", ["params", "macs"])
+def test_block_only_gates_reach_the_nearest_subset_and_say_so(cost):
+    """Nine block gates: within the tolerance, or else the nearest of all 512 subsets (enumerated here)."""
+    import itertools
+
+    for target in (0.3, 0.5, 0.7):
+        m = gated_resnet(channels=False, blocks=True)
+        result = meet_target(m, target, cost)
+        got, _ = achieved(m, cost)
+        assert got == pytest.approx(result.achieved_sparsity, abs=1e-12)
+        bank = pp.find_bank(m)
+        cm = bank.cost_model(cost)
+        n = bank.scores.numel()
+        gaps = []
+        for bits in itertools.product([0.0, 1.0], repeat=n):
+            gaps.append(abs(float(cm.cost(bank.effective(torch.tensor(bits)))) - (1 - target) * cm.total))
+        if result.within_tolerance:   # the score order landed close enough: kept
+            assert result.reason is None
+        else:                         # otherwise no subset is nearer, and the report says why
+            assert abs(result.achieved_cost - result.budget) == pytest.approx(min(gaps), abs=1e-6 * cm.total)
+            assert "block gates remove whole blocks only" in result.reason
+            assert min(gaps) > TOLERANCE * cm.total
 
 
 @pytest.mark.parametrize("bad, match", [(1.0, "target_sparsity"), (-0.1, "target_sparsity"),
