@@ -83,13 +83,14 @@ def _check_target(target_sparsity) -> float:
 
 def _units(bank: GateBank, record, scores: list[Tensor], min_channels: int, round_to: int | None):
     """The forced gates (guards) and the selectable units: (priority, flat indices) in score order per segment."""
+    from .surgery import guard
+
     offsets = bank.offsets
     forced: list[int] = []
     units: list[tuple[float, list[int]]] = []
     for k, (rec, s) in enumerate(zip(record.groups, scores)):
         order = torch.argsort(s, descending=True, stable=True).tolist()
-        need = min(rec.size, math.ceil(min(min_channels, rec.channels) / rec.repeat))
-        step = round_to // math.gcd(round_to, rec.repeat) if round_to else 1
+        need, step = guard(rec, min_channels, round_to)
         first = min(rec.size, math.ceil(need / step) * step)
         forced.extend(offsets[k] + i for i in order[:first])
         for start in range(first, rec.size, step):

@@ -600,6 +600,14 @@ def _surgery(model) -> tuple[GateBank, SurgeryRecord]:
     return bank, record
 
 
+def guard(rec: GroupRecord, min_channels: int, round_to: int | None) -> tuple[int, int]:
+    """(the fewest gates of the group's segment that extraction keeps, the step its kept width moves in):
+    widths are at least ``min_channels`` channels and multiples of ``round_to`` (or the whole group)."""
+    need = min(rec.size, math.ceil(min(min_channels, rec.channels) / rec.repeat))
+    step = round_to // math.gcd(round_to, rec.repeat) if round_to else 1
+    return need, step
+
+
 def kept_channels(model, min_channels: int | None = None, round_to: int | None = None,
                   warn: bool = True) -> list[Tensor]:
     """Per gate segment, the boolean mask of channels extraction keeps (open gates plus the guard's).
@@ -615,12 +623,9 @@ def kept_channels(model, min_channels: int | None = None, round_to: int | None =
     masks = []
     for rec, scores in zip(record.groups, chunks):
         keep = scores > 0
-        need = min(rec.size, math.ceil(min(min_channels, rec.channels) / rec.repeat))
+        need, step = guard(rec, min_channels, round_to)
         kept = int(keep.sum())
-        target = max(kept, need)
-        if round_to:
-            step = round_to // math.gcd(round_to, rec.repeat)
-            target = min(rec.size, math.ceil(target / step) * step)
+        target = min(rec.size, math.ceil(max(kept, need) / step) * step)
         if target > kept:
             order = torch.argsort(torch.where(keep, torch.full_like(scores, -math.inf), scores), descending=True)
             keep[order[: target - kept]] = True

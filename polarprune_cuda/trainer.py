@@ -362,7 +362,7 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
     opt = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay, cfg.gate_lr, cfg.target_weight)
     freeze = int(cfg.freeze_gates_at * total) if gated else None
     warmup = int(round(cfg.schedule_epochs(epochs)[0] * steps_per_epoch)) if gated else 0
-    lambdas = lr_lambdas(total, freeze, warmup, cfg.freeze_lr_scale if gated else 1.0)[: len(opt.param_groups)]
+    lambdas = lr_lambdas(total, freeze, warmup, cfg.freeze_lr_scale)[: len(opt.param_groups)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     history = History()
