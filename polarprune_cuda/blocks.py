@@ -229,19 +229,34 @@ def prepare_blocks(model: nn.Module, names: dict[nn.Module, str], inputs: tuple[
     return records
 
 
-def close_blocks(model: nn.Module, blocks: list[dict]) -> None:
-    """Replace every block the spec entries mark closed by its :class:`ClosedBlock` (in place)."""
+def close_blocks(model: nn.Module, blocks: list[dict], strict: bool = False) -> None:
+    """Replace every block the spec entries mark closed by its :class:`ClosedBlock` (in place).
+
+    With ``strict`` (loading a spec), each closed block must be recognised as a block of ``model`` whose
+    shortcut and activation attributes are the entry's, else ValueError "spec does not match the model".
+    """
     for entry in blocks:
         if not entry.get("closed"):
             continue
         name = entry["name"]
         try:
             block = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"spec does not match the model: block {name!r} of the spec is not in the model") from None
+        except Exception:
+            block = None
+        if block is None or block is model:
+            raise ValueError(f"spec does not match the model: block {name!r} of the spec is not in the model")
         for attr in (entry.get("shortcut"), entry.get("act")):
             if attr and not isinstance(getattr(block, attr, None), nn.Module):
                 raise ValueError(f"spec does not match the model: block {name!r} has no module {attr!r}")
+        if strict:
+            parts = _parts(block)
+            if parts is None:
+                raise ValueError(f"spec does not match the model: {name!r} ({type(block).__name__}) is not a "
+                                 "residual block")
+            if (entry.get("shortcut"), entry.get("act")) != parts[:2]:
+                raise ValueError(f"spec does not match the model: block {name!r} has shortcut {parts[0]!r} and "
+                                 f"activation {parts[1]!r}, the spec says {entry.get('shortcut')!r} and "
+                                 f"{entry.get('act')!r}")
         closed = ClosedBlock.from_block(block, entry.get("shortcut"), entry.get("act"))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -12,13 +12,20 @@
   outputs equal the gated model's; it checks that on the example input.
 * :func:`save_pruned` / :func:`load_pruned`: a human-readable JSON channel
   spec plus a ``state_dict``; loading rebuilds from the user's own model class
-  and reads the weights with ``torch.load(weights_only=True)``.
+  and reads the weights with ``torch.load(weights_only=True)``. The spec
+  carries its own digest (field ``sha256``: SHA-256 of ``json.dumps`` of the
+  other fields with ``sort_keys=True``), the weights a ``weights.pt.sha256``
+  file; both are verified, and the spec passes a schema check (types, ranges,
+  an allow-list of dtypes, at most ``MAX_INPUT_ELEMENTS`` elements per traced
+  input) before anything in it is used.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +34,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_write
+from ._io import IntegrityError, load_tensors, save_tensors, write_text
 from .blocks import BlockRecord, close_blocks, depth, prepare_blocks
 from .cost import CostModel
 from .gates import (
@@ -83,18 +90,71 @@ class SurgeryRecord:
 
 # ----------------------------------------------------------------------------- helpers
 
+# dtypes an input may have (the spec names them by these strings; nothing else is looked up on torch)
+INPUT_DTYPES = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "complex64": torch.complex64, "complex128": torch.complex128, "int8": torch.int8, "int16": torch.int16,
+    "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool,
+}
+MAX_INPUT_ELEMENTS = 2 ** 24      # elements of one input that load_pruned allocates to trace the model
+MAX_INPUTS = 16                   # inputs a spec may list
+MAX_SPEC_BYTES = 64 * 2 ** 20     # size of a spec.json that load_pruned reads
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _as_inputs(example_inputs) -> tuple[Tensor, ...]:
+    """``example_inputs`` as a tuple of tensors, each non-empty (batch >= 1), of a supported dtype, finite."""
     if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tensor (or a tuple of tensors) shaped like one batch of model "
-                    f"input, e.g. torch.randn(1, 3, 224, 224); got {type(example_inputs).__name__}")
+        inputs = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, Tensor)
+                                                                              for t in example_inputs):
+        inputs = tuple(example_inputs)
+    else:
+        raise TypeError("example_inputs must be a tensor (or a tuple of tensors) shaped like one batch of model "
+                        f"input, e.g. torch.randn(1, 3, 224, 224); got {type(example_inputs).__name__}")
+    for t in inputs:
+        if t.dim() == 0 or t.numel() == 0:
+            raise ValueError(f"example_inputs must be one batch of at least one sample, e.g. torch.randn(1, 3, 224, "
+                             f"224); got a tensor of shape {tuple(t.shape)}")
+        if _dtype_name(t.dtype) not in INPUT_DTYPES:
+            raise ValueError(f"example_inputs have dtype {t.dtype}, which is not supported; use one of "
+                             f"{', '.join(INPUT_DTYPES)}")
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"example_inputs hold NaN or inf (a tensor of shape {tuple(t.shape)})")
+    return inputs
 
 
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def _check_guard_args(min_channels, round_to, none_means: str | None = None) -> None:
+    """Validate ``min_channels`` and ``round_to`` (the one place for attach_gates, extract, kept_channels and
+    predicted_count). With ``none_means``, None is allowed for both and means that."""
+    if not (none_means is not None and min_channels is None):
+        if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+            alt = f"None ({none_means}) or " if none_means else ""
+            raise ValueError(f"min_channels must be {alt}an int >= 1, got {min_channels!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        alt = f" ({none_means})" if none_means else ""
+        raise ValueError(f"round_to must be None{alt} or an int >= 1, got {round_to!r}")
+
+
+def _check_finite_model(model: nn.Module) -> None:
+    """ValueError naming the first floating parameter or buffer (gate scores aside) that holds NaN or inf."""
+    bank = find_bank(model)
+    skip = {id(bank.scores)} if bank is not None else set()
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if id(t) in skip or not (t.is_floating_point() or t.is_complex()):
+                continue
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise ValueError(f"model {kind} {name!r} holds NaN or inf; extraction needs finite weights and "
+                                 "BatchNorm statistics (check the training run, e.g. its learning rate)")
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -107,8 +167,12 @@ def _random_inputs(record: SurgeryRecord, device) -> tuple[Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
     out = []
     for shape, dtype in zip(record.input_shapes, record.input_dtypes):
-        dt = getattr(torch, dtype)
-        if dt.is_floating_point:
+        dt = INPUT_DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if dt is None:
+            raise ValueError(f"input_dtypes: {dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"input_shapes: {shape} has more than {MAX_INPUT_ELEMENTS} elements")
+        if dt.is_floating_point or dt.is_complex:
             out.append(torch.randn(*shape, generator=gen).to(device=device, dtype=dt))
         else:
             out.append(torch.zeros(*shape, dtype=dt, device=device))
@@ -243,6 +307,27 @@ class _Plan:
                 f"cannot gate; add {self.root!r} to ignored_layers")
 
 
+def _run_on(model: nn.Module, inputs):
+    """``model(*inputs)``; any error of the user's forward becomes ValueError naming example_inputs."""
+    try:
+        return model(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(f"{tuple(t.shape)} {_dtype_name(t.dtype)}" for t in inputs)
+        raise ValueError(f"example_inputs do not fit the model: {type(exc).__name__}: {exc} (example_inputs: "
+                         f"{shapes})") from exc
+
+
+def _check_fits(model: nn.Module, inputs) -> None:
+    """Run ``model`` once in eval mode on ``inputs`` (ValueError if it cannot); training mode is restored."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            _run_on(model, inputs)
+    finally:
+        model.train(was_training)
+
+
 def _io_shapes(model: nn.Module, inputs) -> dict[nn.Module, tuple[int, int]]:
     """Per conv/linear: (output elements per sample / output channels, batch size)."""
     spatial: dict[nn.Module, int] = {}
@@ -257,7 +342,7 @@ def _io_shapes(model: nn.Module, inputs) -> dict[nn.Module, tuple[int, int]]:
     try:
         model.eval()
         with torch.no_grad():
-            model(*inputs)
+            _run_on(model, inputs)
     finally:
         model.train(was_training)
         for h in handles:
@@ -415,7 +500,8 @@ def attach_gates(
             residual additions, depthwise and grouped convolutions).
         example_inputs: one batch of input (a tensor or tuple of tensors) on the
             model's device; its shapes set the MACs cost model.
-        ignored_layers: modules (or their names) whose output channels stay ungated.
+        ignored_layers: a list of modules (or of their names) whose output channels stay ungated;
+            a single string is refused (TypeError), pass ``["name"]``.
             The classifier (any layer whose outputs reach the model output) is never gated.
         min_channels: :func:`extract` never lets a group drop below this many channels.
         round_to: :func:`extract` makes every kept width a multiple of this.
@@ -438,10 +524,7 @@ def attach_gates(
     """
     _check_model(model)
     inputs = _as_inputs(example_inputs)
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
+    _check_guard_args(min_channels, round_to)
     if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
         raise ValueError(f"init must be a finite number, got {init!r}")
     if not isinstance(channels, bool):
@@ -456,6 +539,11 @@ def attach_gates(
         raise ValueError("channels=False needs blocks=True (or a list of blocks): there would be nothing to gate")
     if find_bank(model) is not None or gate_modules(model):
         raise ValueError("model already has gates; attach_gates is called once on a plain model")
+    if ignored_layers is not None and (
+            isinstance(ignored_layers, (str, bytes)) or not isinstance(ignored_layers, Iterable)
+            or (isinstance(ignored_layers, nn.Module) and not isinstance(ignored_layers, nn.ModuleList))):
+        raise TypeError("ignored_layers must be a list of modules or module names, got "
+                        f"{type(ignored_layers).__name__} (e.g. ignored_layers=['layer3.0.conv1'])")
     names = {m: n for n, m in model.named_modules()}
     ignored = []
     for item in ignored_layers or ():
@@ -468,6 +556,7 @@ def attach_gates(
             raise ValueError(f"ignored_layers must hold modules of the model or their names, got {item!r}")
         ignored.append(item)
     bank = GateBank(ste=ste, tau=tau)   # validates ste/tau before any change to the model
+    spatial = _io_shapes(model, inputs)  # runs the model once: example_inputs that do not fit raise here
 
     block_records = prepare_blocks(model, names, inputs, blocks) if blocks is not False else []
     if blocks is not False and not block_records:
@@ -483,7 +572,6 @@ def attach_gates(
     if channels and not plans and not block_records:
         raise UnsupportedModelError("no prunable channel group found (every group is ignored or is the classifier)")
     block_records = _block_exactness(block_records, plans, names, blocks is True)
-    spatial = _io_shapes(model, inputs)
     dense = count(model, inputs)
     dense_depth = depth(model, inputs) if block_records else None
 
@@ -616,6 +704,7 @@ def kept_channels(model, min_channels: int | None = None, round_to: int | None =
     Channels inside a removed branch go with it, whatever their mask says.
     """
     bank, record = _surgery(model)
+    _check_guard_args(min_channels, round_to, none_means="the value given to attach_gates")
     bank.check_finite()
     min_channels = record.min_channels if min_channels is None else min_channels
     round_to = record.round_to if round_to is None else round_to
@@ -678,11 +767,20 @@ def extract(model: nn.Module, example_inputs=None, min_channels: int | None = No
     eval-mode outputs of the gated and the extracted model are compared on
     ``example_inputs`` (default: a seeded random batch shaped like
     attach_gates' example) and a mismatch raises. The gated model is not changed.
+    Refused up front: ``example_inputs`` the model cannot run on, and NaN or inf in any
+    parameter or buffer of the model (ValueError naming it).
     """
     bank, record = _surgery(model)
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}")
     masks = kept_channels(model, min_channels, round_to)
+    _check_finite_model(model)
     device = _model_device(model)
-    inputs = _random_inputs(record, device) if example_inputs is None else _as_inputs(example_inputs)
+    if example_inputs is None:
+        inputs = _random_inputs(record, device)
+    else:
+        inputs = _as_inputs(example_inputs)
+        _check_fits(model, inputs)
     closed = set(removed_blocks(model))
 
     small = copy.deepcopy(model)
@@ -783,6 +881,16 @@ def _flatten(out) -> list[Tensor]:
 
 # ----------------------------------------------------------------------------- save / load
 
+def _spec_input_shapes(shapes: list[list[int]]) -> list[list[int]]:
+    """The input shapes a spec records: the example's, with the batch made smaller where an input has more
+    than MAX_INPUT_ELEMENTS elements (load_pruned traces the model on inputs of these shapes)."""
+    shapes = [[int(d) for d in s] for s in shapes]
+    if all(math.prod(s) <= MAX_INPUT_ELEMENTS for s in shapes):
+        return shapes
+    batch = min(MAX_INPUT_ELEMENTS // max(1, math.prod(s[1:])) for s in shapes)
+    return [[max(1, min(s[0], batch)), *s[1:]] for s in shapes]
+
+
 def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict], blocks: list[dict]) -> dict:
     from . import __version__
 
@@ -791,7 +899,7 @@ def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict], blocks: l
         "library": "polarprune_cuda",
         "version": __version__,
         "torch": torch.__version__,
-        "input_shapes": record.input_shapes,
+        "input_shapes": _spec_input_shapes(record.input_shapes),
         "input_dtypes": record.input_dtypes,
         "groups": groups,
         "blocks": blocks,
@@ -800,61 +908,237 @@ def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict], blocks: l
     }
 
 
+def spec_digest(spec: dict) -> str:
+    """SHA-256 of ``json.dumps(spec without its 'sha256' field, sort_keys=True)``: the spec's self-digest."""
+    body = {k: v for k, v in spec.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+# --- the spec's schema: checked before anything in it is used
+
+SPEC_FIELDS = ("format", "library", "version", "torch", "input_shapes", "input_dtypes", "groups", "blocks",
+               "removed_blocks", "shapes")
+GROUP_FIELDS = ("name", "root", "channels", "repeat", "kept")
+BLOCK_FIELDS = ("name", "closed", "shortcut", "act", "depth_saved")
+MAX_INPUT_DIMS = 8
+_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_ATTR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if not isinstance(value, (set, tuple)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Schema:
+    """Field checks that raise ValueError naming the file and the field (e.g. ``groups[3].kept``)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, field: str, expected: str, value=None, show: bool = True):
+        got = f", got {_show(value)}" if show else ""
+        raise ValueError(f"{self.where}: field '{field}' must be {expected}{got}")
+
+    def fields(self, obj, field: str, required, optional=()) -> dict:
+        if not isinstance(obj, dict):
+            self.fail(field or "(top level)", "a JSON object", obj)
+        prefix = f"{field}." if field else ""
+        for key in required:
+            if key not in obj:
+                raise ValueError(f"{self.where}: field '{prefix}{key}' is missing (required: {', '.join(required)})")
+        extra = [k for k in obj if k not in required and k not in optional]
+        if extra:
+            raise ValueError(f"{self.where}: unknown field '{prefix}{extra[0]}' (fields: "
+                             f"{', '.join((*required, *optional))})")
+        return obj
+
+    def int_(self, value, field: str, low: int, high: int | None = None) -> int:
+        if type(value) is not int or value < low or (high is not None and value > high):
+            rng = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+            self.fail(field, rng, value)
+        return value
+
+    def str_(self, value, field: str, pattern: re.Pattern | None = None, what: str = "a string") -> str:
+        if not isinstance(value, str) or len(value) > 1000 or (pattern is not None and not pattern.fullmatch(value)):
+            self.fail(field, what, value)
+        return value
+
+    def list_(self, value, field: str, low: int = 0, high: int | None = None) -> list:
+        if not isinstance(value, list) or len(value) < low or (high is not None and len(value) > high):
+            n = f" of {low} to {high} entries" if high is not None else (f" of at least {low} entries" if low else "")
+            self.fail(field, f"a list{n}", value)
+        return value
+
+
+def _check_spec(spec, where: str) -> dict:
+    """Validate a parsed channel spec (without its 'sha256' field); ValueError naming the field."""
+    s = _Schema(where)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must hold a JSON object (a polarprune_cuda channel spec), got a JSON "
+                         f"{'array' if isinstance(spec, list) else type(spec).__name__}")
+    s.fields(spec, "", SPEC_FIELDS)
+    if spec["library"] != "polarprune_cuda" or type(spec["format"]) is not int or spec["format"] != SPEC_FORMAT:
+        raise ValueError(f"{where} is not a polarprune_cuda channel spec of format {SPEC_FORMAT} (fields 'library' "
+                         f"{_show(spec['library'])}, 'format' {_show(spec['format'])})")
+    s.str_(spec["version"], "version")
+    s.str_(spec["torch"], "torch")
+
+    shapes_in = s.list_(spec["input_shapes"], "input_shapes", 1, MAX_INPUTS)
+    for i, shape in enumerate(shapes_in):
+        s.list_(shape, f"input_shapes[{i}]", 1, MAX_INPUT_DIMS)
+        for j, d in enumerate(shape):
+            s.int_(d, f"input_shapes[{i}][{j}]", 1, MAX_INPUT_ELEMENTS)
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            s.fail(f"input_shapes[{i}]", f"a shape of at most {MAX_INPUT_ELEMENTS} elements (load_pruned "
+                   f"allocates an input of that shape), got {shape} ({math.prod(shape)} elements)", show=False)
+    dtypes = s.list_(spec["input_dtypes"], "input_dtypes", len(shapes_in), len(shapes_in))
+    for i, d in enumerate(dtypes):
+        if not isinstance(d, str) or d not in INPUT_DTYPES:
+            s.fail(f"input_dtypes[{i}]", f"one of {', '.join(INPUT_DTYPES)}", d)
+
+    blocks = s.list_(spec["blocks"], "blocks")
+    seen_blocks: dict[str, bool] = {}
+    for i, b in enumerate(blocks):
+        f = f"blocks[{i}]"
+        s.fields(b, f, BLOCK_FIELDS)
+        name = s.str_(b["name"], f"{f}.name", _NAME, "a module name such as 'layer1.0'")
+        if name in seen_blocks:
+            s.fail(f"{f}.name", "a block not listed before", name)
+        if not isinstance(b["closed"], bool):
+            s.fail(f"{f}.closed", "true or false", b["closed"])
+        for key in ("shortcut", "act"):
+            if b[key] is not None:
+                s.str_(b[key], f"{f}.{key}", _ATTR, "null or an attribute name")
+        s.int_(b["depth_saved"], f"{f}.depth_saved", 0)
+        seen_blocks[name] = b["closed"]
+    removed = s.list_(spec["removed_blocks"], "removed_blocks")
+    closed = [n for n, c in seen_blocks.items() if c]
+    if removed != closed:
+        s.fail("removed_blocks", f"the names of the closed blocks, {_show(closed)}", removed)
+
+    for i, g in enumerate(s.list_(spec["groups"], "groups")):
+        f = f"groups[{i}]"
+        s.fields(g, f, GROUP_FIELDS, ("removed_with",))
+        s.str_(g["name"], f"{f}.name")
+        s.str_(g["root"], f"{f}.root", _NAME, "a module name such as 'layer1.0.conv1'")
+        channels = s.int_(g["channels"], f"{f}.channels", 1)
+        repeat = s.int_(g["repeat"], f"{f}.repeat", 1, channels)
+        if channels % repeat:
+            s.fail(f"{f}.repeat", f"a divisor of channels ({channels})", repeat)
+        kept = s.list_(g["kept"], f"{f}.kept")
+        if "removed_with" in g:
+            owner = g["removed_with"]
+            if not isinstance(owner, str) or not seen_blocks.get(owner, False):
+                s.fail(f"{f}.removed_with", "the name of a closed block of 'blocks'", owner)
+            if kept:
+                s.fail(f"{f}.kept", "empty for a group removed with its block", kept)
+            continue
+        if not kept:
+            s.fail(f"{f}.kept", "a non-empty list of channel indices (a group keeps a channel unless it has "
+                   "'removed_with')", kept)
+        previous = -1
+        for j, k in enumerate(kept):
+            s.int_(k, f"{f}.kept[{j}]", 0, channels - 1)
+            if k <= previous:
+                s.fail(f"{f}.kept", "sorted channel indices without repeats", kept)
+            previous = k
+        size = channels // repeat
+        if repeat > 1 and kept != [k + r * size for r in range(repeat) for k in kept if k < size]:
+            s.fail(f"{f}.kept", f"the same channels in each of its {repeat} groups of {size}", kept)
+
+    shapes = spec["shapes"]
+    if not isinstance(shapes, dict):
+        s.fail("shapes", "a JSON object of state_dict key -> shape", shapes)
+    for key, shape in shapes.items():
+        s.list_(shape, f"shapes.{key}")
+        for j, d in enumerate(shape):
+            s.int_(d, f"shapes.{key}[{j}]", 0)
+    return spec
+
+
 def save_pruned(model: nn.Module, path) -> Path:
-    """Write ``path/spec.json`` (human-readable channel spec) and ``path/weights.pt`` (state_dict)."""
+    """Write ``path/spec.json`` (human-readable channel spec with its own ``sha256`` field), ``path/weights.pt``
+    (state_dict) and ``path/weights.pt.sha256`` (its digest, ``sha256sum -c`` format)."""
     _check_model(model)
     spec = getattr(model, "polarprune_spec", None)
     if not isinstance(spec, dict):
         raise ValueError("model has no channel spec: save the model returned by pp.extract")
+    spec = json.loads(json.dumps({k: v for k, v in spec.items() if k != "sha256"}))   # plain JSON values
+    _check_spec(spec, "model.polarprune_spec")   # never write a spec that load_pruned refuses
+    spec["sha256"] = spec_digest(spec)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
-    text = json.dumps(spec, indent=1)
-    atomic_write(path / SPEC_FILE, lambda tmp: Path(tmp).write_text(text))
+    save_tensors(state, path / WEIGHTS_FILE)
+    write_text(path / SPEC_FILE, json.dumps(spec, indent=1))
     return path
 
 
-def load_pruned(path, factory: Callable[[], nn.Module], map_location="cpu") -> nn.Module:
-    """Rebuild a pruned model: ``factory()`` makes the user's dense model, the spec prunes it, weights load.
-
-    Raises ValueError naming the first module that does not match the spec.
-    """
-    path = Path(path)
-    spec_file, weights_file = path / SPEC_FILE, path / WEIGHTS_FILE
-    for f in (spec_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: path must be a folder written by save_pruned")
-    if not callable(factory):
-        raise TypeError(f"factory must be a callable returning the dense model, got {type(factory).__name__}")
+def _read_spec(spec_file: Path, verify: bool) -> dict:
+    """The parsed, digest-checked (with ``verify``) and schema-checked spec, without its 'sha256' field."""
+    size = spec_file.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise ValueError(f"{spec_file} has {size} bytes, more than a channel spec has ({MAX_SPEC_BYTES} at most)")
     try:
-        spec = json.loads(spec_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{spec_file} is not valid JSON: {exc}") from exc
-    if spec.get("library") != "polarprune_cuda" or spec.get("format") != SPEC_FORMAT:
-        raise ValueError(f"{spec_file} is not a polarprune_cuda channel spec of format {SPEC_FORMAT}")
-    model = factory()
-    _check_model(model)
+        spec = json.loads(spec_file.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{spec_file} is not valid JSON: {type(exc).__name__}: {exc}") from None
+    if not isinstance(spec, dict):
+        _check_spec(spec, str(spec_file))   # raises: not a JSON object
+    if verify:
+        recorded = spec.get("sha256")
+        if recorded is None:
+            raise IntegrityError(f"{spec_file} has no 'sha256' field, so its contents cannot be verified (it was "
+                                 "written by an older polarprune_cuda, or edited); pass verify=False to load it "
+                                 "anyway")
+        if not isinstance(recorded, str) or recorded != spec_digest(spec):
+            raise IntegrityError(f"{spec_file} was changed or damaged after it was written (its contents do not "
+                                 "match its 'sha256' field); restore it or save the model again, or pass "
+                                 "verify=False to skip the check")
+    spec.pop("sha256", None)
+    return _check_spec(spec, str(spec_file))
+
+
+def _check_factory(factory) -> None:
+    if isinstance(factory, nn.Module):
+        raise TypeError(f"factory must be a callable that returns a new dense model, e.g. lambda: MyNet(), not a "
+                        f"model instance (got a {type(factory).__name__} instance)")
+    if not callable(factory):
+        raise TypeError(f"factory must be a callable that returns the dense model, e.g. lambda: MyNet(); got "
+                        f"{type(factory).__name__}")
+
+
+def _rebuild(model: nn.Module, spec: dict) -> None:
+    """Apply a schema-checked spec to the dense ``model`` in place; ValueError 'spec does not match the model'."""
     device = _model_device(model)
-    blocks = spec.get("blocks", [])
-    if not isinstance(blocks, list) or not all(isinstance(b, dict) and isinstance(b.get("name"), str)
-                                               for b in blocks):
-        raise ValueError(f"{spec_file}: 'blocks' must be a list of {{name, closed, shortcut, act}} entries")
-    close_blocks(model, blocks)
+    close_blocks(model, spec["blocks"], strict=True)
     for group in spec["groups"]:
         if "removed_with" in group:
             continue
         try:
             root = model.get_submodule(group["root"])
-        except AttributeError:
+        except Exception:
             raise ValueError(f"spec does not match the model: module {group['root']!r} of the spec is not in the "
                              "model") from None
-        channels = root.weight.shape[0] if hasattr(root, "weight") else None
+        weight = getattr(root, "weight", None)
+        channels = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() > 0 else None
         if channels != group["channels"]:
             raise ValueError(f"spec does not match the model: module {group['root']!r} has {channels} output "
                              f"channels, the spec says {group['channels']}")
     record = SurgeryRecord([], spec["input_shapes"], spec["input_dtypes"], 1, None, {})
-    _remove_channels(model, spec["groups"], _random_inputs(record, device))
+    inputs = _random_inputs(record, device)
+    try:
+        _check_fits(model, inputs)
+    except ValueError as exc:
+        raise ValueError(f"spec does not match the model: it cannot run on inputs of the spec's input_shapes "
+                         f"{spec['input_shapes']} and input_dtypes {spec['input_dtypes']} "
+                         f"({exc.__cause__.__class__.__name__}: {exc.__cause__})") from exc
+    try:
+        _remove_channels(model, spec["groups"], inputs)
+    except Exception as exc:
+        raise ValueError(f"spec does not match the model: removing the spec's channels failed "
+                         f"({type(exc).__name__}: {exc})") from exc
     state_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     for key, shape in state_shapes.items():      # in the model's own order
         module = key.rpartition(".")[0] or key
@@ -867,8 +1151,49 @@ def load_pruned(path, factory: Callable[[], nn.Module], map_location="cpu") -> n
     if missing:
         raise ValueError(f"spec does not match the model: {missing[0].rpartition('.')[0]!r} of the spec is "
                          f"not in the model (no {missing[0]!r})")
-    state = torch.load(weights_file, map_location=map_location, weights_only=True)
-    model.load_state_dict(state)
+    try:
+        _check_fits(model, inputs)
+    except ValueError as exc:
+        raise ValueError(f"spec does not match the model: the model with the spec's channels removed cannot run "
+                         f"({exc.__cause__.__class__.__name__}: {exc.__cause__})") from exc
+
+
+def load_pruned(path, factory: Callable[[], nn.Module], map_location="cpu", verify: bool = True) -> nn.Module:
+    """Rebuild a pruned model: ``factory()`` makes the user's dense model, the spec prunes it, weights load.
+
+    ``factory`` is a callable that returns a new dense model (``lambda: MyNet()``), not a model. The spec is
+    checked against its ``sha256`` field and a schema, the weights against ``weights.pt.sha256``, before
+    anything in them is used, and the weights load with ``torch.load(weights_only=True)``. ``verify=False``
+    skips both digests (files written elsewhere or by an older version); the schema and the shape checks
+    stay. Raises :class:`~polarprune_cuda._io.IntegrityError` (a ValueError naming the file) for a changed
+    file, ValueError naming the field for a malformed spec, and ValueError naming the first module that does
+    not match the spec.
+    """
+    path = Path(path)
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}")
+    spec_file, weights_file = path / SPEC_FILE, path / WEIGHTS_FILE
+    for f in (spec_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: path must be a folder written by save_pruned")
+    _check_factory(factory)
+    spec = _read_spec(spec_file, verify)
+    state = load_tensors(weights_file, map_location=map_location, verify=verify)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{weights_file} does not hold a state_dict (a dict of names to tensors)")
+    for key, shape in spec["shapes"].items():
+        if key not in state or list(state[key].shape) != shape:
+            got = "no such entry" if key not in state else f"shape {list(state[key].shape)}"
+            raise ValueError(f"{weights_file} does not match {spec_file.name}: the spec lists {key!r} of shape "
+                             f"{shape}, the weights have {got}")
+    extra = [k for k in state if k not in spec["shapes"]]
+    if extra:
+        raise ValueError(f"{weights_file} does not match {spec_file.name}: {extra[0]!r} is not in the spec")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"factory must return an nn.Module (the dense model), got {type(model).__name__}")
+    _rebuild(model, spec)
+    model.load_state_dict(state)   # keys and shapes equal the model's: checked above
     model.polarprune_spec = spec
     return model
 
@@ -884,4 +1209,5 @@ __all__ = [
     "predicted_depth",
     "removed_blocks",
     "save_pruned",
+    "spec_digest",
 ]
