@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shutil
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import data as data_mod
+from . import rundir
 from .trainer import METHODS, RAMP_FRACTION, WARMUP_FRACTION, CheckpointError, PruneConfig
 
 DEFAULTS = PruneConfig()
@@ -95,13 +98,46 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="pt2", choices=("pt2", "onnx"))
     e.add_argument("--out", default=None, help="file to write (default RUN/model.pt2 or RUN/model.onnx)")
     e.add_argument("--batch", type=int, default=2, help="batch of the example input (dim 0 stays dynamic)")
+    e.add_argument("--model", default=None,
+                   help="the dense model to rebuild (a built-in name or module:function); needed when the run used "
+                        "module:function: a run folder never decides which code runs")
     return parser
 
 
+def _device(requested: str) -> str:
+    """The ``--device`` option checked: auto, cpu, cuda or cuda:N, and a GPU where cuda is asked for."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {requested!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {requested!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested}: no GPU is visible to torch (torch.cuda.is_available() is "
+                             "False); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {requested}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return requested
+
+
+def _check_cli_options(args) -> None:
+    """The options that are not part of the recipe (PruneConfig.validate checks those)."""
+    for name in ("latency_batch",):
+        v = getattr(args, name)
+        if v < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be a positive int, got {v}")
+    if args.interrupt_after_epoch is not None and args.interrupt_after_epoch < 1:
+        raise ValueError(f"interrupt-after-epoch must be a positive int, got {args.interrupt_after_epoch}")
+    if args.resume and args.overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
+                         "--overwrite starts it over")
+
+
 def _config(args) -> PruneConfig:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     return PruneConfig(
         model=args.model, dataset=args.dataset, target_sparsity=args.target_sparsity, cost=args.cost,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
@@ -112,15 +148,31 @@ def _config(args) -> PruneConfig:
         target_control=args.target_control, dual_lr=args.dual_lr, freeze_lr_scale=args.freeze_lr_scale,
         min_channels=args.min_channels, round_to=args.round_to,
         finetune_epochs=args.finetune_epochs, seed=args.seed, small_input=args.small_input, init=args.init,
-        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=device,
+        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=_device(args.device),
         method=args.method, update_every=args.update_every, select_ratio=args.select_ratio, start=args.start,
         blocks=args.blocks or args.blocks_only, channel_gates=not args.blocks_only, amp=args.amp,
         channels_last=args.channels_last, sync_bn=args.sync_bn)
 
 
+def planned_files(cfg: PruneConfig, baseline: bool) -> list[str]:
+    """The files a run of ``cfg`` may write in its output folder (claimed in the manifest before writing)."""
+    from .report import plot_names
+
+    files = ["checkpoint.pt"]
+    if cfg.finetune_epochs:
+        files.append("finetune.pt")
+    if baseline:
+        files.append("baseline.pt")
+    files += ["model/weights.pt", "model/weights.pt.sha256"]
+    files += ["model/spec.json"] if cfg.method == "polar" else ["model/sparse.pt", "model/sparse.pt.sha256"]
+    files += ["report.json", "report.md", *plot_names(cfg.method)]
+    return files
+
+
 def prune(args, argv: list[str]) -> int:
     from . import distributed as dist_mod
 
+    _check_cli_options(args)
     cfg = _config(args)
     cfg.validate()
     info = dist_mod.setup(cfg.device)
@@ -131,35 +183,51 @@ def prune(args, argv: list[str]) -> int:
         dist_mod.cleanup(info)
 
 
+def default_out(cfg: PruneConfig) -> Path:
+    method = "" if cfg.method == "polar" else f"-{cfg.method}"
+    if cfg.blocks:
+        method += "-blocks" if cfg.channel_gates else "-blocks-only"
+    return Path(f"runs/{cfg.model.replace(':', '_')}-{cfg.dataset}{method}-p{round(100 * cfg.target_sparsity)}")
+
+
 def _prune(args, argv: list[str], cfg, info) -> int:
+    from . import distributed as dist_mod
+
+    out = Path(args.out) if args.out else default_out(cfg)
+    with contextlib.ExitStack() as stack:
+        refusal = note = None
+        if info.is_main:   # rank 0 holds the folder for the whole run; its answer decides on every rank
+            try:
+                stack.enter_context(rundir.locked(out))
+                note = rundir.RunFolder(out).prepare(resume=args.resume, overwrite=args.overwrite,
+                                                     planned=planned_files(cfg, args.baseline))
+            except rundir.RunFolderError as exc:
+                refusal = str(exc)
+        refusal = dist_mod.broadcast_object(info, refusal)
+        if refusal is not None:
+            raise rundir.RunFolderError(refusal)
+        if note and info.is_main:
+            print(f"polarprune: {note}", file=sys.stderr)
+        return _train_and_report(args, argv, cfg, info, out)
+
+
+def _train_and_report(args, argv, cfg, info, out: Path) -> int:
     from . import distributed as dist_mod
     from . import report as report_mod
     from .trainer import run_prune
 
-    method = "" if cfg.method == "polar" else f"-{cfg.method}"
-    if cfg.blocks:
-        method += "-blocks" if cfg.channel_gates else "-blocks-only"
-    out = Path(args.out or f"runs/{cfg.model.replace(':', '_')}-{cfg.dataset}{method}-p{round(100 * cfg.target_sparsity)}")
-    has_run = (out / "checkpoint.pt").exists() or (out / "report.json").exists()
-    has_run = dist_mod.broadcast_object(info, has_run)   # rank 0's folder decides, on every rank
-    if has_run and not (args.resume or args.overwrite):
-        if info.is_main:
-            print(f"polarprune: {out} already holds a run; pass --resume to continue it, --overwrite to start "
-                  "over, or choose another --out", file=sys.stderr)
-        return 2
-    dist_mod.barrier(info)   # every rank has looked before rank 0 clears the folder
-    if args.overwrite and out.exists() and not args.resume and info.is_main:
-        for name in ("checkpoint.pt", "finetune.pt", "baseline.pt", "report.json", "report.md"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "model", ignore_errors=True)
     try:
         dist_mod.barrier(info)
         result = run_prune(cfg, out, resume=args.resume, baseline=args.baseline, progress=not args.quiet,
                            interrupt_after=args.interrupt_after_epoch, dist_info=info)
     except KeyboardInterrupt:
         if info.is_main:
-            print(f"\npolarprune: interrupted. The last finished epoch is saved in {out / 'checkpoint.pt'}; "
-                  f"run the same command with --resume to continue.", file=sys.stderr)
+            if (out / "checkpoint.pt").is_file():
+                print(f"\npolarprune: interrupted. The last finished epoch is saved in {out / 'checkpoint.pt'}; "
+                      "run the same command with --resume to continue.", file=sys.stderr)
+            else:
+                print("\npolarprune: interrupted before the first epoch finished: nothing was saved, run the "
+                      "same command again to start over.", file=sys.stderr)
         return 130
     if not info.is_main:
         return 0
@@ -176,25 +244,91 @@ def _prune(args, argv: list[str], cfg, info) -> int:
     return 0
 
 
-def load_run(run) -> tuple:
-    """(extracted model, shape of one input sample) of a ``polarprune prune`` output folder."""
-    from .models import build_model
+def _field(obj, key: str, kind, where: str):
+    if not isinstance(obj, dict) or key not in obj:
+        raise ValueError(f"{where} has no field {key!r}: not a report of polarprune prune")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: field {key!r} must be {getattr(kind, '__name__', kind)}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
+def load_run(run, model: str | None = None) -> tuple:
+    """(extracted model, shape of one input sample) of a ``polarprune prune`` output folder.
+
+    The dense model is rebuilt from a built-in name, or from ``model`` (a name or ``module:function`` that the
+    caller passes): nothing in the folder decides which code runs. A run that used ``module:function`` is
+    refused unless ``model`` is given.
+    """
+    from .models import build_model, is_builtin
     from .surgery import load_pruned
 
     run = Path(run)
     report_file = run / "report.json"
     if not report_file.is_file():
         raise FileNotFoundError(f"{report_file} not found: run must be an output folder of polarprune prune")
-    report = json.loads(report_file.read_text())
-    if report.get("method", "polar") != "polar":
-        raise ValueError(f"run {run} used method {report['method']}: its model has the dense shapes "
+    try:
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{report_file} is not valid JSON ({exc})") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{report_file} must hold a JSON object (a report of polarprune prune), got "
+                         f"{type(report).__name__}")
+    method = report.get("method", "polar")
+    if method != "polar":
+        raise ValueError(f"run {run} used method {method!r}: its model has the dense shapes "
                          "(model/weights.pt); export the channel-pruned result of method polar")
-    cfg = report["config"]
-    spec = json.loads((run / "model" / "spec.json").read_text())
-    in_channels = spec["input_shapes"][0][1]
-    model = load_pruned(run / "model", lambda: build_model(cfg["model"], report["data"]["num_classes"], in_channels,
-                                                           cfg.get("small_input", False)))
-    return model.eval(), tuple(spec["input_shapes"][0][1:])
+    cfg = _field(report, "config", dict, str(report_file))
+    saved = _field(cfg, "model", str, f"{report_file} config")
+    num_classes = _field(_field(report, "data", dict, str(report_file)), "num_classes", int, f"{report_file} data")
+    small_input = cfg.get("small_input", False)
+    if not isinstance(small_input, bool):
+        raise ValueError(f"{report_file} config: field 'small_input' must be true or false")
+    if not 1 <= num_classes <= 1_000_000:
+        raise ValueError(f"{report_file} data: field 'num_classes' must be in [1, 1000000], got {num_classes}")
+    if model is None:
+        if not is_builtin(saved):
+            raise ValueError(
+                f"run {run} was trained with model {saved!r}, which names code outside polarprune_cuda; a run "
+                f"folder never decides which code runs: pass --model {saved} (API: model=) yourself if you "
+                "trust that code")
+        model = saved
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"model must be a model name or module:function, got {model!r}")
+    spec_file = run / "model" / "spec.json"
+    in_channels = _in_channels(spec_file)
+    net = load_pruned(run / "model", lambda: build_model(model, num_classes, in_channels, small_input))
+    return net.eval(), tuple(net.polarprune_spec["input_shapes"][0][1:])
+
+
+def _in_channels(spec_file: Path) -> int:
+    """The input channels recorded in a spec (load_pruned validates the rest of it)."""
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{spec_file} not found: the run has no extracted model") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{spec_file} is not valid JSON ({exc})") from None
+    shapes = spec.get("input_shapes") if isinstance(spec, dict) else None
+    first = shapes[0] if isinstance(shapes, list) and shapes else None
+    if not (isinstance(first, list) and len(first) >= 2 and all(type(d) is int for d in first)
+            and 1 <= first[1] <= 65536):
+        raise ValueError(f"{spec_file}: field 'input_shapes' must be a list of input shapes [N, C, ...] with "
+                         "1 <= C <= 65536")
+    return first[1]
+
+
+def _export_target(args) -> Path:
+    out = Path(args.out) if args.out else Path(args.run) / f"model.{args.format}"
+    if out.is_dir():
+        raise ValueError(f"out: {out} is a folder; give the file to write, e.g. {out / ('model.' + args.format)}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"out: {parent} is a file, so {out} cannot be written")
+            break
+    return out
 
 
 def export(args) -> int:
@@ -202,43 +336,68 @@ def export(args) -> int:
 
     if args.batch < 2:
         raise ValueError(f"batch must be >= 2 (the exported batch dimension stays dynamic), got {args.batch}")
-    model, sample_shape = load_run(args.run)
-    x = torch.randn(args.batch, *sample_shape, generator=torch.Generator().manual_seed(0))
-    out = Path(args.out or Path(args.run) / f"model.{args.format}")
-    if args.format == "pt2":
-        export_program(model, x, out)
-    else:
-        export_onnx(model, x, out)
+    out = _export_target(args)
+    run = Path(args.run)
+    inside = out.resolve().parent == run.resolve() and rundir.RunFolder(run).owned()
+    with rundir.locked(run) if inside else contextlib.nullcontext():   # not while a prune writes the folder
+        model, sample_shape = load_run(run, model=args.model)
+        x = torch.randn(args.batch, *sample_shape, generator=torch.Generator().manual_seed(0))
+        if inside:
+            rundir.RunFolder(run).claim(out.name)
+        if args.format == "pt2":
+            export_program(model, x, out)
+        else:
+            export_onnx(model, x, out)
     print(f"polarprune: wrote {out} (checked against eager on a batch of {args.batch})")
     return 0
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if isinstance(exc, (ValueError, TypeError, FileNotFoundError, CheckpointError, data_mod.DatasetNotFoundError)):
+        return str(exc)
+    return (f"{type(exc).__name__}: {exc} (unexpected; set POLARPRUNE_DEBUG=1 to see the traceback and please "
+            "report it)")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"polarprune: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv or ["prune"])
-    if args.command in (None, "prune"):
-        if args.command is None:
-            args = parser.parse_args(["prune"])
-        try:
-            return prune(args, argv)
-        except (ValueError, TypeError, data_mod.DatasetNotFoundError, CheckpointError) as exc:
-            print(f"polarprune: error: {exc}", file=sys.stderr)
-            return 2
-    if args.command == "export":
-        try:
-            return export(args)
-        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-            print(f"polarprune: error: {exc}", file=sys.stderr)
-            return 2
+    if args.command is None:
+        args = parser.parse_args(["prune"])
     if args.command == "info":
         from . import backend_info
         from .report import versions
 
         print(json.dumps({"versions": versions(), "backends": backend_info()}, indent=1))
         return 0
-    parser.print_help()
-    return 2
+    command = {"prune": lambda: prune(args, argv), "export": lambda: export(args)}.get(args.command)
+    if command is None:
+        parser.print_help()
+        return 2
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return command()
+    except KeyboardInterrupt:
+        print("\npolarprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:   # every failure is one line, never a traceback
+        if os.environ.get("POLARPRUNE_DEBUG"):
+            raise
+        print(f"polarprune: error: {_message(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -56,7 +56,13 @@ class ImageData:
         return self.train_x.shape[-1]
 
     def example_input(self, batch: int = 1) -> Tensor:
-        return self.train_x[:batch].clone()
+        """The first ``batch`` training images (repeated when the training set is smaller)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        x = self.train_x[:batch]
+        if len(x) < batch:
+            x = x.repeat(-(-batch // len(x)), *([1] * (x.dim() - 1)))[:batch]
+        return x.clone()
 
 
 def _normalise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,6 +72,10 @@ def _normalise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _limit(data: ImageData, max_train: int | None, max_test: int | None) -> ImageData:
+    for name, v in (("max_train", max_train), ("max_test", max_test)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name.replace('_', '-')} must be a positive int (or left out for all images), "
+                             f"got {v!r}")
     if max_train:
         data.train_x, data.train_y = data.train_x[:max_train], data.train_y[:max_train]
     if max_test:
@@ -115,9 +125,9 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 def fashion_mnist_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
     """Folders searched for Fashion-MNIST, in order."""
+    if data_dir:   # an explicit folder is the only place looked in
+        return [Path(data_dir), Path(data_dir) / "fashion-mnist", Path(data_dir) / "FashionMNIST" / "raw"]
     dirs = []
-    if data_dir:
-        dirs += [Path(data_dir), Path(data_dir) / "fashion-mnist", Path(data_dir) / "FashionMNIST" / "raw"]
     env = os.environ.get("POLARPRUNE_DATA")
     if env:
         dirs += [Path(env) / "fashion-mnist", Path(env)]
@@ -156,7 +166,7 @@ def load_cifar(name: str, data_dir=None) -> ImageData:
     }[name]
     searched = []
     roots = [Path(data_dir)] if data_dir else []
-    if os.environ.get("POLARPRUNE_DATA"):
+    if not data_dir and os.environ.get("POLARPRUNE_DATA"):   # an explicit folder is the only place looked in
         roots.append(Path(os.environ["POLARPRUNE_DATA"]))
     for root in roots:
         folder = root / sub if (root / sub).is_dir() else root
@@ -183,7 +193,11 @@ def load_cifar(name: str, data_dir=None) -> ImageData:
 
 
 def load_dataset(name: str, data_dir=None, max_train: int | None = None, max_test: int | None = None) -> ImageData:
-    """Load a data set by name (see :data:`DATASETS`)."""
+    """Load a data set by name (see :data:`DATASETS`); an explicit ``data_dir`` must be a folder, and it is the
+    only place looked in."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DatasetNotFoundError(f"data-dir {str(data_dir)!r} is not a folder (nothing is downloaded: give the "
+                                   "folder that holds the data set's files)")
     if name == "digits":
         data = load_digits()
     elif name == "fashion-mnist":

@@ -138,6 +138,11 @@ CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, 
 TORCHVISION = ("resnet18", "resnet34", "resnet50")
 
 
+def is_builtin(name) -> bool:
+    """Whether ``name`` is one of the models this package defines (no import of outside code)."""
+    return isinstance(name, str) and (name in CIFAR_DEPTHS or name in VGG_WIDTHS or name in TORCHVISION)
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 3, small_input: bool = False) -> nn.Module:
     """A model by name: a CIFAR ResNet (resnet20 ... resnet110), vgg11, torchvision resnet18/34/50, or ``module:function``.
 

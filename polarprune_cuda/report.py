@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import energy
+from ._io import atomic_write, write_text
 
 REPORT_FORMAT = 1
 
@@ -239,7 +240,7 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set_title("Gate probabilities over training (polarization)")
         fig.colorbar(im, ax=ax, label="fraction of gates")
         fig.tight_layout()
-        fig.savefig(out / "gates.png", dpi=110)
+        _savefig(fig, out / "gates.png")
         plt.close(fig)
         files.append("gates.png")
     if hist["step"]:
@@ -253,7 +254,7 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set_ylim(0, 1.05)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "density.png", dpi=110)
+        _savefig(fig, out / "density.png")
         plt.close(fig)
         files.append("density.png")
     files.append(_accuracy_plot(report, out, "gated model", extracted=True))
@@ -279,22 +280,34 @@ def _accuracy_plot(report: dict, out: Path, label: str, extracted: bool) -> str:
     ax.set_ylabel("test accuracy (%)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
+    _savefig(fig, out / "accuracy.png")
     plt.close(fig)
     return "accuracy.png"
 
 
+def plot_names(method: str = "polar") -> list[str]:
+    """The plots :func:`write` may draw for a run of ``method``."""
+    return ["gates.png", "density.png", "accuracy.png"] if method == "polar" else ["density.png", "accuracy.png"]
+
+
+def _savefig(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def write(report: dict, out: Path) -> None:
+    """report.json, report.md and the plots, each written atomically."""
     out = Path(out)
     if report.get("method", "polar") != "polar":
         report["files"] = sparse_plots(report, out) + ["report.md", "report.json", "model/weights.pt",
-                                                       "model/sparse.pt"]
-        (out / "report.json").write_text(json.dumps(report, indent=1))
-        (out / "report.md").write_text(sparse_markdown(report))
+                                                       "model/weights.pt.sha256", "model/sparse.pt",
+                                                       "model/sparse.pt.sha256"]
+        write_text(out / "report.json", json.dumps(report, indent=1))
+        write_text(out / "report.md", sparse_markdown(report))
         return
-    report["files"] = plots(report, out) + ["report.md", "report.json", "model/spec.json", "model/weights.pt"]
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
+    report["files"] = plots(report, out) + ["report.md", "report.json", "model/spec.json", "model/weights.pt",
+                                          "model/weights.pt.sha256"]
+    write_text(out / "report.json", json.dumps(report, indent=1))
+    write_text(out / "report.md", markdown(report))
 
 
 def _print_rows(rows: list[tuple[str, str, str]], stream) -> None:
@@ -433,7 +446,7 @@ def sparse_plots(report: dict, out: Path) -> list[str]:
     ax.set_ylim(0, 1.05)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "density.png", dpi=110)
+    _savefig(fig, out / "density.png")
     plt.close(fig)
     files.append("density.png")
     files.append(_accuracy_plot(report, out, report["method"], extracted=False))

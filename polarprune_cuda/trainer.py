@@ -15,6 +15,7 @@ import contextlib
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -26,25 +27,22 @@ from torch import nn
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import fggp as fggp_mod
-from ._io import atomic_write
+from . import rundir
+from ._io import save_tensors
 from .gates import find_bank
 from .loss import PolarizationLoss, gate_stats, ramp
 from .models import build_model
 from .blocks import depth
+from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, CheckpointError, Expected
 from .budget import meet_target
 from .surgery import attach_gates, count, extract, kept_channels, predicted_depth, save_pruned
 
-CHECKPOINT_FORMAT = 1
 #: polar: one-pass channel pruning with gates; the others: gradual unstructured pruning (fggp.py)
 METHODS = ("polar", "fggp", "gmp", "annealed")
 TARGET_CONTROLS = ("penalty", "dual")
 #: default warm-up and ramp of the penalty, as fractions of the run (see the README's equal-budget section)
 WARMUP_FRACTION = 1 / 12
 RAMP_FRACTION = 1 / 6
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is corrupt, or was written by a run with other settings."""
 
 
 @dataclass
@@ -158,9 +156,23 @@ class PruneConfig:
                     or (name != "score_init" and v < 0):
                 raise ValueError(f"{name.replace('_', '-')} must be a finite number"
                                  f"{'' if name == 'score_init' else ' >= 0'}, got {v!r}")
-        if not 0 < self.freeze_gates_at <= 1:
+        for name in ("max_train", "max_test", "round_to"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        for name in ("model", "init", "data_dir"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) and v):
+                raise ValueError(f"{name.replace('_', '-')} must be a non-empty string, got {v!r}")
+        if not isinstance(self.freeze_gates_at, (int, float)) or not 0 < self.freeze_gates_at <= 1:
             raise ValueError(f"freeze-gates-at must be in (0, 1], got {self.freeze_gates_at!r}")
-        if self.finetune_epochs < 0:
+        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) \
+                or self.finetune_epochs < 0:
             raise ValueError(f"finetune-epochs must be >= 0, got {self.finetune_epochs!r}")
 
     def to_dict(self) -> dict:
@@ -277,38 +289,6 @@ def _autocast(device, amp: str | None):
     return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
 
 
-class Checkpointer:
-    """Atomic checkpoints (write to a temp file in the same folder, then rename)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def save(self, state: dict) -> None:
-        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
-
-    def load(self, config: dict) -> dict:
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint {self.path} is corrupt or not a polarprune checkpoint "
-                                  f"({type(exc).__name__}: {exc}); delete it or use another --out") from exc
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "config" not in state:
-            raise CheckpointError(f"checkpoint {self.path} is not a polarprune checkpoint of format "
-                                  f"{CHECKPOINT_FORMAT}; delete it or use another --out")
-        saved = state["config"]
-        defaults = PruneConfig().to_dict()
-        for key, value in config.items():
-            if key in PruneConfig.RESUME_FREE:
-                continue
-            if key not in saved and key in defaults and value == defaults[key]:
-                continue   # an option added after the checkpoint was written, left at its default
-            if saved.get(key) != value:
-                raise CheckpointError(
-                    f"checkpoint {self.path} was written with {key}={saved.get(key)!r}, this run asks for "
-                    f"{key}={value!r}; resume with the same options or use another --out")
-        return state
-
-
 def _progress(iterable, enabled: bool, **kwargs):
     if not enabled:
         return iterable
@@ -369,7 +349,11 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
     start_epoch = 0
     state = None
     if resume:
-        state = ckpt.load(cfg.to_dict() | {"_label": label}) if info.is_main and ckpt.path.is_file() else None
+        expected = Expected(model=model, optimizer=opt, scheduler=sched, scaler=scaler, pruner=pruner,
+                            epochs=epochs, steps_per_epoch=steps_per_epoch, gated=gated,
+                            history_fields=tuple(f.name for f in fields(History)))
+        state = ckpt.load(cfg.to_dict() | {"_label": label}, PruneConfig().to_dict(), PruneConfig.RESUME_FREE,
+                          expected) if info.is_main and ckpt.path.is_file() else None
         state = dist_mod.broadcast_object(info, state)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -533,6 +517,17 @@ def build(cfg: PruneConfig, data: data_mod.ImageData) -> nn.Module:
             raise ValueError(f"init: cannot read weights from {cfg.init!r} ({type(exc).__name__}: {exc})") from exc
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise ValueError(f"init: {cfg.init!r} must hold a state_dict (names to tensors), got "
+                             f"{type(state).__name__}")
+        own = model.state_dict()
+        for key, value in state.items():
+            if key in own and value.shape != own[key].shape:
+                raise ValueError(f"init: {cfg.init!r} does not fit {cfg.model}: {key} has shape "
+                                 f"{tuple(value.shape)}, the model's is {tuple(own[key].shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"init: {cfg.init!r}: {key} holds NaN or inf")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"init: {cfg.init!r} does not fit {cfg.model} (missing {missing[:3]}, "
@@ -573,6 +568,43 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
     if cfg.method != "polar":
         return run_sparse(cfg, out_dir, resume=resume, baseline=baseline, progress=progress,
                           interrupt_after=interrupt_after, dist_info=dist_info)
+    with _holding(out_dir, dist_info):
+        return _run_prune(cfg, out_dir, resume=resume, baseline=baseline, progress=progress,
+                          interrupt_after=interrupt_after, dist_info=dist_info)
+
+
+def _holding(out_dir, info: dist_mod.DistInfo):
+    """The output folder's lock (rundir.py) on the rank that writes files: one run per folder."""
+    return rundir.locked(out_dir) if info.is_main else contextlib.nullcontext()
+
+
+def warn_unreachable(cfg: PruneConfig, n_train: int) -> list[str]:
+    """Warnings for a recipe that cannot do what it asks on ``n_train`` images (also emitted with
+    :func:`warnings.warn`); returns them."""
+    found = []
+    steps = data_mod.num_batches(n_train, cfg.batch_size)
+    if cfg.batch_size > n_train:
+        found.append(f"batch-size {cfg.batch_size} is larger than the training set ({n_train} images): every "
+                     "epoch is one step")
+    if cfg.method == "polar":
+        total = steps * cfg.epochs
+        freeze = int(cfg.freeze_gates_at * total)
+        warmup, _ = cfg.schedule_epochs()
+        warmup_steps = int(round(warmup * steps))
+        if freeze == 0:
+            found.append(f"freeze-gates-at {cfg.freeze_gates_at:g} of {total} steps freezes the gates at step 0: "
+                         "they never train; the budget still meets the target, by the initial scores alone")
+        elif warmup_steps >= freeze:
+            found.append(f"warmup-epochs {warmup:.3g} reaches past the step where the gates freeze (step {freeze} of "
+                         f"{total}, freeze-gates-at {cfg.freeze_gates_at:g}): the penalty never acts and the gates "
+                         "never train; the budget still meets the target, by the initial scores alone")
+    for msg in found:
+        warnings.warn(msg, stacklevel=3)
+    return found
+
+
+def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progress: bool,
+               interrupt_after: int | None, dist_info: dist_mod.DistInfo) -> PruneResult:
     info = dist_info
     fit = dict(resume=resume, progress=progress, dist_info=info)
     ev = dict(device=cfg.device, dist_info=info, amp=cfg.amp, channels_last=cfg.channels_last)
@@ -580,6 +612,8 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
+    if info.is_main:
+        warn_unreachable(cfg, len(data.train_y))
     example = data.example_input(1).to(cfg.device)
     dense = build(cfg, data)
     dense_count = count(dense, example)
@@ -629,11 +663,11 @@ def run_dense(cfg: PruneConfig, out_dir, *, resume: bool = True, progress: bool 
     Checkpoints to ``out_dir/checkpoint.pt`` every epoch and continues from it when ``resume``."""
     cfg.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
     model = build(cfg, data)
-    _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs, lr=cfg.lr,
-         resume=resume, progress=progress, label="dense", dist_info=dist_info)
+    with _holding(out, dist_info):
+        _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs, lr=cfg.lr,
+             resume=resume, progress=progress, label="dense", dist_info=dist_info)
     return evaluate(model, data.test_x, data.test_y, device=cfg.device, dist_info=dist_info, amp=cfg.amp,
                     channels_last=cfg.channels_last)
 
@@ -682,6 +716,13 @@ def run_sparse(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: boo
     Under torchrun the gradients the pruner reads are all-reduced, so every rank prunes alike."""
     cfg.validate()
     _check_world(cfg, dist_info)
+    with _holding(out_dir, dist_info):
+        return _run_sparse(cfg, out_dir, resume=resume, baseline=baseline, progress=progress,
+                           interrupt_after=interrupt_after, dist_info=dist_info)
+
+
+def _run_sparse(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progress: bool,
+                interrupt_after: int | None, dist_info: dist_mod.DistInfo) -> SparseResult:
     info = dist_info
     fit = dict(resume=resume, progress=progress, dist_info=info)
     ev = dict(device=cfg.device, dist_info=info, amp=cfg.amp, channels_last=cfg.channels_last)
@@ -689,6 +730,8 @@ def run_sparse(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: boo
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
+    if info.is_main:
+        warn_unreachable(cfg, len(data.train_y))
     dense = build(cfg, data)
     model = build(cfg, data)
     total = data_mod.num_batches(len(data.train_y), cfg.batch_size) * cfg.epochs
@@ -704,7 +747,7 @@ def run_sparse(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: boo
     sizes = None
     if info.is_main:
         (out / "model").mkdir(exist_ok=True)
-        atomic_write(out / "model" / "weights.pt", lambda tmp: torch.save(state, tmp))
+        save_tensors(state, out / "model" / "weights.pt")
         sizes = fggp_mod.save_sparse(state, out / "model" / "sparse.pt")
     accuracy = evaluate(model, data.test_x, data.test_y, **ev)
     base = None

@@ -89,10 +89,11 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, capsys):
 
 def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
+    rc, _ = run(["prune", *TINY, "--epochs", "2", "--out", str(out), "--interrupt-after-epoch", "1"], capsys)
+    assert rc == 130
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    rc, cap = run(["prune", *TINY, "--epochs", "1", "--out", str(out), "--resume"], capsys)
-    assert rc == 2 and "corrupt" in cap.err
+    rc, cap = run(["prune", *TINY, "--epochs", "2", "--out", str(out), "--resume"], capsys)
+    assert rc == 2 and f"checkpoint {out / 'checkpoint.pt'} is corrupt" in cap.err
     rc, _ = run(["prune", *TINY, "--epochs", "2", "--out", str(out), "--overwrite",
                  "--interrupt-after-epoch", "1"], capsys)
     assert rc == 130

@@ -1,0 +1,279 @@
+"""Output folders: what a run may touch, and one run at a time.
+
+A run folder holds ``manifest.json``, the list of the files polarprune wrote
+there (each claimed before it is written), and ``.polarprune.lock``, an
+exclusive lock (``flock``) that a run holds from start to end; the operating
+system drops it when the process dies, so ``kill -9`` never leaves a folder
+locked. The rules the command line follows (:meth:`RunFolder.prepare`):
+
+* a folder that holds files and no manifest is not polarprune's: refused,
+  with or without ``--overwrite``;
+* ``--overwrite`` removes only the files the manifest lists (a user's own
+  files beside them stay);
+* a second run on a folder whose lock is held is refused, naming the pid of
+  the holder;
+* temporary files of an interrupted write are removed when the folder is
+  next used.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from pathlib import Path
+
+from ._io import _TEMP, remove_stale_temps, write_text
+
+MANIFEST = "manifest.json"
+LOCK_FILE = ".polarprune.lock"
+MANIFEST_FORMAT = 1
+LIBRARY = "polarprune_cuda"
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used: not polarprune's, in use by another run, or not a folder."""
+
+
+try:   # POSIX
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except (BlockingIOError, PermissionError):
+            return False
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+except ImportError:   # Windows
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+_HELD: dict[str, list] = {}   # resolved folder -> [fd, count]: one process may take its own lock again
+_HELD_LOCK = threading.Lock()
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        text = lock_path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+def _check_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"out: {path} is a file, not a folder; choose another --out")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunFolderError(f"out: {parent} is a file, so {path} cannot be created; choose another --out")
+            break
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Hold the folder's exclusive lock (creating the folder) for the ``with`` block; RunFolderError naming the
+    holder's pid when another process holds it. Re-entrant within one process."""
+    path = Path(path)
+    _check_folder(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunFolderError(f"out: cannot create {path} ({exc.strerror or exc})") from None
+    key = str(path.resolve())
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is None:
+        lock_path = path / LOCK_FILE
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise RunFolderError(f"out: cannot write in {path} ({exc.strerror or exc}); choose another --out") from None
+        if not _try_lock(fd):
+            os.close(fd)
+            raise RunFolderError(f"out: {path} is in use by another polarprune run (pid {_holder(lock_path)}); "
+                                 "wait for it to finish or choose another --out")
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
+        with _HELD_LOCK:
+            _HELD[key] = [fd, 1]
+    try:
+        yield path
+    finally:
+        with _HELD_LOCK:
+            held = _HELD[key]
+            held[1] -= 1
+            release = held[1] == 0
+            if release:
+                del _HELD[key]
+        if release:
+            fd = held[0]
+            with contextlib.suppress(OSError):
+                _unlock(fd)
+            os.close(fd)
+
+
+def is_locked_here(path) -> bool:
+    """Whether this process holds the folder's lock."""
+    return str(Path(path).resolve()) in _HELD
+
+
+class RunFolder:
+    """An output folder and its manifest (see the module's docstring)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    # -------------------------------------------------------------- manifest
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def manifest(self) -> dict | None:
+        """The manifest, None when the folder has none (or one that is not polarprune's)."""
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("library") != LIBRARY or data.get("format") != MANIFEST_FORMAT:
+            return None
+        files = data.get("files")
+        if not isinstance(files, list) or not all(isinstance(f, str) and _relative_ok(f) for f in files):
+            return None
+        return data
+
+    def owned(self) -> bool:
+        return self.manifest() is not None
+
+    def files(self) -> list[str]:
+        data = self.manifest()
+        return list(data["files"]) if data else []
+
+    def claim(self, *files: str) -> None:
+        """Add ``files`` (paths relative to the folder) to the manifest, before writing them."""
+        for f in files:
+            if not _relative_ok(f):
+                raise ValueError(f"claim: {f!r} is not a plain path inside the run folder")
+        listed = self.files()
+        new = listed + [f for f in dict.fromkeys(files) if f not in listed]
+        if new != listed or not self.manifest_path.is_file():
+            write_text(self.manifest_path, json.dumps({"library": LIBRARY, "format": MANIFEST_FORMAT,
+                                                        "files": new}, indent=1) + "\n")
+
+    # -------------------------------------------------------------- contents
+    def entries(self) -> list[str]:
+        """Every file under the folder (relative, sorted), the lock and the manifest left out."""
+        if not self.path.is_dir():
+            return []
+        out = []
+        for root, dirs, names in os.walk(self.path):
+            rel = Path(root).relative_to(self.path)
+            for n in names:
+                r = (rel / n).as_posix()
+                if r not in (LOCK_FILE, MANIFEST):
+                    out.append(r)
+            for d in dirs:
+                if os.path.islink(os.path.join(root, d)):
+                    out.append((rel / d).as_posix())
+        return sorted(out)
+
+    def foreign(self) -> list[str]:
+        """Files in the folder that the manifest does not list (a temp file of a listed file is not foreign)."""
+        listed = set(self.files())
+        out = []
+        for e in self.entries():
+            if e in listed:
+                continue
+            parent, _, name = e.rpartition("/")
+            m = _TEMP.match(name)
+            if m and (f"{parent}/{m.group('name')}" if parent else m.group("name")) in listed:
+                continue
+            out.append(e)
+        return out
+
+    def has_run(self) -> bool:
+        """A polarprune run is here: the manifest lists a checkpoint or a report that exists."""
+        return any((self.path / f).is_file() for f in self.files()
+                   if f.rpartition("/")[2] in ("checkpoint.pt", "report.json"))
+
+    def clean_temps(self) -> list[Path]:
+        """Remove the temporary files that an interrupted write of a listed file left."""
+        by_dir: dict[str, list[str]] = {}
+        for f in self.files() + [MANIFEST]:
+            parent, _, name = f.rpartition("/")
+            by_dir.setdefault(parent, []).append(name)
+        removed = []
+        for parent, names in by_dir.items():
+            removed += remove_stale_temps(self.path / parent if parent else self.path, names)
+        return removed
+
+    def clear(self) -> list[str]:
+        """Remove the files the manifest lists (only those), and the folders they leave empty."""
+        removed = []
+        self.clean_temps()
+        for f in self.files():
+            p = self.path / f
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+                removed.append(f)
+        for f in sorted(self.files(), key=lambda s: -s.count("/")):
+            parent = (self.path / f).parent
+            while parent != self.path and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+        write_text(self.manifest_path, json.dumps({"library": LIBRARY, "format": MANIFEST_FORMAT, "files": []},
+                                                  indent=1) + "\n")
+        return removed
+
+    # -------------------------------------------------------------- the command line's policy
+    def prepare(self, *, resume: bool, overwrite: bool, planned: list[str]) -> str | None:
+        """Apply the rules of a new run (call while holding :func:`locked`); returns a note for the user
+        (``--resume`` with nothing to resume) or None. RunFolderError when the folder cannot be used."""
+        if resume and overwrite:
+            raise RunFolderError("resume and overwrite exclude each other: --resume continues the run in --out, "
+                                 "--overwrite starts it over")
+        if not self.owned():
+            foreign = self.entries()
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise RunFolderError(
+                    f"out: {self.path} holds files that polarprune did not write ({shown}); it never removes or "
+                    "replaces those, even with --overwrite: choose a new or empty --out")
+        note = None
+        if self.has_run() and not (resume or overwrite):
+            raise RunFolderError(f"{self.path} already holds a run; pass --resume to continue it, --overwrite to "
+                                 "start over, or choose another --out")
+        if overwrite:
+            self.clear()
+        else:
+            self.clean_temps()
+        if resume and not (self.path / "checkpoint.pt").is_file():
+            note = (f"--resume: {self.path} has no checkpoint yet (no epoch has finished); starting from the "
+                    "first epoch")
+        self.claim(*planned)
+        return note
+
+
+def _relative_ok(f: str) -> bool:
+    parts = f.split("/")
+    return bool(f) and not f.startswith("/") and "\\" not in f and all(p not in ("", ".", "..") for p in parts)
