@@ -52,6 +52,13 @@ class Expected:
     history_fields: tuple = HISTORY_FIELDS
 
 
+def max_bytes(model: torch.nn.Module) -> int:
+    """An upper bound on a checkpoint of ``model``: the weights, a momentum buffer and pruner masks for each
+    (four times the state), plus 64 MiB for the history and the bookkeeping."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 4 * state + 64 * 2 ** 20
+
+
 class Checkpointer:
     """Atomic checkpoints (write to a temp file in the same folder, then rename) with a content digest inside."""
 
@@ -71,6 +78,12 @@ class Checkpointer:
         """The checkpoint's state after verifying its digest, its config against ``config`` (keys in
         ``resume_free`` may differ; a key the checkpoint lacks may be at its value in ``defaults``) and, with
         ``expected``, its contents against the run's model, optimizer and schedule."""
+        if expected is not None:
+            limit = max_bytes(expected.model)
+            size = self.path.stat().st_size
+            if size > limit:
+                raise self._refuse(f"it has {size} bytes, more than a checkpoint of this model can have "
+                                   f"({limit}); it is not this run's checkpoint")
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:

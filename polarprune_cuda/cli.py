@@ -16,6 +16,7 @@ from . import rundir
 from .trainer import METHODS, RAMP_FRACTION, WARMUP_FRACTION, CheckpointError, PruneConfig
 
 DEFAULTS = PruneConfig()
+MAX_REPORT_BYTES = 64 * 2 ** 20
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -268,6 +269,9 @@ def load_run(run, model: str | None = None) -> tuple:
     report_file = run / "report.json"
     if not report_file.is_file():
         raise FileNotFoundError(f"{report_file} not found: run must be an output folder of polarprune prune")
+    if report_file.stat().st_size > MAX_REPORT_BYTES:
+        raise ValueError(f"{report_file} has {report_file.stat().st_size} bytes, more than a report can have "
+                         f"({MAX_REPORT_BYTES}): not a report of polarprune prune")
     try:
         report = json.loads(report_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -338,8 +342,9 @@ def export(args) -> int:
         raise ValueError(f"batch must be >= 2 (the exported batch dimension stays dynamic), got {args.batch}")
     out = _export_target(args)
     run = Path(args.run)
-    inside = out.resolve().parent == run.resolve() and rundir.RunFolder(run).owned()
-    with rundir.locked(run) if inside else contextlib.nullcontext():   # not while a prune writes the folder
+    owned = run.is_dir() and rundir.RunFolder(run).owned()
+    inside = owned and out.resolve().parent == run.resolve()
+    with rundir.locked(run) if owned else contextlib.nullcontext():   # not while a prune writes the folder
         model, sample_shape = load_run(run, model=args.model)
         x = torch.randn(args.batch, *sample_shape, generator=torch.Generator().manual_seed(0))
         if inside:
@@ -394,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:   # every failure is one line, never a traceback
         if os.environ.get("POLARPRUNE_DEBUG"):
             raise
-        print(f"polarprune: error: {_message(exc)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":   # under torchrun every rank fails alike: rank 0 says it
+            print(f"polarprune: error: {_message(exc)}", file=sys.stderr)
         return 2
     finally:
         warnings.showwarning = shown

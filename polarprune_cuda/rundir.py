@@ -103,8 +103,12 @@ def locked(path):
     if held is None:
         lock_path = path / LOCK_FILE
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            # never through a link: a planted .polarprune.lock -> ~/somefile must not be truncated
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
+            if lock_path.is_symlink():
+                raise RunFolderError(f"out: {lock_path} is a symbolic link; polarprune uses only real files in "
+                                     "its folder: choose another --out") from None
             raise RunFolderError(f"out: cannot write in {path} ({exc.strerror or exc}); choose another --out") from None
         if not _try_lock(fd):
             os.close(fd)
@@ -211,6 +215,25 @@ class RunFolder:
             out.append(e)
         return out
 
+    def links(self) -> list[str]:
+        """Symbolic links anywhere under the folder (relative): a run never writes or deletes through one."""
+        if not self.path.is_dir():
+            return []
+        out = []
+        for root, dirs, names in os.walk(self.path):
+            rel = Path(root).relative_to(self.path)
+            out += [(rel / n).as_posix() for n in dirs + names if os.path.islink(os.path.join(root, n))]
+        return sorted(out)
+
+    def _inside(self, f: str) -> bool:
+        """``f`` lies in the folder through real folders only (no link on the way)."""
+        p = self.path
+        for part in f.split("/")[:-1]:
+            p = p / part
+            if p.is_symlink():
+                return False
+        return True
+
     def has_run(self) -> bool:
         """A polarprune run is here: the manifest lists a checkpoint or a report that exists."""
         return any((self.path / f).is_file() for f in self.files()
@@ -224,6 +247,8 @@ class RunFolder:
             by_dir.setdefault(parent, []).append(name)
         removed = []
         for parent, names in by_dir.items():
+            if parent and not self._inside(parent + "/x"):
+                continue
             removed += remove_stale_temps(self.path / parent if parent else self.path, names)
         return removed
 
@@ -233,8 +258,8 @@ class RunFolder:
         self.clean_temps()
         for f in self.files():
             p = self.path / f
-            if p.is_file() or p.is_symlink():
-                p.unlink()
+            if self._inside(f) and (p.is_file() or p.is_symlink()):
+                p.unlink()   # a link itself, never what it points to
                 removed.append(f)
         for f in sorted(self.files(), key=lambda s: -s.count("/")):
             parent = (self.path / f).parent
@@ -259,6 +284,10 @@ class RunFolder:
                 raise RunFolderError(
                     f"out: {self.path} holds files that polarprune did not write ({shown}); it never removes or "
                     "replaces those, even with --overwrite: choose a new or empty --out")
+        links = self.links()
+        if links:
+            raise RunFolderError(f"out: {self.path} holds symbolic links ({', '.join(links[:3])}); polarprune "
+                                 "writes and removes only real files inside its folder: choose a new or empty --out")
         note = None
         if self.has_run() and not (resume or overwrite):
             raise RunFolderError(f"{self.path} already holds a run; pass --resume to continue it, --overwrite to "

@@ -418,3 +418,21 @@ def test_mutated_checkpoint_is_refused_or_unchanged(runs, mutations, tmp_path, d
         return
     assert not mutated, f"{kind} at {at} was accepted"
     assert content_digest(state) == content_digest(run.state)
+
+
+def test_a_checkpoint_larger_than_the_model_allows_is_refused_before_loading(tmp_path, monkeypatch):
+    import polarprune_cuda as pp
+    from polarprune_cuda import checkpoint as ck
+
+    model = pp.resnet20(num_classes=10, in_channels=1)
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"x")
+    with open(path, "r+b") as f:
+        f.truncate(ck.max_bytes(model) + 1)               # sparse file: no disk used
+    loaded = []
+    monkeypatch.setattr(ck.torch, "load", lambda *a, **k: loaded.append(1))
+    expected = ck.Expected(model=model, optimizer=None, scheduler=None, scaler=None, pruner=None, epochs=1,
+                           steps_per_epoch=1, gated=False)
+    with pytest.raises(ck.CheckpointError, match="more than a checkpoint of this model can have"):
+        ck.Checkpointer(path).load({}, expected=expected)
+    assert not loaded

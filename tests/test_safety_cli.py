@@ -428,3 +428,31 @@ def test_init_weights_that_do_not_fit_are_named(tmp_path, capsys, tamper, named)
     rc, _, err = run(["prune", *TINY, "--epochs", "1", "--init", str(path), "--out", str(tmp_path / "o")], capsys)
     line = one_error_line(err)
     assert rc == 2 and line.startswith("polarprune: error: init: ") and named in line
+
+
+def test_links_in_a_run_folder_are_never_written_or_deleted_through(run_copy, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "weights.pt").write_bytes(b"precious")
+    (elsewhere / "keys").write_text("precious")
+    shutil.rmtree(run_copy / "model")
+    (run_copy / "model").symlink_to(elsewhere, target_is_directory=True)
+    for extra in (["--overwrite"], ["--resume"]):
+        rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", str(run_copy), *extra], capsys)
+        assert rc == 2 and "symbolic links (model)" in one_error_line(err)
+    removed = rundir.RunFolder(run_copy).clear()          # the API's clear does not follow the link either
+    assert "report.json" in removed and not any(r.startswith("model/") for r in removed)
+    assert (elsewhere / "weights.pt").read_bytes() == b"precious"
+    (run_copy / "model").unlink()
+    (run_copy / rundir.LOCK_FILE).unlink()
+    (run_copy / rundir.LOCK_FILE).symlink_to(elsewhere / "keys")
+    rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", str(run_copy), "--overwrite"], capsys)
+    assert rc == 2 and "is a symbolic link" in one_error_line(err)
+    assert (elsewhere / "keys").read_text() == "precious"
+
+
+def test_an_oversized_report_is_refused_before_reading(run_copy, capsys):
+    with open(run_copy / "report.json", "r+b") as f:
+        f.truncate(cli.MAX_REPORT_BYTES + 1)              # sparse file: no disk used
+    rc, _, err = run(["export", str(run_copy)], capsys)
+    assert rc == 2 and "more than a report can have" in one_error_line(err)
