@@ -17,6 +17,7 @@ from .trainer import METHODS, RAMP_FRACTION, WARMUP_FRACTION, CheckpointError, P
 
 DEFAULTS = PruneConfig()
 MAX_REPORT_BYTES = 64 * 2 ** 20
+MAX_BATCH = 4096   # --latency-batch and export --batch: one example batch, allocated whole
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,10 +128,8 @@ def _device(requested: str) -> str:
 
 def _check_cli_options(args) -> None:
     """The options that are not part of the recipe (PruneConfig.validate checks those)."""
-    for name in ("latency_batch",):
-        v = getattr(args, name)
-        if v < 1:
-            raise ValueError(f"{name.replace('_', '-')} must be a positive int, got {v}")
+    if not 1 <= args.latency_batch <= MAX_BATCH:
+        raise ValueError(f"latency-batch must be a positive int (at most {MAX_BATCH}), got {args.latency_batch}")
     if args.interrupt_after_epoch is not None and args.interrupt_after_epoch < 1:
         raise ValueError(f"interrupt-after-epoch must be a positive int, got {args.interrupt_after_epoch}")
     if args.resume and args.overwrite:
@@ -178,6 +177,8 @@ def prune(args, argv: list[str]) -> int:
     cfg.validate()
     info = dist_mod.setup(cfg.device)
     cfg.device = info.device
+    if cfg.sync_bn and not info.enabled:
+        warnings.warn("sync-bn acts only under torchrun (several processes); this run has one process")
     try:
         return _prune(args, argv, cfg, info)
     finally:
@@ -338,8 +339,9 @@ def _export_target(args) -> Path:
 def export(args) -> int:
     from .export import export_onnx, export_program
 
-    if args.batch < 2:
-        raise ValueError(f"batch must be >= 2 (the exported batch dimension stays dynamic), got {args.batch}")
+    if not 2 <= args.batch <= MAX_BATCH:
+        raise ValueError(f"batch must be in [2, {MAX_BATCH}] (the exported batch dimension stays dynamic), got "
+                         f"{args.batch}")
     out = _export_target(args)
     run = Path(args.run)
     owned = run.is_dir() and rundir.RunFolder(run).owned()

@@ -115,6 +115,9 @@ class PruneConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.method == "polar" and not 0 <= self.target_sparsity < 1:
             raise ValueError(f"target-sparsity must be in [0, 1), got {self.target_sparsity!r}")
+        if self.method == "polar" and self.update_every is not None:
+            raise ValueError(f"update-every applies to the unstructured methods ({', '.join(METHODS[1:])}), not to "
+                             "method polar (its gates move every step)")
         if self.method != "polar":
             if not 0 < self.target_sparsity < 1:
                 raise ValueError(f"target-sparsity must be in (0, 1) for method {self.method}, "

@@ -114,6 +114,12 @@ def test_export_of_a_malformed_report_is_one_error_line(run_copy, capsys, report
     assert rc == 2 and field in one_error_line(err)
 
 
+@pytest.mark.parametrize("batch", ["1", "0", "100000000"])
+def test_export_batch_out_of_range_is_named(run_copy, capsys, batch):
+    rc, _, err = run(["export", str(run_copy), "--batch", batch], capsys)
+    assert rc == 2 and "batch must be in [2, 4096]" in one_error_line(err)
+
+
 def test_export_out_under_a_file_or_a_folder(run_copy, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -214,6 +220,7 @@ def test_the_api_takes_the_same_lock(tmp_path):
     (["--max-test", "0"], "max-test must be a positive int"),
     (["--latency-batch", "0"], "latency-batch must be a positive int"),
     (["--latency-batch", "-1"], "latency-batch must be a positive int"),
+    (["--latency-batch", "100000000"], "latency-batch must be a positive int (at most 4096)"),
     (["--epochs", "0"], "epochs must be a positive int"),
     (["--batch-size", "-2"], "batch-size must be a positive int"),
     (["--momentum", "1.5"], "momentum must be in [0, 1)"),
@@ -226,6 +233,7 @@ def test_the_api_takes_the_same_lock(tmp_path):
     (["--device", "bogus"], "device must be cpu, cuda, cuda:N or auto"),
     (["--device", "meta"], "device must be cpu, cuda, cuda:N or auto"),
     (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
+    (["--update-every", "5"], "update-every applies to the unstructured methods"),
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fashion"], "data-dir '/nonexistent/fashion' is not a folder"),
 ])
 def test_bad_options_are_one_line_naming_the_option(tmp_path, capsys, extra, named):
