@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from polarprune_cuda.report import versions
-from polarprune_cuda.trainer import PruneConfig, run_prune
+from polarprune_cuda.train.report import versions
+from polarprune_cuda.train.trainer import PruneConfig, run_prune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

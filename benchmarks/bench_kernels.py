@@ -12,7 +12,7 @@ import torch
 
 import common
 import polarprune_cuda as pp
-from polarprune_cuda import backends, reference
+from polarprune_cuda.ops import backends, reference
 
 PROVIDERS = ("eager", "compile", "triton", "cuda")
 PASSES = ("forward", "backward", "full")

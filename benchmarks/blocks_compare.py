@@ -39,8 +39,8 @@ def _folder(kw: dict) -> str:
 
 
 def run_variant(kw: dict, work: Path, latency_batch: int, progress: bool) -> dict:
-    from polarprune_cuda import report as report_mod
-    from polarprune_cuda import trainer
+    from polarprune_cuda.train import report as report_mod
+    from polarprune_cuda.train import trainer
 
     out = work / _folder(kw)
     done = out / "result.json"
@@ -52,7 +52,7 @@ def run_variant(kw: dict, work: Path, latency_batch: int, progress: bool) -> dic
     lat = report_mod.latency_side_by_side({"dense": res.dense_model, "pruned": res.pruned_model}, example)
     dense, pruned = res.dense_count, res.pruned_count
     blocks = res.blocks or {}
-    from polarprune_cuda.blocks import depth
+    from polarprune_cuda.surgery.blocks import depth
 
     row = {
         "accuracy": res.pruned_accuracy,
@@ -73,7 +73,7 @@ def run_variant(kw: dict, work: Path, latency_batch: int, progress: bool) -> dic
 
 
 def run_dense(kw: dict, work: Path, progress: bool) -> dict:
-    from polarprune_cuda import trainer
+    from polarprune_cuda.train import trainer
 
     out = work / ("dense-" + _folder({k: v for k, v in kw.items() if k != "target_sparsity"}))
     done = out / "result.json"
@@ -144,7 +144,7 @@ def main(argv=None):
             results[job] = run_dense(base, args.work, progress=not args.quiet)
         else:
             results[job] = run_variant(base | VARIANTS[job], args.work, args.latency_batch, progress=not args.quiet)
-    from polarprune_cuda import data as data_mod
+    from polarprune_cuda.train import data as data_mod
 
     test_images = len(data_mod.load_dataset(preset["dataset"], args.data_dir, max_test=args.max_test).test_y)
     recipe = {k: v for k, v in preset.items() if k not in ("dataset", "model") and v is not None}

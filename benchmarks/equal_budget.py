@@ -9,7 +9,7 @@ schedule, seeds and total epochs:
 
 - ``dense``: the unpruned network (the trainer's recipe, no gates);
 - ``one-pass``: this library, gates and weights trained once
-  (:func:`polarprune_cuda.trainer.run_prune`), then the extracted network;
+  (:func:`polarprune_cuda.train.trainer.run_prune`), then the extracted network;
 - ``train-prune-finetune``: Torch-Pruning's own pipeline: the dense network
   trained for ``pretrain_fraction`` of the epochs (default two thirds),
   pruned once with ``tp.pruner.MetaPruner`` and group-magnitude (L2)
@@ -56,7 +56,7 @@ GATE_FIELDS = {"gate_lr", "target_weight", "polarization_weight", "polarization"
 
 def _parse_set(items: list[str]) -> dict:
     """``key=value`` recipe overrides (PruneConfig fields), values parsed as JSON where they parse."""
-    from polarprune_cuda.trainer import PruneConfig
+    from polarprune_cuda.train.trainer import PruneConfig
 
     fields = PruneConfig().to_dict()
     out = {}
@@ -79,7 +79,7 @@ def _tp_prune(model, example, target_macs: float, ignored, steps: int = 30):
     """Torch-Pruning, one shot: MetaPruner with group L2 magnitude, every group by one ratio; the ratio is
     bisected so the pruned MACs come as close to ``target_macs`` as the channel granularity allows."""
     import torch_pruning as tp
-    from polarprune_cuda.surgery import count
+    from polarprune_cuda.surgery.core import count
 
     def pruned(ratio):
         m = copy.deepcopy(model)
@@ -123,8 +123,8 @@ def _reinit(model, seed: int) -> None:
 def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fraction: float,
             finetune_lr_scale: float, onepass: dict | None) -> dict:
     import torch
-    from polarprune_cuda import data as data_mod, trainer
-    from polarprune_cuda.surgery import count
+    from polarprune_cuda.train import data as data_mod, trainer
+    from polarprune_cuda.surgery.core import count
 
     cfg = trainer.PruneConfig(**cfg_kwargs)
     out = work / f"{arm}-seed{cfg.seed}"
@@ -316,7 +316,7 @@ def main(argv=None) -> dict:
     if not 0 < args.pretrain_fraction <= 1:
         raise SystemExit(f"--pretrain-fraction must be in (0, 1], got {args.pretrain_fraction}")
     import torch
-    from polarprune_cuda.report import versions
+    from polarprune_cuda.train.report import versions
 
     preset = dict(PRESETS[args.preset])
     if args.epochs:

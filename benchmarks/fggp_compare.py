@@ -32,7 +32,7 @@ METHODS = ("fggp", "gmp", "annealed")
 
 
 def run_one(cfg_kwargs: dict, work: Path, progress: bool) -> dict:
-    from polarprune_cuda import trainer
+    from polarprune_cuda.train import trainer
 
     out = work / ("-".join(f"{k}={v}" for k, v in sorted(cfg_kwargs.items()) if k not in ("data_dir",)))
     done = out / "result.json"
@@ -48,7 +48,7 @@ def run_one(cfg_kwargs: dict, work: Path, progress: bool) -> dict:
 
 
 def run_dense(cfg_kwargs: dict, work: Path, progress: bool) -> dict:
-    from polarprune_cuda import trainer
+    from polarprune_cuda.train import trainer
 
     out = work / ("dense-" + "-".join(f"{k}={v}" for k, v in sorted(cfg_kwargs.items())
                                       if k not in ("data_dir", "method", "target_sparsity")))
@@ -150,7 +150,7 @@ def main(argv=None):
         else:
             row = run_one(kw | {"method": method, "target_sparsity": target}, args.work, progress=not args.quiet)
         rows.append({"model": model, "method": method, "target": target, "seed": seed, **row})
-    from polarprune_cuda import data as data_mod
+    from polarprune_cuda.train import data as data_mod
 
     test_images = len(data_mod.load_dataset(preset["dataset"], args.data_dir).test_y)
     meta = {"dataset": preset["dataset"], "date": datetime.date.today().isoformat(), "seeds": args.seeds,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import polarprune_cuda as pp
-from polarprune_cuda import backends, reference
+from polarprune_cuda.ops import backends, reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,5 +1,5 @@
 // CUDA kernels of polarprune_cuda: the same ops, semantics and signatures as
-// polarprune_cuda/reference.py. Every kernel launches on the current stream and
+// polarprune_cuda/ops/reference.py. Every kernel launches on the current stream and
 // every launch is checked. Reductions are deterministic: fixed-order block
 // reductions, and per-program partial sums reduced over a fixed axis.
 #include <ATen/AccumulateType.h>

@@ -1,5 +1,5 @@
 // Registers the CUDA kernels as the polarprune_C ops. The public op schemas
-// (polarprune::*) are defined once, in Python (polarprune_cuda/ops.py); their
+// (polarprune::*) are defined once, in Python (polarprune_cuda/ops/core.py); their
 // implementation calls these ops when the backend registry picks the extension.
 #include <torch/extension.h>
 #include <torch/library.h>

@@ -1,7 +1,7 @@
 """Triton kernels for polarprune_cuda, installed as ``polarprune_cuda.kernels``.
 
-``IMPLEMENTATIONS`` maps op names of :mod:`polarprune_cuda.ops` to functions
-with the signatures of :mod:`polarprune_cuda.reference`. It is empty, with the
+``IMPLEMENTATIONS`` maps op names of :mod:`polarprune_cuda.ops.core` to functions
+with the signatures of :mod:`polarprune_cuda.ops.reference`. It is empty, with the
 reason in ``UNAVAILABLE``, where Triton cannot run: no ``triton`` package, or
 neither a CUDA device nor ``TRITON_INTERPRET=1`` (Triton's CPU interpreter,
 which must be set before this module is imported).

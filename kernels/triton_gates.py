@@ -1,4 +1,4 @@
-"""Triton kernels for the gate ops, with the signatures of polarprune_cuda.reference.
+"""Triton kernels for the gate ops, with the signatures of polarprune_cuda.ops.reference.
 
 * gate bank: hard gates (one launch over the whole flat score vector) and the
   straight-through backward (one launch);
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from polarprune_cuda import reference
+from polarprune_cuda.ops import reference
 
 STE_CODES = {"identity": 0, "clipped": 1, "sigmoid": 2}
 POLAR_CODES = {"zhuang": 0, "bimodal": 1}

@@ -4,10 +4,11 @@ Attach learned binary channel gates, train once with a polarization penalty
 that drives every gate to 0 or 1 and the network to a target sparsity, and
 extract a smaller gate-free network; optionally gate whole residual blocks too.
 """
-from . import functional, ops, reference
-from .backends import BackendUnavailableError, backend_info
-from .blocks import ClosedBlock, depth
-from .gates import (
+from . import ops
+from .ops import functional, reference
+from .ops.backends import BackendUnavailableError, backend_info
+from .surgery.blocks import ClosedBlock, depth
+from .gates.modules import (
     ChannelGate,
     GateBank,
     GatedBatchNorm2d,
@@ -18,12 +19,12 @@ from .gates import (
     find_bank,
     gate_modules,
 )
-from .cost import CostModel
-from .fggp import FGGP, GMP, AnnealedPruner
-from .loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
+from .gates.cost import CostModel
+from .sparse.fggp import FGGP, GMP, AnnealedPruner
+from .gates.loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
 from .models import resnet20, resnet32, resnet44, resnet56, resnet110
-from .budget import BudgetResult, meet_target
-from .surgery import (
+from .surgery.budget import BudgetResult, meet_target
+from .surgery.core import (
     UnsupportedModelError,
     attach_gates,
     count,

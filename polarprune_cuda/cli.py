@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from . import data as data_mod
-from . import rundir
-from .trainer import METHODS, RAMP_FRACTION, WARMUP_FRACTION, CheckpointError, PruneConfig
+from .train import data as data_mod
+from .train import rundir
+from .train.trainer import METHODS, RAMP_FRACTION, WARMUP_FRACTION, CheckpointError, PruneConfig
 
 DEFAULTS = PruneConfig()
 MAX_REPORT_BYTES = 64 * 2 ** 20
@@ -156,7 +156,7 @@ def _config(args) -> PruneConfig:
 
 def planned_files(cfg: PruneConfig, baseline: bool) -> list[str]:
     """The files a run of ``cfg`` may write in its output folder (claimed in the manifest before writing)."""
-    from .report import plot_names
+    from .train.report import plot_names
 
     files = ["checkpoint.pt"]
     if cfg.finetune_epochs:
@@ -170,7 +170,7 @@ def planned_files(cfg: PruneConfig, baseline: bool) -> list[str]:
 
 
 def prune(args, argv: list[str]) -> int:
-    from . import distributed as dist_mod
+    from .train import distributed as dist_mod
 
     _check_cli_options(args)
     cfg = _config(args)
@@ -193,7 +193,7 @@ def default_out(cfg: PruneConfig) -> Path:
 
 
 def _prune(args, argv: list[str], cfg, info) -> int:
-    from . import distributed as dist_mod
+    from .train import distributed as dist_mod
 
     out = Path(args.out) if args.out else default_out(cfg)
     with contextlib.ExitStack() as stack:
@@ -214,9 +214,9 @@ def _prune(args, argv: list[str], cfg, info) -> int:
 
 
 def _train_and_report(args, argv, cfg, info, out: Path) -> int:
-    from . import distributed as dist_mod
-    from . import report as report_mod
-    from .trainer import run_prune
+    from .train import distributed as dist_mod
+    from .train import report as report_mod
+    from .train.trainer import run_prune
 
     try:
         dist_mod.barrier(info)
@@ -264,7 +264,7 @@ def load_run(run, model: str | None = None) -> tuple:
     refused unless ``model`` is given.
     """
     from .models import build_model, is_builtin
-    from .surgery import load_pruned
+    from .surgery.core import load_pruned
 
     run = Path(run)
     report_file = run / "report.json"
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["prune"])
     if args.command == "info":
         from . import backend_info
-        from .report import versions
+        from .train.report import versions
 
         print(json.dumps({"versions": versions(), "backends": backend_info()}, indent=1))
         return 0

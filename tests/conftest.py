@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import polarprune_cuda as pp  # noqa: E402
-from polarprune_cuda import backends  # noqa: E402
+from polarprune_cuda.ops import backends  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import polarprune_cuda as pp
-from polarprune_cuda import backends, reference
+from polarprune_cuda.ops import backends, reference
 
 from conftest import randn
 

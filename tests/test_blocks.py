@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import polarprune_cuda as pp
-from polarprune_cuda.blocks import ClosedBlock
+from polarprune_cuda.surgery.blocks import ClosedBlock
 from tests.test_surgery import assert_outputs_match, randomize_bn
 
 MODELS = {
@@ -320,7 +320,7 @@ def test_load_refuses_a_spec_whose_block_is_missing(tmp_path):
 
 
 def test_block_gates_step_as_if_alone():
-    from polarprune_cuda import trainer
+    from polarprune_cuda.train import trainer
 
     torch.manual_seed(0)
     model = pp.resnet20()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from polarprune_cuda import cli
 from polarprune_cuda._io import content_digest
-from polarprune_cuda.checkpoint import DIGEST_KEY, FIELDS, Checkpointer, CheckpointError
+from polarprune_cuda.train.checkpoint import DIGEST_KEY, FIELDS, Checkpointer, CheckpointError
 
 BASE = ["prune", "--dataset", "digits", "--model", "resnet20", "--max-train", "64", "--max-test", "32",
         "--batch-size", "32", "--latency-batch", "4", "--quiet", "--min-channels", "2", "--epochs", "2"]
@@ -422,7 +422,7 @@ def test_mutated_checkpoint_is_refused_or_unchanged(runs, mutations, tmp_path, d
 
 def test_a_checkpoint_larger_than_the_model_allows_is_refused_before_loading(tmp_path, monkeypatch):
     import polarprune_cuda as pp
-    from polarprune_cuda import checkpoint as ck
+    from polarprune_cuda.train import checkpoint as ck
 
     model = pp.resnet20(num_classes=10, in_channels=1)
     path = tmp_path / "checkpoint.pt"

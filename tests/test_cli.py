@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from polarprune_cuda import cli, data
+from polarprune_cuda import cli
+from polarprune_cuda.train import data
 
 TINY = ["--dataset", "digits", "--model", "resnet20", "--max-train", "160", "--max-test", "80",
         "--batch-size", "32", "--latency-batch", "4", "--quiet", "--min-channels", "2"]
@@ -185,7 +186,8 @@ def test_module_entry_point_runs():
 
 @pytest.mark.parametrize("method", ["fggp", "gmp", "annealed"])
 def test_unstructured_method_run_writes_the_report(tmp_path, capsys, method):
-    from polarprune_cuda import fggp, models
+    from polarprune_cuda.sparse import fggp
+    from polarprune_cuda import models
 
     out = tmp_path / method
     rc, cap = run(["prune", *TINY, "--method", method, "--target-sparsity", "0.9", "--epochs", "4",
@@ -251,7 +253,7 @@ def test_unstructured_bad_options_are_named(tmp_path, capsys):
 @pytest.mark.parametrize("flag", ["--blocks", "--blocks-only"])
 def test_block_gating_run_lists_removed_blocks(tmp_path, capsys, flag):
     from polarprune_cuda import load_pruned, models
-    from polarprune_cuda.blocks import ClosedBlock
+    from polarprune_cuda.surgery.blocks import ClosedBlock
 
     out = tmp_path / "run"
     rc, cap = run(["prune", *TINY, "--epochs", "3", "--warmup-epochs", "0", "--ramp-epochs", "1", "--target-sparsity",

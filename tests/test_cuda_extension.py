@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import polarprune_cuda as pp
-from polarprune_cuda import backends, reference
-from polarprune_cuda.cost import CostModel
+from polarprune_cuda.ops import backends, reference
+from polarprune_cuda.gates.cost import CostModel
 
 from test_reference_ops import _bilinear_model
 

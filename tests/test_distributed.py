@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from polarprune_cuda import data as data_mod
-from polarprune_cuda import distributed as dist_mod
-from polarprune_cuda import find_bank, trainer
+from polarprune_cuda.train import data as data_mod
+from polarprune_cuda.train import distributed as dist_mod
+from polarprune_cuda import find_bank
+from polarprune_cuda.train import trainer
 
 TINY = dict(dataset="digits", model="resnet20", max_train=256, max_test=90, batch_size=32, epochs=2,
             warmup_epochs=0.0, ramp_epochs=1.0, min_channels=2, seed=3)

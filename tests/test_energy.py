@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from polarprune_cuda import energy, report
+from polarprune_cuda.train import energy, report
 
 
 def _rapl_tree(root, packages):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import polarprune_cuda as pp
-from polarprune_cuda import functional as PF
+from polarprune_cuda.ops import functional as PF
 
 from conftest import randn
 

@@ -7,7 +7,7 @@ import torchvision
 
 import polarprune_cuda as pp
 from polarprune_cuda import cli
-from polarprune_cuda.blocks import ClosedBlock
+from polarprune_cuda.surgery.blocks import ClosedBlock
 from polarprune_cuda.export import export_onnx, export_program, onnx_available
 from tests.test_blocks import pick_closed, set_gates
 from tests.test_surgery import randomize_bn

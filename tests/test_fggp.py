@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 import polarprune_cuda as pp
-from polarprune_cuda import fggp
+from polarprune_cuda.sparse import fggp
 
 
 class Net(nn.Module):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from polarprune_cuda import ops, reference
-from polarprune_cuda.cost import CostModel
-from polarprune_cuda import functional as PF
+from polarprune_cuda.ops import core as ops, reference
+from polarprune_cuda.gates.cost import CostModel
+from polarprune_cuda.ops import functional as PF
 
 from conftest import randn
 

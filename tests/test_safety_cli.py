@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from polarprune_cuda import _io, cli, rundir, trainer
+from polarprune_cuda import _io, cli
+from polarprune_cuda.train import rundir, trainer
 
 TINY = ["--dataset", "digits", "--model", "resnet20", "--max-train", "96", "--max-test", "48",
         "--batch-size", "32", "--latency-batch", "4", "--quiet", "--min-channels", "2"]
@@ -168,7 +169,7 @@ def test_every_file_a_run_writes_is_in_its_manifest(finished):
 
 HOLDER = """
 import sys, time
-from polarprune_cuda import rundir
+from polarprune_cuda.train import rundir
 with rundir.locked(sys.argv[1]):
     print("held", flush=True)
     sys.stdin.readline()
@@ -352,7 +353,8 @@ KILLED_IN_SAVE = """
 import os, signal, sys
 from pathlib import Path
 import torch
-from polarprune_cuda import cli, trainer
+from polarprune_cuda import cli
+from polarprune_cuda.train import trainer
 saves = []
 original = trainer.Checkpointer.save
 def save(self, state):

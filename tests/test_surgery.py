@@ -74,7 +74,7 @@ def test_attach_close_extract_save_load(name, tmp_path):
     with torch.no_grad():
         gated_out = model(x)
     small = pp.extract(model, x)
-    assert not any(isinstance(m, (pp.GateBank, pp.gates.GateMixin)) for m in small.modules())
+    assert not any(isinstance(m, (pp.GateBank, pp.gates.modules.GateMixin)) for m in small.modules())
     with torch.no_grad():
         small_out = small.eval()(x)
     assert_outputs_match(gated_out, small_out)

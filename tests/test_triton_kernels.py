@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import polarprune_cuda as pp
-from polarprune_cuda import backends, ops, reference
-from polarprune_cuda.cost import CostModel
+from polarprune_cuda.ops import backends, core as ops, reference
+from polarprune_cuda.gates.cost import CostModel
 
 from conftest import SmallNet, randn
 from test_reference_ops import _bilinear_model

@@ -1,11 +1,11 @@
 """Backend registry: which implementation of each op runs for which device.
 
-Three backends can implement the ops of :mod:`polarprune_cuda.ops`:
+Three backends can implement the ops of :mod:`polarprune_cuda.ops.core`:
 
 * ``cuda``: the compiled extension ``polarprune_cuda._C`` (CUDA tensors only);
 * ``triton``: the Triton kernels in ``polarprune_cuda.kernels`` (CUDA tensors,
   or CPU tensors under ``TRITON_INTERPRET=1`` when forced);
-* ``torch``: :mod:`polarprune_cuda.reference`, pure PyTorch, every device.
+* ``torch``: :mod:`polarprune_cuda.ops.reference`, pure PyTorch, every device.
 
 For CUDA tensors the order is cuda, triton, torch; other devices use torch.
 ``POLARPRUNE_BACKEND=torch|triton|cuda`` forces one backend for every device
@@ -82,7 +82,7 @@ def _probe_triton() -> Backend:
 
 
 def _build_info() -> dict | None:
-    path = Path(__file__).resolve().parent / "_build_info.json"
+    path = Path(__file__).resolve().parents[1] / "_build_info.json"   # polarprune_cuda/_build_info.json
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -1,11 +1,11 @@
 """The op layer: ``polarprune::*`` custom ops with fake and autograd registrations.
 
 Each op is a :func:`torch.library.custom_op` whose implementation asks
-:mod:`polarprune_cuda.backends` for the kernel of the tensors' device (CUDA
+:mod:`polarprune_cuda.ops.backends` for the kernel of the tensors' device (CUDA
 extension, Triton, or the pure-PyTorch reference). Backward passes are ops of
 their own, so every backend can fuse them. The Python functions at the bottom
 (:func:`binary_gate`, :func:`gate_penalty`, ...) validate their arguments and
-are what the rest of the package calls; :mod:`polarprune_cuda.functional`
+are what the rest of the package calls; :mod:`polarprune_cuda.ops.functional`
 exposes them with keyword defaults.
 
 Ops (schemas are owned here, in Python; a compiled extension only adds kernels):
@@ -418,10 +418,10 @@ def gate_penalty(
 ) -> tuple[Tensor, Tensor]:
     """Penalty over a flat score vector; returns ``(loss, terms)`` (terms: reference.PENALTY_TERMS).
 
-    ``cost_model`` is a :class:`~polarprune_cuda.cost.CostModel` (or a tensor of
+    ``cost_model`` is a :class:`~polarprune_cuda.gates.cost.CostModel` (or a tensor of
     per-gate weights, read once here for its sum).
     """
-    from .cost import CostModel
+    from ..gates.cost import CostModel
 
     check_scores(scores)
     if isinstance(cost_model, Tensor):
@@ -446,7 +446,7 @@ def gate_bank(scores: Tensor, ste: str, tau: float, cost_model, rho: float, pola
     ``terms`` = (density, target term, polar term, non-finite count); the target
     and polar terms are differentiable (weight them and add them to the loss).
     """
-    from .cost import CostModel
+    from ..gates.cost import CostModel
 
     check_scores(scores)
     check_ste(ste, tau)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write, content_digest
+from .._io import atomic_write, content_digest
 
 CHECKPOINT_FORMAT = 1
 DIGEST_KEY = "digest"

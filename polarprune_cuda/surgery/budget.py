@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .gates import GateBank
+from ..gates.modules import GateBank
 
 #: the promise: achieved sparsity within this many fractions of the target (0.5 percentage points)
 TOLERANCE = 0.005
@@ -83,7 +83,7 @@ def _check_target(target_sparsity) -> float:
 
 def _units(bank: GateBank, record, scores: list[Tensor], min_channels: int, round_to: int | None):
     """The forced gates (guards) and the selectable units: (priority, flat indices) in score order per segment."""
-    from .surgery import guard
+    from .core import guard
 
     offsets = bank.offsets
     forced: list[int] = []
@@ -107,7 +107,7 @@ def select_gates(model, target_sparsity: float, cost: str = "macs", min_channels
                  round_to: int | None = None) -> tuple[Tensor, BudgetResult]:
     """The gate set that meets the target (without changing the model): a 0/1 float tensor over the bank's
     gates, and the :class:`BudgetResult` it would give. See :func:`meet_target`."""
-    from .surgery import _surgery   # surgery imports nothing from here
+    from .core import _surgery   # surgery imports nothing from here
 
     target = _check_target(target_sparsity)
     bank, record = _surgery(model)
@@ -235,7 +235,7 @@ def meet_target(model, target_sparsity: float, cost: str = "macs", min_channels:
     exactly the final architecture). Deterministic: the same scores give the
     same choice on every rank.
     """
-    from .surgery import _surgery
+    from .core import _surgery
 
     bank, _ = _surgery(model)
     chosen, result = select_gates(model, target_sparsity, cost, min_channels, round_to)

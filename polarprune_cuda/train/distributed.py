@@ -192,7 +192,7 @@ def enable_sync_batchnorm(model: nn.Module) -> int:
     :class:`SyncedBatchNorm2d` (same parameters and state-dict keys).
     :func:`disable_sync_batchnorm` undoes it.
     """
-    from .gates import GatedBatchNorm2d
+    from ..gates.modules import GatedBatchNorm2d
 
     n = 0
     for m in model.modules():
@@ -206,7 +206,7 @@ def enable_sync_batchnorm(model: nn.Module) -> int:
 
 
 def disable_sync_batchnorm(model: nn.Module) -> None:
-    from .gates import GatedBatchNorm2d
+    from ..gates.modules import GatedBatchNorm2d
 
     for m in model.modules():
         if isinstance(m, GatedBatchNorm2d):

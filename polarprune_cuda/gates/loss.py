@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from ..ops import core as ops
 from .cost import CostModel
-from .gates import GateBank, check_cost_values, flat_gate_view, raise_if_nonfinite
-from .reference import POLAR_FORMS
+from .modules import GateBank, check_cost_values, flat_gate_view, raise_if_nonfinite
+from ..ops.reference import POLAR_FORMS
 
 Schedule = Callable[[int], "float | tuple[float, float]"]
 
@@ -84,7 +84,7 @@ class _NonFiniteCheck:
             bad = float(self.count) > 0
         if bad:
             raise_if_nonfinite(self.scores, self.names, self.sizes)
-            from .gates import NonFiniteGateError
+            from .modules import NonFiniteGateError
             raise NonFiniteGateError("gate scores were NaN or inf when the penalty was computed")
 
 

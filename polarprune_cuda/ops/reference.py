@@ -2,7 +2,7 @@
 
 Every other backend (Triton kernels, the CUDA extension) is tested against the
 functions in this module. They take already-validated arguments; the checks
-live in :mod:`polarprune_cuda.ops`.
+live in :mod:`polarprune_cuda.ops.core`.
 
 Gate semantics (see DESIGN.md, "Semantics of the gate"):
 

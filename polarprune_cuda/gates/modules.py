@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from ..ops import core as ops
 from .cost import CostModel
 
 BANK_ATTR = "polarprune_bank"
@@ -183,7 +183,7 @@ class GatedBatchNorm2d(GateMixin, nn.BatchNorm2d):
         self._check_input_dim(x)
         weight, bias = ops.gated_affine(self.weight, self.bias, self.gate())
         if getattr(self, "_pp_sync", False):
-            from .distributed import sync_batch_norm, wants_sync
+            from ..train.distributed import sync_batch_norm, wants_sync
 
             if wants_sync(self):   # statistics over every rank's batch (enable_sync_batchnorm)
                 return sync_batch_norm(x, self, weight, bias)

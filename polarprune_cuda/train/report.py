@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import energy
-from ._io import atomic_write, write_text
+from .._io import atomic_write, write_text
 
 REPORT_FORMAT = 1
 
@@ -76,7 +76,7 @@ def energy_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, seconds: 
 
 
 def versions() -> dict:
-    from . import __version__
+    from .. import __version__
 
     out = {"polarprune_cuda": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform()}
@@ -428,7 +428,7 @@ def sparse_plots(report: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fggp import cubic_density
+    from ..sparse.fggp import cubic_density
 
     hist, pr = report["history"], report["pruner"]
     files = []

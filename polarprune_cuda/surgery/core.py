@@ -34,10 +34,10 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ._io import IntegrityError, load_tensors, save_tensors, write_text
+from .._io import IntegrityError, load_tensors, save_tensors, write_text
 from .blocks import BlockRecord, close_blocks, depth, prepare_blocks
-from .cost import CostModel
-from .gates import (
+from ..gates.cost import CostModel
+from ..gates.modules import (
     GATED_CLASS,
     GateBank,
     GateMixin,
@@ -511,7 +511,7 @@ def attach_gates(
             branch (``act(gate * branch(x) + shortcut(x))``; the shortcut always
             stays, a projection shortcut included), or a list of block module names.
             A closed block is replaced by ``act(shortcut(x))`` at extraction. Blocks
-            are recognised as described in :mod:`polarprune_cuda.blocks`.
+            are recognised as described in :mod:`polarprune_cuda.surgery.blocks`.
         channels: gate channel groups (default). ``channels=False, blocks=True``
             gates whole blocks only.
 
@@ -561,7 +561,7 @@ def attach_gates(
     block_records = prepare_blocks(model, names, inputs, blocks) if blocks is not False else []
     if blocks is not False and not block_records:
         raise UnsupportedModelError("blocks=True, but the model has no residual block that can be block-gated "
-                                    "(see polarprune_cuda.blocks for what a block must look like)")
+                                    "(see polarprune_cuda.surgery.blocks for what a block must look like)")
     graph = _build_graph(model, inputs)
     outputs = _output_layers(graph)
     groups = list(graph.get_all_groups(ignored_layers=ignored + outputs, root_module_types=(nn.Conv2d, nn.Linear)))
@@ -761,7 +761,7 @@ def extract(model: nn.Module, example_inputs=None, min_channels: int | None = No
             round_to: int | None = None, verify: bool = True) -> nn.Module:
     """The static sub-network: closed channels removed, closed blocks replaced, gates folded away.
 
-    A block whose gate is closed becomes a :class:`~polarprune_cuda.blocks.ClosedBlock`,
+    A block whose gate is closed becomes a :class:`~polarprune_cuda.surgery.blocks.ClosedBlock`,
     ``act(shortcut(x))``: the model gets shallower. ``min_channels``/``round_to``
     override the values given to attach_gates. With ``verify`` (default) the
     eval-mode outputs of the gated and the extracted model are compared on
@@ -892,7 +892,7 @@ def _spec_input_shapes(shapes: list[list[int]]) -> list[list[int]]:
 
 
 def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict], blocks: list[dict]) -> dict:
-    from . import __version__
+    from .. import __version__
 
     return {
         "format": SPEC_FORMAT,

@@ -527,7 +527,7 @@ def save_sparse(state: dict[str, Tensor], path) -> dict:
     compressed sizes in bytes."""
     from pathlib import Path
 
-    from ._io import save_tensors
+    from .._io import save_tensors
 
     save_tensors(sparse_state_dict(state), path)
     return {"dense_bytes": serialized_bytes(state), "sparse_bytes": Path(path).stat().st_size}
@@ -541,7 +541,7 @@ def load_sparse(path, map_location="cpu", verify: bool = True) -> dict[str, Tens
     ValueError naming it). ``verify=False`` skips the digest (a file written elsewhere); the structure is
     checked either way.
     """
-    from ._io import load_tensors
+    from .._io import load_tensors
 
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be True or False, got {verify!r}")

@@ -26,16 +26,16 @@ from torch import nn
 
 from . import data as data_mod
 from . import distributed as dist_mod
-from . import fggp as fggp_mod
+from ..sparse import fggp as fggp_mod
 from . import rundir
-from ._io import save_tensors
-from .gates import find_bank
-from .loss import PolarizationLoss, gate_stats, ramp
-from .models import build_model
-from .blocks import depth
+from .._io import save_tensors
+from ..gates.modules import find_bank
+from ..gates.loss import PolarizationLoss, gate_stats, ramp
+from ..models import build_model
+from ..surgery.blocks import depth
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, CheckpointError, Expected
-from .budget import meet_target
-from .surgery import attach_gates, count, extract, kept_channels, predicted_depth, save_pruned
+from ..surgery.budget import meet_target
+from ..surgery.core import attach_gates, count, extract, kept_channels, predicted_depth, save_pruned
 
 #: polar: one-pass channel pruning with gates; the others: gradual unstructured pruning (fggp.py)
 METHODS = ("polar", "fggp", "gmp", "annealed")
@@ -563,7 +563,7 @@ def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool
     """Train once with gates, extract, (optionally fine-tune); returns what the report needs.
 
     With ``cfg.method`` fggp, gmp or annealed: gradual unstructured pruning instead (:func:`run_sparse`).
-    Under torchrun (``dist_info`` from :func:`polarprune_cuda.distributed.setup`) every rank trains and
+    Under torchrun (``dist_info`` from :func:`polarprune_cuda.train.distributed.setup`) every rank trains and
     extracts the same model; only rank 0 writes files.
     """
     cfg.validate()

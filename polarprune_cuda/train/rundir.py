@@ -23,7 +23,7 @@ import os
 import threading
 from pathlib import Path
 
-from ._io import _TEMP, remove_stale_temps, write_text
+from .._io import _TEMP, remove_stale_temps, write_text
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".polarprune.lock"
