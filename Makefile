@@ -40,7 +40,7 @@ $(STAMP): setup.py Makefile $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip "setuptools>=80" wheel
 	$(PIP) install $(PINS)
-	$(PIP) install --no-build-isolation -e ".[dev]"
+	$(PIP) install --no-build-isolation -e ".[train,dev]"
 	touch $(STAMP)
 
 demo: setup

@@ -24,7 +24,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "polarprune_cuda" / "__init__.py").read_text(), re.M)[1]
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "polarprune_cuda" / "_version.py").read_text(), re.M)[1]
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 BUILD_INFO = ROOT / "polarprune_cuda" / "_build_info.json"
 
@@ -131,16 +131,18 @@ setup(
         "torch>=2.6",
         "numpy>=1.24",
         "torch-pruning>=1.5,<2",
-        "scikit-learn>=1.3",
-        "matplotlib>=3.7",
-        "tqdm>=4.66",
     ],
     entry_points={"console_scripts": ["polarprune = polarprune_cuda.cli:main"]},
     extras_require={
+        # the application (polarprune prune: the digits data set, plots, progress bars); the library needs none
+        "train": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.66"],
         "triton": ["triton>=3.1"],
         "energy": ["nvidia-ml-py>=12"],
         "onnx": ["onnx>=1.17", "onnxscript>=0.3"],
         "dev": [
+            "scikit-learn>=1.3",
+            "matplotlib>=3.7",
+            "tqdm>=4.66",
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.100",

@@ -4,7 +4,7 @@ Attach learned binary channel gates, train once with a polarization penalty
 that drives every gate to 0 or 1 and the network to a target sparsity, and
 extract a smaller gate-free network; optionally gate whole residual blocks too.
 """
-from . import ops
+from . import errors, ops
 from .ops import functional, reference
 from .ops.backends import BackendUnavailableError, backend_info
 from .surgery.blocks import ClosedBlock, depth
@@ -19,7 +19,7 @@ from .gates.modules import (
     find_bank,
     gate_modules,
 )
-from .gates.cost import CostModel
+from .ops.cost import CostModel
 from .sparse.fggp import FGGP, GMP, AnnealedPruner
 from .gates.loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
 from .models import resnet20, resnet32, resnet44, resnet56, resnet110
@@ -37,7 +37,7 @@ from .surgery.core import (
     save_pruned,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AnnealedPruner",

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from .errors import IntegrityError
 
 DIGEST_SUFFIX = ".sha256"
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{4,}\.tmp$")
 
 
-class IntegrityError(ValueError):
-    """A file's contents do not match the digest written with it (or it has none)."""
 
 
 def _default_mode() -> int:

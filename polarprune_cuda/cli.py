@@ -359,7 +359,13 @@ def export(args) -> int:
     return 0
 
 
+TRAIN_EXTRA = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+
+
 def _message(exc: BaseException) -> str:
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in TRAIN_EXTRA:
+        return (f"polarprune needs {TRAIN_EXTRA[exc.name.split('.')[0]]} for this (the application's "
+                "dependencies): pip install 'polarprune_cuda[train]'")
     if isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{where}"
@@ -382,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["prune"])
     if args.command == "info":
-        from . import backend_info
+        from .ops.backends import backend_info
         from .train.report import versions
 
         print(json.dumps({"versions": versions(), "backends": backend_info()}, indent=1))

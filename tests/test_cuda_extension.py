@@ -8,7 +8,7 @@ import torch
 
 import polarprune_cuda as pp
 from polarprune_cuda.ops import backends, reference
-from polarprune_cuda.gates.cost import CostModel
+from polarprune_cuda.ops.cost import CostModel
 
 from test_reference_ops import _bilinear_model
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from polarprune_cuda.ops import core as ops, reference
-from polarprune_cuda.gates.cost import CostModel
+from polarprune_cuda.ops.cost import CostModel
 from polarprune_cuda.ops import functional as PF
 
 from conftest import randn

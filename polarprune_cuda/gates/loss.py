@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import core as ops
-from .cost import CostModel
+from ..ops.cost import CostModel
 from .modules import GateBank, check_cost_values, flat_gate_view, raise_if_nonfinite
 from ..ops.reference import POLAR_FORMS
 

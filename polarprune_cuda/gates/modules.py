@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import core as ops
-from .cost import CostModel
+from ..ops.cost import CostModel
+from ..errors import NonFiniteGateError
 
 BANK_ATTR = "polarprune_bank"
 
 
-class NonFiniteGateError(ValueError):
-    """Gate scores contain NaN or inf (training diverged)."""
 
 
 def _init_scores(num_channels, init, name: str = "init") -> Tensor:
@@ -182,11 +181,6 @@ class GatedBatchNorm2d(GateMixin, nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         weight, bias = ops.gated_affine(self.weight, self.bias, self.gate())
-        if getattr(self, "_pp_sync", False):
-            from ..train.distributed import sync_batch_norm, wants_sync
-
-            if wants_sync(self):   # statistics over every rank's batch (enable_sync_batchnorm)
-                return sync_batch_norm(x, self, weight, bias)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -272,7 +266,7 @@ def fold_in_place(module: GateMixin, gate: Tensor) -> nn.Module:
         module.weight.mul_(g.view(shape))
         if module.bias is not None:
             module.bias.mul_(g)
-    for attr in ("num_gates", "ste", "tau", "_segment", "_repeat", "_block", "_pp_plain_class", "_pp_sync"):
+    for attr in ("num_gates", "ste", "tau", "_segment", "_repeat", "_block", "_pp_plain_class"):
         module.__dict__.pop(attr, None)
     object.__delattr__(module, "_bank")
     module.__class__ = plain

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from ..errors import BackendUnavailableError
 
 log = logging.getLogger("polarprune_cuda")
 
@@ -45,8 +46,6 @@ _ORDER = {"cuda": ("cuda", "triton", "torch")}
 _DEFAULT_ORDER = ("torch",)
 
 
-class BackendUnavailableError(RuntimeError):
-    """A backend was forced with POLARPRUNE_BACKEND but cannot be used here."""
 
 
 @dataclass

@@ -418,10 +418,10 @@ def gate_penalty(
 ) -> tuple[Tensor, Tensor]:
     """Penalty over a flat score vector; returns ``(loss, terms)`` (terms: reference.PENALTY_TERMS).
 
-    ``cost_model`` is a :class:`~polarprune_cuda.gates.cost.CostModel` (or a tensor of
+    ``cost_model`` is a :class:`~polarprune_cuda.ops.cost.CostModel` (or a tensor of
     per-gate weights, read once here for its sum).
     """
-    from ..gates.cost import CostModel
+    from .cost import CostModel
 
     check_scores(scores)
     if isinstance(cost_model, Tensor):
@@ -446,7 +446,7 @@ def gate_bank(scores: Tensor, ste: str, tau: float, cost_model, rho: float, pola
     ``terms`` = (density, target term, polar term, non-finite count); the target
     and polar terms are differentiable (weight them and add them to the loss).
     """
-    from ..gates.cost import CostModel
+    from .cost import CostModel
 
     check_scores(scores)
     check_ste(ste, tau)

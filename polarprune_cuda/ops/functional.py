@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import core as ops
-from ..gates.cost import CostModel
+from .cost import CostModel
 from .reference import PENALTY_TERMS
 
 __all__ = [
@@ -56,7 +56,7 @@ def gate_penalty(
     Returns ``(loss, terms)``; ``terms`` holds :data:`PENALTY_TERMS`
     (density, target term, polar term, number of non-finite scores) and is not
     differentiable. ``cost`` is a tensor of per-gate weights (its sum is read
-    once per call), a :class:`~polarprune_cuda.gates.cost.CostModel`, or None for one
+    once per call), a :class:`~polarprune_cuda.ops.cost.CostModel`, or None for one
     per gate.
     """
     if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) \

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .._io import IntegrityError, load_tensors, save_tensors, write_text
 from .blocks import BlockRecord, close_blocks, depth, prepare_blocks
-from ..gates.cost import CostModel
+from ..ops.cost import CostModel
 from ..gates.modules import (
     GATED_CLASS,
     GateBank,
@@ -48,14 +48,13 @@ from ..gates.modules import (
     install_bank,
     remove_bank,
 )
+from ..errors import UnsupportedModelError
 
 SPEC_FORMAT = 1
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "weights.pt"
 
 
-class UnsupportedModelError(ValueError):
-    """The model has a structure whose channels cannot be gated and removed exactly."""
 
 
 @dataclass
@@ -892,7 +891,7 @@ def _spec_input_shapes(shapes: list[list[int]]) -> list[list[int]]:
 
 
 def _spec(model: nn.Module, record: SurgeryRecord, groups: list[dict], blocks: list[dict]) -> dict:
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "format": SPEC_FORMAT,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_write, content_digest
+from ..errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
 DIGEST_KEY = "digest"
@@ -33,8 +34,6 @@ BUDGET_FIELDS = ("target_sparsity", "achieved_sparsity", "cost", "budget", "achi
 HISTOGRAM_BINS = 20
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is corrupt, was changed after it was written, or was written by a run with other settings."""
 
 
 @dataclass

@@ -26,13 +26,12 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor
+from ..errors import DatasetNotFoundError
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A data set's files are not where we looked; the message says where and how to get them."""
 
 
 @dataclass

@@ -28,6 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..gates.modules import GatedBatchNorm2d
+from ..ops import core as ops
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -179,45 +182,49 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d whose training statistics cover the global batch (see :func:`sync_batch_norm`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        if not _global_batch(self):
             return super().forward(x)
         self._check_input_dim(x)
         return sync_batch_norm(x, self, self.weight, self.bias)
 
 
+def _global_batch(bn: nn.Module) -> bool:
+    """Training under a process group of several ranks: the statistics must cover every rank's batch."""
+    return bn.training and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class SyncedGatedBatchNorm2d(GatedBatchNorm2d):
+    """A GatedBatchNorm2d whose training statistics cover the global batch; the gate acts as in its parent."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _global_batch(self):
+            return super().forward(x)
+        self._check_input_dim(x)
+        weight, bias = ops.gated_affine(self.weight, self.bias, self.gate())
+        return sync_batch_norm(x, self, weight, bias)
+
+
+#: the synchronised class of each BatchNorm class (same parameters and state-dict keys), and back
+SYNCED = {nn.BatchNorm2d: SyncedBatchNorm2d, GatedBatchNorm2d: SyncedGatedBatchNorm2d}
+UNSYNCED = {v: k for k, v in SYNCED.items()}
+
+
 def enable_sync_batchnorm(model: nn.Module) -> int:
-    """Synchronise every BatchNorm2d of ``model`` across ranks (in place); returns how many.
-
-    Gated BatchNorms get a flag; plain ones change class to
-    :class:`SyncedBatchNorm2d` (same parameters and state-dict keys).
-    :func:`disable_sync_batchnorm` undoes it.
-    """
-    from ..gates.modules import GatedBatchNorm2d
-
+    """Synchronise every BatchNorm2d of ``model`` across ranks (in place, by class: :data:`SYNCED`); returns how
+    many. :func:`disable_sync_batchnorm` undoes it."""
     n = 0
     for m in model.modules():
-        if isinstance(m, GatedBatchNorm2d):
-            m._pp_sync = True
-            n += 1
-        elif type(m) is nn.BatchNorm2d:
-            m.__class__ = SyncedBatchNorm2d
+        if type(m) in SYNCED:
+            m.__class__ = SYNCED[type(m)]
             n += 1
     return n
 
 
 def disable_sync_batchnorm(model: nn.Module) -> None:
-    from ..gates.modules import GatedBatchNorm2d
-
     for m in model.modules():
-        if isinstance(m, GatedBatchNorm2d):
-            m.__dict__.pop("_pp_sync", None)
-        elif type(m) is SyncedBatchNorm2d:
-            m.__class__ = nn.BatchNorm2d
+        if type(m) in UNSYNCED:
+            m.__class__ = UNSYNCED[type(m)]
 
 
-def wants_sync(bn: nn.Module) -> bool:
-    return bool(getattr(bn, "_pp_sync", False)) and bn.training and dist.is_initialized() \
-        and dist.get_world_size() > 1
-
-
-__all__ = ["DistInfo", "SyncedBatchNorm2d", "enable_sync_batchnorm", "disable_sync_batchnorm", "setup"]
+__all__ = ["DistInfo", "SyncedBatchNorm2d", "SyncedGatedBatchNorm2d", "enable_sync_batchnorm",
+           "disable_sync_batchnorm", "setup"]

@@ -76,7 +76,7 @@ def energy_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, seconds: 
 
 
 def versions() -> dict:
-    from .. import __version__
+    from .._version import __version__
 
     out = {"polarprune_cuda": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform()}

@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 from .._io import _TEMP, remove_stale_temps, write_text
+from ..errors import RunFolderError
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".polarprune.lock"
@@ -31,8 +32,6 @@ MANIFEST_FORMAT = 1
 LIBRARY = "polarprune_cuda"
 
 
-class RunFolderError(ValueError):
-    """The output folder cannot be used: not polarprune's, in use by another run, or not a folder."""
 
 
 try:   # POSIX

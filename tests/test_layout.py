@@ -1,0 +1,119 @@
+"""The architecture as the folders show it (docs/DESIGN.md): layers import only downwards, no import circle,
+and the core install needs only torch, torch-pruning and numpy."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "polarprune_cuda"
+
+#: each unit of the package and its floor; a module may import its own unit or any unit on a lower floor
+FLOORS = {
+    "errors": 0, "_version": 0, "models": 0, "_io": 1, "ops": 2, "gates": 3, "surgery": 4, "sparse": 4,
+    "export": 4, "train": 5, "cli": 6, "__main__": 7, "__init__": 7,
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PKG.rglob("*.py")) + sorted((ROOT / "kernels").glob("*.py")):
+        if path.parts[-2] == "kernels" and path.is_relative_to(ROOT / "kernels"):
+            parts = ["polarprune_cuda", "kernels", *path.relative_to(ROOT / "kernels").with_suffix("").parts]
+        else:
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(module: str, path: Path, known: set[str]) -> set[str]:
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            modules = {f"{target}.{a.name}" for a in node.names} & known
+            found |= modules or ({target} & known)   # "from . import x" imports x, not the package
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known}
+    found.discard(module)
+    return found
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    unit = parts[1] if len(parts) > 1 else "__init__"
+    return "ops" if unit == "kernels" else unit   # the Triton kernels are the op layer's (installed beside it)
+
+
+def _graph():
+    mods = _modules()
+    known = set(mods)
+    return {m: _imports(m, p, known) for m, p in mods.items()}
+
+
+def test_every_unit_has_a_floor():
+    assert {_unit(m) for m in _graph()} <= set(FLOORS)
+
+
+def test_layers_import_only_downwards():
+    wrong = []
+    for module, targets in _graph().items():
+        for t in targets:
+            if t == "polarprune_cuda":
+                wrong.append(f"{module} -> the package's face")
+                continue
+            a, b = _unit(module), _unit(t)
+            if a != b and FLOORS[b] >= FLOORS[a]:
+                wrong.append(f"{module} (floor {FLOORS[a]}) -> {t} (floor {FLOORS[b]})")
+    assert not wrong, "imports that run up or sideways:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_circle():
+    graph = _graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for t in graph.get(m, ()):
+            if t.endswith("__init__") or t == "polarprune_cuda":
+                continue
+            if state.get(t) == 1:
+                pytest.fail("import circle: " + " -> ".join(stack[stack.index(t):] + [t]))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in graph:
+        if m not in state and m != "polarprune_cuda":
+            visit(m)
+
+
+def test_the_library_imports_none_of_the_applications_dependencies():
+    code = ("import sys, polarprune_cuda as pp, polarprune_cuda.surgery, polarprune_cuda.sparse.fggp; "
+            "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))")   # tqdm: torch-pruning's
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_core_install_requires_only_torch_torch_pruning_numpy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("setup_text", ROOT / "setup.py")
+    text = (ROOT / "setup.py").read_text()
+    block = text.split("install_requires=[", 1)[1].split("]", 1)[0]
+    names = sorted(r.strip().strip('",').split(">")[0].split("=")[0].split("<")[0] for r in block.split("\n")
+                   if r.strip().strip(","))
+    assert names == ["numpy", "torch", "torch-pruning"], names
+    assert spec is not None
