@@ -86,7 +86,8 @@ def extension_setup():
         nvcc_flags.append("-Xptxas=-v")
     ext = CUDAExtension(
         "polarprune_cuda._C",
-        sources=["csrc/registration.cpp", "csrc/gate_kernels.cu"],
+        # one .cu per op (distinct basenames: the objects share one build folder)
+        sources=["csrc/registration.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))],
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )

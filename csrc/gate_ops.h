@@ -1,4 +1,4 @@
-// Host entry points of the CUDA kernels (gate_kernels.cu), registered in registration.cpp.
+// Host entry points of the CUDA kernels (csrc/<op>.cu, one file per op), registered in registration.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>

@@ -1,6 +1,8 @@
-// Registers the CUDA kernels as the polarprune_C ops. The public op schemas
-// (polarprune::*) are defined once, in Python (polarprune_cuda/ops/core.py); their
-// implementation calls these ops when the backend registry picks the extension.
+// Registers the CUDA kernels (csrc/<op>.cu) as the polarprune_C ops. The public op schemas
+// (polarprune::*) are defined in Python (polarprune_cuda/ops/<op>.py); their implementation
+// calls these ops when the backend registry picks the extension. The schemas below must be
+// the same (names, argument names and types, returns): tests/test_op_schemas.py checks it.
+#include <cuda_runtime_api.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -39,6 +41,10 @@ TORCH_LIBRARY_IMPL(polarprune_C, CUDA, m) {
   m.impl("gated_affine", &polarprune::gated_affine_cuda);
   m.impl("gated_affine_backward", &polarprune::gated_affine_backward_cuda);
 }
+
+namespace polarprune {
+int64_t cuda_runtime_version_built() { return CUDART_VERSION; }
+}  // namespace polarprune
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA kernels of polarprune_cuda, registered as torch.ops.polarprune_C.*";

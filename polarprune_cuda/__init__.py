@@ -24,7 +24,7 @@ from .sparse.fggp import FGGP, GMP, AnnealedPruner
 from .gates.loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
 from .models import resnet20, resnet32, resnet44, resnet56, resnet110
 from .surgery.budget import BudgetResult, meet_target
-from .surgery.core import (
+from .surgery import (
     UnsupportedModelError,
     attach_gates,
     count,

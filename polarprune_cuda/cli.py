@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+import typing
 import warnings
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import torch
 
 from .train import data as data_mod
 from .train import rundir
-from .train.trainer import METHODS, RAMP_FRACTION, WARMUP_FRACTION, CheckpointError, PruneConfig
+from .train.checkpoint import CheckpointError
+from .train.config import PruneConfig
 
 DEFAULTS = PruneConfig()
 MAX_REPORT_BYTES = 64 * 2 ** 20
@@ -25,68 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("prune", help="train once with gates, extract the pruned network, write a report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEFAULTS.model,
-                   help="resnet20/32/44/56/110 (CIFAR-style), resnet18/34/50 (torchvision) or module:function")
-    p.add_argument("--dataset", default=DEFAULTS.dataset, choices=data_mod.DATASETS)
-    p.add_argument("--data-dir", default=None, help="folder with the data set's files (nothing is downloaded)")
-    p.add_argument("--method", default=DEFAULTS.method, choices=METHODS,
-                   help="polar: one-pass channel pruning with gates (a smaller, faster network); fggp, gmp, "
-                        "annealed: gradual unstructured weight pruning (zeros, a smaller sparse copy)")
-    p.add_argument("--target-sparsity", type=float, default=DEFAULTS.target_sparsity,
-                   help="fraction of the cost to remove, in [0, 1) (unstructured methods: of the weights, in (0, 1))")
-    p.add_argument("--cost", default=DEFAULTS.cost, choices=("channels", "params", "macs"))
-    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="weights' learning rate (cosine decay)")
-    p.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
-    p.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
-    p.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing)
-    p.add_argument("--gate-lr", type=float, default=DEFAULTS.gate_lr,
-                   help="gate scores' learning rate, times n_gates / target_weight")
-    p.add_argument("--target-weight", type=float, default=DEFAULTS.target_weight)
-    p.add_argument("--polarization-weight", type=float, default=DEFAULTS.polarization_weight)
-    p.add_argument("--polarization", default=DEFAULTS.polarization, choices=("bimodal", "zhuang"))
-    p.add_argument("--warmup-epochs", type=float, default=DEFAULTS.warmup_epochs,
-                   help="epochs without the penalty at the start; None (unset): "
-                        f"{100 * WARMUP_FRACTION:.0f}%% of --epochs")
-    p.add_argument("--ramp-epochs", type=float, default=DEFAULTS.ramp_epochs,
-                   help="epochs over which the penalty weight ramps to its full value; None (unset): "
-                        f"{100 * RAMP_FRACTION:.0f}%% of --epochs")
-    p.add_argument("--freeze-gates-at", type=float, default=DEFAULTS.freeze_gates_at,
-                   help="fraction of training after which the gates stop moving and the weights settle")
-    p.add_argument("--score-init", type=float, default=DEFAULTS.score_init,
-                   help="initial gate score (gate probability sigmoid(score-init))")
-    p.add_argument("--ste", default=DEFAULTS.ste, choices=("identity", "clipped", "sigmoid"),
-                   help="straight-through estimator of the hard gates' gradient")
-    p.add_argument("--target-control", default=DEFAULTS.target_control, choices=("penalty", "dual"),
-                   help="penalty: fixed-weight quadratic density term; dual: its target moved by dual ascent")
-    p.add_argument("--dual-lr", type=float, default=DEFAULTS.dual_lr, help="step of the dual ascent")
-    p.add_argument("--freeze-lr-scale", type=float, default=DEFAULTS.freeze_lr_scale,
-                   help="weights' learning rate after the gates freeze, times the cosine schedule's")
+    _recipe_options(p)
+    # the options that are not a field of PruneConfig, or map onto fields differently
     p.add_argument("--blocks", action="store_true",
                    help="also gate every residual block's branch; closed blocks are replaced by their shortcut")
     p.add_argument("--blocks-only", action="store_true", help="gate residual blocks only, no channel gates")
-    p.add_argument("--min-channels", type=int, default=DEFAULTS.min_channels)
-    p.add_argument("--round-to", type=int, default=None)
-    p.add_argument("--update-every", type=int, default=None,
-                   help="unstructured methods: steps between mask updates (default: 50 updates over 80%% of the run)")
-    p.add_argument("--select-ratio", type=float, default=DEFAULTS.select_ratio,
-                   help="fggp: fraction of the remaining weights that are gradient candidates")
-    p.add_argument("--start", default=DEFAULTS.start, choices=("dense", "erk50"),
-                   help="unstructured methods: dense start, or a random ERK mask at 50%% density")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="optional fine-tuning of the extracted model")
-    p.add_argument("--baseline", action="store_true", help="also train the dense model with the same recipe")
-    p.add_argument("--init", default=None, help="state_dict (.pt) of pretrained dense weights to start from")
-    p.add_argument("--small-input", action="store_true", help="3x3 stride-1 stem for torchvision ResNets")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--amp", default=None, choices=("bf16", "fp16"),
-                   help="mixed precision: autocast to bf16 or fp16 (fp16 adds a grad scaler)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and activations")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun: BatchNorm statistics over the global batch (the result of one process)")
-    p.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--max-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--baseline", action="store_true", help="also train the dense model with the same recipe")
     p.add_argument("--latency-batch", type=int, default=32)
     p.add_argument("--out", default=None, help="output folder (default runs/MODEL-DATASET-pSPARSITY)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
@@ -104,6 +52,39 @@ def _parser() -> argparse.ArgumentParser:
                    help="the dense model to rebuild (a built-in name or module:function); needed when the run used "
                         "module:function: a run folder never decides which code runs")
     return parser
+
+
+def _recipe_fields() -> list:
+    """PruneConfig's fields that are command-line options of their own (metadata ``flag`` not None)."""
+    return [f for f in dataclasses.fields(PruneConfig) if f.metadata.get("flag", "") is not None]
+
+
+def _option_type(annotation):
+    """int, float, str or bool of a field's annotation (``X | None``, ``Optional[X]``: X)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
+
+
+def _recipe_options(p: argparse.ArgumentParser) -> None:
+    """One option per field of PruneConfig (flag, type, default, choices and help from the field)."""
+    hints = typing.get_type_hints(PruneConfig)
+    for f in _recipe_fields():
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        kind = _option_type(hints[f.name])
+        kwargs = {"dest": f.name, "default": f.default}
+        help_ = f.metadata.get("help")
+        if help_ is not None:
+            kwargs["help"] = help_.replace("%", "%%")
+        if kind is bool:
+            if f.default is not False:
+                raise TypeError(f"PruneConfig.{f.name}: a bool option is a store_true flag and defaults to False")
+            p.add_argument(flag, action="store_true", **kwargs)
+            continue
+        if kind is not str:
+            kwargs["type"] = kind
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        p.add_argument(flag, **kwargs)
 
 
 def _device(requested: str) -> str:
@@ -138,20 +119,9 @@ def _check_cli_options(args) -> None:
 
 
 def _config(args) -> PruneConfig:
-    return PruneConfig(
-        model=args.model, dataset=args.dataset, target_sparsity=args.target_sparsity, cost=args.cost,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, gate_lr=args.gate_lr,
-        target_weight=args.target_weight, polarization_weight=args.polarization_weight,
-        polarization=args.polarization, warmup_epochs=args.warmup_epochs, ramp_epochs=args.ramp_epochs,
-        freeze_gates_at=args.freeze_gates_at, score_init=args.score_init, ste=args.ste,
-        target_control=args.target_control, dual_lr=args.dual_lr, freeze_lr_scale=args.freeze_lr_scale,
-        min_channels=args.min_channels, round_to=args.round_to,
-        finetune_epochs=args.finetune_epochs, seed=args.seed, small_input=args.small_input, init=args.init,
-        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=_device(args.device),
-        method=args.method, update_every=args.update_every, select_ratio=args.select_ratio, start=args.start,
-        blocks=args.blocks or args.blocks_only, channel_gates=not args.blocks_only, amp=args.amp,
-        channels_last=args.channels_last, sync_bn=args.sync_bn)
+    recipe = {f.name: getattr(args, f.name) for f in _recipe_fields()}
+    return PruneConfig(**recipe, device=_device(args.device), blocks=args.blocks or args.blocks_only,
+                       channel_gates=not args.blocks_only)
 
 
 def planned_files(cfg: PruneConfig, baseline: bool) -> list[str]:
@@ -216,7 +186,7 @@ def _prune(args, argv: list[str], cfg, info) -> int:
 def _train_and_report(args, argv, cfg, info, out: Path) -> int:
     from .train import distributed as dist_mod
     from .train import report as report_mod
-    from .train.trainer import run_prune
+    from .train.runs import run_prune
 
     try:
         dist_mod.barrier(info)
@@ -264,7 +234,7 @@ def load_run(run, model: str | None = None) -> tuple:
     refused unless ``model`` is given.
     """
     from .models import build_model, is_builtin
-    from .surgery.core import load_pruned
+    from .surgery.spec import load_pruned
 
     run = Path(run)
     report_file = run / "report.json"

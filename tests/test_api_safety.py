@@ -18,7 +18,8 @@ from torch import nn
 import polarprune_cuda as pp
 from polarprune_cuda import _io
 from polarprune_cuda.sparse import fggp
-from polarprune_cuda.surgery.core import MAX_INPUT_ELEMENTS, _spec_input_shapes, spec_digest
+from polarprune_cuda.surgery.inputs import MAX_INPUT_ELEMENTS
+from polarprune_cuda.surgery.spec import _spec_input_shapes, spec_digest
 
 
 def make():
@@ -158,7 +159,7 @@ def test_input_dtypes_outside_the_allow_list_are_refused(saved, tmp_path, monkey
     spec["input_dtypes"] = ["os.system"]
     _write(folder, spec)
     looked_up = []
-    monkeypatch.setattr(pp.surgery.core, "_random_inputs", lambda *a: looked_up.append(a))
+    monkeypatch.setattr(pp.surgery.spec, "_random_inputs", lambda *a: looked_up.append(a))
     with pytest.raises(ValueError, match=r"field 'input_dtypes\[0\]' must be one of float32, .*got \"os.system\""):
         pp.load_pruned(folder, make)
     assert not looked_up
@@ -169,7 +170,7 @@ def test_huge_input_shapes_are_refused_before_any_allocation(saved, tmp_path, mo
     spec = _read(folder)
     spec["input_shapes"] = [[1, 1, 100000, 100000]]
     _write(folder, spec)
-    monkeypatch.setattr(pp.surgery.core, "_random_inputs", lambda *a: pytest.fail("allocated inputs"))
+    monkeypatch.setattr(pp.surgery.spec, "_random_inputs", lambda *a: pytest.fail("allocated inputs"))
     with pytest.raises(ValueError, match=r"field 'input_shapes\[0\]' must be a shape of at most 16777216 elements"):
         pp.load_pruned(folder, make)
 

@@ -13,7 +13,7 @@ import polarprune_cuda as pp
 from polarprune_cuda.surgery import budget
 from polarprune_cuda.train import trainer
 from polarprune_cuda.surgery.budget import TOLERANCE, meet_target, select_gates
-from polarprune_cuda.surgery.core import count, kept_channels
+from polarprune_cuda.surgery import count, kept_channels
 
 TARGETS = (0.0, 0.3, 0.5, 0.7, 0.9)
 COSTS = ("channels", "params", "macs")

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from polarprune_cuda.train import data as data_mod
 from polarprune_cuda.train import distributed as dist_mod
 from polarprune_cuda import find_bank
-from polarprune_cuda.train import trainer
+from polarprune_cuda.train import runs, trainer
 
 TINY = dict(dataset="digits", model="resnet20", max_train=256, max_test=90, batch_size=32, epochs=2,
             warmup_epochs=0.0, ramp_epochs=1.0, min_channels=2, seed=3)
@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 def _float64(setattr_=setattr):
     """Data, weights and gate scores in float64, for the comparison of process layouts."""
-    load, build, attach = data_mod.load_dataset, trainer.build, trainer.attach_gates
+    load, build, attach = data_mod.load_dataset, runs.build, runs.attach_gates   # where runs.py looks them up
 
     def load64(*args, **kwargs):
         d = load(*args, **kwargs)
@@ -41,8 +41,8 @@ def _float64(setattr_=setattr):
         model.double()
         return bank
 
-    setattr_(trainer, "build", lambda cfg, data: build(cfg, data).double())
-    setattr_(trainer, "attach_gates", attach64)
+    setattr_(runs, "build", lambda cfg, data: build(cfg, data).double())
+    setattr_(runs, "attach_gates", attach64)
 
 
 def _worker(rank: int, world: int, port: int, out: str, cfg_kwargs: dict, interrupt_after, float64=False):

@@ -212,7 +212,7 @@ def test_resume_gives_identical_masks(start):
     oc.load_state_dict(saved["opt"])
     pc.load_state_dict(saved["pruner"])
     _run(27, c, pc, oc, batches[23:])
-    assert pc.t == pa.t == 50
+    assert pc.steps_taken == pa.steps_taken == 50
     for x, y in zip(pa.masks, pc.masks):
         assert torch.equal(x, y)
     for (n, x), y in zip(a.state_dict().items(), c.state_dict().values()):
@@ -410,7 +410,7 @@ def test_step_without_gradients_says_what_to_do():
     with pytest.raises(RuntimeError, match="no forward pass"):
         pruner.step()
     model(torch.randn(2, 1, 8, 8))
-    pruner.t = 0
+    pruner.steps_taken = 0
     with pytest.raises(RuntimeError, match="no gradient"):
         pruner.step()
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from polarprune_cuda import _io, cli
-from polarprune_cuda.train import rundir, trainer
+from polarprune_cuda.train import rundir, runs, trainer
 
 TINY = ["--dataset", "digits", "--model", "resnet20", "--max-train", "96", "--max-test", "48",
         "--batch-size", "32", "--latency-batch", "4", "--quiet", "--min-channels", "2"]
@@ -330,7 +330,7 @@ def test_unexpected_errors_are_one_line_too(tmp_path, capsys, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("something broke")
 
-    monkeypatch.setattr(trainer, "run_prune", boom)
+    monkeypatch.setattr(runs, "run_prune", boom)   # where cli.py looks it up
     rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", str(tmp_path / "o")], capsys)
     line = one_error_line(err)
     assert rc == 2 and "RuntimeError: something broke" in line and "POLARPRUNE_DEBUG" in line

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..ops import core as ops
 from ..ops.cost import CostModel
 from .modules import GateBank, check_cost_values, flat_gate_view, raise_if_nonfinite
-from ..ops.reference import POLAR_FORMS
+from ..ops.common import POLAR_FORMS
 
 Schedule = Callable[[int], "float | tuple[float, float]"]
 

@@ -67,6 +67,26 @@ class GateMixin:
         return self._bank
 
     @property
+    def gate_segment(self) -> int:
+        """The bank segment this module reads its gates from (-1: not bound to a bank)."""
+        return self._segment
+
+    @property
+    def gate_repeat(self) -> int:
+        """How many times the segment's gates tile over this module's channels (grouped convolutions)."""
+        return self._repeat
+
+    @property
+    def block_segment(self) -> int:
+        """The block gate segment that also multiplies this module's gates (-1: none)."""
+        return getattr(self, "_block", -1)
+
+    @property
+    def plain_class(self) -> type | None:
+        """The plain class :func:`gate_in_place` swapped out (None: built as a gate module, not gated in place)."""
+        return getattr(self, "_pp_plain_class", None)
+
+    @property
     def scores(self) -> Tensor:
         """This module's gate scores (a view into the bank when bound)."""
         if self._bank is None:
@@ -79,7 +99,7 @@ class GateMixin:
             return ops.binary_gate(self.gate_scores, self.ste, self.tau)
         g = self._bank.gate(self._segment)
         g = g if self._repeat == 1 else g.repeat(self._repeat)
-        block = getattr(self, "_block", -1)
+        block = self.block_segment
         return g if block < 0 else g * self._bank.gate(block)
 
     def _bind(self, bank: "GateBank", segment: int, repeat: int = 1) -> None:
@@ -93,7 +113,7 @@ class GateMixin:
         if not hasattr(self, "_block"):
             self._block = -1
 
-    def _bind_block(self, segment: int) -> None:
+    def bind_block(self, segment: int) -> None:
         """Also multiply the gates by the (size-1) block gate of ``segment``: this module ends a residual branch."""
         if self._bank is None:
             raise ValueError("bind the module to a bank before giving it a block gate")
@@ -105,7 +125,7 @@ class GateMixin:
         where = f"segment={self._segment}" if self._bank is not None else "unbound"
         if self._repeat > 1:
             where += f", repeat={self._repeat}"
-        if getattr(self, "_block", -1) >= 0:
+        if self.block_segment >= 0:
             where += f", block={self._block}"
         return f"ste={self.ste!r}, tau={self.tau}, {where}"
 
@@ -310,6 +330,9 @@ class GateBank(nn.Module):
         self.block_of: list[int] = []          # per segment: the block gate segment that also closes it, or -1
         self.block_segments: list[int] = []    # segments that are block gates (one gate each)
         self._block_map: Tensor | None = None
+        #: what :func:`~polarprune_cuda.attach_gates` did (a ``surgery.attach.SurgeryRecord``, kept for
+        #: extract, kept_channels and meet_target); None for a bank not made by attach_gates
+        self.surgery = None
 
     # ----- building
     def add_segment(self, name: str, init_scores: Tensor) -> int:

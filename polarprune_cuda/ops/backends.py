@@ -1,6 +1,6 @@
 """Backend registry: which implementation of each op runs for which device.
 
-Three backends can implement the ops of :mod:`polarprune_cuda.ops.core`:
+Three backends can implement the ops of :mod:`polarprune_cuda.ops.core` (names: ``common.OPS``):
 
 * ``cuda``: the compiled extension ``polarprune_cuda._C`` (CUDA tensors only);
 * ``triton``: the Triton kernels in ``polarprune_cuda.kernels`` (CUDA tensors,
@@ -25,23 +25,13 @@ from typing import Callable
 import torch
 
 from . import reference
+from .common import OPS  # the one op list
 from ..errors import BackendUnavailableError
 
 log = logging.getLogger("polarprune_cuda")
 
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "POLARPRUNE_BACKEND"
-OPS = (
-    "binary_gate",
-    "binary_gate_backward",
-    "gate_penalty",
-    "channel_gate",
-    "channel_gate_backward",
-    "gated_affine",
-    "gated_affine_backward",
-    "gate_bank",
-    "gate_bank_backward",
-)
 _ORDER = {"cuda": ("cuda", "triton", "torch")}
 _DEFAULT_ORDER = ("torch",)
 

@@ -2,7 +2,7 @@
 
 Every other backend (Triton kernels, the CUDA extension) is tested against the
 functions in this module. They take already-validated arguments; the checks
-live in :mod:`polarprune_cuda.ops.core`.
+live in :mod:`polarprune_cuda.ops.common` and the per-op modules.
 
 Gate semantics (see DESIGN.md, "Semantics of the gate"):
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-STE_MODES = ("identity", "clipped", "sigmoid")
-POLAR_FORMS = ("zhuang", "bimodal")
+from .common import POLAR_FORMS, STE_MODES  # noqa: F401  (the one table: common.STE_CODES / POLAR_CODES)
+
 # Entries of the ``terms`` output of gate_penalty, in order.
 PENALTY_TERMS = ("density", "target_term", "polar_term", "nonfinite")
 

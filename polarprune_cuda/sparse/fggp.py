@@ -14,11 +14,11 @@ Gradual Pruning" (arXiv 2411.05500), as their public code does it
   written as) and ``ir`` 100 (dense start) or 50 (``erk50``);
 * at an update, ``N`` counts every Conv2d/Linear weight and bias, ``Z`` the
   entries of those weights equal to zero, ``k = floor(N (1 - d_t) - Z)``
-  weights go, ``R = N - Z``. Gradient first: the ``floor(rho R)`` active
+  weights go, ``R = N - Z``. Gradient first: the ``floor(select_ratio * R)`` active
   prunable weights with the smallest |gradient| of this mini-batch are
   candidates; magnitude next: of those, the ``k`` with the smallest |weight|
   (as of the last forward pass, before this step's update) are pruned.
-  ``rho = select_ratio = 0.5``. Masks are permanent. GMP's first update ranks
+  ``select_ratio = 0.5`` (the paper's rho). Masks are permanent. GMP's first update ranks
   the weights after this step's optimizer update (``main.py`` puts no masks on
   the layers before that update), every later one as the forward pass saw them;
 * ``erk50``: Erdos-Renyi-Kernel densities over every Conv2d and Linear weight
@@ -185,7 +185,7 @@ class GradualPruner:
         # masks of the weights that are never pruned (the first conv under erk50), None where there is none
         self.fixed_masks: list[Tensor | None] = [None] * len(self.fixed_weights)
         self._float_masks: list[Tensor] | None = None
-        self.t = 0
+        self.steps_taken = 0
         self.updates: list[dict] = []
         self._snapshot: list[Tensor] | None = None
         self._hook = model.register_forward_pre_hook(self._remember_weights)
@@ -234,7 +234,7 @@ class GradualPruner:
 
     def _remember_weights(self, module, args) -> None:
         """Forward pre-hook: on iterations that end with an update, keep |w| as the forward pass sees it."""
-        if self.update_due(self.t + 1) and not self._ranks_stepped_weights(self.t + 1):
+        if self.update_due(self.steps_taken + 1) and not self._ranks_stepped_weights(self.steps_taken + 1):
             self._snapshot = [p.detach().abs() for p in self.params + self.fixed_weights]
 
     def _ranks_stepped_weights(self, t: int) -> bool:
@@ -247,9 +247,9 @@ class GradualPruner:
 
         Returns the update's record (step, density target, k, ...) on update iterations, else None.
         """
-        self.t += 1
+        self.steps_taken += 1
         record = None
-        if self.update_due(self.t):
+        if self.update_due(self.steps_taken):
             record = self._update()
         self.apply_masks()
         return record
@@ -261,8 +261,8 @@ class GradualPruner:
                 for p, m in zip(self.params + self.fixed_weights, masks)]
 
     def _update(self) -> dict:
-        d_t = self.density_at(self.t)
-        if self._ranks_stepped_weights(self.t):
+        d_t = self.density_at(self.steps_taken)
+        if self._ranks_stepped_weights(self.steps_taken):
             self._snapshot = self._stepped_weights()
         if self._snapshot is None:
             raise RuntimeError("no forward pass of the model was seen before this update; call pruner.step() "
@@ -271,7 +271,7 @@ class GradualPruner:
         Z = int(sum(int((s == 0).sum()) for s in self._snapshot))
         k = math.floor(self.N * (1 - d_t) - Z)
         R = self.N - Z
-        record = {"step": self.t, "density_target": d_t, "N": self.N, "Z": Z, "R": R, "k": max(k, 0)}
+        record = {"step": self.steps_taken, "density_target": d_t, "N": self.N, "Z": Z, "R": R, "k": max(k, 0)}
         if k > 0:
             active = torch.cat([m.flatten() for m in self.masks])
             idx = torch.nonzero(active).flatten()
@@ -320,7 +320,8 @@ class GradualPruner:
 
     # ----- resuming
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "method": self.method, "t": self.t, "config": self._config(),
+        # "t" holds the steps taken (the key of checkpoint format 1)
+        return {"format": STATE_FORMAT, "method": self.method, "t": self.steps_taken, "config": self._config(),
                 "masks": [m.cpu() for m in self.masks], "updates": list(self.updates),
                 "fixed_masks": [m.cpu() if m is not None else None for m in self.fixed_masks]}
 
@@ -336,7 +337,7 @@ class GradualPruner:
         if len(fixed) != len(self.fixed_weights) or any(
                 m is not None and tuple(m.shape) != tuple(w.shape) for m, w in zip(fixed, self.fixed_weights)):
             raise ValueError("state's masks of the never-pruned weights do not fit this model")
-        self.t = int(state["t"])
+        self.steps_taken = int(state["t"])
         self.masks = [m.to(p.device, torch.bool) for m, p in zip(state["masks"], self.params)]
         self.fixed_masks = [m.to(w.device, torch.bool) if m is not None else None
                             for m, w in zip(fixed, self.fixed_weights)]
@@ -356,7 +357,7 @@ class GradualPruner:
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
-        return f"{type(self).__name__}({cfg}, t={self.t})"
+        return f"{type(self).__name__}({cfg}, steps_taken={self.steps_taken})"
 
 
 class FGGP(GradualPruner):
@@ -374,7 +375,7 @@ class FGGP(GradualPruner):
 
     def _check_schedule(self) -> None:
         super()._check_schedule()
-        # the guard floor(rho R) >= k, if every update meets its target: d_t >= (1 - rho) d_prev
+        # the guard floor(select_ratio * R) >= k, if every update meets its target: d_t >= (1 - select_ratio) d_prev
         prev = self.initial_density
         for t in range(self.update_every, self.end_step + 1, self.update_every):
             d = self.density_at(t)
@@ -439,7 +440,7 @@ class AnnealedPruner(GradualPruner):
         return self.rate_end + (self.rate_start - self.rate_end) * (1 + math.cos(math.pi * min(t / self.end_step, 1))) / 2
 
     def select(self, k, R, grads, mags):
-        m = min(max(k, math.floor(self.rate_at(self.t) * R)), mags.numel())
+        m = min(max(k, math.floor(self.rate_at(self.steps_taken) * R)), mags.numel())
         if k > m:
             raise RuntimeError(f"annealed: {k} removals asked among {mags.numel()} active prunable weights")
         cand = torch.topk(mags, m, largest=False, sorted=False).indices
@@ -450,6 +451,7 @@ class AnnealedPruner(GradualPruner):
 
 
 METHODS = {"fggp": FGGP, "gmp": GMP, "annealed": AnnealedPruner}
+PRUNERS = METHODS
 
 
 # ----------------------------------------------------------------------------- sparse storage

@@ -1,10 +1,16 @@
 """The surgery layer: gate any CNN in one call, meet the budget, extract the static sub-network, save and load it.
 
-``core.py``: attach_gates, extract, count, save_pruned / load_pruned (Torch-Pruning does the grouping and the
-channel removal); ``blocks.py``: residual blocks, ClosedBlock, depth; ``budget.py``: meet_target, the exact budget.
+``attach.py``: attach_gates; ``extract.py``: extract, kept_channels, predicted_count/depth, removed_blocks;
+``spec.py``: the channel spec, save_pruned / load_pruned; ``costs.py``: count and the exact cost models;
+``tp.py``: the Torch-Pruning adapter (grouping, channel removal); ``inputs.py``: example inputs, eval mode,
+output flattening; ``blocks.py``: residual blocks, ClosedBlock, depth; ``budget.py``: meet_target, the exact
+budget.
 """
-from .core import (UnsupportedModelError, attach_gates, count, extract, kept_channels, load_pruned, predicted_count,
-                   predicted_depth, removed_blocks, save_pruned, spec_digest)
+from ..errors import UnsupportedModelError
+from .attach import attach_gates
+from .costs import count
+from .extract import extract, kept_channels, predicted_count, predicted_depth, removed_blocks
+from .spec import load_pruned, save_pruned, spec_digest
 
 __all__ = ["UnsupportedModelError", "attach_gates", "count", "extract", "kept_channels", "load_pruned",
            "predicted_count", "predicted_depth", "removed_blocks", "save_pruned", "spec_digest"]

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .inputs import _tensor_tuple, eval_mode, flatten_outputs
+
 SHORTCUT_ATTRS = ("downsample", "shortcut")
 ACT_ATTRS = ("relu", "act", "activation")
 _WEIGHTED_NODES = ("ConvolutionBackward", "AddmmBackward", "MmBackward", "LinearBackward")
@@ -160,13 +162,10 @@ def capture_inputs(model: nn.Module, modules: list[nn.Module], inputs: tuple[Ten
         seen[key] = args[0].detach().clone() if ok else None
 
     handles = [m.register_forward_pre_hook(pre) for m in modules]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return seen
@@ -179,20 +178,16 @@ def check_block(block: nn.Module, parts, x: Tensor) -> str | None:
     if type(bn) is not nn.BatchNorm2d or not bn.affine:
         return f"its last BatchNorm {last_bn!r} is not an affine nn.BatchNorm2d"
     closed = ClosedBlock.from_block(block, shortcut, act)
-    was_training = block.training
     saved = (bn.weight.detach().clone(), bn.bias.detach().clone())
-    try:
-        block.eval()
-        with torch.no_grad():
+    with eval_mode(block), torch.no_grad():
+        try:
             bn.weight.zero_()
             bn.bias.zero_()
             out = block(x)
             ref = closed(x)
-    finally:
-        with torch.no_grad():
+        finally:
             bn.weight.copy_(saved[0])
             bn.bias.copy_(saved[1])
-        block.train(was_training)
     if not isinstance(out, Tensor) or out.shape != ref.shape:
         return "its output with the branch closed does not have the shortcut's shape"
     if not torch.allclose(out, ref, rtol=1e-6, atol=1e-6):
@@ -272,18 +267,13 @@ def depth(model: nn.Module, example_inputs) -> int:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+    inputs = _tensor_tuple(example_inputs)
+    if inputs is None:
         raise TypeError("example_inputs must be a tensor (or a tuple of tensors) shaped like one batch of input")
     inputs = tuple(t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in inputs)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.enable_grad():
-            out = model(*inputs)
-    finally:
-        model.train(was_training)
-    outs = [out] if isinstance(out, Tensor) else [t for t in _tensors(out)]
+    with eval_mode(model), torch.enable_grad():
+        out = model(*inputs)
+    outs = flatten_outputs(out)
     memo: dict = {}
     best = 0
     for t in outs:
@@ -303,17 +293,6 @@ def depth(model: nn.Module, example_inputs) -> int:
                 stack.extend((c, False) for c in children if c not in memo)
         best = max(best, memo[t.grad_fn])
     return best
-
-
-def _tensors(out):
-    if isinstance(out, Tensor):
-        yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, (tuple, list)):
-        for v in out:
-            yield from _tensors(v)
 
 
 __all__ = ["BlockRecord", "ClosedBlock", "depth"]

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 
 from ..gates.modules import GateBank
+from .attach import _surgery
+from .extract import guard
 
 #: the promise: achieved sparsity within this many fractions of the target (0.5 percentage points)
 TOLERANCE = 0.005
@@ -83,8 +85,6 @@ def _check_target(target_sparsity) -> float:
 
 def _units(bank: GateBank, record, scores: list[Tensor], min_channels: int, round_to: int | None):
     """The forced gates (guards) and the selectable units: (priority, flat indices) in score order per segment."""
-    from .core import guard
-
     offsets = bank.offsets
     forced: list[int] = []
     units: list[tuple[float, list[int]]] = []
@@ -103,12 +103,81 @@ def _units(bank: GateBank, record, scores: list[Tensor], min_channels: int, roun
     return forced, units
 
 
+def _opened(g: Tensor, units) -> Tensor:
+    """A copy of the gate set ``g`` with every gate of ``units`` ((priority, flat indices) pairs) opened."""
+    out = g.clone()
+    idx = [i for _, u in units for i in u]
+    if idx:
+        out[torch.tensor(idx)] = 1.0
+    return out
+
+
+def _fill(cost_of, g: Tensor, units, budget: float, slack: float) -> Tensor:
+    """The score-order choice within ``budget``: the longest prefix, then a fill, then one nearer unit."""
+    # 1. the longest prefix of the score order within budget (cost only grows as gates open: bisect)
+    lo, hi = 0, len(units)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost_of(_opened(g, units[:mid])) <= budget + slack:
+            lo = mid
+        else:
+            hi = mid - 1
+    chosen = _opened(g, units[:lo])
+    current = cost_of(chosen)
+    # 2. fill: the remaining units in score order, each taken if it still fits
+    rest = []
+    for unit in units[lo:]:
+        if budget - current <= slack:
+            rest.append(unit)
+            continue
+        trial = _opened(chosen, [unit])
+        c = cost_of(trial)
+        if c <= budget + slack:
+            chosen, current = trial, c
+        else:
+            rest.append(unit)
+    # 3. nearest: one more unit if it lands closer to the budget from above than the fill from below
+    best, best_gap = None, budget - current
+    for unit in rest:
+        if best_gap <= slack:
+            break
+        trial = _opened(chosen, [unit])
+        gap = abs(cost_of(trial) - budget)
+        if gap < best_gap:
+            best, best_gap = trial, gap
+    return chosen if best is None else best
+
+
+def _nearest_subset(cost_of, g: Tensor, units, budget: float) -> Tensor:
+    """Of all subsets of ``units`` (few, coarse block gates), the one nearest the budget (then the higher
+    total score)."""
+    best_key, chosen = None, g
+    for mask in range(1 << len(units)):
+        picked = [u for k, u in enumerate(units) if mask >> k & 1]
+        trial = _opened(g, picked)
+        key = (abs(cost_of(trial) - budget), -sum(p for p, _ in picked))
+        if best_key is None or key < best_key:
+            best_key, chosen = key, trial
+    return chosen
+
+
+def _shortfall(record, round_to, exhaustive: bool, achieved: float) -> str:
+    """Why the achieved sparsity misses the target by more than TOLERANCE."""
+    why = []
+    if round_to:
+        why.append(f"round_to={round_to} keeps widths in steps of up to {round_to} channels")
+    if record.blocks and not record.groups:
+        why.append("block gates remove whole blocks only" + ("" if exhaustive else
+                   f" (more than {EXHAUSTIVE_BLOCKS} blocks: the nearest along the score order)"))
+    if not why:
+        why.append("no remaining gate is small enough to close the gap")
+    return " and ".join(why) + f": the nearest achievable sparsity is {100 * achieved:.2f}%"
+
+
 def select_gates(model, target_sparsity: float, cost: str = "macs", min_channels: int | None = None,
                  round_to: int | None = None) -> tuple[Tensor, BudgetResult]:
     """The gate set that meets the target (without changing the model): a 0/1 float tensor over the bank's
     gates, and the :class:`BudgetResult` it would give. See :func:`meet_target`."""
-    from .core import _surgery   # surgery imports nothing from here
-
     target = _check_target(target_sparsity)
     bank, record = _surgery(model)
     bank.check_finite()
@@ -116,8 +185,7 @@ def select_gates(model, target_sparsity: float, cost: str = "macs", min_channels
     min_channels = record.min_channels if min_channels is None else min_channels
     round_to = record.round_to if round_to is None else round_to
     s = bank.scores.detach().double().cpu()
-    chunks = list(s.split(bank.sizes))
-    forced, units = _units(bank, record, chunks, min_channels, round_to)
+    forced, units = _units(bank, record, list(s.split(bank.sizes)), min_channels, round_to)
     device = bank.scores.device
     budget = (1.0 - target) * cm.total
     # the smallest cost unit decides how close the fill can get; a relative slack of 1e-9 absorbs rounding
@@ -137,76 +205,15 @@ def select_gates(model, target_sparsity: float, cost: str = "macs", min_channels
                   + f" keep at least {100 * floor / cm.total:.2f}% of the {cost}: the nearest achievable "
                   f"sparsity is {100 * (1 - floor / cm.total):.2f}%")
     else:
-        # 1. the longest prefix of the score order within budget (cost only grows as gates open: bisect)
-        def with_prefix(n: int) -> Tensor:
-            out = g.clone()
-            idx = [i for _, u in units[:n] for i in u]
-            if idx:
-                out[torch.tensor(idx)] = 1.0
-            return out
-
-        lo, hi = 0, len(units)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if cost_of(with_prefix(mid)) <= budget + slack:
-                lo = mid
-            else:
-                hi = mid - 1
-        chosen = with_prefix(lo)
-        current = cost_of(chosen)
-        # 2. fill: the remaining units in score order, each taken if it still fits
-        rest = []
-        for unit in units[lo:]:
-            if budget - current <= slack:
-                rest.append(unit)
-                continue
-            idx = torch.tensor(unit[1])
-            trial = chosen.clone()
-            trial[idx] = 1.0
-            c = cost_of(trial)
-            if c <= budget + slack:
-                chosen, current = trial, c
-            else:
-                rest.append(unit)
-        # 3. nearest: one more unit if it lands closer to the budget from above than the fill from below
-        best, best_gap = None, budget - current
-        for _, unit in rest:
-            if best_gap <= slack:
-                break
-            trial = chosen.clone()
-            trial[torch.tensor(unit)] = 1.0
-            gap = abs(cost_of(trial) - budget)
-            if gap < best_gap:
-                best, best_gap = trial, gap
-        if best is not None:
-            chosen = best
-    exhaustive = False
-    if reason is None and not record.groups and len(units) <= EXHAUSTIVE_BLOCKS \
-            and abs(cost_of(chosen) - budget) > TOLERANCE * cm.total:
-        # block gates only: few, coarse units, so the score order may pass by a nearer subset; try them all
-        # (nearest cost first, then the higher total score)
-        best_key, exhaustive = None, True
-        for mask in range(1 << len(units)):
-            trial = g.clone()
-            picked = [u for k, u in enumerate(units) if mask >> k & 1]
-            idx = [i for _, u in picked for i in u]
-            if idx:
-                trial[torch.tensor(idx)] = 1.0
-            key = (abs(cost_of(trial) - budget), -sum(p for p, _ in picked))
-            if best_key is None or key < best_key:
-                best_key, chosen = key, trial
+        chosen = _fill(cost_of, g, units, budget, slack)
+    exhaustive = (reason is None and not record.groups and len(units) <= EXHAUSTIVE_BLOCKS
+                  and abs(cost_of(chosen) - budget) > TOLERANCE * cm.total)
+    if exhaustive:   # block gates only: few, coarse units, so the score order may pass by a nearer subset
+        chosen = _nearest_subset(cost_of, g, units, budget)
     achieved_cost = cost_of(chosen)
     achieved = 1.0 - achieved_cost / cm.total
     if reason is None and abs(achieved - target) > TOLERANCE:
-        why = []
-        if round_to:
-            why.append(f"round_to={round_to} keeps widths in steps of up to {round_to} channels")
-        if record.blocks and not record.groups:
-            why.append("block gates remove whole blocks only" + ("" if exhaustive else
-                       f" (more than {EXHAUSTIVE_BLOCKS} blocks: the nearest along the score order)"))
-        if not why:
-            why.append("no remaining gate is small enough to close the gap")
-        reason = " and ".join(why) + f": the nearest achievable sparsity is {100 * achieved:.2f}%"
+        reason = _shortfall(record, round_to, exhaustive, achieved)
     hard = (s > 0).double()
     result = BudgetResult(target, achieved, cost, budget, achieved_cost, cm.total,
                           opened=int(((chosen > 0) & (hard == 0)).sum()), closed=int(((chosen == 0) & (hard > 0)).sum()),
@@ -235,8 +242,6 @@ def meet_target(model, target_sparsity: float, cost: str = "macs", min_channels:
     exactly the final architecture). Deterministic: the same scores give the
     same choice on every rank.
     """
-    from .core import _surgery
-
     bank, _ = _surgery(model)
     chosen, result = select_gates(model, target_sparsity, cost, min_channels, round_to)
     s = bank.scores.detach()

@@ -1,6 +1,9 @@
 """The application layer: recipes, the training loop, checkpoints, run folders, data, reports, torchrun.
 
-``trainer.py``: PruneConfig and the run drivers (run_prune, run_sparse, run_dense); ``checkpoint.py``: verified,
-validated checkpoints; ``rundir.py``: manifest and lock of an output folder; ``distributed.py``: torchrun;
-``data.py``: the offline data sets; ``report.py`` and ``energy.py``: what a run measures and writes.
+``config.py``: PruneConfig (the recipe, its checks and the names its options choose from); ``optim.py``: the
+optimizer and the schedules; ``loop.py``: the training loop (_fit), evaluate, History; ``runs.py``: the run
+drivers (run_prune, run_sparse, run_dense); ``trainer.py``: the public face, re-exporting those;
+``checkpoint.py``: verified, validated checkpoints; ``rundir.py``: manifest and lock of an output folder;
+``distributed.py``: torchrun; ``data.py``: the offline data sets; ``report.py`` and ``energy.py``: what a run
+measures and writes.
 """

@@ -1,0 +1,240 @@
+"""attach_gates: gate every prunable channel group (and, optionally, every residual block) of a model.
+
+The coupled channel groups come from Torch-Pruning (:mod:`.tp`); each gets one
+segment of the model's :class:`~polarprune_cuda.GateBank` and gates its
+BatchNorms (``gamma * g``, ``beta * g``) or, where no BatchNorm follows a
+producer, its output-channel weights. The exact cost models (:mod:`.costs`) are
+registered on the bank, and what was done is kept on it as a
+:class:`SurgeryRecord` (``bank.surgery``) for extract and meet_target.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..gates.modules import GateBank, GateMixin, find_bank, gate_in_place, gate_modules, install_bank
+from .blocks import BlockRecord, depth, prepare_blocks
+from .costs import _block_exactness, _channel_cost, _cost_models, _io_shapes, count
+from .inputs import _as_inputs, _check_model, _dtype_name, _model_device
+from .tp import _Plan, channel_plans
+
+
+@dataclass
+class GroupRecord:
+    """One coupled channel group and its gate segment."""
+
+    name: str                 # segment name (the root module's name)
+    root: str                 # module whose output channels are the group (Torch-Pruning root)
+    channels: int             # channels of the group
+    repeat: int = 1           # the segment's gates tile this many times (grouped convolutions)
+    gated: list[str] = field(default_factory=list)   # modules gated in place
+    producers: list[str] = field(default_factory=list)   # layers whose output channels are the group
+
+    @property
+    def size(self) -> int:
+        return self.channels // self.repeat
+
+
+@dataclass
+class SurgeryRecord:
+    """What attach_gates did, kept on the bank (``bank.surgery``) for extract()."""
+
+    groups: list[GroupRecord]
+    input_shapes: list[list[int]]
+    input_dtypes: list[str]
+    min_channels: int
+    round_to: int | None
+    dense: dict[str, int]
+    blocks: list[BlockRecord] = field(default_factory=list)
+    dense_depth: int | None = None
+
+
+def _check_guard_args(min_channels, round_to, none_means: str | None = None) -> None:
+    """Validate ``min_channels`` and ``round_to`` (the one place for attach_gates, extract, kept_channels and
+    predicted_count). With ``none_means``, None is allowed for both and means that."""
+    if not (none_means is not None and min_channels is None):
+        if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+            alt = f"None ({none_means}) or " if none_means else ""
+            raise ValueError(f"min_channels must be {alt}an int >= 1, got {min_channels!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        alt = f" ({none_means})" if none_means else ""
+        raise ValueError(f"round_to must be None{alt} or an int >= 1, got {round_to!r}")
+
+
+def _surgery(model) -> tuple[GateBank, SurgeryRecord]:
+    """The bank of ``model`` and its record; ValueError unless attach_gates gated it."""
+    _check_model(model)
+    bank = find_bank(model)
+    record = bank.surgery if bank is not None else None
+    if record is None:
+        raise ValueError("model has no gates from attach_gates (call pp.attach_gates(model, example_inputs) first)")
+    return bank, record
+
+
+def _check_options(model, init, channels, blocks, ignored_layers):
+    """Validate attach_gates' options (before any change to the model); returns ``blocks`` (True, False or a
+    list of names)."""
+    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+        raise ValueError(f"init must be a finite number, got {init!r}")
+    if not isinstance(channels, bool):
+        raise TypeError(f"channels must be True or False, got {channels!r}")
+    if blocks is not True and blocks is not False:
+        if isinstance(blocks, str) or not isinstance(blocks, Iterable):
+            raise TypeError(f"blocks must be True, False or a list of block module names, got {blocks!r}")
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("blocks is an empty list: name at least one block, or pass blocks=True for all")
+    if not channels and blocks is False:
+        raise ValueError("channels=False needs blocks=True (or a list of blocks): there would be nothing to gate")
+    if find_bank(model) is not None or gate_modules(model):
+        raise ValueError("model already has gates; attach_gates is called once on a plain model")
+    if ignored_layers is not None and (
+            isinstance(ignored_layers, (str, bytes)) or not isinstance(ignored_layers, Iterable)
+            or (isinstance(ignored_layers, nn.Module) and not isinstance(ignored_layers, nn.ModuleList))):
+        raise TypeError("ignored_layers must be a list of modules or module names, got "
+                        f"{type(ignored_layers).__name__} (e.g. ignored_layers=['layer3.0.conv1'])")
+    return blocks
+
+
+def _ignored_modules(model: nn.Module, names: dict[nn.Module, str], ignored_layers) -> list[nn.Module]:
+    """``ignored_layers`` (modules or module names) as modules of ``model``; ValueError naming a stranger."""
+    ignored = []
+    for item in ignored_layers or ():
+        if isinstance(item, str):
+            try:
+                item = model.get_submodule(item)
+            except AttributeError as exc:
+                raise ValueError(f"ignored_layers names {item!r}, which is not a module of the model") from exc
+        if not isinstance(item, nn.Module) or item not in names:
+            raise ValueError(f"ignored_layers must hold modules of the model or their names, got {item!r}")
+        ignored.append(item)
+    return ignored
+
+
+def _gate_groups(bank: GateBank, plans: list[_Plan], names, init: float) -> list[GroupRecord]:
+    """One bank segment per channel group; its BatchNorms and weight-gated producers gated in place."""
+    records = []
+    for plan in plans:
+        index = bank.add_segment(plan.root, torch.full((plan.channels // plan.repeat,), float(init)))
+        rec = GroupRecord(plan.root, plan.root, plan.channels, plan.repeat,
+                          producers=[names[m] for m in plan.producers])
+        for module in plan.bns + plan.weight_gated:
+            gate_in_place(module, bank, index, plan.repeat)
+            rec.gated.append(names[module])
+        records.append(rec)
+    return records
+
+
+def _gate_blocks(model: nn.Module, bank: GateBank, block_records: list[BlockRecord], init: float) -> None:
+    """One single-gate segment per block, carried by the branch's last BatchNorm."""
+    block_of: dict[int, int] = {}
+    for brec in block_records:
+        brec.segment = bank.add_segment(brec.name, torch.full((1,), float(init)))
+        for k in brec.internal:
+            block_of[k] = brec.segment
+        bn = model.get_submodule(brec.last_bn)
+        if not isinstance(bn, GateMixin):   # its channels are not gated: it carries the block gate alone
+            gate_in_place(bn, bank, brec.segment, bn.num_features)
+        else:
+            bn.bind_block(brec.segment)
+    if block_records:
+        bank.set_blocks([b.segment for b in block_records], block_of)
+
+
+def _register_costs(model, bank: GateBank, all_plans, plans, block_records, names, spatial) -> None:
+    """The exact ``params`` and ``macs`` cost models and, with blocks, the ``channels`` one, on the bank."""
+    block_terms = [(b.segment, {model.get_submodule(n) for n in b.branch}, set(b.internal)) for b in block_records]
+    for kind, cm in _cost_models(model, plans, bank.sizes, spatial, block_terms).items():
+        bank.set_cost(kind, cm)
+    if block_records:
+        channel_cost = _channel_cost(bank, all_plans, plans, block_records, names)
+        if channel_cost is None:
+            bank.unavailable["channels"] = ("the gated blocks have no channels of their own (no channel gates, "
+                                            "no channels inside the branches): use cost 'params' or 'macs'")
+        else:
+            bank.set_cost("channels", channel_cost)
+
+
+def attach_gates(
+    model: nn.Module,
+    example_inputs,
+    ignored_layers: Iterable | None = None,
+    min_channels: int = 8,
+    round_to: int | None = None,
+    ste: str = "identity",
+    tau: float = 1.0,
+    init: float = 1.0,
+    blocks: "bool | Iterable[str]" = False,
+    channels: bool = True,
+) -> nn.Module:
+    """Gate every prunable channel group (and, with ``blocks``, every residual block) of ``model`` in place.
+
+    Args:
+        model: any CNN built from standard layers (Conv2d, BatchNorm2d, Linear,
+            residual additions, depthwise and grouped convolutions).
+        example_inputs: one batch of input (a tensor or tuple of tensors) on the
+            model's device; its shapes set the MACs cost model.
+        ignored_layers: a list of modules (or of their names) whose output channels stay ungated;
+            a single string is refused (TypeError), pass ``["name"]``.
+            The classifier (any layer whose outputs reach the model output) is never gated.
+        min_channels: :func:`extract` never lets a group drop below this many channels.
+        round_to: :func:`extract` makes every kept width a multiple of this.
+        ste, tau, init: gate settings (see :class:`~polarprune_cuda.ChannelGate`);
+            ``init > 0`` starts with every gate open, and the model's outputs unchanged.
+        blocks: ``True`` gives every residual block one more gate that scales its
+            branch (``act(gate * branch(x) + shortcut(x))``; the shortcut always
+            stays, a projection shortcut included), or a list of block module names.
+            A closed block is replaced by ``act(shortcut(x))`` at extraction. Blocks
+            are recognised as described in :mod:`polarprune_cuda.surgery.blocks`.
+        channels: gate channel groups (default). ``channels=False, blocks=True``
+            gates whole blocks only.
+
+    The gate scores live in ``model.polarprune_bank`` (block gates are segments
+    of one gate, after the channel segments); the cost models ``channels``,
+    ``params`` and ``macs`` are registered on it for
+    :class:`~polarprune_cuda.PolarizationLoss`. A block gate costs what its
+    branch costs, and channel gates inside a closed branch stop counting. State-
+    dict keys of the original parameters do not change.
+    """
+    _check_model(model)
+    inputs = _as_inputs(example_inputs)
+    _check_guard_args(min_channels, round_to)
+    blocks = _check_options(model, init, channels, blocks, ignored_layers)
+    names = {m: n for n, m in model.named_modules()}
+    ignored = _ignored_modules(model, names, ignored_layers)
+    bank = GateBank(ste=ste, tau=tau)   # validates ste/tau before any change to the model
+    spatial = _io_shapes(model, inputs)  # runs the model once: example_inputs that do not fit raise here
+
+    block_records = prepare_blocks(model, names, inputs, blocks) if blocks is not False else []
+    if blocks is not False and not block_records:
+        raise UnsupportedModelError("blocks=True, but the model has no residual block that can be block-gated "
+                                    "(see polarprune_cuda.surgery.blocks for what a block must look like)")
+    all_plans = channel_plans(model, inputs, names, ignored)
+    plans = all_plans if channels else []
+    if channels and not plans and not block_records:
+        raise UnsupportedModelError("no prunable channel group found (every group is ignored or is the classifier)")
+    block_records = _block_exactness(block_records, plans, names, blocks is True)
+    dense = count(model, inputs)
+    dense_depth = depth(model, inputs) if block_records else None
+
+    records = _gate_groups(bank, plans, names, init)
+    _gate_blocks(model, bank, block_records, init)
+    bank.to(_model_device(model))
+    install_bank(model, bank)
+    _register_costs(model, bank, all_plans, plans, block_records, names, spatial)
+    bank.surgery = SurgeryRecord(
+        groups=records,
+        input_shapes=[list(t.shape) for t in inputs],
+        input_dtypes=[_dtype_name(t.dtype) for t in inputs],
+        min_channels=min_channels,
+        round_to=round_to,
+        dense=dense,
+        blocks=block_records,
+        dense_depth=dense_depth,
+    )
+    return model

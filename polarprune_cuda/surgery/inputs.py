@@ -1,0 +1,137 @@
+"""Example inputs and running a model on them, the one place surgery/ (blocks.py included) does it.
+
+* :func:`_as_inputs`: ``example_inputs`` normalised and checked (a tuple of
+  finite, non-empty tensors of an allowed dtype); :func:`_tensor_tuple` is its
+  structural part.
+* :func:`_random_inputs`: the seeded stand-in batch of recorded shapes and dtypes.
+* :func:`eval_mode`: run a body with models in eval mode, their training mode restored.
+* :func:`_run_on` / :func:`_check_fits`: one forward pass, a failure naming example_inputs.
+* :func:`flatten_outputs`: the tensors of a model output (tensor, tuple, list, dict, nested).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..gates.modules import find_bank
+
+# dtypes an input may have (the spec names them by these strings; nothing else is looked up on torch)
+INPUT_DTYPES = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "complex64": torch.complex64, "complex128": torch.complex128, "int8": torch.int8, "int16": torch.int16,
+    "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool,
+}
+MAX_INPUT_ELEMENTS = 2 ** 24      # elements of one input that load_pruned allocates to trace the model
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def _score_ids(model: nn.Module) -> set[int]:
+    """ids of the gate scores of ``model``'s bank (empty without one): they are not weights of the model."""
+    bank = find_bank(model)
+    return {id(bank.scores)} if bank is not None else set()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _tensor_tuple(example_inputs) -> tuple[Tensor, ...] | None:
+    """``example_inputs`` (a tensor, or a non-empty tuple or list of tensors) as a tuple; None for anything else."""
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, Tensor)
+                                                                            for t in example_inputs):
+        return tuple(example_inputs)
+    return None
+
+
+def _as_inputs(example_inputs) -> tuple[Tensor, ...]:
+    """``example_inputs`` as a tuple of tensors, each non-empty (batch >= 1), of a supported dtype, finite."""
+    inputs = _tensor_tuple(example_inputs)
+    if inputs is None:
+        raise TypeError("example_inputs must be a tensor (or a tuple of tensors) shaped like one batch of model "
+                        f"input, e.g. torch.randn(1, 3, 224, 224); got {type(example_inputs).__name__}")
+    for t in inputs:
+        if t.dim() == 0 or t.numel() == 0:
+            raise ValueError(f"example_inputs must be one batch of at least one sample, e.g. torch.randn(1, 3, 224, "
+                             f"224); got a tensor of shape {tuple(t.shape)}")
+        if _dtype_name(t.dtype) not in INPUT_DTYPES:
+            raise ValueError(f"example_inputs have dtype {t.dtype}, which is not supported; use one of "
+                             f"{', '.join(INPUT_DTYPES)}")
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"example_inputs hold NaN or inf (a tensor of shape {tuple(t.shape)})")
+    return inputs
+
+
+def _random_inputs(shapes: list[list[int]], dtypes: list[str], device) -> tuple[Tensor, ...]:
+    """A seeded batch of the recorded input ``shapes`` and ``dtypes`` (floating: randn; others: zeros)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for shape, dtype in zip(shapes, dtypes):
+        dt = INPUT_DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if dt is None:
+            raise ValueError(f"input_dtypes: {dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"input_shapes: {shape} has more than {MAX_INPUT_ELEMENTS} elements")
+        if dt.is_floating_point or dt.is_complex:
+            out.append(torch.randn(*shape, generator=gen).to(device=device, dtype=dt))
+        else:
+            out.append(torch.zeros(*shape, dtype=dt, device=device))
+    return tuple(out)
+
+
+@contextmanager
+def eval_mode(*models: nn.Module, switch: bool = True) -> Iterator[None]:
+    """Run the body with ``models`` in eval mode (``switch=False``: in the mode they are in); each model's
+    training mode is restored afterwards, also when the body raises."""
+    modes = [m.training for m in models]
+    try:
+        if switch:
+            for m in models:
+                m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _run_on(model: nn.Module, inputs):
+    """``model(*inputs)``; any error of the user's forward becomes ValueError naming example_inputs."""
+    try:
+        return model(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(f"{tuple(t.shape)} {_dtype_name(t.dtype)}" for t in inputs)
+        raise ValueError(f"example_inputs do not fit the model: {type(exc).__name__}: {exc} (example_inputs: "
+                         f"{shapes})") from exc
+
+
+def _check_fits(model: nn.Module, inputs) -> None:
+    """Run ``model`` once in eval mode on ``inputs`` (ValueError if it cannot); training mode is restored."""
+    with eval_mode(model), torch.no_grad():
+        _run_on(model, inputs)
+
+
+def flatten_outputs(out) -> list[Tensor]:
+    """The tensors of a model output, in order: a tensor, or tuples, lists and dicts of them (nested);
+    anything else holds none."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flatten_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flatten_outputs(v)]
+    return []

@@ -1,0 +1,195 @@
+"""The pruning recipe: :class:`PruneConfig`, its checks, and the names its options choose from.
+
+Each field's ``metadata`` says how the command line shows it (cli.py builds the ``prune`` options from
+the fields): ``help``, ``choices`` (from their single source) and ``flag`` (``None``: no generated option,
+the CLI writes that one by hand).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from . import data as data_mod
+from ..ops.reference import POLAR_FORMS, STE_MODES
+from ..sparse import fggp as fggp_mod
+
+#: polar: one-pass channel pruning with gates; the others: gradual unstructured pruning (fggp.py)
+METHODS = ("polar", "fggp", "gmp", "annealed")
+TARGET_CONTROLS = ("penalty", "dual")
+#: what the target sparsity is a fraction of
+COSTS = ("channels", "params", "macs")
+#: autocast dtypes (None: float32)
+AMP_MODES = ("bf16", "fp16")
+#: default warm-up and ramp of the penalty, as fractions of the run (see the README's equal-budget section)
+WARMUP_FRACTION = 1 / 12
+RAMP_FRACTION = 1 / 6
+
+
+def _opt(default, help: str | None = None, choices=None, flag: str | None = ""):
+    """A field with its command-line description (``flag`` "": the field's name as ``--kebab-case``)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if flag != "":
+        meta["flag"] = flag
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class PruneConfig:
+    """A one-pass pruning recipe (the CLI's options)."""
+
+    model: str = _opt("resnet20", "resnet20/32/44/56/110 (CIFAR-style), resnet18/34/50 (torchvision) or "
+                                  "module:function")
+    dataset: str = _opt("digits", choices=data_mod.DATASETS)
+    method: str = _opt("polar", "polar: one-pass channel pruning with gates (a smaller, faster network); fggp, "
+                                "gmp, annealed: gradual unstructured weight pruning (zeros, a smaller sparse copy)",
+                       choices=METHODS)
+    target_sparsity: float = _opt(0.5, "fraction of the cost to remove, in [0, 1) (unstructured methods: of the "
+                                       "weights, in (0, 1))")
+    cost: str = _opt("macs", "what the target sparsity is a fraction of", choices=COSTS)
+    epochs: int = _opt(40)
+    batch_size: int = _opt(64, "the global batch (under torchrun: split over the processes)")
+    lr: float = _opt(0.1, "weights' learning rate (cosine decay)")
+    momentum: float = _opt(0.9)
+    weight_decay: float = _opt(5e-4)
+    label_smoothing: float = _opt(0.0)
+    gate_lr: float = _opt(0.1, "gate scores' learning rate, times n_gates / target_weight")
+    target_weight: float = _opt(20.0, "weight of the quadratic density term")
+    polarization_weight: float = _opt(0.1, "weight of the polarization term")
+    polarization: str = _opt("bimodal", "form of the polarization term", choices=POLAR_FORMS)
+    # None: a fraction of the run (WARMUP_FRACTION, RAMP_FRACTION), so every run length gets the same recipe
+    warmup_epochs: float | None = _opt(None, "epochs without the penalty at the start; None (unset): "
+                                             f"{100 * WARMUP_FRACTION:.0f}% of --epochs")
+    ramp_epochs: float | None = _opt(None, "epochs over which the penalty weight ramps to its full value; None "
+                                           f"(unset): {100 * RAMP_FRACTION:.0f}% of --epochs")
+    freeze_gates_at: float = _opt(0.3, "fraction of training after which the gates stop moving and the weights "
+                                       "settle")
+    # gate scores: initial value (p = sigmoid(score_init)), straight-through estimator
+    score_init: float = _opt(1.0, "initial gate score (gate probability sigmoid(score-init))")
+    ste: str = _opt("identity", "straight-through estimator of the hard gates' gradient", choices=STE_MODES)
+    # how the density follows the target: "penalty" (fixed-weight quadratic term) or "dual" (its target
+    # shifted by a multiplier updated by dual ascent every step, so the soft density tracks the target)
+    target_control: str = _opt("penalty", "penalty: fixed-weight quadratic density term; dual: its target moved "
+                                          "by dual ascent", choices=TARGET_CONTROLS)
+    dual_lr: float = _opt(0.05, "step of the dual ascent")
+    # the weights' learning rate after the gates freeze, as a multiple of the cosine schedule's
+    freeze_lr_scale: float = _opt(1.0, "weights' learning rate after the gates freeze, times the cosine "
+                                       "schedule's")
+    min_channels: int = _opt(4, "fewest channels a gated group keeps")
+    round_to: int | None = _opt(None, "round every group's kept channels to a multiple of this")
+    finetune_epochs: int = _opt(0, "optional fine-tuning of the extracted model")
+    seed: int = _opt(0)
+    small_input: bool = _opt(False, "3x3 stride-1 stem for torchvision ResNets")
+    init: str | None = _opt(None, "state_dict (.pt) of pretrained dense weights to start from")
+    max_train: int | None = _opt(None, "use only the first N training images")
+    max_test: int | None = _opt(None, "use only the first N test images")
+    data_dir: str | None = _opt(None, "folder with the data set's files (nothing is downloaded)")
+    # the CLI's --device (default auto) is written by hand
+    device: str = _opt("cpu", flag=None)
+    # block (layer) gates of method polar: one gate per residual branch, with or without channel gates
+    # (the CLI's --blocks and --blocks-only set both)
+    blocks: bool = _opt(False, flag=None)
+    channel_gates: bool = _opt(True, flag=None)
+    # precision and layout: autocast dtype (None, "bf16", "fp16"; fp16 adds a grad scaler), NHWC activations
+    amp: str | None = _opt(None, "mixed precision: autocast to bf16 or fp16 (fp16 adds a grad scaler)",
+                           choices=AMP_MODES)
+    channels_last: bool = _opt(False, "NHWC memory format for weights and activations")
+    # under torchrun: BatchNorm statistics over the global batch (same result as one process)
+    sync_bn: bool = _opt(False, "under torchrun: BatchNorm statistics over the global batch (the result of one "
+                                "process)")
+    # gradual unstructured methods (method fggp, gmp, annealed)
+    update_every: int | None = _opt(None, "unstructured methods: steps between mask updates (default: 50 updates "
+                                          "over 80% of the run)")
+    select_ratio: float = _opt(0.5, "fggp: fraction of the remaining weights that are gradient candidates")
+    start: str = _opt("dense", "unstructured methods: dense start, or a random ERK mask at 50% density",
+                      choices=fggp_mod.STARTS)
+
+    #: fields that may differ between a run and the checkpoint it resumes from
+    RESUME_FREE = ("data_dir", "device")
+
+    def validate(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive int, got {v!r}")
+
+        for name in ("epochs", "batch_size", "min_channels"):
+            positive_int(name)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "polar" and not 0 <= self.target_sparsity < 1:
+            raise ValueError(f"target-sparsity must be in [0, 1), got {self.target_sparsity!r}")
+        if self.method == "polar" and self.update_every is not None:
+            raise ValueError(f"update-every applies to the unstructured methods ({', '.join(METHODS[1:])}), not to "
+                             "method polar (its gates move every step)")
+        if self.method != "polar":
+            if not 0 < self.target_sparsity < 1:
+                raise ValueError(f"target-sparsity must be in (0, 1) for method {self.method}, "
+                                 f"got {self.target_sparsity!r}")
+            if self.update_every is not None:
+                positive_int("update_every")
+            if self.start not in fggp_mod.STARTS:
+                raise ValueError(f"start must be one of {', '.join(fggp_mod.STARTS)}, got {self.start!r}")
+            if not 0 < self.select_ratio < 1:
+                raise ValueError(f"select-ratio must be in (0, 1), got {self.select_ratio!r}")
+            if self.finetune_epochs:
+                raise ValueError(f"finetune-epochs applies to method polar only (method {self.method} keeps "
+                                 "training the pruned weights to the end of the run)")
+        if not self.channel_gates and not self.blocks:
+            raise ValueError("blocks-only needs block gates: channel gates off and block gates off leave nothing "
+                             "to prune")
+        if self.blocks and self.method != "polar":
+            raise ValueError(f"blocks applies to method polar only, got method {self.method}")
+        if self.amp is not None and self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be bf16 or fp16 (or left out for float32), got {self.amp!r}")
+        if self.cost not in COSTS:
+            raise ValueError(f"cost must be channels, params or macs, got {self.cost!r}")
+        if self.dataset not in data_mod.DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(data_mod.DATASETS)}, got {self.dataset!r}")
+        for name in ("lr", "gate_lr", "target_weight", "polarization_weight", "weight_decay", "momentum",
+                     "warmup_epochs", "ramp_epochs", "label_smoothing"):
+            v = getattr(self, name)
+            if v is None and name in ("warmup_epochs", "ramp_epochs"):
+                continue
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be a number >= 0, got {v!r}")
+        if self.target_control not in TARGET_CONTROLS:
+            raise ValueError(f"target-control must be one of {', '.join(TARGET_CONTROLS)}, got {self.target_control!r}")
+        if self.ste not in STE_MODES:
+            raise ValueError(f"ste must be identity, clipped or sigmoid, got {self.ste!r}")
+        for name in ("score_init", "dual_lr", "freeze_lr_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or (name != "score_init" and v < 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a finite number"
+                                 f"{'' if name == 'score_init' else ' >= 0'}, got {v!r}")
+        for name in ("max_train", "max_test", "round_to"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        for name in ("model", "init", "data_dir"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) and v):
+                raise ValueError(f"{name.replace('_', '-')} must be a non-empty string, got {v!r}")
+        if not isinstance(self.freeze_gates_at, (int, float)) or not 0 < self.freeze_gates_at <= 1:
+            raise ValueError(f"freeze-gates-at must be in (0, 1], got {self.freeze_gates_at!r}")
+        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) \
+                or self.finetune_epochs < 0:
+            raise ValueError(f"finetune-epochs must be >= 0, got {self.finetune_epochs!r}")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def schedule_epochs(self, epochs: int | None = None) -> tuple[float, float]:
+        """(warm-up, ramp) in epochs for a run of ``epochs`` (default ``self.epochs``): the given values, or the
+        default fractions of the run where they are None."""
+        epochs = self.epochs if epochs is None else epochs
+        warmup = WARMUP_FRACTION * epochs if self.warmup_epochs is None else self.warmup_epochs
+        ramp_ = RAMP_FRACTION * epochs if self.ramp_epochs is None else self.ramp_epochs
+        return float(warmup), float(ramp_)

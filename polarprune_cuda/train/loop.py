@@ -1,0 +1,355 @@
+"""The training loop: :func:`_fit` (one training run of a model, checkpointed every epoch), :func:`evaluate`,
+:class:`History`, and the autocast and progress-bar helpers.
+
+``_fit`` is cut into its steps, in the order they run: :func:`_setup` (loss, optimizer, schedule),
+:func:`_restore` (a checkpoint), :func:`_train_epoch` with :func:`_train_step` (one epoch's batches),
+:func:`_end_epoch` (history, gate statistics) and :func:`_checkpoint_state` (what is saved). The state they
+share lives in one :class:`_Fit`. The order of the steps and of the random draws is the one a checkpoint
+written by an earlier version resumes to, bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as data_mod
+from . import distributed as dist_mod
+from ..gates.loss import PolarizationLoss, gate_stats
+from ..gates.modules import find_bank
+from ..sparse import fggp as fggp_mod
+from ..surgery.budget import meet_target
+from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, Expected
+from .config import AMP_MODES, PruneConfig
+from .optim import lr_lambdas, make_optimizer, penalty_schedule
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+             device="cpu", dist_info: dist_mod.DistInfo = dist_mod.SINGLE, amp: str | None = None,
+             channels_last: bool = False) -> float:
+    """Top-1 accuracy (eval mode; training mode restored).
+
+    Under torchrun every rank scores its share of the test set and the counts
+    are summed over the ranks, so every rank returns the accuracy on all of it.
+    """
+    was = model.training
+    model.eval()
+    correct = 0
+    if dist_info.enabled:
+        part = torch.tensor_split(torch.arange(len(y)), dist_info.world_size)[dist_info.rank]
+        x, y_part = x[part], y[part]
+    else:
+        y_part = y
+    try:
+        for xb, yb in data_mod.batches(x, y_part, batch_size):
+            xb = xb.to(device)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, amp):
+                out = model(xb)
+            correct += int((out.argmax(1).cpu() == yb).sum())
+    finally:
+        model.train(was)
+    (correct,) = dist_mod.all_sum(dist_info, [correct], device)
+    return correct / max(len(y), 1)
+
+
+#: the autocast dtype of each --amp mode
+AMP_DTYPES = dict(zip(AMP_MODES, (torch.bfloat16, torch.float16)))
+
+
+def _autocast(device, amp: str | None):
+    """Autocast to ``amp``'s dtype on ``device`` (a no-op context for float32)."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class History:
+    epoch: list = field(default_factory=list)
+    train_loss: list = field(default_factory=list)
+    penalty: list = field(default_factory=list)
+    test_accuracy: list = field(default_factory=list)
+    density: list = field(default_factory=list)          # hard gates, in the cost unit
+    soft_density: list = field(default_factory=list)
+    polarized: list = field(default_factory=list)
+    histogram: list = field(default_factory=list)        # per epoch: 20-bin histogram of gate probabilities
+    epoch_step: list = field(default_factory=list)       # global step at the end of each epoch
+    step: list = field(default_factory=list)             # step trace of the density the loss sees
+    step_density: list = field(default_factory=list)
+    budget: dict = field(default_factory=dict)           # what meet_target chose when the gates froze
+
+
+@dataclass
+class _Fit:
+    """What the steps of one :func:`_fit` share: built by :func:`_setup`, moved by the others."""
+
+    model: nn.Module
+    train_model: nn.Module                 # the model, or its DistributedDataParallel wrapper
+    loss_fn: PolarizationLoss | None
+    opt: torch.optim.SGD
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    history: History
+    pruner: "fggp_mod.GradualPruner | None"
+    gated: bool
+    dual: bool
+    rho: float                             # the target density 1 - target_sparsity
+    dual_shift: float
+    freeze: int | None                     # the step where the gates freeze (None: no gates)
+    total: int
+    steps_per_epoch: int
+    step: int = 0
+    start_epoch: int = 0
+
+
+def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
+         gated: bool, epochs: int, lr: float, resume: bool, progress: bool, label: str,
+         interrupt_after: int | None = None, pruner: "fggp_mod.GradualPruner | None" = None,
+         dist_info: dist_mod.DistInfo = dist_mod.SINGLE) -> History:
+    """Train ``model`` for ``epochs``; gated models add the penalty; a pruner steps after the optimizer.
+
+    Checkpoints every epoch (the pruner's masks included). Under torchrun the
+    model is wrapped in DistributedDataParallel, each rank trains on its slice
+    of every global batch, metrics are summed over the ranks, and only rank 0
+    writes the checkpoint."""
+    info = dist_info
+    device = torch.device(cfg.device)
+    run = _setup(model, data, cfg, gated=gated, epochs=epochs, lr=lr, pruner=pruner, device=device)
+    if resume:
+        _restore(run, ckpt, cfg, label, epochs, info)
+    if info.enabled:
+        if cfg.sync_bn:
+            dist_mod.enable_sync_batchnorm(model)
+        run.train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    progress = progress and info.is_main
+    run.step = run.start_epoch * run.steps_per_epoch
+    epochs_bar = _progress(range(run.start_epoch, epochs), progress, desc=label, initial=run.start_epoch,
+                           total=epochs, unit="epoch")
+    try:
+        for epoch in epochs_bar:
+            sums = _train_epoch(run, data, cfg, epoch, progress, info, device)
+            _end_epoch(run, data, cfg, epoch, sums, epochs_bar if progress else None, info, device)
+            if info.is_main:
+                ckpt.save(_checkpoint_state(run, cfg, label, epoch, info))
+            dist_mod.barrier(info)
+            if interrupt_after is not None and epoch + 1 >= interrupt_after:
+                raise KeyboardInterrupt
+        if gated and run.freeze >= run.total:   # the gates trained to the end: meet the target now
+            run.history.budget = _meet_target(model, cfg)
+    finally:
+        if info.enabled:
+            dist_mod.disable_sync_batchnorm(model)
+    return run.history
+
+
+def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gated: bool, epochs: int, lr: float,
+           pruner, device: torch.device) -> _Fit:
+    """The loss (gated: armed on the model), the optimizer, the learning-rate schedule and the grad scaler."""
+    steps_per_epoch = data_mod.num_batches(len(data.train_y), cfg.batch_size)
+    total = steps_per_epoch * epochs
+    loss_fn = None
+    if gated:
+        loss_fn = PolarizationLoss(cfg.target_sparsity, cost=cfg.cost, polarization=cfg.polarization,
+                                   target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
+                                   schedule=penalty_schedule(steps_per_epoch, *cfg.schedule_epochs(epochs)))
+        loss_fn.arm(model)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay, cfg.gate_lr, cfg.target_weight)
+    freeze = int(cfg.freeze_gates_at * total) if gated else None
+    warmup = int(round(cfg.schedule_epochs(epochs)[0] * steps_per_epoch)) if gated else 0
+    lambdas = lr_lambdas(total, freeze, warmup, cfg.freeze_lr_scale)[: len(opt.param_groups)]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    return _Fit(model=model, train_model=model, loss_fn=loss_fn, opt=opt, sched=sched, scaler=scaler,
+                history=History(), pruner=pruner, gated=gated, dual=gated and cfg.target_control == "dual",
+                rho=1.0 - cfg.target_sparsity, dual_shift=0.0, freeze=freeze, total=total,
+                steps_per_epoch=steps_per_epoch)
+
+
+def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs: int,
+             info: dist_mod.DistInfo) -> None:
+    """Continue from ``ckpt`` where it exists (rank 0 reads and checks it, every rank gets it): the model,
+    optimizer, schedule, scaler, loss and pruner state, the history, the epoch and the RNG state."""
+    expected = Expected(model=run.model, optimizer=run.opt, scheduler=run.sched, scaler=run.scaler,
+                        pruner=run.pruner, epochs=epochs, steps_per_epoch=run.steps_per_epoch, gated=run.gated,
+                        history_fields=tuple(f.name for f in fields(History)))
+    state = ckpt.load(cfg.to_dict() | {"_label": label}, PruneConfig().to_dict(), PruneConfig.RESUME_FREE,
+                      expected) if info.is_main and ckpt.path.is_file() else None
+    state = dist_mod.broadcast_object(info, state)
+    if state is None:
+        return
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    if run.loss_fn is not None:
+        run.loss_fn.step = state["loss_step"]
+        run.dual_shift = float(state.get("dual_shift", 0.0))
+        if run.dual:
+            run.loss_fn.target_sparsity = min(1.0, max(0.0, 1.0 - (run.rho - run.dual_shift)))
+            run.loss_fn.arm(run.model)
+    if run.pruner is not None:
+        run.pruner.load_state_dict(state["pruner"])
+    run.history = History(**state["history"])
+    run.start_epoch = state["epoch"]
+    torch.set_rng_state(state["rng"])
+
+
+def _train_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: int, progress: bool,
+                 info: dist_mod.DistInfo, device: torch.device) -> tuple:
+    """One epoch's batches; returns (sum of the task loss, sum of the penalty, batches trained)."""
+    run.model.train()
+    total_loss = total_pen = 0.0
+    n_batches = 0
+    log_every = max(1, run.steps_per_epoch // 10)
+    batch_iter = data_mod.batches(data.train_x, data.train_y, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                  pad=data.pad, flip=data.flip)
+    for xb, yb in _progress(batch_iter, progress, total=run.steps_per_epoch, leave=False, unit="step",
+                            desc=f"epoch {epoch + 1}"):
+        if run.gated and run.step == run.freeze:   # the gates stop here: from now on the final architecture
+            run.history.budget = _meet_target(run.model, cfg)
+        part = dist_mod.shard(len(yb), info)
+        if part is None:   # fewer samples than ranks: every rank skips it alike
+            run.step += 1
+            continue
+        task, penalty, share = _train_step(run, xb, yb, part, cfg, info, device)
+        if penalty is not None:
+            total_pen += penalty
+        total_loss += task.detach() * (share / info.world_size)
+        n_batches += 1
+        loss_fn = run.loss_fn
+        if loss_fn is not None and run.step % log_every == 0 and loss_fn.last_terms is not None \
+                and (run.freeze is None or run.step < run.freeze):   # the density this step's penalty saw
+            run.history.step.append(run.step)
+            run.history.step_density.append(float(loss_fn.last_terms[0]))
+        run.step += 1
+    return total_loss, total_pen, n_batches
+
+
+def _train_step(run: _Fit, xb: torch.Tensor, yb: torch.Tensor, part: slice, cfg: PruneConfig,
+                info: dist_mod.DistInfo, device: torch.device) -> tuple:
+    """One optimizer step on this rank's slice of a batch (then the pruner, the dual ascent, the schedule);
+    returns (task loss, penalty or None, the slice's share of the batch)."""
+    share = 1.0
+    if info.enabled:   # this rank's slice; DDP averages, so weight by the slice's share
+        share = (part.stop - part.start) * info.world_size / len(yb)
+        xb, yb = xb[part], yb[part]
+    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+    if cfg.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, cfg.amp):
+        logits = run.train_model(xb)
+    if logits.dtype in (torch.float16, torch.bfloat16):   # autocast: the loss in float32
+        logits = logits.float()
+    task = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+    loss = task if share == 1.0 else task * share
+    loss_fn, step = run.loss_fn, run.step
+    gates_move = run.freeze is None or step < run.freeze
+    pen = None
+    if loss_fn is not None and gates_move:
+        penalty = loss_fn(run.model, step=step)
+        loss = loss + penalty
+        pen = penalty.detach().as_subclass(torch.Tensor)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    if run.pruner is not None:
+        run.pruner.step()
+    if run.dual and loss_fn.last_terms is not None and loss_fn.weights(step)[0] > 0 and gates_move:
+        # dual ascent: the multiplier of the constraint d = rho moves the quadratic term's target
+        run.dual_shift = min(1.0, max(-1.0, run.dual_shift + cfg.dual_lr * (float(loss_fn.last_terms[0]) - run.rho)))
+        loss_fn.target_sparsity = min(1.0, max(0.0, 1.0 - (run.rho - run.dual_shift)))
+        loss_fn.arm(run.model)   # the next forward pass computes the terms for the moved target
+    run.sched.step()
+    return task, pen, share
+
+
+def _end_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: int, sums: tuple, bar,
+               info: dist_mod.DistInfo, device: torch.device) -> None:
+    """The epoch's history: losses summed over the ranks, test accuracy, gate or pruner statistics
+    (``bar``: the epochs' progress bar, None without one)."""
+    total_loss, total_pen, n_batches = sums
+    model, history = run.model, run.history
+    if info.enabled:
+        _sync_buffers(model)   # rank 0's BatchNorm statistics everywhere before evaluating
+        bank = find_bank(model)
+        if bank is not None:
+            dist_mod.check_identical(info, bank.scores, "gate scores")
+    total_loss, = dist_mod.all_sum(info, [float(total_loss)], device)
+    history.epoch.append(epoch + 1)
+    history.epoch_step.append(run.step)
+    history.train_loss.append(total_loss / max(n_batches, 1))
+    history.penalty.append(float(total_pen) / max(n_batches, 1))
+    history.test_accuracy.append(evaluate(model, data.test_x, data.test_y, device=device, dist_info=info,
+                                          amp=cfg.amp, channels_last=cfg.channels_last))
+    acc = f"{history.test_accuracy[-1]:.3f}"
+    if run.gated:
+        stats = gate_stats(model, cost=cfg.cost)
+        history.density.append(stats["density"])
+        history.soft_density.append(stats["soft_density"])
+        history.polarized.append(stats["polarized"])
+        p = find_bank(model).probabilities().float().cpu()
+        history.histogram.append(torch.histc(p, bins=20, min=0, max=1).tolist())
+        if bar is not None:
+            bar.set_postfix(acc=acc, density=f"{stats['density']:.3f}", polarized=f"{stats['polarized']:.2f}")
+    elif run.pruner is not None:
+        sp = run.pruner.sparsity()["sparsity"]
+        history.density.append(1 - sp)
+        if bar is not None:
+            bar.set_postfix(acc=acc, sparsity=f"{sp:.3f}")
+    elif bar is not None:
+        bar.set_postfix(acc=acc)
+
+
+def _checkpoint_state(run: _Fit, cfg: PruneConfig, label: str, epoch: int, info: dist_mod.DistInfo) -> dict:
+    """What the checkpoint after ``epoch`` holds (checkpoint.py checks every entry when it is read back)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.to_dict() | {"_label": label},
+        "epoch": epoch + 1,
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "loss_step": run.loss_fn.step if run.loss_fn is not None else 0,
+        "dual_shift": run.dual_shift,
+        "pruner": run.pruner.state_dict() if run.pruner is not None else None,
+        "history": asdict(run.history),
+        "rng": torch.get_rng_state(),
+        "world_size": info.world_size,
+    }
+
+
+def _meet_target(model: nn.Module, cfg: PruneConfig) -> dict:
+    """The exact budget when the gates freeze (budget.py): the hard gates become the set that meets the target."""
+    result = meet_target(model, cfg.target_sparsity, cfg.cost)
+    return result.to_dict()
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
