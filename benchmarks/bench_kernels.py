@@ -12,26 +12,16 @@ import torch
 
 import common
 import polarprune_cuda as pp
-from polarprune_cuda.ops import backends, reference
 
-PROVIDERS = ("eager", "compile", "triton", "cuda")
+PROVIDERS = common.PROVIDERS
 PASSES = ("forward", "backward", "full")
-_COMPILED = {}
 
 
 def _impl(provider: str, op: str, device):
-    if provider == "eager":
-        return getattr(reference, op)
-    if provider == "compile":
-        if op not in _COMPILED:
-            _COMPILED[op] = torch.compile(getattr(reference, op), dynamic=False)
-        return _COMPILED[op]
-    if device.type != "cuda":
-        pytest.skip(f"{provider} is timed on a GPU only")
-    b = backends.get_backend(provider)
-    if not b.available:
-        pytest.skip(f"{provider} backend unavailable: {b.reason}")
-    return b.ops[op]
+    fn, why = common.provider_op(provider, op, device)
+    if fn is None:
+        pytest.skip(why)
+    return fn
 
 
 @pytest.fixture(scope="module")

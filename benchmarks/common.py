@@ -17,6 +17,33 @@ from torch import nn
 
 import polarprune_cuda as pp
 
+#: the implementations behind the ``polarprune::*`` ops that the kernel benchmarks compare (the one table of
+#: bench_kernels.py and kernels.py): the reference eagerly, the reference under torch.compile, Triton, the CUDA
+#: extension; all called with the reference signatures
+PROVIDERS = ("eager", "compile", "triton", "cuda")
+_COMPILED: dict = {}
+
+
+def provider_op(provider: str, op: str, device: torch.device):
+    """(``op``'s implementation for ``provider`` on ``device``, None), or (None, why it cannot be timed)."""
+    from polarprune_cuda.ops import backends, reference
+
+    if provider == "eager":
+        return getattr(reference, op), None
+    if provider == "compile":
+        if op not in _COMPILED:
+            _COMPILED[op] = torch.compile(getattr(reference, op), dynamic=False)
+        return _COMPILED[op], None
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if device.type != "cuda":
+        return None, f"{provider} is timed on a GPU only (the CPU Triton interpreter is for testing)"
+    b = backends.get_backend(provider)
+    if not b.available:
+        return None, f"{provider} backend unavailable: {b.reason}"
+    return b.ops[op], None
+
+
 MODELS = ("resnet56", "resnet50")
 MACS_REMOVED = (0.3, 0.5, 0.7)
 NUM_CLASSES = 10

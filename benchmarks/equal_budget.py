@@ -79,7 +79,7 @@ def _tp_prune(model, example, target_macs: float, ignored, steps: int = 30):
     """Torch-Pruning, one shot: MetaPruner with group L2 magnitude, every group by one ratio; the ratio is
     bisected so the pruned MACs come as close to ``target_macs`` as the channel granularity allows."""
     import torch_pruning as tp
-    from polarprune_cuda.surgery.core import count
+    from polarprune_cuda.surgery.costs import count
 
     def pruned(ratio):
         m = copy.deepcopy(model)
@@ -124,7 +124,7 @@ def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fra
             finetune_lr_scale: float, onepass: dict | None) -> dict:
     import torch
     from polarprune_cuda.train import data as data_mod, trainer
-    from polarprune_cuda.surgery.core import count
+    from polarprune_cuda.surgery.costs import count
 
     cfg = trainer.PruneConfig(**cfg_kwargs)
     out = work / f"{arm}-seed{cfg.seed}"

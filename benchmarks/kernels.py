@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+import common
 import polarprune_cuda as pp
-from polarprune_cuda.ops import backends, reference
+from polarprune_cuda.ops import backends
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,15 +43,19 @@ def bench(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+#: ops timed under torch.compile (the others are compiled only as part of the bank)
+COMPILE_OPS = ("channel_gate", "channel_gate_backward", "binary_gate", "binary_gate_backward", "gate_penalty")
+
+
 def providers(device: torch.device) -> dict[str, dict]:
-    """name -> op implementations (reference signatures)."""
-    out = {"eager": {op: getattr(reference, op) for op in backends.OPS}}
-    out["compile"] = {op: torch.compile(getattr(reference, op), dynamic=False) for op in
-                      ("channel_gate", "channel_gate_backward", "binary_gate", "binary_gate_backward", "gate_penalty")}
-    for name in ("triton", "cuda"):
-        b = backends.get_backend(name)
-        if b.available and device.type == "cuda":   # the CPU interpreter is for testing, not timing
-            out[name] = b.ops
+    """name -> op implementations (reference signatures), for the providers of common.PROVIDERS that can be
+    timed on ``device``."""
+    out = {}
+    for name in common.PROVIDERS:
+        impls = {op: common.provider_op(name, op, device)[0]
+                 for op in (COMPILE_OPS if name == "compile" else backends.OPS)}
+        if all(fn is not None for fn in impls.values()):
+            out[name] = impls
     return out
 
 
