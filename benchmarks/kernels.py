@@ -19,11 +19,14 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 
-import common
-import polarprune_cuda as pp
-from polarprune_cuda.ops import backends
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # common.py beside this script, however it is loaded
+import common  # noqa: E402
+import polarprune_cuda as pp  # noqa: E402
+from polarprune_cuda.ops import backends  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

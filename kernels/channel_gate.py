@@ -74,7 +74,7 @@ def _channel_gate_bwd_kernel(dy_ptr, x_ptr, g_ptr, dx_ptr, part_ptr, C, HW, hw_p
     tl.store(part_ptr + row * C + cs, acc, mask=cmask)
 
 
-def _blocks(C: int, HW: int, channels_fast: bool):
+def _tiles(C: int, HW: int, channels_fast: bool):
     block_c = min(triton.next_power_of_2(C), 64 if channels_fast else 16)
     block_hw = min(triton.next_power_of_2(max(HW, 1)), max(16, 2048 // block_c))
     return block_c, block_hw
@@ -90,7 +90,7 @@ def channel_gate(x, gate):
         return reference.channel_gate(x, gate)
     N, C = x.shape[0], x.shape[1]
     HW = view_x[3]
-    block_c, block_hw = _blocks(C, HW, view_x[1] == 1)
+    block_c, block_hw = _tiles(C, HW, view_x[1] == 1)
     grid = (N, triton.cdiv(C, block_c), triton.cdiv(HW, block_hw))
     _channel_gate_kernel[grid](x, gate.contiguous(), y, C, HW, *view_x[:3], *view_y[:3],
                                ACC=acc_of(x.dtype), BLOCK_C=block_c, BLOCK_HW=block_hw)
@@ -104,7 +104,7 @@ def channel_gate_backward(grad, x, gate):
         return reference.channel_gate_backward(grad, x, gate)
     N, C = x.shape[0], x.shape[1]
     HW = views[1][3]
-    block_c, block_hw = _blocks(C, HW, views[1][1] == 1)
+    block_c, block_hw = _tiles(C, HW, views[1][1] == 1)
     c_blocks = triton.cdiv(C, block_c)
     # split HW across programs when N * C-blocks alone would leave the GPU idle
     splits = max(1, min(triton.cdiv(HW, block_hw * 4), triton.cdiv(512, max(N * c_blocks, 1))))

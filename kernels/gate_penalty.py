@@ -14,6 +14,9 @@ import triton.language as tl
 from ._common import BLOCK, POLAR_CODES, POLAR_ZHUANG, acc_of, check_polar_form
 
 
+# One function of about 90 lines on purpose: the fused penalty is one kernel launch (value, gradient, gates and
+# terms in one pass over the scores) whose stages share the loaded block and its running sums; split into
+# @triton.jit helpers they would pass a dozen values back and forth.
 @triton.jit
 def _penalty_kernel(s_ptr, w_ptr, off_ptr, pairs_ptr, coef_ptr, grad_ptr, loss_ptr, terms_ptr,
                     gates_ptr, gpolar_ptr,

@@ -8,17 +8,8 @@ from . import errors, ops
 from .ops import functional, reference
 from .ops.backends import BackendUnavailableError, backend_info
 from .surgery.blocks import ClosedBlock, depth
-from .gates.modules import (
-    ChannelGate,
-    GateBank,
-    GatedBatchNorm2d,
-    GatedConv2d,
-    GatedLinear,
-    NonFiniteGateError,
-    bind_gates,
-    find_bank,
-    gate_modules,
-)
+from .gates.modules import ChannelGate, GatedBatchNorm2d, GatedConv2d, GatedLinear, gate_modules
+from .gates.bank import GateBank, NonFiniteGateError, bind_gates, find_bank
 from .ops.cost import CostModel
 from .sparse.fggp import FGGP, GMP, AnnealedPruner
 from .gates.loss import PenaltyValue, PolarizationLoss, gate_stats, ramp

@@ -9,8 +9,8 @@ import polarprune_cuda as pp
 from polarprune_cuda import cli
 from polarprune_cuda.surgery.blocks import ClosedBlock
 from polarprune_cuda.export import export_onnx, export_program, onnx_available
-from tests.test_blocks import pick_closed, set_gates
-from tests.test_surgery import randomize_bn
+from helpers import pick_closed, set_gates
+from helpers import randomize_bn
 
 MODELS = {
     "cifar_resnet20_blocks": (lambda: pp.resnet20(), (4, 3, 32, 32)),

@@ -1,9 +1,13 @@
 """PolarizationLoss: density target plus polarization over all gates at once, and gate_stats.
 
-The penalty is this project's formulation (DESIGN.md): with gate
-probabilities ``p_j = sigmoid(s_j / tau)`` and per-channel costs ``w_j``,
+The penalty is this project's formulation (docs/DESIGN.md): with gate
+probabilities ``p_j = sigmoid(s_j / tau)`` and the bank's exact cost model
+of the chosen unit,
 
-    density  d = sum_j w_j p_j / sum_j w_j
+    density  d = cost(p) / cost(1)      (channels: mean_j p_j; params and MACs:
+                                         linear plus bilinear terms, a conv's cost
+                                         the product of its input and output densities;
+                                         a tensor of weights w: sum_j w_j p_j / sum_j w_j)
     penalty    = target_weight * (d - (1 - target_sparsity))^2
                + polarization_weight * R(p)
 
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 
 from ..ops import core as ops
 from ..ops.cost import CostModel
-from .modules import GateBank, check_cost_values, flat_gate_view, raise_if_nonfinite
+from .bank import GateBank, check_cost_values, flat_gate_view, raise_if_nonfinite
 from ..ops.common import POLAR_FORMS
 
 Schedule = Callable[[int], "float | tuple[float, float]"]
@@ -84,7 +88,7 @@ class _NonFiniteCheck:
             bad = float(self.count) > 0
         if bad:
             raise_if_nonfinite(self.scores, self.names, self.sizes)
-            from .modules import NonFiniteGateError
+            from .bank import NonFiniteGateError
             raise NonFiniteGateError("gate scores were NaN or inf when the penalty was computed")
 
 
@@ -156,7 +160,7 @@ class PolarizationLoss(nn.Module):
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be a callable step -> multiplier, got {type(schedule).__name__}")
         if isinstance(cost, Tensor):
-            ops._check_float(cost, "cost")
+            ops.check_float(cost, "cost")
             if cost.dim() != 1:
                 raise ValueError(f"cost must be a 1-D tensor (one weight per gate), got shape {tuple(cost.shape)}")
             check_cost_values(cost)

@@ -4,7 +4,7 @@
   and the Triton ``IMPLEMENTATIONS`` are derived from it (and checked against it).
 * :data:`STE_CODES` and :data:`POLAR_CODES` are the one table of the string
   arguments and the integer codes the kernels use; ``csrc/gate_codes.h`` holds
-  the C++ copy and ``tests/test_op_schemas.py`` checks that the two agree.
+  the C++ copy and ``tests/ops/test_op_schemas.py`` checks that the two agree.
 * :func:`define` registers a ``polarprune::<name>`` custom op and records it;
   :func:`op_args` gives the schema arguments of an op by name, so autograd
   rules read ``inputs`` by name instead of by position.

@@ -8,7 +8,7 @@ implementation asks :mod:`.backends` for the kernel of the tensors' device
 (CUDA extension, Triton, or the pure-PyTorch reference); backward passes are
 ops of their own, so every backend can fuse them. Schemas are owned here, in
 Python (from the annotations of each op function); the compiled extension
-defines the same schemas under ``polarprune_C::`` and tests/test_op_schemas.py
+defines the same schemas under ``polarprune_C::`` and tests/ops/test_op_schemas.py
 checks that they agree.
 """
 from __future__ import annotations
@@ -42,8 +42,6 @@ if _missing:
 #: Every op of the namespace (in common.OPS order), for opcheck and registration tests.
 ALL_OPS = {name: DEFINED[name] for name in OPS}
 
-# Old private name, still read by polarprune_cuda/gates/{loss,modules}.py (``ops._check_float``).
-_check_float = check_float
 
 __all__ = [
     "ALL_OPS", "NAMESPACE", "OPS", "POLAR_CODES", "POLAR_FORMS", "STE_CODES", "STE_MODES",

@@ -4,7 +4,7 @@ Every other backend (Triton kernels, the CUDA extension) is tested against the
 functions in this module. They take already-validated arguments; the checks
 live in :mod:`polarprune_cuda.ops.common` and the per-op modules.
 
-Gate semantics (see DESIGN.md, "Semantics of the gate"):
+Gate semantics (see docs/DESIGN.md, "Semantics of the gate"):
 
 * hard gate ``g = 1[s > 0]`` (exactly binary, in the dtype of ``s``);
 * probability ``p = sigmoid(s / tau)``;

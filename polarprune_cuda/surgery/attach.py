@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..gates.modules import GateBank, GateMixin, find_bank, gate_in_place, gate_modules, install_bank
+from ..gates.bank import GateBank, find_bank, install_bank
+from ..gates.modules import GateMixin, gate_in_place, gate_modules
 from .blocks import BlockRecord, depth, prepare_blocks
 from .costs import _block_exactness, _channel_cost, _cost_models, _io_shapes, count
 from .inputs import _as_inputs, _check_model, _dtype_name, _model_device

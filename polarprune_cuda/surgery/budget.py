@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..gates.modules import GateBank
+from ..gates.bank import GateBank
 from .attach import _surgery
 from .extract import guard
 

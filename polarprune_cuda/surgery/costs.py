@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..gates.modules import GateBank, find_bank
+from ..gates.bank import GateBank, find_bank
 from ..ops.cost import CostModel
 from .blocks import BlockRecord
 from .inputs import _as_inputs, _check_model, _run_on, _score_ids, eval_mode

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from ..gates.modules import GateBank, GateMixin, fold_in_place, remove_bank
+from ..gates.bank import GateBank, remove_bank
+from ..gates.modules import GateMixin, fold_in_place
 from .attach import GroupRecord, SurgeryRecord, _check_guard_args, _surgery
 from .blocks import BlockRecord, close_blocks
 from .inputs import _as_inputs, _check_fits, _model_device, _random_inputs, _score_ids, eval_mode, flatten_outputs

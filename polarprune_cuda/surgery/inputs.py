@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..gates.modules import find_bank
+from ..gates.bank import find_bank
 
 # dtypes an input may have (the spec names them by these strings; nothing else is looked up on torch)
 INPUT_DTYPES = {

@@ -109,11 +109,20 @@ class PruneConfig:
     RESUME_FREE = ("data_dir", "device")
 
     def validate(self) -> None:
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive int, got {v!r}")
+        """ValueError naming the option (CLI spelling) whose value is out of its range; the checks run in this
+        order, so the message names the first bad option."""
+        self._check_method()
+        self._check_choices()
+        self._check_numbers()
+        self._check_counts()
 
+    def _positive_int(self, name: str) -> None:
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be a positive int, got {v!r}")
+
+    def _check_method(self) -> None:
+        positive_int = self._positive_int
         for name in ("epochs", "batch_size", "min_channels"):
             positive_int(name)
         if self.method not in METHODS:
@@ -141,12 +150,16 @@ class PruneConfig:
                              "to prune")
         if self.blocks and self.method != "polar":
             raise ValueError(f"blocks applies to method polar only, got method {self.method}")
+
+    def _check_choices(self) -> None:
         if self.amp is not None and self.amp not in AMP_MODES:
             raise ValueError(f"amp must be bf16 or fp16 (or left out for float32), got {self.amp!r}")
         if self.cost not in COSTS:
             raise ValueError(f"cost must be channels, params or macs, got {self.cost!r}")
         if self.dataset not in data_mod.DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(data_mod.DATASETS)}, got {self.dataset!r}")
+
+    def _check_numbers(self) -> None:
         for name in ("lr", "gate_lr", "target_weight", "polarization_weight", "weight_decay", "momentum",
                      "warmup_epochs", "ramp_epochs", "label_smoothing"):
             v = getattr(self, name)
@@ -164,9 +177,11 @@ class PruneConfig:
                     or (name != "score_init" and v < 0):
                 raise ValueError(f"{name.replace('_', '-')} must be a finite number"
                                  f"{'' if name == 'score_init' else ' >= 0'}, got {v!r}")
+
+    def _check_counts(self) -> None:
         for name in ("max_train", "max_test", "round_to"):
             if getattr(self, name) is not None:
-                positive_int(name)
+                self._positive_int(name)
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not 0 <= self.label_smoothing < 1:

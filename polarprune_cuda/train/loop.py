@@ -20,7 +20,7 @@ from torch import nn
 from . import data as data_mod
 from . import distributed as dist_mod
 from ..gates.loss import PolarizationLoss, gate_stats
-from ..gates.modules import find_bank
+from ..gates.bank import find_bank
 from ..sparse import fggp as fggp_mod
 from ..surgery.budget import meet_target
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, Expected

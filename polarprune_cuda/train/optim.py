@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..gates.loss import ramp
-from ..gates.modules import find_bank
+from ..gates.bank import find_bank
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,

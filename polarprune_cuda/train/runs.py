@@ -17,7 +17,7 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from . import rundir
 from .._io import save_tensors
-from ..gates.modules import find_bank
+from ..gates.bank import find_bank
 from ..models import build_model
 from ..sparse import fggp as fggp_mod
 from ..surgery.blocks import depth

@@ -10,7 +10,7 @@ import polarprune_cuda as pp
 from polarprune_cuda.ops import backends, reference
 from polarprune_cuda.ops.cost import CostModel
 
-from test_reference_ops import _bilinear_model
+from helpers import _bilinear_model
 
 CAN_BUILD = bool(torch.version.cuda) and shutil.which("nvcc") is not None
 HAS_GPU = torch.cuda.is_available()
@@ -52,7 +52,7 @@ def test_find_cuda_home_follows_wrapper_scripts(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("setup_for_test", Path(__file__).resolve().parents[1] / "setup.py")
+    spec = importlib.util.spec_from_file_location("setup_for_test", Path(__file__).resolve().parents[2] / "setup.py")
     source = spec.loader.get_data(spec.origin).decode()
     namespace = {"__file__": spec.origin}
     exec(compile(source.split("ext_modules, cmdclass = extension_setup()")[0], spec.origin, "exec"), namespace)

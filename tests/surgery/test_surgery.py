@@ -7,6 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import assert_outputs_match, randomize_bn
 import polarprune_cuda as pp
 
 MODELS = {
@@ -24,19 +25,6 @@ MODELS = {
 }
 
 
-def randomize_bn(model, seed=0):
-    """Non-trivial BatchNorm statistics and affine, so closed channels matter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=gen))
-    return model
-
-
 def close_random(model, seed, low=0.3, high=0.6):
     """Close a random 30-60% of each group's gates."""
     gen = torch.Generator().manual_seed(seed)
@@ -49,11 +37,6 @@ def close_random(model, seed, low=0.3, high=0.6):
             values = torch.rand(scores.numel(), generator=gen) + 0.1
             values[perm[:n_closed]] *= -1
             scores.copy_(values)
-
-
-def assert_outputs_match(a, b):
-    scale = a.abs().max()
-    assert (a - b).abs().max() <= 1e-5 * scale, ((a - b).abs().max() / scale).item()
 
 
 @pytest.mark.parametrize("name", list(MODELS))

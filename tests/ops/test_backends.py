@@ -7,7 +7,7 @@ import torch
 import polarprune_cuda as pp
 from polarprune_cuda.ops import backends, reference
 
-from conftest import randn
+from helpers import randn
 
 
 def test_backend_info_reports_every_backend_with_a_reason():

@@ -8,9 +8,10 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import block_segments, pick_closed, set_gates
 import polarprune_cuda as pp
 from polarprune_cuda.surgery.blocks import ClosedBlock
-from tests.test_surgery import assert_outputs_match, randomize_bn
+from helpers import assert_outputs_match, randomize_bn
 
 MODELS = {
     "cifar_resnet20": (lambda: pp.resnet20(), (2, 3, 32, 32)),
@@ -20,34 +21,6 @@ MODELS = {
 }
 DEPTH = {"cifar_resnet20": 20, "cifar_resnet56": 56, "resnet18": 18, "resnet50": 50}
 BLOCKS = {"cifar_resnet20": 9, "cifar_resnet56": 27, "resnet18": 8, "resnet50": 16}
-
-
-def block_segments(model):
-    bank = model.polarprune_bank
-    return {b.name: b.segment for b in bank.surgery.blocks}
-
-
-def set_gates(model, seed, closed_blocks, channel_frac=0.4):
-    """Random scores: about ``channel_frac`` of each channel segment closed, the named blocks closed."""
-    gen = torch.Generator().manual_seed(seed)
-    bank = model.polarprune_bank
-    blocks = block_segments(model)
-    with torch.no_grad():
-        for k, scores in enumerate(bank.scores.split(bank.sizes)):
-            values = torch.rand(scores.numel(), generator=gen) + 0.1
-            if k in blocks.values():
-                name = next(n for n, s in blocks.items() if s == k)
-                values *= -1 if name in closed_blocks else 1
-            elif scores.numel() > 1:
-                perm = torch.randperm(scores.numel(), generator=gen)
-                values[perm[: round(channel_frac * scores.numel())]] *= -1
-            scores.copy_(values)
-
-
-def pick_closed(names, seed, frac=0.4):
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(names), generator=gen).tolist()
-    return {names[i] for i in perm[: max(1, round(frac * len(names)))]}
 
 
 @pytest.mark.parametrize("channels", [True, False], ids=["channels+blocks", "blocks-only"])

@@ -19,7 +19,7 @@ import torch
 
 from polarprune_cuda.ops import common, core, reference
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 REGISTRATION = (CSRC / "registration.cpp").read_text()
 HOST_DECLS = (CSRC / "gate_ops.h").read_text()
 CODES = (CSRC / "gate_codes.h").read_text()

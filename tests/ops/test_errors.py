@@ -5,7 +5,7 @@ import torch
 import polarprune_cuda as pp
 from polarprune_cuda.ops import functional as PF
 
-from conftest import randn
+from helpers import randn
 
 
 @pytest.mark.parametrize("call,exc,match", [

@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import polarprune_cuda as pp
 
-from conftest import SmallNet, randn
+from helpers import SmallNet, randn
 
 
 class CountOps(TorchDispatchMode):

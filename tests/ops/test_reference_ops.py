@@ -6,21 +6,10 @@ from polarprune_cuda.ops import core as ops, reference
 from polarprune_cuda.ops.cost import CostModel
 from polarprune_cuda.ops import functional as PF
 
-from conftest import randn
+from helpers import _bilinear_model
+from helpers import randn
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-
-def _bilinear_model(n, seed=0):
-    """A random cost model with segments, linear terms, pairs (one a self-pair) and a constant."""
-    gen = torch.Generator().manual_seed(seed)
-    cuts = sorted(torch.randperm(n - 1, generator=gen)[: min(3, n - 1)].add(1).tolist())
-    sizes = [b - a for a, b in zip([0] + cuts, cuts + [n])]
-    k = len(sizes)
-    linear = {i: float(torch.rand(1, generator=gen)) for i in range(k)}
-    pairs = {(i, (i + 1) % k): float(torch.rand(1, generator=gen)) + 0.1 for i in range(k)}
-    pairs[(0, 0)] = 0.5
-    return CostModel.from_terms(n, sizes, linear, pairs, const=3.0, per_gate=torch.rand(n, generator=gen))
 
 
 # ---------------------------------------------------------------- opcheck

@@ -9,8 +9,8 @@ import polarprune_cuda as pp
 from polarprune_cuda.ops import backends, core as ops, reference
 from polarprune_cuda.ops.cost import CostModel
 
-from conftest import SmallNet, randn
-from test_reference_ops import _bilinear_model
+from helpers import SmallNet, randn
+from helpers import _bilinear_model
 
 T = pytest.importorskip("polarprune_cuda.kernels.triton_gates", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,7 +4,7 @@ import torch
 
 import polarprune_cuda as pp
 
-from conftest import SmallNet, randn
+from helpers import SmallNet, randn
 
 
 def optimise_scores(target_sparsity, n=1000, steps=800, seed=0, cost=None, **loss_kwargs):

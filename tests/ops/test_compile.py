@@ -6,7 +6,7 @@ import torch
 
 import polarprune_cuda as pp
 
-from conftest import SmallNet, randn
+from helpers import SmallNet, randn
 
 
 @pytest.mark.parametrize("bind", [True, False], ids=["bank", "loose"])

@@ -1,0 +1,113 @@
+"""The run's plots: gate probabilities over training, density against the target, accuracy per epoch; each
+written atomically. matplotlib (the [train] extra) is imported when a plot is drawn."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_write
+
+
+def plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report["history"]
+    files = []
+    if hist["histogram"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        data = torch.tensor(hist["histogram"]).T
+        data = data / data.sum(0, keepdim=True).clamp_min(1)
+        im = ax.imshow(data.numpy(), aspect="auto", origin="lower", extent=(0.5, len(hist["epoch"]) + 0.5, 0, 1),
+                       cmap="viridis")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("gate probability p")
+        ax.set_title("Gate probabilities over training (polarization)")
+        fig.colorbar(im, ax=ax, label="fraction of gates")
+        fig.tight_layout()
+        _savefig(fig, out / "gates.png")
+        plt.close(fig)
+        files.append("gates.png")
+    if hist["step"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(hist["step"], hist["step_density"], label="soft density (what the penalty sees)")
+        if hist["density"]:
+            ax.plot(hist["epoch_step"], hist["density"], "o-", ms=3, label="hard-gate density (end of epoch)")
+        ax.axhline(1 - report["target_sparsity"], color="k", ls="--", label="target")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"density ({report['cost']})")
+        ax.set_ylim(0, 1.05)
+        ax.legend()
+        fig.tight_layout()
+        _savefig(fig, out / "density.png")
+        plt.close(fig)
+        files.append("density.png")
+    files.append(_accuracy_plot(report, out, "gated model", extracted=True))
+    return files
+
+
+def _accuracy_plot(report: dict, out: Path, label: str, extracted: bool) -> str:
+    """accuracy.png: test accuracy per epoch, the dense baseline's beside it; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report["history"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(hist["epoch"], [100 * a for a in hist["test_accuracy"]], label=label)
+    if report.get("baseline_curve"):
+        ax.plot(range(1, len(report["baseline_curve"]) + 1), [100 * a for a in report["baseline_curve"]],
+                label="dense baseline")
+    if extracted:
+        ax.axhline(100 * report["accuracy"]["pruned"], color="C2", ls="--", label="extracted model")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    _savefig(fig, out / "accuracy.png")
+    plt.close(fig)
+    return "accuracy.png"
+
+
+def plot_names(method: str = "polar") -> list[str]:
+    """The plots :func:`write` may draw for a run of ``method``."""
+    return ["gates.png", "density.png", "accuracy.png"] if method == "polar" else ["density.png", "accuracy.png"]
+
+
+def _savefig(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+def sparse_plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..sparse.fggp import cubic_density
+
+    hist, pr = report["history"], report["pruner"]
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = list(range(0, pr["total_steps"] + 1, max(1, pr["total_steps"] // 200)))
+    start = 1.0 if pr["start"] == "dense" else 0.5
+    ax.plot(steps, [cubic_density(t, pr["end_step"], report["target_sparsity"], start) for t in steps],
+            "--", color="gray", label="cubic schedule")
+    ups = report["mask_updates"]
+    ax.plot([u["step"] for u in ups], [u["density_target"] for u in ups], ".", ms=4, label="mask updates")
+    if hist["epoch_step"]:
+        ax.plot(hist["epoch_step"], hist["density"], "o-", ms=3, label="measured density (end of epoch)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("density of weights")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    _savefig(fig, out / "density.png")
+    plt.close(fig)
+    files.append("density.png")
+    files.append(_accuracy_plot(report, out, report["method"], extracted=False))
+    return files
