@@ -55,6 +55,19 @@ class GateBank(nn.Module):
         #: what :func:`~polarprune_cuda.attach_gates` did (a ``surgery.attach.SurgeryRecord``, kept for
         #: extract, kept_channels and meet_target); None for a bank not made by attach_gates
         self.surgery = None
+        self._score_grad_hook = None           # the hook of scale_score_gradients (not copied: see __getstate__)
+
+    def scale_score_gradients(self, scale: Tensor | None) -> None:
+        """Multiply the scores' gradient by ``scale`` (one factor per gate) from now on; None removes it.
+
+        The trainer uses it so block gates take the step they would take in a bank of block gates alone
+        (train/optim.make_optimizer). One hook at most: a new scale replaces the old one."""
+        if self._score_grad_hook is not None:
+            self._score_grad_hook.remove()
+            self._score_grad_hook = None
+        if scale is not None:
+            factor = scale.detach().to(self.scores.device)
+            self._score_grad_hook = self.scores.register_hook(lambda grad: grad * factor.to(grad.dtype))
 
     # ----- building
     def add_segment(self, name: str, init_scores: Tensor) -> int:
@@ -248,8 +261,7 @@ class GateBank(nn.Module):
         state = super().__getstate__()
         state["_cache"], state["_active"], state["_terms"] = None, False, None
         state["_block_map"] = None
-        if "_block_grad_hook" in state:   # a copy has its own parameter; the optimizer installs the hook again
-            state["_block_grad_hook"] = None
+        state["_score_grad_hook"] = None   # a copy has its own parameter; the optimizer installs the hook again
         return state
 
 

@@ -38,18 +38,15 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_de
 
 
 def _scale_block_gradients(bank) -> None:
-    handle = getattr(bank, "_block_grad_hook", None)
-    if handle is not None:
-        handle.remove()
-        bank._block_grad_hook = None
     blocks = bank.block_segments
     if not blocks or len(blocks) == bank.scores.numel():
+        bank.scale_score_gradients(None)
         return
     scale = torch.ones_like(bank.scores.detach())
     offsets = bank.offsets
     for b in blocks:
         scale[offsets[b]] = len(blocks) / bank.scores.numel()
-    bank._block_grad_hook = bank.scores.register_hook(lambda grad: grad * scale.to(grad.dtype))
+    bank.scale_score_gradients(scale)
 
 
 def lr_lambdas(total_steps: int, freeze_step: int | None, warmup_steps: int = 0,
