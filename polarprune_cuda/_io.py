@@ -52,6 +52,14 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
         raise
 
 
+def file_in_the_way(path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (so ``path`` cannot be created), else None."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def write_text(path, text: str) -> None:
     """Atomically write ``text`` (UTF-8) to ``path``."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ._io import file_in_the_way
 from .train import data as data_mod
 from .train import rundir
 from .train.checkpoint import CheckpointError
@@ -126,7 +127,7 @@ def _config(args) -> PruneConfig:
 
 def planned_files(cfg: PruneConfig, baseline: bool) -> list[str]:
     """The files a run of ``cfg`` may write in its output folder (claimed in the manifest before writing)."""
-    from .train.report import plot_names
+    from .train.plots import plot_names
 
     files = ["checkpoint.pt"]
     if cfg.finetune_epochs:
@@ -298,11 +299,9 @@ def _export_target(args) -> Path:
     out = Path(args.out) if args.out else Path(args.run) / f"model.{args.format}"
     if out.is_dir():
         raise ValueError(f"out: {out} is a folder; give the file to write, e.g. {out / ('model.' + args.format)}")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"out: {parent} is a file, so {out} cannot be written")
-            break
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise ValueError(f"out: {blocker} is a file, so {out} cannot be written")
     return out
 
 

@@ -27,10 +27,7 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set_ylabel("gate probability p")
         ax.set_title("Gate probabilities over training (polarization)")
         fig.colorbar(im, ax=ax, label="fraction of gates")
-        fig.tight_layout()
-        _savefig(fig, out / "gates.png")
-        plt.close(fig)
-        files.append("gates.png")
+        files.append(_save(fig, out, "gates.png"))
     if hist["step"]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(hist["step"], hist["step_density"], label="soft density (what the penalty sees)")
@@ -41,10 +38,7 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set_ylabel(f"density ({report['cost']})")
         ax.set_ylim(0, 1.05)
         ax.legend()
-        fig.tight_layout()
-        _savefig(fig, out / "density.png")
-        plt.close(fig)
-        files.append("density.png")
+        files.append(_save(fig, out, "density.png"))
     files.append(_accuracy_plot(report, out, "gated model", extracted=True))
     return files
 
@@ -67,10 +61,7 @@ def _accuracy_plot(report: dict, out: Path, label: str, extracted: bool) -> str:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.legend()
-    fig.tight_layout()
-    _savefig(fig, out / "accuracy.png")
-    plt.close(fig)
-    return "accuracy.png"
+    return _save(fig, out, "accuracy.png")
 
 
 def plot_names(method: str = "polar") -> list[str]:
@@ -78,8 +69,14 @@ def plot_names(method: str = "polar") -> list[str]:
     return ["gates.png", "density.png", "accuracy.png"] if method == "polar" else ["density.png", "accuracy.png"]
 
 
-def _savefig(fig, path: Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+def _save(fig, out: Path, name: str) -> str:
+    """Lay out ``fig``, write it to ``out/name`` atomically, close it; returns ``name``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return name
 
 
 def sparse_plots(report: dict, out: Path) -> list[str]:
@@ -105,9 +102,6 @@ def sparse_plots(report: dict, out: Path) -> list[str]:
     ax.set_ylabel("density of weights")
     ax.set_ylim(0, 1.05)
     ax.legend()
-    fig.tight_layout()
-    _savefig(fig, out / "density.png")
-    plt.close(fig)
-    files.append("density.png")
+    files.append(_save(fig, out, "density.png"))
     files.append(_accuracy_plot(report, out, report["method"], extracted=False))
     return files

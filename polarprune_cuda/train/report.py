@@ -13,7 +13,7 @@ from torch import nn
 
 from . import energy
 from .._io import write_text
-from .plots import plot_names, plots, sparse_plots  # noqa: F401  (plot_names: the CLI's manifest)
+from .plots import plots, sparse_plots
 
 REPORT_FORMAT = 1
 
@@ -180,6 +180,24 @@ def _channels_text(report: dict) -> str:
     return "no channel gates, " if share is None else f"channels {100 * share:.1f}%, "
 
 
+def _closing_lines(report: dict) -> list[str]:
+    """The accuracy drop, the removed blocks and the energy source, as the report's Markdown says them."""
+    lines = []
+    acc = report["accuracy"]
+    if "drop_points" in acc:
+        lines.append(f"Accuracy drop against the dense baseline trained with the same recipe: "
+                     f"{acc['drop_points']:.2f} points.")
+    blocks = report.get("blocks")
+    if blocks:
+        removed = ", ".join(f"`{b}`" for b in blocks["removed"]) or "none"
+        lines.append(f"Removed residual blocks ({len(blocks['removed'])} of {len(blocks['gated'])} gated, each "
+                     f"replaced by its shortcut): {removed}.")
+    energy = report["energy"]
+    lines.append("Energy: " + (f"{energy['source']}." if energy.get("available")
+                               else f"unavailable ({energy['reason']})."))
+    return lines
+
+
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [
@@ -205,17 +223,7 @@ def markdown(report: dict) -> str:
         f"The pruned accuracy is measured on the extracted model; the gated model at the end of training had "
         f"{100 * acc['gated']:.2f}%.",
     ]
-    if "drop_points" in acc:
-        lines.append(f"Accuracy drop against the dense baseline trained with the same recipe: "
-                     f"{acc['drop_points']:.2f} points.")
-    blocks = report.get("blocks")
-    if blocks:
-        removed = ", ".join(f"`{b}`" for b in blocks["removed"]) or "none"
-        lines.append(f"Removed residual blocks ({len(blocks['removed'])} of {len(blocks['gated'])} gated, each "
-                     f"replaced by its shortcut): {removed}.")
-    energy = report["energy"]
-    lines.append("Energy: " + (f"{energy['source']}." if energy.get("available")
-                               else f"unavailable ({energy['reason']})."))
+    lines += _closing_lines(report)
     lines += ["", "![gate probabilities](gates.png)", "", "![density](density.png)", "",
               "![accuracy](accuracy.png)", "", "Command:", "", "```", report["command"], "```", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
@@ -331,19 +339,8 @@ def sparse_markdown(report: dict) -> str:
         "", "| | dense | pruned |", "|---|---:|---:|",
     ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in sparse_rows(report)]
-    acc = report["accuracy"]
     lines += ["", report["note"]]
-    if "drop_points" in acc:
-        lines.append(f"Accuracy drop against the dense baseline trained with the same recipe: "
-                     f"{acc['drop_points']:.2f} points.")
-    blocks = report.get("blocks")
-    if blocks:
-        removed = ", ".join(f"`{b}`" for b in blocks["removed"]) or "none"
-        lines.append(f"Removed residual blocks ({len(blocks['removed'])} of {len(blocks['gated'])} gated, each "
-                     f"replaced by its shortcut): {removed}.")
-    energy = report["energy"]
-    lines.append("Energy: " + (f"{energy['source']}." if energy.get("available")
-                               else f"unavailable ({energy['reason']})."))
+    lines += _closing_lines(report)
     lines += ["", "![density](density.png)", "", "![accuracy](accuracy.png)", "", "Command:", "", "```",
               report["command"], "```", "", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
               ""]

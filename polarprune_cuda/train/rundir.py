@@ -23,7 +23,7 @@ import os
 import threading
 from pathlib import Path
 
-from .._io import _TEMP, remove_stale_temps, write_text
+from .._io import _TEMP, file_in_the_way, remove_stale_temps, write_text
 from ..errors import RunFolderError
 
 MANIFEST = "manifest.json"
@@ -77,11 +77,9 @@ def _holder(lock_path: Path) -> str:
 def _check_folder(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"out: {path} is a file, not a folder; choose another --out")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RunFolderError(f"out: {parent} is a file, so {path} cannot be created; choose another --out")
-            break
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise RunFolderError(f"out: {blocker} is a file, so {path} cannot be created; choose another --out")
 
 
 @contextlib.contextmanager
@@ -184,21 +182,20 @@ class RunFolder:
                                                         "files": new}, indent=1) + "\n")
 
     # -------------------------------------------------------------- contents
-    def entries(self) -> list[str]:
-        """Every file under the folder (relative, sorted), the lock and the manifest left out."""
+    def _tree(self) -> list[str]:
+        """Every file and every link under the folder (relative, sorted); links to folders are not entered."""
         if not self.path.is_dir():
             return []
         out = []
         for root, dirs, names in os.walk(self.path):
             rel = Path(root).relative_to(self.path)
-            for n in names:
-                r = (rel / n).as_posix()
-                if r not in (LOCK_FILE, MANIFEST):
-                    out.append(r)
-            for d in dirs:
-                if os.path.islink(os.path.join(root, d)):
-                    out.append((rel / d).as_posix())
+            out += [(rel / n).as_posix() for n in names]
+            out += [(rel / d).as_posix() for d in dirs if os.path.islink(os.path.join(root, d))]
         return sorted(out)
+
+    def entries(self) -> list[str]:
+        """Every file under the folder (relative, sorted), the lock and the manifest left out."""
+        return [e for e in self._tree() if e not in (LOCK_FILE, MANIFEST)]
 
     def foreign(self) -> list[str]:
         """Files in the folder that the manifest does not list (a temp file of a listed file is not foreign)."""
@@ -216,13 +213,7 @@ class RunFolder:
 
     def links(self) -> list[str]:
         """Symbolic links anywhere under the folder (relative): a run never writes or deletes through one."""
-        if not self.path.is_dir():
-            return []
-        out = []
-        for root, dirs, names in os.walk(self.path):
-            rel = Path(root).relative_to(self.path)
-            out += [(rel / n).as_posix() for n in dirs + names if os.path.islink(os.path.join(root, n))]
-        return sorted(out)
+        return [e for e in self._tree() if (self.path / e).is_symlink()]
 
     def _inside(self, f: str) -> bool:
         """``f`` lies in the folder through real folders only (no link on the way)."""

@@ -124,9 +124,9 @@ def warn_unreachable(cfg: PruneConfig, n_train: int) -> list[str]:
     return found
 
 
-def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progress: bool,
-               interrupt_after: int | None, dist_info: dist_mod.DistInfo) -> PruneResult:
-    info = dist_info
+def _prologue(cfg: PruneConfig, out_dir, resume: bool, progress: bool, info: dist_mod.DistInfo):
+    """What both run drivers start with: the keyword sets of _fit and evaluate, the folder, the clock, the data
+    (with the warnings of a recipe that cannot do what it asks)."""
     fit = dict(resume=resume, progress=progress, dist_info=info)
     ev = dict(device=cfg.device, dist_info=info, amp=cfg.amp, channels_last=cfg.channels_last)
     out = Path(out_dir)
@@ -135,6 +135,13 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
     data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
     if info.is_main:
         warn_unreachable(cfg, len(data.train_y))
+    return fit, ev, out, start, data
+
+
+def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progress: bool,
+               interrupt_after: int | None, dist_info: dist_mod.DistInfo) -> PruneResult:
+    info = dist_info
+    fit, ev, out, start, data = _prologue(cfg, out_dir, resume, progress, info)
     example = data.example_input(1).to(cfg.device)
     dense = build(cfg, data)
     dense_count = count(dense, example)
@@ -245,14 +252,7 @@ def run_sparse(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: boo
 def _run_sparse(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progress: bool,
                 interrupt_after: int | None, dist_info: dist_mod.DistInfo) -> SparseResult:
     info = dist_info
-    fit = dict(resume=resume, progress=progress, dist_info=info)
-    ev = dict(device=cfg.device, dist_info=info, amp=cfg.amp, channels_last=cfg.channels_last)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
-    if info.is_main:
-        warn_unreachable(cfg, len(data.train_y))
+    fit, ev, out, start, data = _prologue(cfg, out_dir, resume, progress, info)
     dense = build(cfg, data)
     model = build(cfg, data)
     total = data_mod.num_batches(len(data.train_y), cfg.batch_size) * cfg.epochs
