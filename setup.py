@@ -52,7 +52,8 @@ def find_cuda_home():
             pass
     candidates.append("/usr/local/cuda")
     for c in candidates:
-        if os.path.isfile(os.path.join(c, "include", "cuda_runtime.h")) and os.path.isfile(os.path.join(c, "bin", "nvcc")):
+        if (os.path.isfile(os.path.join(c, "include", "cuda_runtime.h"))
+                and os.path.isfile(os.path.join(c, "bin", "nvcc"))):
             return c
     return None
 

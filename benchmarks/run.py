@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/run.py --out /tmp/res     # results elsewhere (the GPU script does this)
     .venv/bin/python benchmarks/run.py --from-json raw.json   # only summarise an earlier pytest-benchmark JSON
 
-The suites (bench_*.py, pytest-benchmark) run in a child process; their JSON
+The suites (micro/bench_*.py, pytest-benchmark) run in a child process; their JSON
 is then summarised into <out>/<device>-<date>.json, .md and .png, where
 <device> is the GPU's or CPU's name. Headline figures are ratios between
 variants measured in the same run; absolute times are only meaningful with
@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+MICRO = HERE / "micro"          # the pytest-benchmark suites, their conftest, common.py and pytest.ini
+sys.path.insert(0, str(MICRO))
 from common import device_slug  # noqa: E402
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -34,7 +35,7 @@ GOALS = {"training_slowdown": 0.03, "speedup_over_macs_ratio": 0.85}
 
 
 def run_suites(raw_json: Path, pytest_args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "pytest", str(HERE), "-c", str(HERE / "pytest.ini"), "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", str(MICRO), "-c", str(MICRO / "pytest.ini"), "-p", "no:cacheprovider",
            "--benchmark-json", str(raw_json), *pytest_args]
     print("+", shlex.join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=ROOT)
@@ -51,13 +52,8 @@ def _stats(bench: dict) -> dict:
             "min_ms": st["min"] * 1e3 / calls, "rounds": st["rounds"]}
 
 
-def summarise(raw: dict, command: str) -> dict:
-    info = raw["machine_info"].get("polarprune")
-    if info is None:
-        raise ValueError("the JSON has no polarprune machine info: it was not written by the benchmarks/ suites")
-    benches = raw["benchmarks"]
-    if not benches:
-        raise ValueError("the JSON holds no benchmark (were they all skipped or disabled?)")
+def _collect(benches: list[dict]):
+    """Sort pytest-benchmark's rows by kind: training, inference, kernel rows, interleaved runs, energy."""
     energy_info = None
     training, inference, kernels, interleaved = {}, {}, [], {}
     for b in benches:
@@ -81,42 +77,56 @@ def summarise(raw: dict, command: str) -> dict:
         elif x.get("kind") == "kernel":
             row.update({k: x[k] for k in ("op", "provider", "case")}, **{"pass": x["pass_"]})
             kernels.append(row)
+    return training, inference, kernels, interleaved, energy_info
 
-    for kind, table in (("training", training), ("inference", inference)):
-        for model, rows in table.items():
-            side = interleaved.get((kind, model), {})
-            base, side_base = rows.get("unpruned"), side.get("unpruned")
-            for name, r in rows.items():
-                # the headline ratio: interleaved medians; the separate runs' ratio is kept beside it
-                if side_base and name in side:
-                    r["interleaved"] = side[name]
-                    ratio = side[name]["median_ms"] / side_base["median_ms"]
-                    r["ratio_source"] = "interleaved"
-                elif base:
-                    ratio = r["median_ms"] / base["median_ms"]
-                    r["ratio_source"] = "separate runs"
-                else:
-                    continue
-                r["separate_ratio"] = r["median_ms"] / base["median_ms"] if base else None
-                ekey = "joules_per_call" if kind == "training" else "joules_per_item"
-                has_energy = r["energy"].get("available") and base and base["energy"].get("available")
-                if kind == "training":
-                    r["vs_unpruned"] = ratio
-                    if has_energy:
-                        r["energy_vs_unpruned"] = r["energy"][ekey] / base["energy"][ekey]
-                else:
-                    r["speedup"] = 1 / ratio
-                    r["macs_ratio"] = r["dense_macs"] / r["macs"]
-                    r["speedup_over_macs_ratio"] = r["speedup"] / r["macs_ratio"]
-                    if has_energy:
-                        r["energy_ratio"] = base["energy"][ekey] / r["energy"][ekey]
-    by_case: dict[tuple, float] = {}
-    for r in kernels:
-        if r["provider"] == "eager":
-            by_case[(r["op"], r["pass"], r["case"])] = r["median_ms"]
+
+def _add_ratios(kind: str, rows: dict, side: dict) -> None:
+    """Each variant against unpruned: the interleaved medians are the headline, the separate runs' ratio beside."""
+    base, side_base = rows.get("unpruned"), side.get("unpruned")
+    for name, r in rows.items():
+        if side_base and name in side:
+            r["interleaved"] = side[name]
+            ratio = side[name]["median_ms"] / side_base["median_ms"]
+            r["ratio_source"] = "interleaved"
+        elif base:
+            ratio = r["median_ms"] / base["median_ms"]
+            r["ratio_source"] = "separate runs"
+        else:
+            continue
+        r["separate_ratio"] = r["median_ms"] / base["median_ms"] if base else None
+        ekey = "joules_per_call" if kind == "training" else "joules_per_item"
+        has_energy = r["energy"].get("available") and base and base["energy"].get("available")
+        if kind == "training":
+            r["vs_unpruned"] = ratio
+            if has_energy:
+                r["energy_vs_unpruned"] = r["energy"][ekey] / base["energy"][ekey]
+        else:
+            r["speedup"] = 1 / ratio
+            r["macs_ratio"] = r["dense_macs"] / r["macs"]
+            r["speedup_over_macs_ratio"] = r["speedup"] / r["macs_ratio"]
+            if has_energy:
+                r["energy_ratio"] = base["energy"][ekey] / r["energy"][ekey]
+
+
+def _add_kernel_speedups(kernels: list[dict]) -> None:
+    by_case = {(r["op"], r["pass"], r["case"]): r["median_ms"] for r in kernels if r["provider"] == "eager"}
     for r in kernels:
         eager = by_case.get((r["op"], r["pass"], r["case"]))
         r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
+
+
+def summarise(raw: dict, command: str) -> dict:
+    info = raw["machine_info"].get("polarprune")
+    if info is None:
+        raise ValueError("the JSON has no polarprune machine info: it was not written by the benchmarks/ suites")
+    benches = raw["benchmarks"]
+    if not benches:
+        raise ValueError("the JSON holds no benchmark (were they all skipped or disabled?)")
+    training, inference, kernels, interleaved, energy_info = _collect(benches)
+    for kind, table in (("training", training), ("inference", inference)):
+        for model, rows in table.items():
+            _add_ratios(kind, rows, interleaved.get((kind, model), {}))
+    _add_kernel_speedups(kernels)
     return {
         "format": FORMAT,
         "device": info["device"],

@@ -61,7 +61,7 @@ step tests bash -c '"$0" -m pytest tests -q -p no:cacheprovider -rs >"$1" 2>&1' 
 tail -n 3 "$out/tests.txt" >>"$log"
 
 step benchmarks "$py" benchmarks/run.py --out "$out" --keep-raw
-step kernels "$py" benchmarks/kernels.py --out "$out"
+step kernels "$py" benchmarks/micro/kernels.py --out "$out"
 
 if [ ${#failed[@]} -gt 0 ]; then
     note "failed steps: ${failed[*]}"

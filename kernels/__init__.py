@@ -19,6 +19,6 @@ else:
     import torch
 
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        from .triton_gates import IMPLEMENTATIONS  # noqa: F811
+        from .triton_gates import IMPLEMENTATIONS  # noqa: F811,F401
     else:
         UNAVAILABLE = "no CUDA device, and TRITON_INTERPRET=1 is not set"

@@ -1,15 +1,21 @@
 """What the Triton kernels of the gate ops share: block size, accumulation type, the STE and polarization codes.
 
-The codes come from the one table, :data:`polarprune_cuda.ops.common.STE_CODES` /
-``POLAR_CODES``; the ``tl.constexpr`` names below let the kernels branch on them
-by name (``MODE == STE_CLIPPED``).
+The kernels are a backend of the op layer and import nothing of the package
+they are installed into. The string -> code tables below are the Triton copy of
+the one table, :data:`polarprune_cuda.ops.common.STE_CODES` / ``POLAR_CODES``
+(as ``csrc/gate_codes.h`` is the C++ copy); ``tests/ops/test_op_schemas.py``
+checks that they agree. The ``tl.constexpr`` names let the kernels branch on
+the codes by name (``MODE == STE_CLIPPED``).
 """
 from __future__ import annotations
 
 import torch
 import triton.language as tl
 
-from polarprune_cuda.ops.common import POLAR_CODES, STE_CODES
+#: ``ste`` argument -> kernel code (the Triton copy of ops.common.STE_CODES).
+STE_CODES = {"identity": 0, "clipped": 1, "sigmoid": 2}
+#: ``polar_form`` argument -> kernel code (the Triton copy of ops.common.POLAR_CODES).
+POLAR_CODES = {"zhuang": 0, "bimodal": 1}
 
 BLOCK = 1024
 

@@ -1,4 +1,4 @@
-"""Triton kernels of ``binary_gate`` (hard gates, one launch) and ``binary_gate_backward`` (straight-through, one launch)."""
+"""Triton kernels of ``binary_gate`` (hard gates) and ``binary_gate_backward`` (straight-through); one launch each."""
 from __future__ import annotations
 
 import torch

@@ -5,15 +5,14 @@ with its own strides, no copies); closed channels are written as zeros without
 reading x; the backward writes dx and reduces dg in one pass over dy and x, in
 fp32, in two deterministic stages (per-program partial sums, then a sum over a
 fixed axis), with int64 offsets. Tensors whose spatial dimensions cannot be
-addressed with one stride fall back to the reference implementation.
+addressed with one stride (a transposed or sliced view) are copied to a
+contiguous layout first, and the result is copied into the output's layout.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-from polarprune_cuda.ops import reference
 
 from ._common import acc_of
 
@@ -80,28 +79,36 @@ def _tiles(C: int, HW: int, channels_fast: bool):
     return block_c, block_hw
 
 
+def _addressable(t):
+    """``t`` itself when its spatial dims merge into one stride, else a contiguous copy."""
+    return t if _nchw_view(t) is not None else t.contiguous()
+
+
 def channel_gate(x, gate):
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    view_x = _nchw_view(x)
     y = torch.empty_like(x)
-    view_y = _nchw_view(y)
-    if view_x is None or view_y is None:
-        return reference.channel_gate(x, gate)
+    if x.numel() == 0:
+        return y
+    x = _addressable(x)
+    out = y if _nchw_view(y) is not None else torch.empty_like(x)
+    view_x, view_y = _nchw_view(x), _nchw_view(out)
     N, C = x.shape[0], x.shape[1]
     HW = view_x[3]
     block_c, block_hw = _tiles(C, HW, view_x[1] == 1)
     grid = (N, triton.cdiv(C, block_c), triton.cdiv(HW, block_hw))
-    _channel_gate_kernel[grid](x, gate.contiguous(), y, C, HW, *view_x[:3], *view_y[:3],
+    _channel_gate_kernel[grid](x, gate.contiguous(), out, C, HW, *view_x[:3], *view_y[:3],
                                ACC=acc_of(x.dtype), BLOCK_C=block_c, BLOCK_HW=block_hw)
+    if out is not y:
+        y.copy_(out)
     return y
 
 
 def channel_gate_backward(grad, x, gate):
     dx = torch.empty_like(grad)
-    views = [_nchw_view(t) for t in (grad, x, dx)]
-    if any(v is None for v in views) or x.numel() == 0:
-        return reference.channel_gate_backward(grad, x, gate)
+    if x.numel() == 0:
+        return dx, torch.zeros_like(gate)
+    grad, x = _addressable(grad), _addressable(x)
+    out = dx if _nchw_view(dx) is not None else torch.empty_like(grad)
+    views = [_nchw_view(t) for t in (grad, x, out)]
     N, C = x.shape[0], x.shape[1]
     HW = views[1][3]
     block_c, block_hw = _tiles(C, HW, views[1][1] == 1)
@@ -111,6 +118,8 @@ def channel_gate_backward(grad, x, gate):
     hw_per_prog = triton.cdiv(HW, splits)
     partial = torch.empty((N * splits, C), dtype=torch.float32, device=x.device)
     _channel_gate_bwd_kernel[(N, c_blocks, splits)](
-        grad, x, gate.contiguous(), dx, partial, C, HW, hw_per_prog,
+        grad, x, gate.contiguous(), out, partial, C, HW, hw_per_prog,
         *views[0][:3], *views[1][:3], *views[2][:3], ACC=acc_of(grad.dtype), BLOCK_C=block_c, BLOCK_HW=block_hw)
+    if out is not dx:
+        dx.copy_(out)
     return dx, partial.sum(0).to(gate.dtype)

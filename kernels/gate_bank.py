@@ -1,4 +1,4 @@
-"""Triton kernels of ``gate_bank`` (the penalty launch of gate_penalty.py, split) and ``gate_bank_backward`` (one launch)."""
+"""Triton kernels of ``gate_bank`` (gate_penalty.py's launch, split) and ``gate_bank_backward`` (one launch)."""
 from __future__ import annotations
 
 import torch

@@ -133,8 +133,8 @@ def launch_penalty(scores, cost, seg_offsets, pairs, pair_coef, num_segments, co
     _penalty_kernel[(1,)](
         scores.contiguous(), cost.contiguous(), seg_offsets.contiguous() if has_pairs else scores,
         pairs.contiguous() if has_pairs else scores, pair_coef.contiguous() if has_pairs else scores,
-        grad, loss, terms, gates, gpolar, n, num_segments, pairs.shape[0], float(const), float(total), float(tau), float(rho),
-        float(tw), float(pw), float(t),
+        grad, loss, terms, gates, gpolar, n, num_segments, pairs.shape[0],
+        float(const), float(total), float(tau), float(rho), float(tw), float(pw), float(t),
         FORM=POLAR_CODES[polar_form], HAS_PAIRS=has_pairs, KPAD=kpad, ACC=acc_of(acc), SPLIT=split, BLOCK=block,
     )
     return loss, grad, terms, gates, gpolar

@@ -2,15 +2,15 @@
 
 One module per op (``binary_gate.py``, ``gate_penalty.py``, ``gate_bank.py``,
 ``channel_gate.py``, ``gated_affine.py``; an op's ``*_backward`` lives with it),
-shared helpers in ``_common.py``. ``IMPLEMENTATIONS`` is derived from the one op
-list, :data:`polarprune_cuda.ops.common.OPS`: an op without its function in
-the module of its name fails this import.
+shared helpers in ``_common.py``. ``IMPLEMENTATIONS`` holds every public
+function of those modules that is named after its module (``binary_gate``,
+``binary_gate_backward``, ...). The op layer checks it against its one op list,
+:data:`polarprune_cuda.ops.common.OPS`, and reports the backend unavailable,
+naming what is missing, where the two differ; nothing here imports the package.
 """
 from __future__ import annotations
 
 import torch  # noqa: F401  (tests patch torch.empty through this module)
-
-from polarprune_cuda.ops.common import OPS
 
 from . import binary_gate as _binary_gate
 from . import channel_gate as _channel_gate
@@ -18,20 +18,21 @@ from . import gate_bank as _gate_bank
 from . import gate_penalty as _gate_penalty
 from . import gated_affine as _gated_affine
 
-_MODULES = {m.__name__.rpartition(".")[2]: m for m in (_binary_gate, _channel_gate, _gate_bank, _gate_penalty,
-                                                        _gated_affine)}
+_MODULES = (_binary_gate, _channel_gate, _gate_bank, _gate_penalty, _gated_affine)
 
 
-def _kernel_of(op: str):
-    module = _MODULES.get(op.removesuffix("_backward"))
-    if module is None or not hasattr(module, op):
-        raise ImportError(f"op {op!r} (polarprune_cuda.ops.common.OPS) has no Triton function "
-                          f"{op.removesuffix('_backward')}.py:{op}")
-    return getattr(module, op)
+def _implementations() -> dict:
+    found = {}
+    for module in _MODULES:
+        op = module.__name__.rpartition(".")[2]
+        for name in (op, op + "_backward"):
+            if callable(getattr(module, name, None)):
+                found[name] = getattr(module, name)
+    return found
 
 
-#: op name (common.OPS) -> Triton implementation.
-IMPLEMENTATIONS = {name: _kernel_of(name) for name in OPS}
+#: op name -> Triton implementation (checked against ops.common.OPS by the op layer).
+IMPLEMENTATIONS = _implementations()
 
 binary_gate = IMPLEMENTATIONS["binary_gate"]
 binary_gate_backward = IMPLEMENTATIONS["binary_gate_backward"]

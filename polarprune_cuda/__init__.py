@@ -66,6 +66,7 @@ __all__ = [
     "backend_info",
     "bind_gates",
     "find_bank",
+    "errors",
     "functional",
     "gate_modules",
     "gate_stats",

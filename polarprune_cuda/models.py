@@ -144,7 +144,7 @@ def is_builtin(name) -> bool:
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, small_input: bool = False) -> nn.Module:
-    """A model by name: a CIFAR ResNet (resnet20 ... resnet110), vgg11, torchvision resnet18/34/50, or ``module:function``.
+    """A model by name: CIFAR ResNet (resnet20 ... resnet110), vgg11, torchvision resnet18/34/50, ``module:function``.
 
     ``small_input`` gives a torchvision ResNet a 3x3 stride-1 stem without max
     pooling, for 32x32-sized images. ``module:function`` is called with

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import polarprune_cuda as pp  # noqa: E402
+import polarprune_cuda as pp  # noqa: E402,F401  (imported once, with the interpreter set, before any test)
 from polarprune_cuda.ops import backends  # noqa: E402
 
 

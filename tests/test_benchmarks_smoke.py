@@ -14,18 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(name).name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-common = _load("common")
+common = _load("micro/common")
 
 
 def test_kernel_benchmark_quick(tmp_path):
-    result = _load("kernels").main(["--quick", "--out", str(tmp_path)])
+    result = _load("micro/kernels").main(["--quick", "--out", str(tmp_path)])
     assert {"eager", "compile"} <= set(result["providers"])
     ops = {r["op"] for r in result["rows"]}
     assert {"copy", "channel_gate forward", "channel_gate backward", "bank gates + penalty forward"} <= ops
@@ -34,7 +34,7 @@ def test_kernel_benchmark_quick(tmp_path):
 
 
 def test_pytest_benchmark_suites_run_disabled():
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", "benchmarks/pytest.ini", "benchmarks",
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", "benchmarks/micro/pytest.ini", "benchmarks/micro",
                           "--benchmark-disable", "--tiny", "-p", "no:cacheprovider"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -141,23 +141,23 @@ def test_fggp_comparison_tiny(tmp_path):
     """The FGGP vs GMP vs annealed comparison runs, writes its table, and reuses finished runs."""
     args = ["--preset", "quick", "--models", "resnet20", "--sparsities", "0.9", "--epochs", "2",
             "--max-train", "256", "--quiet", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res")]
-    res = _load("fggp_compare").main(args)
+    res = _load("experiments/fggp_compare").main(args)
     assert res["settings"] == 1 and set(res["table"][0]["best"]) <= {"fggp", "gmp", "annealed"}
     assert set(res["table"][0]["mean_accuracy"]) == {"fggp", "gmp", "annealed"}
     runs = [r for r in res["runs"] if r["method"] != "dense"]
     assert len(runs) == 3 and all(abs(r["sparsity"] - 0.9) < 1e-3 for r in runs)
     md = next((tmp_path / "res").glob("fggp-digits-*.md")).read_text()
     assert "FGGP ranks first alone in" in md and "resnet20" in md
-    again = _load("fggp_compare").main(args)      # every run is read back, not repeated
+    again = _load("experiments/fggp_compare").main(args)      # every run is read back, not repeated
     assert again["runs"] == res["runs"]
     with pytest.raises(SystemExit, match="sparsities"):
-        _load("fggp_compare").main(args[:4] + ["--sparsities", "1.2"])
+        _load("experiments/fggp_compare").main(args[:4] + ["--sparsities", "1.2"])
 
 
 def test_blocks_comparison_runs_and_reuses_finished_runs(tmp_path):
     args = ["--preset", "quick", "--epochs", "2", "--max-train", "128", "--max-test", "60", "--latency-batch", "4",
             "--target-sparsity", "0.6", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"), "--quiet"]
-    res = _load("blocks_compare").main(args)
+    res = _load("experiments/blocks_compare").main(args)
     assert set(res["variants"]) == {"channels", "blocks", "both"}
     for name, v in res["variants"].items():
         assert 0 <= v["macs_sparsity"] < 1 and v["macs"] <= v["dense_macs"]
@@ -167,14 +167,14 @@ def test_blocks_comparison_runs_and_reuses_finished_runs(tmp_path):
         assert v["latency_speedup"] > 0
     md = next((tmp_path / "res").glob("blocks-digits-resnet20-*.md")).read_text()
     assert "| blocks |" in md and "| both |" in md
-    again = _load("blocks_compare").main(args)      # every run is read back, not repeated
+    again = _load("experiments/blocks_compare").main(args)      # every run is read back, not repeated
     assert again["variants"] == res["variants"]
     with pytest.raises(SystemExit, match="target-sparsity"):
-        _load("blocks_compare").main(args + ["--target-sparsity", "1.5"])
+        _load("experiments/blocks_compare").main(args + ["--target-sparsity", "1.5"])
 
 
 def test_equal_budget_arms_share_the_budget_and_resume(tmp_path):
-    eb = _load("equal_budget")
+    eb = _load("experiments/equal_budget")
     args = ["--preset", "digits", "--epochs", "3", "--max-train", "96", "--seeds", "0", "--quiet", "--no-write",
             "--work", str(tmp_path / "work")]
     report = eb.main(args)

@@ -12,7 +12,7 @@ PKG = ROOT / "polarprune_cuda"
 
 #: each unit of the package and its floor; a module may import its own unit or any unit on a lower floor
 FLOORS = {
-    "errors": 0, "_version": 0, "models": 0, "_io": 1, "ops": 2, "gates": 3, "surgery": 4, "sparse": 4,
+    "errors": 0, "_version": 0, "models": 0, "_io": 1, "kernels": 1.5, "ops": 2, "gates": 3, "surgery": 4, "sparse": 4,
     "export": 4, "train": 5, "cli": 6, "__main__": 7, "__init__": 7,
 }
 
@@ -33,7 +33,13 @@ def _modules() -> dict[str, Path]:
 def _imports(module: str, path: Path, known: set[str]) -> set[str]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                   for stmt in block.body for n in ast.walk(stmt)}   # annotations only: no arrow at run time
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
@@ -51,7 +57,7 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
 def _unit(module: str) -> str:
     parts = module.split(".")
     unit = parts[1] if len(parts) > 1 else "__init__"
-    return "ops" if unit == "kernels" else unit   # the Triton kernels are the op layer's (installed beside it)
+    return unit   # kernels/ is installed as polarprune_cuda.kernels: the op layer's backend, below it
 
 
 def _graph():
@@ -98,6 +104,17 @@ def test_no_import_circle():
     for m in graph:
         if m not in state and m != "polarprune_cuda":
             visit(m)
+
+
+def test_kernels_import_nothing_of_the_package_they_are_installed_into():
+    """kernels/ is a backend below the op layer: the op layer calls it, never the other way round."""
+    graph = _graph()
+    wrong = {m: sorted(t for t in targets if not t.startswith("polarprune_cuda.kernels"))
+             for m, targets in graph.items() if m.startswith("polarprune_cuda.kernels")}
+    assert not {m: t for m, t in wrong.items() if t}, wrong
+    for path in (ROOT / "kernels").glob("*.py"):
+        assert "polarprune_cuda" not in "".join(ast.unparse(n) for n in ast.walk(ast.parse(path.read_text()))
+                                                if isinstance(n, (ast.Import, ast.ImportFrom))), path
 
 
 def test_the_library_imports_none_of_the_applications_dependencies():

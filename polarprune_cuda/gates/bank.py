@@ -322,7 +322,8 @@ def bind_gates(model: nn.Module, ste: str | None = None, tau: float | None = Non
     settings = {(m.ste, m.tau) for _, m in found}
     if ste is None or tau is None:
         if len(settings) > 1 and (ste is None or tau is None):
-            raise ValueError(f"gate modules disagree on (ste, tau): {sorted(settings)}; pass ste= and tau= to bind_gates")
+            raise ValueError(f"gate modules disagree on (ste, tau): {sorted(settings)}; "
+                             "pass ste= and tau= to bind_gates")
         s0, t0 = next(iter(settings))
         ste = s0 if ste is None else ste
         tau = t0 if tau is None else tau

@@ -13,12 +13,16 @@ Several modules may share one segment (channels coupled by residual additions).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import core as ops
+
+if TYPE_CHECKING:   # bank.py imports this module; the annotation only names the class
+    from .bank import GateBank
 
 def _init_scores(num_channels, init, name: str = "init") -> Tensor:
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:

@@ -66,6 +66,10 @@ def _probe_triton() -> Backend:
     if not ops:
         reason = getattr(kernels, "UNAVAILABLE", None) or "polarprune_cuda.kernels has no kernels"
         return Backend("triton", False, reason, {}, version)
+    missing, extra = [op for op in OPS if op not in ops], sorted(set(ops) - set(OPS))
+    if missing or extra:
+        return Backend("triton", False, f"polarprune_cuda.kernels does not match the op list (ops.common.OPS): "
+                                        f"missing {missing}, unknown {extra}", {}, version)
     where = "Triton's CPU interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "CUDA"
     return Backend("triton", True, f"Triton kernels from polarprune_cuda.kernels on {where}", ops, version)
 

@@ -47,7 +47,12 @@ _binary_gate.register_autograd(_backward, setup_context=_setup)
 
 
 def binary_gate(scores: Tensor, ste: str = "identity", tau: float = 1.0) -> Tensor:
-    """Hard gates ``1[scores > 0]`` with a straight-through backward (see reference.py)."""
+    """Hard gates ``1[scores > 0]`` of a 1-D score vector, straight-through backward.
+
+    ``ste``: ``identity`` (ds = dg), ``clipped`` (ds = dg * 1[|s| <= 1]) or
+    ``sigmoid`` (ds = dg * d sigmoid(s / tau) / ds); the specification is
+    :func:`polarprune_cuda.ops.reference.binary_gate`.
+    """
     check_scores(scores)
     check_ste(ste, tau)
     return _binary_gate(scores, ste, float(tau))

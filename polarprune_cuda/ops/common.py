@@ -107,7 +107,8 @@ def check_tensor(value, name: str) -> Tensor:
 
 def check_float(t: Tensor, name: str) -> None:
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                        f"got {t.dtype}")
 
 
 def check_vector(t: Tensor, name: str) -> None:

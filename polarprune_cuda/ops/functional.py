@@ -2,6 +2,9 @@
 
 Every function validates its arguments (ValueError/TypeError naming the
 argument) and runs on the backend :func:`polarprune_cuda.backend_info` reports.
+``binary_gate``, ``channel_gate`` and ``gated_affine`` are the op layer's own
+checked wrappers (``ops/<op>.py``), re-exported; the others add defaults or
+compose ops.
 """
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import core as ops
+from .binary_gate import binary_gate  # the checked op wrappers themselves: one function under each name
+from .channel_gate import channel_gate
 from .cost import CostModel
+from .gated_affine import gated_affine
 from .reference import PENALTY_TERMS
 
 __all__ = [
@@ -22,15 +28,6 @@ __all__ = [
     "gated_batch_norm",
     "PENALTY_TERMS",
 ]
-
-
-def binary_gate(scores: Tensor, ste: str = "identity", tau: float = 1.0) -> Tensor:
-    """Hard gates ``1[scores > 0]`` of a 1-D score vector, straight-through backward.
-
-    ``ste``: ``identity`` (ds = dg), ``clipped`` (ds = dg * 1[|s| <= 1]) or
-    ``sigmoid`` (ds = dg * d sigmoid(s / tau) / ds).
-    """
-    return ops.binary_gate(scores, ste, tau)
 
 
 def gate_probability(scores: Tensor, tau: float = 1.0) -> Tensor:
@@ -67,16 +64,6 @@ def gate_penalty(
         cost = CostModel.channels(scores.numel(), scores.device)
     return ops.gate_penalty(scores, cost, tau, 1.0 - target_sparsity, target_weight,
                             polarization_weight, polarization, t)
-
-
-def channel_gate(x: Tensor, gate: Tensor) -> Tensor:
-    """``y = x * gate[c]`` for x of shape (N, C, ...), NCHW or channels_last."""
-    return ops.channel_gate(x, gate)
-
-
-def gated_affine(weight: Tensor, bias: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-    """``(weight * gate, bias * gate)``."""
-    return ops.gated_affine(weight, bias, gate)
 
 
 def gated_batch_norm(

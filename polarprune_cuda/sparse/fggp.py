@@ -125,7 +125,8 @@ class AnnealedPruner(GradualPruner):
                          prune_first_conv, first_update_weights)
 
     def rate_at(self, t: int) -> float:
-        return self.rate_end + (self.rate_start - self.rate_end) * (1 + math.cos(math.pi * min(t / self.end_step, 1))) / 2
+        cosine = 1 + math.cos(math.pi * min(t / self.end_step, 1))
+        return self.rate_end + (self.rate_start - self.rate_end) * cosine / 2
 
     def select(self, k, R, grads, mags):
         m = min(max(k, math.floor(self.rate_at(self.steps_taken) * R)), mags.numel())

@@ -196,7 +196,8 @@ def check_block(block: nn.Module, parts, x: Tensor) -> str | None:
     return None
 
 
-def prepare_blocks(model: nn.Module, names: dict[nn.Module, str], inputs: tuple[Tensor, ...], which) -> list[BlockRecord]:
+def prepare_blocks(model: nn.Module, names: dict[nn.Module, str], inputs: tuple[Tensor, ...],
+                   which) -> list[BlockRecord]:
     """The blocks of ``model`` that can be block-gated, with their branch and the depth closing them saves.
 
     Candidates that fail the numerical check are skipped with a warning when

@@ -216,8 +216,8 @@ def select_gates(model, target_sparsity: float, cost: str = "macs", min_channels
         reason = _shortfall(record, round_to, exhaustive, achieved)
     hard = (s > 0).double()
     result = BudgetResult(target, achieved, cost, budget, achieved_cost, cm.total,
-                          opened=int(((chosen > 0) & (hard == 0)).sum()), closed=int(((chosen == 0) & (hard > 0)).sum()),
-                          reason=reason)
+                          opened=int(((chosen > 0) & (hard == 0)).sum()),
+                          closed=int(((chosen == 0) & (hard > 0)).sum()), reason=reason)
     return chosen, result
 
 

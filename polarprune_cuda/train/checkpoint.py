@@ -18,7 +18,7 @@ import torch
 
 from .._io import atomic_write, content_digest
 from ..errors import CheckpointError
-from .checkpoint_schema import (   # re-exported: the constants and validate are this module's too
+from .checkpoint_schema import (  # noqa: F401  re-exported: the constants and validate are this module's too
     BUDGET_FIELDS,
     CHECKPOINT_FORMAT,
     FIELDS,

@@ -16,7 +16,7 @@ from .._io import content_digest
 from ..errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
-#: the top-level entries of a checkpoint (what trainer._fit saves), in the order they are checked
+#: the top-level entries of a checkpoint (what train.loop._fit saves), in the order they are checked
 FIELDS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "scaler", "loss_step", "dual_shift",
           "pruner", "history", "rng", "world_size")
 #: the fields of trainer.History (the trainer can pass its own through Expected.history_fields)
@@ -49,7 +49,7 @@ def validate(state: dict, expected: Any, path) -> None:
     """Check a checkpoint's contents against the run (``expected``, a checkpoint.Expected) before anything is
     restored (CheckpointError naming the field).
 
-    Every entry that ``trainer._fit`` restores is checked for presence, type and range; tensors for the
+    Every entry that ``train.loop._fit`` restores is checked for presence, type and range; tensors for the
     keys, shapes and dtypes of the run's own (model, optimizer, pruner, random generator state) and, when
     floating, for NaN and inf. Nothing is modified (the random generator state is tried and put back).
     """

@@ -30,7 +30,8 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_de
     scores = [bank.scores] if bank is not None else []
     ids = {id(p) for p in scores}
     weights = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
-    groups = [{"params": weights, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": momentum > 0}]
+    groups = [{"params": weights, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+               "nesterov": momentum > 0}]
     if scores:
         groups.append({"params": scores, "lr": gate_lr * bank.scores.numel() / max(target_weight, 1e-12),
                        "momentum": 0.9, "weight_decay": 0.0})

@@ -22,10 +22,10 @@ from . import distributed as dist_mod
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, CheckpointError, Expected
 from .config import (AMP_MODES, COSTS, METHODS, RAMP_FRACTION, TARGET_CONTROLS, WARMUP_FRACTION,
                      PruneConfig)
-from .loop import AMP_DTYPES, History, _autocast, _fit, _meet_target, _progress, _sync_buffers, evaluate
-from .optim import _scale_block_gradients, lr_lambdas, make_optimizer, penalty_schedule
-from .runs import (PruneResult, SparseResult, _check_world, _holding, _run_prune, _run_sparse, build,
-                   default_update_every, run_dense, run_prune, run_sparse, warn_unreachable)
+from .loop import AMP_DTYPES, History, evaluate
+from .optim import lr_lambdas, make_optimizer, penalty_schedule
+from .runs import (PruneResult, SparseResult, build, default_update_every, run_dense, run_prune, run_sparse,
+                   warn_unreachable)
 
 __all__ = [
     "AMP_DTYPES", "AMP_MODES", "CHECKPOINT_FORMAT", "COSTS", "CheckpointError", "Checkpointer", "Expected",

@@ -23,6 +23,7 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 REGISTRATION = (CSRC / "registration.cpp").read_text()
 HOST_DECLS = (CSRC / "gate_ops.h").read_text()
 CODES = (CSRC / "gate_codes.h").read_text()
+TRITON_COMMON = (CSRC.parent / "kernels" / "_common.py").read_text()
 
 # schema type -> C++ parameter type of the host function (gate_ops.h)
 CPP_PARAM = {"Tensor": "const at::Tensor&", "str": "c10::string_view", "float": "double", "int": "int64_t"}
@@ -144,6 +145,22 @@ def code_problems(header: str) -> list[str]:
     return problems
 
 
+def triton_code_problems(source: str) -> list[str]:
+    """The Triton copy of the code tables (kernels/_common.py, read as text: no triton needed) against Python."""
+    import ast
+
+    tables = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("STE_CODES", "POLAR_CODES"):
+                tables[node.targets[0].id] = ast.literal_eval(node.value)
+    problems = []
+    for name, python in (("STE_CODES", common.STE_CODES), ("POLAR_CODES", common.POLAR_CODES)):
+        if tables.get(name) != python:
+            problems.append(f"kernels/_common.py {name} {tables.get(name)} != Python {python}")
+    return problems
+
+
 # --------------------------------------------------------------------------- tests
 
 def test_every_cpp_schema_equals_the_python_schema():
@@ -159,6 +176,12 @@ def test_cpp_codes_equal_the_python_table():
     assert code_problems(CODES) == []
     assert common.STE_MODES == tuple(common.STE_CODES) and common.POLAR_FORMS == tuple(common.POLAR_CODES)
     assert reference.STE_MODES is common.STE_MODES and reference.POLAR_FORMS is common.POLAR_FORMS
+
+
+def test_triton_codes_equal_the_python_table():
+    assert triton_code_problems(TRITON_COMMON) == []
+    edited = TRITON_COMMON.replace('"sigmoid": 2}', '"sigmoid": 3}', 1)
+    assert edited != TRITON_COMMON and triton_code_problems(edited)
 
 
 def test_the_op_lists_derive_from_one():

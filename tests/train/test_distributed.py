@@ -165,7 +165,7 @@ def test_torchrun_cli_writes_one_report(tmp_path):
 def test_batch_smaller_than_world_is_refused():
     info = dist_mod.DistInfo(rank=0, world_size=4)
     with pytest.raises(ValueError, match="batch-size is the global batch"):
-        trainer._check_world(trainer.PruneConfig(batch_size=2), info)
+        runs._check_world(trainer.PruneConfig(batch_size=2), info)
     assert dist_mod.shard(10, dist_mod.DistInfo(rank=1, world_size=3)) == slice(4, 7)
     assert dist_mod.shard(2, dist_mod.DistInfo(rank=0, world_size=3)) is None
 

@@ -1,8 +1,8 @@
 """Equal training budget: one pass against dense, train-prune-finetune and the small net from scratch.
 
-    .venv/bin/python benchmarks/equal_budget.py --preset digits            # digits, ResNet-20 (CPU: minutes)
-    .venv/bin/python benchmarks/equal_budget.py --preset fashion-12k       # Fashion-MNIST, 12,000 images, 6 epochs
-    .venv/bin/python benchmarks/equal_budget.py --preset fashion-12k --set warmup_epochs=1 --tag lever-warmup1
+    .venv/bin/python benchmarks/experiments/equal_budget.py --preset digits            # digits, ResNet-20 (CPU: minutes)
+    .venv/bin/python benchmarks/experiments/equal_budget.py --preset fashion-12k       # Fashion-MNIST, 12,000 images, 6 epochs
+    .venv/bin/python benchmarks/experiments/equal_budget.py --preset fashion-12k --set warmup_epochs=1 --tag lever-warmup1
 
 Four arms, every one with the same data, augmentation, batch, cosine
 schedule, seeds and total epochs:
@@ -37,7 +37,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+import _record  # noqa: E402
+
+RESULTS = HERE.parent / "results"
 
 PRESETS = {
     # full digits set (1,437 train / 360 test images, 8x8), 30 epochs
@@ -120,76 +123,97 @@ def _reinit(model, seed: int) -> None:
             torch.nn.init.zeros_(m.bias)
 
 
+def _cached(arm: str, cfg, done: Path) -> dict | None:
+    """The result an earlier run of this arm wrote, refused if it was written with other settings."""
+    if not done.is_file():
+        return None
+    row = json.loads(done.read_text())
+    saved, now = row.get("config") or {}, cfg.to_dict()
+    # arms without gates do not read the gate recipe: a new gate default does not invalidate them
+    ignore = set() if arm == "one-pass" else GATE_FIELDS
+    changed = sorted(k for k in now if k not in ignore and saved.get(k, object()) != now[k])
+    if changed:
+        raise SystemExit(f"{done} was written with other settings ({', '.join(changed)}); delete it or use "
+                         "another --work")
+    return row
+
+
+def _one_pass(cfg, out: Path, row: dict, progress: bool) -> dict:
+    from polarprune_cuda.train import trainer
+
+    result = trainer.run_prune(cfg, out / "run", resume=True, progress=progress)
+    row.update(accuracy=result.pruned_accuracy, gated_accuracy=result.gated_accuracy, budget=result.history.budget,
+               density_curve=result.history.density, soft_density_curve=result.history.soft_density,
+               channels=list(result.channels))
+    return result.pruned_count
+
+
+def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, progress: bool, target_macs: float,
+            pretrain_fraction: float, finetune_lr_scale: float) -> dict:
+    """Torch-Pruning train-prune-finetune, or (from-scratch) the architecture it prunes to, trained anew."""
+    import torch
+    from polarprune_cuda.surgery.costs import count
+    from polarprune_cuda.train import loop, trainer
+
+    ev = dict(device=cfg.device)
+    pre_epochs = max(1, round(pretrain_fraction * cfg.epochs))
+    ft_epochs = cfg.epochs - pre_epochs
+    pre_ckpt = work / f"train-prune-finetune-seed{cfg.seed}" / "pretrain.pt"
+    model = trainer.build(cfg, data)
+    if arm == "train-prune-finetune":
+        loop._fit(model, data, cfg, trainer.Checkpointer(pre_ckpt), gated=False, epochs=pre_epochs,
+                     lr=cfg.lr, resume=True, progress=progress, label="pretrain")
+        row["pretrained_accuracy"] = trainer.evaluate(model, data.test_x, data.test_y, **ev)
+    else:   # the same pruned architecture: the same pruning of the same pre-trained weights (deterministic)
+        if not pre_ckpt.is_file():
+            raise SystemExit(f"arm {arm} needs {pre_ckpt} (run arm train-prune-finetune of seed {cfg.seed} first)")
+        model.load_state_dict(torch.load(pre_ckpt, map_location=cfg.device, weights_only=True)["model"])
+    model.eval()
+    small, ratio = _tp_prune(model, example, target_macs, ignored=["fc", "linear", "classifier"])
+    small.train()
+    row["pruning_ratio"] = ratio
+    if arm == "train-prune-finetune":
+        if ft_epochs:
+            loop._fit(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
+                         epochs=ft_epochs, lr=cfg.lr * finetune_lr_scale, resume=True, progress=progress,
+                         label="finetune")
+        row["split"] = [pre_epochs, ft_epochs]
+    else:   # from-scratch: that architecture, fresh weights (the models' own init), all the epochs
+        _reinit(small, cfg.seed)
+        loop._fit(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False, epochs=cfg.epochs,
+                     lr=cfg.lr, resume=True, progress=progress, label="scratch")
+    row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y, **ev)
+    return count(small, example)
+
+
 def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fraction: float,
             finetune_lr_scale: float, onepass: dict | None) -> dict:
-    import torch
-    from polarprune_cuda.train import data as data_mod, trainer
     from polarprune_cuda.surgery.costs import count
+    from polarprune_cuda.train import data as data_mod, trainer
 
     cfg = trainer.PruneConfig(**cfg_kwargs)
     out = work / f"{arm}-seed{cfg.seed}"
     done = out / "result.json"
-    if done.is_file():
-        row = json.loads(done.read_text())
-        saved, now = row.get("config") or {}, cfg.to_dict()
-        # arms without gates do not read the gate recipe: a new gate default does not invalidate them
-        ignore = set() if arm == "one-pass" else GATE_FIELDS
-        changed = sorted(k for k in now if k not in ignore and saved.get(k, object()) != now[k])
-        if changed:
-            raise SystemExit(f"{done} was written with other settings ({', '.join(changed)}); delete it or use "
-                             "another --work")
-        return row
+    cached = _cached(arm, cfg, done)
+    if cached is not None:
+        return cached
     out.mkdir(parents=True, exist_ok=True)
     data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
     example = data.example_input(1).to(cfg.device)
     dense_count = count(trainer.build(cfg, data), example)
-    ev = dict(device=cfg.device)
     start = time.perf_counter()
     row: dict = {"arm": arm, "seed": cfg.seed}
     if arm == "dense":
         row["accuracy"] = trainer.run_dense(cfg, out / "run", resume=True, progress=progress)
         small_count = dense_count
     elif arm == "one-pass":
-        result = trainer.run_prune(cfg, out / "run", resume=True, progress=progress)
-        row["accuracy"] = result.pruned_accuracy
-        row["gated_accuracy"] = result.gated_accuracy
-        row["budget"] = result.history.budget
-        row["density_curve"] = result.history.density
-        row["soft_density_curve"] = result.history.soft_density
-        row["channels"] = list(result.channels)
-        small_count = result.pruned_count
+        small_count = _one_pass(cfg, out, row, progress)
     else:
         if onepass is None:
             raise SystemExit(f"arm {arm} needs the one-pass result of seed {cfg.seed} (its MACs set the budget)")
         target_macs = dense_count["macs"] * (1 - onepass["sparsity"]["macs"])
-        pre_epochs = max(1, round(pretrain_fraction * cfg.epochs))
-        ft_epochs = cfg.epochs - pre_epochs
-        pre_ckpt = work / f"train-prune-finetune-seed{cfg.seed}" / "pretrain.pt"
-        model = trainer.build(cfg, data)
-        if arm == "train-prune-finetune":
-            trainer._fit(model, data, cfg, trainer.Checkpointer(pre_ckpt), gated=False, epochs=pre_epochs,
-                         lr=cfg.lr, resume=True, progress=progress, label="pretrain")
-            row["pretrained_accuracy"] = trainer.evaluate(model, data.test_x, data.test_y, **ev)
-        else:   # the same pruned architecture: the same pruning of the same pre-trained weights (deterministic)
-            if not pre_ckpt.is_file():
-                raise SystemExit(f"arm {arm} needs {pre_ckpt} (run arm train-prune-finetune of seed {cfg.seed} first)")
-            model.load_state_dict(torch.load(pre_ckpt, map_location=cfg.device, weights_only=True)["model"])
-        model.eval()
-        small, ratio = _tp_prune(model, example, target_macs, ignored=["fc", "linear", "classifier"])
-        small.train()
-        row["pruning_ratio"] = ratio
-        if arm == "train-prune-finetune":
-            if ft_epochs:
-                trainer._fit(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
-                             epochs=ft_epochs, lr=cfg.lr * finetune_lr_scale, resume=True, progress=progress,
-                             label="finetune")
-            row["split"] = [pre_epochs, ft_epochs]
-        else:   # from-scratch: that architecture, fresh weights (the models' own init), all the epochs
-            _reinit(small, cfg.seed)
-            trainer._fit(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False, epochs=cfg.epochs,
-                         lr=cfg.lr, resume=True, progress=progress, label="scratch")
-        row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y, **ev)
-        small_count = count(small, example)
+        small_count = _tp_arm(arm, cfg, data, example, work, out, row, progress, target_macs, pretrain_fraction,
+                              finetune_lr_scale)
     row["seconds"] = time.perf_counter() - start
     row["dense"], row["pruned"] = dense_count, small_count
     row["sparsity"] = _sparsity(dense_count, small_count)
@@ -251,7 +275,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-README = HERE.parent / "README.md"
+README = HERE.parents[1] / "README.md"
 START, END = "<!-- equal-budget:start -->", "<!-- equal-budget:end -->"
 
 
@@ -283,7 +307,7 @@ def update_readme(paths: list[Path], readme: Path = README) -> None:
     readme.write_text(head + START + "\n" + readme_table(paths) + "\n" + END + tail)
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", nargs="*", default=None, metavar="RESULT",
                         help="only rewrite the README's equal-budget table from these result files (stems under "
@@ -305,7 +329,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", default=None, help="folder of the runs (default runs/equal-budget-<preset>[-tag])")
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
     parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run_arms(args, common: dict, overrides: dict, work: Path) -> list[dict]:
+    """Every asked-for arm of every seed, in ARMS order (the Torch-Pruning arms read the one-pass MACs)."""
+    rows = []
+    for seed in args.seeds:
+        onepass = None
+        for arm in ARMS:
+            if arm not in args.arms:
+                continue
+            kwargs = common | {"seed": seed} | (overrides if arm == "one-pass" else {})
+            if arm in ("train-prune-finetune", "from-scratch") and onepass is None:
+                path = work / f"one-pass-seed{seed}" / "result.json"
+                onepass = json.loads(path.read_text()) if path.is_file() else None
+            row = run_arm(arm, kwargs, work, not args.quiet, args.pretrain_fraction, args.finetune_lr_scale, onepass)
+            if arm == "one-pass":
+                onepass = row
+            rows.append(row)
+            print(f"seed {seed} {arm}: accuracy {100 * row['accuracy']:.2f}%, MACs removed "
+                  f"{100 * row['sparsity']['macs']:.1f}%, {row['seconds']:.0f} s", file=sys.stderr)
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
     if args.readme is not None:
         paths = [RESULTS / (stem if stem.endswith(".json") else stem + ".json") for stem in args.readme]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -328,24 +377,9 @@ def main(argv=None) -> dict:
     work = Path(args.work or f"runs/{stem}")
     common = dict(model=args.model, target_sparsity=args.target_sparsity, cost=args.cost,
                   data_dir=args.data_dir, **preset)
-    rows = []
-    for seed in args.seeds:
-        onepass = None
-        for arm in ARMS:
-            if arm not in args.arms:
-                continue
-            kwargs = common | {"seed": seed} | (overrides if arm == "one-pass" else {})
-            if arm in ("train-prune-finetune", "from-scratch") and onepass is None:
-                path = work / f"one-pass-seed{seed}" / "result.json"
-                onepass = json.loads(path.read_text()) if path.is_file() else None
-            row = run_arm(arm, kwargs, work, not args.quiet, args.pretrain_fraction, args.finetune_lr_scale, onepass)
-            if arm == "one-pass":
-                onepass = row
-            rows.append(row)
-            print(f"seed {seed} {arm}: accuracy {100 * row['accuracy']:.2f}%, MACs removed "
-                  f"{100 * row['sparsity']['macs']:.1f}%, {row['seconds']:.0f} s", file=sys.stderr)
+    rows = _run_arms(args, common, overrides, work)
     report = {
-        "command": "python benchmarks/equal_budget.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": _record.command("equal_budget.py", argv),
         "recipe": common | {"seed": args.seeds},
         "overrides": overrides,
         "pretrain_fraction": args.pretrain_fraction,
@@ -356,11 +390,10 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     report["summary"] = summarise(rows, report["arms"])
-    if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
-        (RESULTS / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    if args.no_write:
+        print(markdown(report))
+    else:
+        _record.write(RESULTS, stem, report, markdown(report))
     return report
 
 

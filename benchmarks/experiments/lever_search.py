@@ -1,9 +1,9 @@
 """The lever search of the one-pass recipe: each lever moved alone from the base recipe, measured over seeds.
 
-    .venv/bin/python benchmarks/lever_search.py --preset digits
-    .venv/bin/python benchmarks/lever_search.py --preset fashion-12k --variants base freeze0.5 ...
+    .venv/bin/python benchmarks/experiments/lever_search.py --preset digits
+    .venv/bin/python benchmarks/experiments/lever_search.py --preset fashion-12k --variants base freeze0.5 ...
 
-Every variant is the one-pass arm of benchmarks/equal_budget.py with some
+Every variant is the one-pass arm of benchmarks/experiments/equal_budget.py with some
 PruneConfig fields changed (VARIANTS below is the record of what was tried);
 the other arms come from the equal-budget result of the same preset
 (``--reference``), whose seeds and recipe they share. Each run is a job under
@@ -22,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _record  # noqa: E402
 import equal_budget  # noqa: E402
 
 #: name -> (PruneConfig overrides, the hypothesis it tests)
@@ -55,7 +56,7 @@ VARIANTS = {
 }
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="digits", choices=sorted(equal_budget.PRESETS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -74,7 +75,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", default=None, help="folder of the runs (default runs/<record>)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _measure(name: str, overrides: dict, why: str, args, preset: dict, base: dict, work: Path) -> dict:
+    """One variant over every seed: the one-pass arm with the base recipe and this variant's overrides."""
+    rows = []
+    for seed in args.seeds:
+        kwargs = dict(model="resnet20", target_sparsity=0.5, cost="macs", data_dir=args.data_dir, seed=seed,
+                      **preset) | base | overrides
+        row = equal_budget.run_arm("one-pass", kwargs, work / name, not args.quiet, 2 / 3, 0.1, None)
+        rows.append({k: row[k] for k in ("seed", "accuracy", "gated_accuracy", "sparsity", "seconds", "budget")})
+        print(f"{name} seed {seed}: {100 * row['accuracy']:.2f}% ({100 * row['sparsity']['macs']:.1f}% MACs "
+              f"removed, {row['budget']['opened']} opened / {row['budget']['closed']} closed at the freeze)",
+              file=sys.stderr)
+    acc = [r["accuracy"] for r in rows]
+    return {"overrides": overrides, "hypothesis": why, "rows": rows, "accuracy_mean": statistics.mean(acc),
+            "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "flips_mean": statistics.mean(r["budget"]["opened"] + r["budget"]["closed"] for r in rows)}
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
     import torch
 
     variants = {k: VARIANTS[k] for k in args.variants if k in VARIANTS}
@@ -96,27 +118,13 @@ def main(argv=None) -> dict:
     out_path = equal_budget.RESULTS / f"{stem}.json"
     record = json.loads(out_path.read_text()) if out_path.is_file() else {"variants": {}}
     for name, (overrides, why) in variants.items():
-        rows = []
-        for seed in args.seeds:
-            kwargs = dict(model="resnet20", target_sparsity=0.5, cost="macs", data_dir=args.data_dir, seed=seed,
-                          **preset) | base | overrides
-            row = equal_budget.run_arm("one-pass", kwargs, work / name, not args.quiet, 2 / 3, 0.1, None)
-            rows.append({k: row[k] for k in ("seed", "accuracy", "gated_accuracy", "sparsity", "seconds", "budget")})
-            print(f"{name} seed {seed}: {100 * row['accuracy']:.2f}% ({100 * row['sparsity']['macs']:.1f}% MACs "
-                  f"removed, {row['budget']['opened']} opened / {row['budget']['closed']} closed at the freeze)",
-                  file=sys.stderr)
-        acc = [r["accuracy"] for r in rows]
-        record["variants"][name] = {"overrides": overrides, "hypothesis": why, "rows": rows,
-                                    "accuracy_mean": statistics.mean(acc),
-                                    "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                                    "flips_mean": statistics.mean(r["budget"]["opened"] + r["budget"]["closed"]
-                                                                  for r in rows)}
+        record["variants"][name] = _measure(name, overrides, why, args, preset, base, work)
     ref_path = Path(args.reference) if args.reference else equal_budget.RESULTS / f"equal-budget-{args.preset}.json"
     record["reference"] = json.loads(ref_path.read_text())["summary"] if ref_path.is_file() else None
     record["preset"] = preset
     record["base"] = base
     record["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    record["command"] = "python benchmarks/lever_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    record["command"] = _record.command("lever_search.py", argv)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(record, indent=1))
     out_path.with_suffix(".md").write_text(markdown(record))

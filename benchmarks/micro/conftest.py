@@ -1,4 +1,4 @@
-"""Options and fixtures of the benchmark suites (run with ``-c benchmarks/pytest.ini``; see run.py)."""
+"""Options and fixtures of the benchmark suites (run with ``-c benchmarks/micro/pytest.ini``; see run.py)."""
 import sys
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 """Kernel benchmark: eager PyTorch vs torch.compile vs Triton (vs the CUDA extension when built).
 
-    .venv/bin/python benchmarks/kernels.py                 # on a GPU: full sizes
-    .venv/bin/python benchmarks/kernels.py --quick         # small sizes (CPU: eager and compile only)
+    .venv/bin/python benchmarks/micro/kernels.py                 # on a GPU: full sizes
+    .venv/bin/python benchmarks/micro/kernels.py --quick         # small sizes (CPU: eager and compile only)
 
 For each op and pass (forward, backward, full) it reports the median time, the
 bytes the op must move at least, the achieved bandwidth, and that bandwidth
@@ -28,7 +28,7 @@ import common  # noqa: E402
 import polarprune_cuda as pp  # noqa: E402
 from polarprune_cuda.ops import backends  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def bench(fn, device: torch.device, reps: int) -> float:

@@ -1,6 +1,6 @@
 """Accuracy benchmark: dense baseline vs one-pass pruning at the same recipe and seed.
 
-    .venv/bin/python benchmarks/accuracy.py --dataset fashion-mnist --model resnet20 \
+    .venv/bin/python benchmarks/experiments/accuracy.py --dataset fashion-mnist --model resnet20 \
         --target-sparsity 0.5 --cost macs --epochs 15 --batch-size 128
 
 Trains the gated network once with the trainer's default recipe (penalty
@@ -24,7 +24,9 @@ import torch
 from polarprune_cuda.train.report import versions
 from polarprune_cuda.train.trainer import PruneConfig, run_prune
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _record  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -47,7 +49,7 @@ def main(argv=None) -> dict:
     result = run_prune(cfg, args.out, resume=args.resume, baseline=True, progress=not args.quiet)
     dense, pruned = result.dense_count, result.pruned_count
     summary = {
-        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": _record.command("accuracy.py", argv),
         "config": cfg.to_dict(),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "versions": versions(),

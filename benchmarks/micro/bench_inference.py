@@ -6,7 +6,7 @@ to the setting's round_to) + extract, so runs are comparable. Latency of one
 batch, throughput, params and MACs; energy per image where a counter exists.
 On a GPU the models run in the setting's dtype (bf16) and channels_last.
 
-    .venv/bin/python -m pytest benchmarks/bench_inference.py -c benchmarks/pytest.ini
+    .venv/bin/python -m pytest benchmarks/micro/bench_inference.py -c benchmarks/micro/pytest.ini
 """
 import pytest
 import torch

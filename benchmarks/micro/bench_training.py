@@ -8,7 +8,7 @@ Two kinds of benchmark: one per variant (pytest-benchmark's statistics, and
 the energy per step), and one per model that runs the three variants
 interleaved round by round; the headline ratios come from the interleaved one.
 
-    .venv/bin/python -m pytest benchmarks/bench_training.py -c benchmarks/pytest.ini
+    .venv/bin/python -m pytest benchmarks/micro/bench_training.py -c benchmarks/micro/pytest.ini
 """
 import pytest
 

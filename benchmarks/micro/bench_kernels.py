@@ -5,7 +5,7 @@ directly with the reference signatures (no dispatcher in the way). Triton and
 the extension are timed on a GPU only (the CPU Triton interpreter is for
 testing). Shapes: common.kernel_shapes. Compare within a group.
 
-    .venv/bin/python -m pytest benchmarks/bench_kernels.py -c benchmarks/pytest.ini
+    .venv/bin/python -m pytest benchmarks/micro/bench_kernels.py -c benchmarks/micro/pytest.ini
 """
 import pytest
 import torch

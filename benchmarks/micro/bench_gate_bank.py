@@ -3,7 +3,7 @@
 Segment sizes are the BatchNorm widths of a torchvision ResNet-50 (53 layers,
 26,560 channels). Compare the groups' medians side by side:
 
-    .venv/bin/python -m pytest benchmarks -c benchmarks/pytest.ini
+    .venv/bin/python -m pytest benchmarks/micro -c benchmarks/micro/pytest.ini
 """
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """FGGP vs GMP vs annealed: same recipe, same seeds, several sparsities and models.
 
-    .venv/bin/python benchmarks/fggp_compare.py --preset quick      # digits, ResNet-20 and VGG-11 (CPU: minutes)
-    .venv/bin/python benchmarks/fggp_compare.py --preset fashion    # Fashion-MNIST (hours on a CPU)
+    .venv/bin/python benchmarks/experiments/fggp_compare.py --preset quick      # digits, ResNet-20 and VGG-11 (CPU: minutes)
+    .venv/bin/python benchmarks/experiments/fggp_compare.py --preset fashion    # Fashion-MNIST (hours on a CPU)
 
 Every run is `polarprune prune --method M` with the preset's recipe (the
 trainer's run_sparse), in its own folder under --work, so an interrupted
@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+import _record  # noqa: E402
+
+RESULTS = HERE.parent / "results"
 
 PRESETS = {
     "quick": {"dataset": "digits", "epochs": 30, "batch_size": 64, "lr": 0.05, "max_train": None},
@@ -157,13 +159,10 @@ def main(argv=None):
             "test_images": test_images,
             "recipe": ", ".join(f"{k} {v}" for k, v in preset.items() if v is not None) +
                       ", SGD Nesterov momentum 0.9, weight decay 5e-4, cosine lr",
-            "command": "python benchmarks/fggp_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+            "command": _record.command("fggp_compare.py", argv)}
     res = summarise(rows, meta)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"fggp-{preset['dataset']}-{res['date']}"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(res))
-    print(markdown(res))
+    _record.write(args.out, stem, res, markdown(res))
     return res
 
 

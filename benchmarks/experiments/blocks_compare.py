@@ -1,7 +1,7 @@
 """Channel gates vs block gates vs both, at the same MACs target, same recipe and seed.
 
-    .venv/bin/python benchmarks/blocks_compare.py --preset quick     # digits, ResNet-20 (CPU: minutes)
-    .venv/bin/python benchmarks/blocks_compare.py --preset fashion   # Fashion-MNIST, ResNet-56 (CPU: about 40 min)
+    .venv/bin/python benchmarks/experiments/blocks_compare.py --preset quick     # digits, ResNet-20 (CPU: minutes)
+    .venv/bin/python benchmarks/experiments/blocks_compare.py --preset fashion   # Fashion-MNIST, ResNet-56 (CPU: about 40 min)
 
 Every variant is `polarprune prune` with the preset's recipe: `channels`
 (channel gates only), `blocks` (`--blocks-only`: one gate per residual block)
@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+import _record  # noqa: E402
+
+RESULTS = HERE.parent / "results"
 
 PRESETS = {
     "quick": {"dataset": "digits", "model": "resnet20", "epochs": 30, "batch_size": 64, "lr": 0.05,
@@ -156,13 +158,10 @@ def main(argv=None):
                   ", SGD momentum 0.9, weight decay 5e-4, cosine lr, gates frozen for the last 20%",
         "dense_accuracy": results["dense"]["accuracy"],
         "variants": {k: v for k, v in results.items() if k != "dense"},
-        "command": "python benchmarks/blocks_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": _record.command("blocks_compare.py", argv),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"blocks-{preset['dataset']}-{preset['model']}-{res['date']}"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(res))
-    print(markdown(res))
+    _record.write(args.out, stem, res, markdown(res))
     return res
 
 
