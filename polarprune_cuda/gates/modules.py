@@ -13,16 +13,12 @@ Several modules may share one segment (channels coupled by residual additions).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import core as ops
-
-if TYPE_CHECKING:   # bank.py imports this module; the annotation only names the class
-    from .bank import GateBank
 
 def _init_scores(num_channels, init, name: str = "init") -> Tensor:
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
@@ -57,7 +53,7 @@ class GateMixin:
         self._block = -1
 
     @property
-    def bank(self) -> "GateBank | None":
+    def bank(self) -> nn.Module | None:   # the GateBank (bank.py imports this module, so it is not named here)
         return self._bank
 
     @property
@@ -96,7 +92,7 @@ class GateMixin:
         block = self.block_segment
         return g if block < 0 else g * self._bank.gate(block)
 
-    def _bind(self, bank: "GateBank", segment: int, repeat: int = 1) -> None:
+    def _bind(self, bank: nn.Module, segment: int, repeat: int = 1) -> None:
         """Read gates from ``bank``'s ``segment`` (tiled ``repeat`` times) instead of own scores."""
         if "gate_scores" in self._parameters:
             del self.gate_scores
@@ -250,7 +246,7 @@ class GatedLinear(GateMixin, nn.Linear):
 GATED_CLASS = {nn.BatchNorm2d: GatedBatchNorm2d, nn.Conv2d: GatedConv2d, nn.Linear: GatedLinear}
 
 
-def gate_in_place(module: nn.Module, bank: "GateBank", segment: int, repeat: int = 1) -> GateMixin:
+def gate_in_place(module: nn.Module, bank: nn.Module, segment: int, repeat: int = 1) -> GateMixin:
     """Turn a plain BatchNorm2d/Conv2d/Linear into its gated class, bound to ``bank``'s ``segment``.
 
     Parameters, buffers, hooks and state_dict keys stay as they were.
