@@ -53,6 +53,12 @@ class GateMixin:
         self._block = -1
 
     @property
+    def gate_index(self) -> Tensor | None:
+        """Per channel, the bank gate it reads (an index into the bank's flat gates, -1: ungated, gate 1), for a
+        module whose channels come from several groups (after a concatenation); None: one segment."""
+        return self._buffers.get("_pp_gate_index") if hasattr(self, "_buffers") else None
+
+    @property
     def bank(self) -> nn.Module | None:   # the GateBank (bank.py imports this module, so it is not named here)
         return self._bank
 
@@ -87,13 +93,22 @@ class GateMixin:
         """Hard gates of this module (exactly 0/1), differentiable to the scores."""
         if self._bank is None:
             return ops.binary_gate(self.gate_scores, self.ste, self.tau)
-        g = self._bank.gate(self._segment)
+        return self.gate_from(self._bank.gates())
+
+    def gate_from(self, chunks: tuple[Tensor, ...]) -> Tensor:
+        """This module's gates, given the bank's gates per segment (``bank.gates()``, or hard copies of them)."""
+        index = self.gate_index
+        if index is not None:
+            flat = torch.cat([*chunks, chunks[0].new_ones(1)])
+            return flat[index]          # -1 reads the appended 1: channels of ungated groups
+        g = chunks[self._segment]
         g = g if self._repeat == 1 else g.repeat(self._repeat)
         block = self.block_segment
-        return g if block < 0 else g * self._bank.gate(block)
+        return g if block < 0 else g * chunks[block]
 
-    def _bind(self, bank: nn.Module, segment: int, repeat: int = 1) -> None:
-        """Read gates from ``bank``'s ``segment`` (tiled ``repeat`` times) instead of own scores."""
+    def _bind(self, bank: nn.Module, segment: int, repeat: int = 1, index: Tensor | None = None) -> None:
+        """Read gates from ``bank``'s ``segment`` (tiled ``repeat`` times), or through ``index`` (one flat bank
+        gate per channel, -1 for none), instead of own scores."""
         if "gate_scores" in self._parameters:
             del self.gate_scores
         self.ste, self.tau = bank.ste, bank.tau
@@ -102,17 +117,23 @@ class GateMixin:
         self._repeat = repeat
         if not hasattr(self, "_block"):
             self._block = -1
+        if index is not None:   # non-persistent: moves with .to(), not in the state_dict
+            self.register_buffer("_pp_gate_index", index.to(torch.long), persistent=False)
 
     def bind_block(self, segment: int) -> None:
         """Also multiply the gates by the (size-1) block gate of ``segment``: this module ends a residual branch."""
         if self._bank is None:
             raise ValueError("bind the module to a bank before giving it a block gate")
+        if self.gate_index is not None:
+            raise ValueError("a module whose channels come from several groups cannot also end a gated block")
         if self._bank.sizes[segment] != 1:
             raise ValueError(f"a block gate segment has one gate, segment {segment} has {self._bank.sizes[segment]}")
         self._block = segment
 
     def _gate_repr(self) -> str:
         where = f"segment={self._segment}" if self._bank is not None else "unbound"
+        if self.gate_index is not None:
+            where = "channels of several segments"
         if self._repeat > 1:
             where += f", repeat={self._repeat}"
         if self.block_segment >= 0:
@@ -242,26 +263,67 @@ class GatedLinear(GateMixin, nn.Linear):
         return f"{super().extra_repr()}, {self._gate_repr()}"
 
 
+class GatedNormMixin(GateMixin):
+    """Gates a ``BatchNorm2d`` subclass in place and keeps its own forward (timm's ``BatchNormAct2d``, a
+    user's norm): while that forward runs, ``self.weight`` and ``self.bias`` read ``gamma * g`` and
+    ``beta * g``, so whatever the class does after the affine (an activation, dropout) follows as it did.
+    The gated class is made once per subclass (:func:`gated_class`)."""
+
+    def forward(self, *args, **kwargs):
+        weight, bias = ops.gated_affine(self._parameters["weight"], self._parameters["bias"], self.gate())
+        self.__dict__["_pp_affine"] = (weight, bias)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_pp_affine", None)
+
+    def __getattr__(self, name: str):
+        if name in ("weight", "bias"):
+            affine = self.__dict__.get("_pp_affine")
+            if affine is not None:
+                return affine[0] if name == "weight" else affine[1]
+        return super().__getattr__(name)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
 #: plain class -> gated class that gates it in place (class swap: same parameters, same state_dict keys)
 GATED_CLASS = {nn.BatchNorm2d: GatedBatchNorm2d, nn.Conv2d: GatedConv2d, nn.Linear: GatedLinear}
+_NORM_SUBCLASSES: dict[type, type] = {}
 
 
-def gate_in_place(module: nn.Module, bank: nn.Module, segment: int, repeat: int = 1) -> GateMixin:
-    """Turn a plain BatchNorm2d/Conv2d/Linear into its gated class, bound to ``bank``'s ``segment``.
+def gated_class(cls: type) -> type | None:
+    """The class that gates ``cls`` in place: GATED_CLASS for the plain classes; for a subclass of
+    ``BatchNorm2d`` a subclass of it with :class:`GatedNormMixin` (made once); None for anything else."""
+    if cls in GATED_CLASS:
+        return GATED_CLASS[cls]
+    if isinstance(cls, type) and issubclass(cls, nn.BatchNorm2d) and not issubclass(cls, GateMixin):
+        if cls not in _NORM_SUBCLASSES:
+            _NORM_SUBCLASSES[cls] = type(f"Gated{cls.__name__}", (GatedNormMixin, cls),
+                                         {"__module__": __name__, "__doc__": f"{cls.__name__}, gated in place."})
+        return _NORM_SUBCLASSES[cls]
+    return None
+
+
+def gate_in_place(module: nn.Module, bank: nn.Module, segment: int, repeat: int = 1,
+                  index: Tensor | None = None) -> GateMixin:
+    """Turn a plain BatchNorm2d/Conv2d/Linear (or a BatchNorm2d subclass) into its gated class, bound to
+    ``bank``'s ``segment`` (or, with ``index``, to one flat bank gate per channel).
 
     Parameters, buffers, hooks and state_dict keys stay as they were.
     """
-    cls = GATED_CLASS.get(type(module))
+    cls = gated_class(type(module))
     if cls is None:
-        raise TypeError(f"only {', '.join(c.__name__ for c in GATED_CLASS)} can be gated in place, "
-                        f"got {type(module).__name__}")
+        raise TypeError(f"only {', '.join(c.__name__ for c in GATED_CLASS)} and subclasses of BatchNorm2d can be "
+                        f"gated in place, got {type(module).__name__}")
     channels = module.num_features if isinstance(module, nn.BatchNorm2d) else module.weight.shape[0]
     module._pp_plain_class = type(module)
     module.__class__ = cls
     module.num_gates = channels
     object.__setattr__(module, "_bank", None)
     module._block = -1
-    module._bind(bank, segment, repeat)
+    module._bind(bank, segment, repeat, index)
     return module
 
 
@@ -278,6 +340,7 @@ def fold_in_place(module: GateMixin, gate: Tensor) -> nn.Module:
             module.bias.mul_(g)
     for attr in ("num_gates", "ste", "tau", "_segment", "_repeat", "_block", "_pp_plain_class"):
         module.__dict__.pop(attr, None)
+    module._buffers.pop("_pp_gate_index", None)
     object.__delattr__(module, "_bank")
     module.__class__ = plain
     return module

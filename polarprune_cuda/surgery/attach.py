@@ -10,6 +10,7 @@ registered on the bank, and what was done is kept on it as a
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -21,8 +22,8 @@ from ..gates.bank import GateBank, find_bank, install_bank
 from ..gates.modules import GateMixin, gate_in_place, gate_modules
 from .blocks import BlockRecord, depth, prepare_blocks
 from .costs import _block_exactness, _channel_cost, _cost_models, _io_shapes, count
-from .inputs import _as_inputs, _check_model, _dtype_name, _model_device
-from .tp import _Plan, channel_plans
+from .inputs import _as_inputs, _check_model, _check_placement, _dtype_name, _model_device
+from .tp import ON_UNSUPPORTED, Refusal, _Plan, channel_plans
 
 
 @dataclass
@@ -118,17 +119,44 @@ def _ignored_modules(model: nn.Module, names: dict[nn.Module, str], ignored_laye
 
 
 def _gate_groups(bank: GateBank, plans: list[_Plan], names, init: float) -> list[GroupRecord]:
-    """One bank segment per channel group; its BatchNorms and weight-gated producers gated in place."""
+    """One bank segment per channel group; its BatchNorms and weight-gated producers gated in place. A
+    BatchNorm whose channels come from several groups (after a concatenation) reads each channel's gate
+    from its group's segment (channels of no gated group keep gate 1)."""
     records = []
+    pieces: dict[nn.Module, list[tuple[int, list[int], list[int], int]]] = {}
     for plan in plans:
-        index = bank.add_segment(plan.root, torch.full((plan.channels // plan.repeat,), float(init)))
+        size = plan.channels // plan.repeat
+        index = bank.add_segment(plan.root, torch.full((size,), float(init)))
         rec = GroupRecord(plan.root, plan.root, plan.channels, plan.repeat,
                           producers=[names[m] for m in plan.producers])
         for module in plan.bns + plan.weight_gated:
             gate_in_place(module, bank, index, plan.repeat)
             rec.gated.append(names[module])
+        for module, idxs, root_idxs in plan.mixed:
+            pieces.setdefault(module, []).append((index, idxs, root_idxs, size))
+            rec.gated.append(names[module])
         records.append(rec)
+    offsets = bank.offsets
+    for module, parts in pieces.items():
+        flat = torch.full((module.weight.shape[0],), -1, dtype=torch.long)   # output channels (features)
+        for segment, idxs, root_idxs, size in parts:
+            flat[torch.tensor(idxs)] = offsets[segment] + torch.tensor(root_idxs) % size
+        gate_in_place(module, bank, -1, index=flat)
     return records
+
+
+def _refuse_or_skip(refused: list[Refusal], on_unsupported: str) -> None:
+    """All the groups that cannot be gated, at once: an error naming each, or (skip) one warning."""
+    if not refused:
+        return
+    listing = "\n".join(f"  - {r}" for r in refused)
+    if on_unsupported == "skip":
+        warnings.warn(f"attach_gates leaves {len(refused)} channel group(s) ungated:\n{listing}", stacklevel=3)
+        return
+    roots = ", ".join(repr(r.root) for r in refused[:3]) + (", ..." if len(refused) > 3 else "")
+    raise UnsupportedModelError(
+        f"{len(refused)} channel group(s) of the model cannot be gated:\n{listing}\n"
+        f"Pass on_unsupported='skip' to leave them ungated (one warning), or ignored_layers=[{roots}]")
 
 
 def _gate_blocks(model: nn.Module, bank: GateBank, block_records: list[BlockRecord], init: float) -> None:
@@ -172,6 +200,7 @@ def attach_gates(
     init: float = 1.0,
     blocks: "bool | Iterable[str]" = False,
     channels: bool = True,
+    on_unsupported: str = "raise",
 ) -> nn.Module:
     # Long by its docstring (the public API's reference); the body is about 40 lines of named steps.
     """Gate every prunable channel group (and, with ``blocks``, every residual block) of ``model`` in place.
@@ -195,6 +224,9 @@ def attach_gates(
             are recognised as described in :mod:`polarprune_cuda.surgery.blocks`.
         channels: gate channel groups (default). ``channels=False, blocks=True``
             gates whole blocks only.
+        on_unsupported: ``"raise"`` (default): a model with channel groups that cannot be
+            gated is refused with one UnsupportedModelError naming every such group and why;
+            ``"skip"``: those groups stay ungated (one warning lists them) and the rest are gated.
 
     The gate scores live in ``model.polarprune_bank`` (block gates are segments
     of one gate, after the channel segments); the cost models ``channels``,
@@ -205,7 +237,11 @@ def attach_gates(
     """
     _check_model(model)
     inputs = _as_inputs(example_inputs)
+    _check_placement(model, inputs)
     _check_guard_args(min_channels, round_to)
+    if on_unsupported not in ON_UNSUPPORTED:
+        raise ValueError(f"on_unsupported must be one of {', '.join(map(repr, ON_UNSUPPORTED))}, "
+                         f"got {on_unsupported!r}")
     blocks = _check_options(model, init, channels, blocks, ignored_layers)
     names = {m: n for n, m in model.named_modules()}
     ignored = _ignored_modules(model, names, ignored_layers)
@@ -216,9 +252,14 @@ def attach_gates(
     if blocks is not False and not block_records:
         raise UnsupportedModelError("blocks=True, but the model has no residual block that can be block-gated "
                                     "(see polarprune_cuda.surgery.blocks for what a block must look like)")
-    all_plans = channel_plans(model, inputs, names, ignored)
+    all_plans, refused = channel_plans(model, inputs, names, ignored)
+    if channels:
+        _refuse_or_skip(refused, on_unsupported)
     plans = all_plans if channels else []
     if channels and not plans and not block_records:
+        if refused:
+            listing = "\n".join(f"  - {r}" for r in refused)
+            raise UnsupportedModelError(f"no channel group of the model can be gated:\n{listing}")
         raise UnsupportedModelError("no prunable channel group found (every group is ignored or is the classifier)")
     block_records = _block_exactness(block_records, plans, names, blocks is True)
     dense = count(model, inputs)

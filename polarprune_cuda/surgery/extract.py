@@ -115,11 +115,7 @@ def _folded_copy(model: nn.Module) -> nn.Module:
             if m.plain_class is None:
                 raise UnsupportedModelError(f"{type(m).__name__} gates were added by hand; extract handles models "
                                             "gated with attach_gates only")
-            g = hard[m.gate_segment]
-            g = g.repeat(m.gate_repeat) if m.gate_repeat > 1 else g
-            if m.block_segment >= 0:
-                g = g * hard[m.block_segment]
-            fold_in_place(m, g)
+            fold_in_place(m, m.gate_from(tuple(hard)))
     remove_bank(small)
     small_bank.surgery = None
     return small
@@ -168,14 +164,27 @@ def extract(model: nn.Module, example_inputs=None, min_channels: int | None = No
 
     small = _folded_copy(model)
     block_specs = [b.to_spec(b.name in closed) for b in record.blocks]
-    close_blocks(small, block_specs)
     spec_groups = _group_specs(record, masks, [b for b in record.blocks if b.name in closed])
-    _remove_channels(small, spec_groups, _random_inputs(record.input_shapes, record.input_dtypes, device))
+    try:
+        close_blocks(small, block_specs)
+        _remove_channels(small, spec_groups, _random_inputs(record.input_shapes, record.input_dtypes, device))
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:   # Torch-Pruning's channel removal on a model it cannot follow
+        raise UnsupportedModelError(f"removing the closed channels failed ({type(exc).__name__}: {exc}); "
+                                    f"{_group_list(spec_groups)}") from exc
     small.train(model.training)
     small.polarprune_spec = _spec(small, record, spec_groups, block_specs)
     if verify:
-        _verify(model, small, inputs)
+        _verify(model, small, inputs, spec_groups)
     return small
+
+
+def _group_list(spec_groups: list[dict]) -> str:
+    changed = [g["name"] for g in spec_groups if len(g["kept"]) < g["channels"] and "removed_with" not in g]
+    shown = ", ".join(repr(n) for n in changed[:8]) + (", ..." if len(changed) > 8 else "")
+    return (f"the groups that lost channels: {shown}; add their root layers to ignored_layers (or attach_gates "
+            "with on_unsupported='skip' after naming them)" if changed else "no group lost channels")
 
 
 def _surviving_root(rec: GroupRecord, gone: list[BlockRecord]) -> str:
@@ -188,11 +197,16 @@ def _surviving_root(rec: GroupRecord, gone: list[BlockRecord]) -> str:
                                 "block, yet the group reaches outside it")
 
 
-def _verify(gated: nn.Module, small: nn.Module, inputs) -> None:
+def _verify(gated: nn.Module, small: nn.Module, inputs, spec_groups: list[dict]) -> None:
     """UnsupportedModelError unless ``small``'s eval outputs on ``inputs`` equal ``gated``'s (shapes, and values
-    to 1e-3 of the largest output)."""
+    to 1e-3 of the largest output); an extracted model that cannot run is refused naming the groups."""
     with eval_mode(gated, small), torch.no_grad():
-        ref, out = gated(*inputs), small(*inputs)
+        ref = gated(*inputs)
+        try:
+            out = small(*inputs)
+        except Exception as exc:
+            raise UnsupportedModelError(f"the extracted model cannot run ({type(exc).__name__}: {exc}); "
+                                        f"{_group_list(spec_groups)}") from exc
     for a, b in zip(flatten_outputs(ref), flatten_outputs(out)):
         if a.shape != b.shape:
             raise UnsupportedModelError(f"extracted model output shape {tuple(b.shape)} differs from the gated "

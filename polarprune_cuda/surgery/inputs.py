@@ -109,12 +109,74 @@ def eval_mode(*models: nn.Module, switch: bool = True) -> Iterator[None]:
             m.train(mode)
 
 
+def _first_weight(model: nn.Module) -> Tensor | None:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def _check_placement(model: nn.Module, inputs) -> None:
+    """ValueError when example_inputs are on another device than the model's parameters, or (floating) of
+    another dtype: checked before anything runs the model."""
+    weight = _first_weight(model)
+    if weight is None:
+        return
+    for t in inputs:
+        if t.device != weight.device:
+            raise ValueError(f"example_inputs are on {t.device} but the model's parameters are on {weight.device}; "
+                             f"pass example_inputs.to({str(weight.device)!r})")
+        if t.is_floating_point() and t.dtype != weight.dtype:
+            raise ValueError(f"example_inputs have dtype {_dtype_name(t.dtype)} but the model's parameters "
+                             f"{_dtype_name(weight.dtype)}; pass example_inputs.to(torch.{_dtype_name(weight.dtype)})")
+
+
+def _first_layer(model: nn.Module, inputs) -> nn.Module | None:
+    """The first Conv2d or Linear the forward pass calls on ``inputs`` (recorded by pre-hooks, even when the
+    pass then fails), else None."""
+    called: list[nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: called.append(m) if not called else None)
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*inputs)
+    except Exception:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return called[0] if called else None
+
+
+def _diagnose(model: nn.Module, inputs) -> str | None:
+    """What is wrong with the shape of example_inputs for the model's first layer, in words, or None."""
+    layer = _first_layer(model, inputs)
+    x = inputs[0]
+    names = {m: n for n, m in model.named_modules()}
+    if isinstance(layer, nn.Conv2d):
+        want = f"(N, {layer.in_channels}, H, W)"
+        if x.dim() != 4:
+            return f"example_inputs must have shape {want}, got {tuple(x.shape)} ({x.dim()} dimensions)"
+        if x.shape[1] != layer.in_channels:
+            return (f"example_inputs have {x.shape[1]} channels but the model's first convolution "
+                    f"{names.get(layer, '?')!r} takes {layer.in_channels}: shape {want}, got {tuple(x.shape)}")
+        return None
+    if isinstance(layer, nn.Linear) and x.shape[-1] != layer.in_features and x.dim() == 2:
+        return (f"example_inputs have {x.shape[-1]} features but the model's first layer {names.get(layer, '?')!r} "
+                f"takes {layer.in_features}: shape (N, {layer.in_features}), got {tuple(x.shape)}")
+    return None
+
+
 def _run_on(model: nn.Module, inputs):
-    """``model(*inputs)``; any error of the user's forward becomes ValueError naming example_inputs."""
+    """``model(*inputs)``; any error of the user's forward becomes ValueError naming example_inputs (and, where
+    it can tell, the shape the model's first layer wants)."""
     try:
         return model(*inputs)
     except Exception as exc:
         shapes = ", ".join(f"{tuple(t.shape)} {_dtype_name(t.dtype)}" for t in inputs)
+        diagnosis = _diagnose(model, inputs)
+        if diagnosis is not None:
+            raise ValueError(diagnosis) from exc
         raise ValueError(f"example_inputs do not fit the model: {type(exc).__name__}: {exc} (example_inputs: "
                          f"{shapes})") from exc
 

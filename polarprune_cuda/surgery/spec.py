@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 import json
 import math
 import re
@@ -221,6 +222,28 @@ def _check_spec(spec, where: str) -> dict:
     return spec
 
 
+def _with_metadata(state: dict, weights_file) -> OrderedDict:
+    """``state`` as the OrderedDict ``load_state_dict`` takes, with its module versions (``_metadata``) when
+    they are well formed: prefix -> {"version": int}; anything else in them is refused by name."""
+    metadata = getattr(state, "_metadata", None)
+    out = OrderedDict(state)
+    if metadata is None:
+        return out
+    if not isinstance(metadata, dict) or len(metadata) > 100_000:
+        raise ValueError(f"{weights_file}: the state_dict's _metadata must be a dict of module prefix -> "
+                         f"{{'version': int}}, got {type(metadata).__name__}")
+    clean = OrderedDict()
+    for prefix, entry in metadata.items():
+        if not isinstance(prefix, str) or not isinstance(entry, dict) or not all(
+                isinstance(k, str) and (v is None or (isinstance(v, int) and not isinstance(v, bool)))
+                for k, v in entry.items()):
+            raise ValueError(f"{weights_file}: the state_dict's _metadata entry {prefix!r} must be a dict of "
+                             f"str -> int (a module version), got {entry!r}")
+        clean[prefix] = dict(entry)
+    out._metadata = clean
+    return out
+
+
 def save_pruned(model: nn.Module, path) -> Path:
     """Write ``path/spec.json`` (human-readable channel spec with its own ``sha256`` field), ``path/weights.pt``
     (state_dict) and ``path/weights.pt.sha256`` (its digest, ``sha256sum -c`` format)."""
@@ -233,7 +256,11 @@ def save_pruned(model: nn.Module, path) -> Path:
     spec["sha256"] = spec_digest(spec)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    source = model.state_dict()
+    state = OrderedDict((k, v.detach().cpu()) for k, v in source.items())
+    metadata = getattr(source, "_metadata", None)
+    if metadata is not None:   # module versions, which some classes read when loading (MNASNet, BatchNorm)
+        state._metadata = metadata
     save_tensors(state, path / WEIGHTS_FILE)
     write_text(path / SPEC_FILE, json.dumps(spec, indent=1))
     return path
@@ -362,6 +389,7 @@ def load_pruned(path, factory: Callable[[], nn.Module], map_location="cpu", veri
     extra = [k for k in state if k not in spec["shapes"]]
     if extra:
         raise ValueError(f"{weights_file} does not match {spec_file.name}: {extra[0]!r} is not in the spec")
+    state = _with_metadata(state, weights_file)
     model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"factory must return an nn.Module (the dense model), got {type(model).__name__}")
