@@ -18,6 +18,10 @@ PINS := \
 	hypothesis==6.170.15 \
 	torch-pruning==1.6.1 \
 	torchvision==0.29.1 \
+	timm==1.0.31 \
+	huggingface_hub==2.4.0 \
+	safetensors==0.8.0 \
+	PyYAML==6.0.4 \
 	scikit-learn==1.9.1 \
 	matplotlib==3.11.2 \
 	tqdm==4.70.1 \
@@ -32,7 +36,7 @@ PINS := \
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench gpu-wheels clean
+.PHONY: setup demo test zoo bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -48,6 +52,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# the whole model zoo (every torchvision classification model and the timm list; about an hour on 2 cores)
+zoo: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/surgery/test_zoo.py --zoo $(PYTEST_ARGS)
 
 # CPU benchmark suites -> benchmarks/results/<device>-<date>.{json,md,png} and the README table
 bench: setup

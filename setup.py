@@ -148,6 +148,7 @@ setup(
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
+            "timm>=1.0",          # the model zoo test (random weights only)
             "ninja>=1.11",
             "pybind11>=2.12",
             "torchvision>=0.21",

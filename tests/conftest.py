@@ -22,3 +22,22 @@ def _seed_and_clean_backend(monkeypatch):
     backends._reset()
     yield
     backends._reset()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--zoo", action="store_true",
+                     help="run the whole model zoo (tests marked zoo; `make zoo`), not only its quick list")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "zoo: the whole model zoo (slow): selected by --zoo, `make zoo`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --zoo the whole-zoo tests are deselected (not skipped): `make test` runs the quick list."""
+    if config.getoption("--zoo"):
+        return
+    whole = [item for item in items if item.get_closest_marker("zoo") is not None]
+    if whole:
+        config.hook.pytest_deselected(items=whole)
+        items[:] = [item for item in items if item.get_closest_marker("zoo") is None]
