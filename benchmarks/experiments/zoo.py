@@ -11,7 +11,8 @@ the extracted model against ``predicted_count``, ``save_pruned`` / ``load_pruned
 outputs compared bit for bit. The result is ``exact`` (with the number of groups left ungated and why),
 ``refused`` (an UnsupportedModelError naming what and why) or ``error`` (any other exception: a bug).
 Beside it, Torch-Pruning alone: ``MetaPruner`` at a 50% ratio with magnitude importance, ``step()``,
-one forward pass. Each model runs in a child process with a time limit. Writes
+one forward pass. Each column of each model runs in a child process with a time limit (``--timeout``),
+``--jobs`` models at a time; the seconds are wall time on a shared machine, not a speed claim. Writes
 benchmarks/results/zoo-<device>-<date>.json and .md.
 """
 from __future__ import annotations
@@ -185,38 +186,61 @@ def torch_pruning_alone(key: str, size: int) -> dict:
         return {"result": "crash", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
+def _size(key: str) -> int:
+    return SIZES.get(key.split(":", 1)[1], 64)
+
+
 def run_one(key: str, with_tp: bool = True) -> dict:
     """Both columns for one model, in this process (one thread)."""
     import torch
 
     torch.set_num_threads(1)
-    size = SIZES.get(key.split(":", 1)[1], 64)
     start = time.perf_counter()
-    row = {"model": key, **polarprune(key, size)}
+    row = {"model": key, **polarprune(key, _size(key))}
     row["seconds"] = round(time.perf_counter() - start, 1)
     if with_tp:
-        start = time.perf_counter()
-        row["torch_pruning"] = torch_pruning_alone(key, size)
-        row["torch_pruning"]["seconds"] = round(time.perf_counter() - start, 1)
+        row["torch_pruning"] = run_tp(key)
     return row
 
 
-def run_isolated(key: str, timeout: float, with_tp: bool = True) -> dict:
-    """:func:`run_one` in a child process: a hang or a crash of one model is that model's row."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", key] + ([] if with_tp else ["--no-tp"])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def run_tp(key: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
     start = time.perf_counter()
+    row = torch_pruning_alone(key, _size(key))
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _child(args: list[str], timeout: float) -> tuple[dict | None, str]:
+    """Run this script with ``args`` in a child process (one thread); its JSON row, or None and why not."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"model": key, "result": "timeout", "reason": f"no result within {timeout:.0f} s",
-                "seconds": round(time.perf_counter() - start, 1)}
+        return None, f"no result within {timeout:.0f} s"
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"model": key, "result": "error", "reason": f"child exited {done.returncode}: {tail[0][:300]}",
-                "seconds": round(time.perf_counter() - start, 1)}
-    return json.loads(lines[-1])
+        return None, f"child exited {done.returncode}: {tail[0][:300]}"
+    return json.loads(lines[-1]), ""
+
+
+def run_isolated(key: str, timeout: float, with_tp: bool = True) -> dict:
+    """Each column for one model in a child process of its own, each with ``timeout``: a hang or a crash
+    of one model is that model's row."""
+    start = time.perf_counter()
+    row, why = _child(["--one", key, "--no-tp"], timeout)
+    if row is None:
+        kind = "timeout" if why.startswith("no result") else "error"
+        row = {"model": key, "result": kind, "reason": why, "seconds": round(time.perf_counter() - start, 1)}
+    if with_tp:
+        tp_row, why = _child(["--tp-only", key], timeout)
+        row["torch_pruning"] = tp_row or {"result": "timeout" if why.startswith("no result") else "crash",
+                                          "reason": why}
+    return row
 
 
 def _short(reason: str) -> str:
@@ -253,26 +277,42 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_all(models: list[str], timeout: float, with_tp: bool, jobs: int) -> list[dict]:
+    """Every model's row, in the order given, ``jobs`` at a time; a line on stderr as each ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = [0]
+
+    def one(key: str) -> dict:
+        row = run_isolated(key, timeout, with_tp)
+        done[0] += 1
+        print(f"[{done[0]}/{len(models)}] {key}: {row['result']} ({row.get('seconds')} s)"
+              + (f", Torch-Pruning {row['torch_pruning']['result']}" if "torch_pruning" in row else ""),
+              file=sys.stderr, flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, models))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help="tv:NAME / timm:NAME (a bare name is tv:)")
     parser.add_argument("--quick", action="store_true", help="only the models of tests/surgery/test_zoo.py")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per model (child process)")
     parser.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning-alone column")
+    parser.add_argument("--jobs", type=int, default=1, help="models run at once (each on one thread)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child process: print one JSON row
+    parser.add_argument("--tp-only", default=None, help=argparse.SUPPRESS)   # child: Torch-Pruning alone
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(run_one(args.one, not args.no_tp)))
+    if args.one or args.tp_only:
+        print(json.dumps(run_one(args.one, not args.no_tp) if args.one else run_tp(args.tp_only)))
         return {}
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     models = list(QUICK) if args.quick else [m if ":" in m else f"tv:{m}" for m in args.models or all_models()]
-    rows = []
-    for k, key in enumerate(models):
-        row = run_isolated(key, args.timeout, not args.no_tp)
-        rows.append(row)
-        print(f"[{k + 1}/{len(models)}] {key}: {row['result']} ({row.get('seconds')} s)"
-              + (f", Torch-Pruning {row['torch_pruning']['result']}" if "torch_pruning" in row else ""),
-              file=sys.stderr, flush=True)
+    rows = _run_all(models, args.timeout, not args.no_tp, args.jobs)
     import torch
 
     res = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU, 1 thread",

@@ -6,6 +6,8 @@
   modules are BatchNorms, producers, consumers of the group; which producers are gated through
   their weights), in module order.
 * :func:`_remove_channels`: physical channel removal with Torch-Pruning's group pruning.
+* :func:`_exact_splits`: every call into Torch-Pruning runs with :mod:`.tp_mappings`' exact split and
+  concat index mappings and a revisit test that ends (:func:`_covered`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from ..gates.modules import GATED_CLASS
+from . import tp_mappings
 from .inputs import eval_mode
 
 #: what attach_gates does with a channel group it cannot gate
@@ -186,7 +189,7 @@ class _Plan:
                 self.outputs.append((module, idxs, root_idxs))
             else:
                 self.inputs.append((module, idxs, root_idxs))
-        elif node.type == T.SPLIT and not _split_can_shrink(node.grad_fn, idxs):
+        elif node.type == T.SPLIT and not tp_mappings.split_can_shrink(node.grad_fn, idxs):
             raise UnsupportedModelError(
                 f"channels of group {self.root!r} pass a torch.split whose sizes are fixed in the model's code "
                 f"(not its last part), so they cannot be removed; add {self.root!r} to ignored_layers")
@@ -233,117 +236,6 @@ def _whole(idxs: list[int], root_idxs: list[int], module_channels: int, group_ch
     return module_channels == group_channels == len(idxs) and idxs == root_idxs == list(range(group_channels))
 
 
-def _split_output(split_node, out_node) -> int | None:
-    """Which output of a split (torch.split / chunk) ``out_node`` reads, from the autograd graph itself."""
-    fn = split_node.grad_fn
-    for next_fn, number in getattr(out_node.grad_fn, "next_functions", None) or ():
-        if next_fn is fn:
-            return number
-    return None
-
-
-def _update_split_index_mapping(graph, split_node) -> None:
-    """Torch-Pruning's split index mapping, with each consumer mapped to the split output it reads.
-
-    Torch-Pruning numbers a split's consumers in the order it found them and gives consumer ``i`` the
-    ``i``-th output's channel offsets; where one output has two consumers, or the second output is
-    consumed first (CSP stages: ``xs, xb = x.split(...)``, ``xb`` feeding the blocks and their residual
-    additions), the offsets are wrong and so are the channel indices of whole groups. Here each
-    consumer's output number is read from its autograd inputs.
-    """
-    tp = _tp()
-    mapping = tp.dependency.index_mapping
-    offsets = _split_offsets(split_node.grad_fn)
-    outputs = [_split_output(split_node, n) for n in split_node.outputs]
-    if split_node.type != tp.ops.OPTYPE.SPLIT or offsets is None or None in outputs or not split_node.enable_index_mapping:
-        return _ORIGINAL["split"](graph, split_node)
-    fn = split_node.grad_fn
-    dim, sizes = getattr(fn, "_saved_dim", 1), getattr(fn, "_saved_self_sym_sizes", None)
-    if sizes is not None and dim < len(sizes) and dim != 1:
-        return None   # a split along another dimension: channels pass through unchanged
-    for out_node, k in zip(split_node.outputs, outputs):
-        for dep in split_node.dependencies:
-            if dep.target == out_node:
-                dep.index_mapping[0] = mapping._SplitIndexMapping(offset=offsets[k: k + 2], reverse=False)
-        for dep in out_node.dependencies:
-            if dep.target == split_node:
-                dep.index_mapping[0] = mapping._SplitIndexMapping(offset=offsets[k: k + 2], reverse=True)
-    return None
-
-
-def _split_can_shrink(fn, idxs: list[int]) -> bool:
-    """Whether removing channels ``idxs`` (of a split's input) leaves the split valid: ``x.split(n)`` takes
-    the same first parts from a narrower tensor, so only channels of its last part can go; a list of
-    sizes fixes every part."""
-    offsets = _split_offsets(fn)
-    if offsets is None or hasattr(fn, "_saved_split_sizes"):
-        return offsets is None   # not a split we can read: leave it to the extraction's check
-    return all(i >= offsets[-2] for i in idxs)
-
-
-def _split_offsets(fn) -> list[int] | None:
-    """The channel offsets of a split's outputs, from its autograd node (Torch-Pruning's own count them by
-    consumers: ``[0, 2048, 3072, 4096]`` for a 2048-channel tensor split in two, read three times)."""
-    sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), getattr(fn, "_saved_dim", None)
-    if sizes is None or dim is None or not 0 <= dim < len(sizes):
-        return None
-    total = int(sizes[dim])
-    if hasattr(fn, "_saved_split_sizes"):
-        parts = [int(v) for v in fn._saved_split_sizes]
-    elif hasattr(fn, "_saved_split_size") and int(fn._saved_split_size) > 0:
-        step = int(fn._saved_split_size)
-        parts = [min(step, total - start) for start in range(0, total, step)]
-    else:
-        return None
-    offsets = [0]
-    for part in parts:
-        offsets.append(offsets[-1] + part)
-    return offsets
-
-
-def _cat_position(cat_fn, in_node) -> int | None:
-    """Which argument of a torch.cat ``in_node`` is, from the autograd graph (None: not found or twice)."""
-    found = [k for k, (next_fn, _) in enumerate(cat_fn.next_functions) if next_fn is in_node.grad_fn]
-    return found[0] if len(found) == 1 else None
-
-
-def _update_concat_index_mapping(graph, cat_node) -> None:
-    """Torch-Pruning's concat index mapping, with the offsets laid out in the order of torch.cat's arguments.
-
-    Torch-Pruning lays the inputs out in the order it found them, which is not always the argument order
-    (ghost modules, ``torch.cat([x1, cheap(x1)])``, where ``x1`` is reached through ``cheap`` first); the
-    channels of the two inputs then trade places in every group through the concatenation.
-    """
-    tp = _tp()
-    mapping, shape_infer = tp.dependency.index_mapping, tp.dependency.shape_infer
-    fn = cat_node.grad_fn
-    positions = [_cat_position(fn, n) for n in cat_node.inputs]
-    if cat_node.type != tp.ops.OPTYPE.CONCAT or not cat_node.enable_index_mapping or None in positions \
-            or len(set(positions)) != len(positions):
-        return _ORIGINAL["concat"](graph, cat_node)
-    if getattr(fn, "_saved_dim", 1) != 1 and fn._saved_dim < tp.dependency.constants.MAX_VALID_DIM:
-        return None
-    chs = [shape_infer.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
-    out_size = shape_infer.infer_in_channels_recursively(graph, cat_node, recursive_depth=[0])
-    if None in chs or (out_size is not None and out_size != sum(chs)):
-        return _ORIGINAL["concat"](graph, cat_node)
-    order = sorted(range(len(chs)), key=lambda i: positions[i])
-    start, span = 0, {}
-    for i in order:
-        span[i] = [start, start + chs[i]]
-        start += chs[i]
-    cat_node.module.concat_sizes = [chs[i] for i in order]
-    cat_node.module.offsets = [0] + [span[i][1] for i in order]
-    for i, in_node in enumerate(cat_node.inputs):
-        for dep in cat_node.dependencies:
-            if dep.target == in_node:
-                dep.index_mapping[1] = mapping._ConcatIndexMapping(offset=span[i], reverse=True)
-        for dep in in_node.dependencies:
-            if dep.target == cat_node:
-                dep.index_mapping[1] = mapping._ConcatIndexMapping(offset=span[i], reverse=False)
-    return None
-
-
 def _covered(group, dep, idxs) -> bool:
     """Torch-Pruning's ``Group.has_pruning_op``, by content: whether every (channel, root channel) of ``idxs``
     is already in the group for this target and handler.
@@ -385,21 +277,21 @@ _ORIGINAL: dict = {}
 
 @contextmanager
 def _exact_splits():
-    """Run Torch-Pruning with :func:`_update_split_index_mapping`, :func:`_update_concat_index_mapping` and
-    :func:`_covered` in place of its own mappings of splits and concatenations and its revisit test."""
+    """Run Torch-Pruning with :mod:`.tp_mappings`' split and concat index mappings and :func:`_covered` in
+    place of its own mappings and revisit test (restored afterwards, also on error)."""
     tp = _tp()
     mapping, group = tp.dependency.index_mapping, tp.dependency.group.Group
-    _ORIGINAL.setdefault("split", mapping.update_split_index_mapping)
-    _ORIGINAL.setdefault("concat", mapping.update_concat_index_mapping)
     _ORIGINAL.setdefault("has_pruning_op", group.has_pruning_op)
-    mapping.update_split_index_mapping = _update_split_index_mapping
-    mapping.update_concat_index_mapping = _update_concat_index_mapping
+    tp_mappings.ORIGINAL.setdefault("split", mapping.update_split_index_mapping)
+    tp_mappings.ORIGINAL.setdefault("concat", mapping.update_concat_index_mapping)
+    mapping.update_split_index_mapping = tp_mappings.update_split_index_mapping
+    mapping.update_concat_index_mapping = tp_mappings.update_concat_index_mapping
     group.has_pruning_op = _covered
     try:
         yield
     finally:
-        mapping.update_split_index_mapping = _ORIGINAL["split"]
-        mapping.update_concat_index_mapping = _ORIGINAL["concat"]
+        mapping.update_split_index_mapping = tp_mappings.ORIGINAL["split"]
+        mapping.update_concat_index_mapping = tp_mappings.ORIGINAL["concat"]
         group.has_pruning_op = _ORIGINAL["has_pruning_op"]
 
 
