@@ -295,6 +295,62 @@ def _run_all(models: list[str], timeout: float, with_tp: bool, jobs: int) -> lis
         return list(pool.map(one, models))
 
 
+README = HERE.parents[1] / "README.md"
+START, END = "<!-- zoo-summary:start -->", "<!-- zoo-summary:end -->"
+
+
+def _kind(reason: str) -> str:
+    """A refusal's kind, from the first reason it gives."""
+    text = reason.lower()
+    kinds = (("layernorm", "LayerNorm (transformers, ConvNeXt)"), ("reshape", "reshape/view that moves channels"),
+             ("did not converge", "grouping did not converge"), ("could not trace", "Torch-Pruning cannot trace it"),
+             ("groupnorm", "GroupNorm"), ("fixed in the model", "fixed-size split"),
+             ("ties them", "depthwise conv across a concatenation"))
+    for key, kind in kinds:
+        if key in text:
+            return kind
+    return "other: " + _short(reason)[:80]
+
+
+def summary(res: dict, stem: str) -> str:
+    """The README block: counts, the refusals by kind, Torch-Pruning alone, and where the table is."""
+    rows = res["rows"]
+    n, exact = len(rows), [r for r in rows if r["result"] == "exact"]
+    whole = sum(1 for r in exact if not r.get("skipped"))
+    kinds: dict[str, int] = {}
+    for r in rows:
+        if r["result"] == "refused":
+            lines = [ln for ln in r["reason"].splitlines()[1:] if ln.startswith("  - ")] or [r["reason"]]
+            kinds[_kind(lines[0])] = kinds.get(_kind(lines[0]), 0) + 1
+    other = [r["model"] for r in rows if r["result"] not in ("exact", "refused")]
+    tp = {}
+    for r in rows:
+        key = r.get("torch_pruning", {}).get("result", "not run")
+        tp[key] = tp.get(key, 0) + 1
+    refused = sum(kinds.values())
+    lines = [f"Last run ({res['date']}, {res['machine']}, `{res['command']}`): of {n} models, **{len(exact)} "
+             f"exact** ({whole} with every channel group gated, {len(exact) - whole} with some groups left ungated "
+             f"by name), {refused} refused by name"
+             + (f", {len(other)} without a result ({', '.join(other)})" if other else "") + ".",
+             "", "| refused because | models |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines += ["", "Torch-Pruning alone on the same models: "
+              + ", ".join(f"{v} {k}" for k, v in sorted(tp.items(), key=lambda kv: -kv[1])) + ".",
+              f"Every model with its result, reason and time: [benchmarks/results/{stem}.md]"
+              f"(benchmarks/results/{stem}.md) (JSON beside it)."]
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, readme: Path = README) -> None:
+    res = json.loads(path.read_text())
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{summary(res, path.stem)}\n{END}{tail}")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help="tv:NAME / timm:NAME (a bare name is tv:)")
@@ -305,7 +361,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child process: print one JSON row
     parser.add_argument("--tp-only", default=None, help=argparse.SUPPRESS)   # child: Torch-Pruning alone
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--readme", default=None, metavar="RESULT",
+                        help="only rewrite the README's zoo summary from this result (a stem under benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.readme:
+        update_readme(RESULTS / (args.readme if args.readme.endswith(".json") else args.readme + ".json"))
+        return {}
     if args.one or args.tp_only:
         print(json.dumps(run_one(args.one, not args.no_tp) if args.one else run_tp(args.tp_only)))
         return {}

@@ -67,3 +67,27 @@ def test_quick_zoo_model(key):
 def test_whole_zoo_model(key):
     row = zoo.run_isolated(key, zoo.TIMEOUT, with_tp=False)
     assert row["result"] in ("exact", "refused"), row.get("reason", row)
+
+
+def test_readme_summary_counts_the_table(tmp_path):
+    rows = [
+        {"model": "tv:a", "result": "exact", "skipped": [], "torch_pruning": {"result": "pruned"}},
+        {"model": "tv:b", "result": "exact", "skipped": ["x: x is tied"], "torch_pruning": {"result": "pruned"}},
+        {"model": "tv:c", "result": "refused", "torch_pruning": {"result": "crash"},
+         "reason": "no channel group of the model can be gated:\n  - l: ln (LayerNorm) is in the channel group"},
+        {"model": "timm:d", "result": "timeout", "reason": "no result within 150 s",
+         "torch_pruning": {"result": "timeout"}},
+    ]
+    result = tmp_path / "zoo-cpu-test.json"
+    result.write_text(__import__("json").dumps({"date": "2026-12-04", "machine": "x86_64 CPU, 1 thread",
+                                                "command": "python zoo.py", "rows": rows}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{zoo.START}\nstale\n{zoo.END}\noutro\n")
+    zoo.update_readme(result, readme)
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "of 4 models, **2 exact** (1 with every channel group gated, 1 with some groups left ungated" in text
+    assert "1 refused by name, 1 without a result (timm:d)" in text
+    assert "| LayerNorm (transformers, ConvNeXt) | 1 |" in text
+    assert "Torch-Pruning alone on the same models: 2 pruned, 1 crash, 1 timeout." in text
+    assert "[benchmarks/results/zoo-cpu-test.md]" in text
