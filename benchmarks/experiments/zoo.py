@@ -254,13 +254,15 @@ def markdown(res: dict) -> str:
     exact = [r for r in rows if r["result"] == "exact"]
     whole = [r for r in exact if not r.get("skipped")]
     refused = [r for r in rows if r["result"] == "refused"]
-    other = [r for r in rows if r["result"] not in ("exact", "refused")]
+    other = [r for r in rows if r["result"] not in ("exact", "refused", "not run")]
+    not_run = [r for r in rows if r["result"] == "not run"]
     tp_ok = sum(1 for r in rows if r.get("torch_pruning", {}).get("result") == "pruned")
     lines = [f"# Model zoo: attach, close, extract, count, save, load ({res['date']}, {res['machine']})", "",
              f"Command: `{res['command']}`", "",
              f"{n} models: **{len(exact)} exact** ({len(whole)} with every group gated, {len(exact) - len(whole)} "
              f"with some groups left ungated by name), {len(refused)} refused by name, {len(other)} other "
-             f"(error or timeout). Torch-Pruning alone (MetaPruner, 50%, one forward pass): {tp_ok} of {n} pruned.",
+             f"(error or timeout)" + (f", {len(not_run)} not run yet" if not_run else "") + ". Torch-Pruning "
+             f"alone (MetaPruner, 50%, one forward pass): {tp_ok} of {n} pruned.",
              "", "| model | polarprune | groups gated / skipped | max rel. diff | params dense -> extracted | s "
              "| Torch-Pruning alone | reason (refused, skipped, crashed) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -277,14 +279,27 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_all(models: list[str], timeout: float, with_tp: bool, jobs: int) -> list[dict]:
-    """Every model's row, in the order given, ``jobs`` at a time; a line on stderr as each ends."""
+def _run_all(models: list[str], timeout: float, with_tp: bool, jobs: int, work: Path | None = None,
+             collect: bool = False) -> list[dict]:
+    """Every model's row, in the order given, ``jobs`` at a time; a line on stderr as each ends. With
+    ``work``, each row is kept there as it ends (``<model>.json``) and read back instead of run again, so
+    an interrupted run loses nothing; ``collect`` only reads them (a model not run yet: ``not run``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     done = [0]
 
     def one(key: str) -> dict:
+        kept = work / f"{key.replace(':', '-')}.json" if work is not None else None
+        if kept is not None and kept.is_file():
+            return json.loads(kept.read_text())
+        if collect:
+            return {"model": key, "result": "not run", "reason": "not run yet (zoo.py without --collect runs it)"}
         row = run_isolated(key, timeout, with_tp)
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_suffix(".tmp")
+            tmp.write_text(json.dumps(row))
+            tmp.replace(kept)
         done[0] += 1
         print(f"[{done[0]}/{len(models)}] {key}: {row['result']} ({row.get('seconds')} s)"
               + (f", Torch-Pruning {row['torch_pruning']['result']}" if "torch_pruning" in row else ""),
@@ -322,7 +337,8 @@ def summary(res: dict, stem: str) -> str:
         if r["result"] == "refused":
             lines = [ln for ln in r["reason"].splitlines()[1:] if ln.startswith("  - ")] or [r["reason"]]
             kinds[_kind(lines[0])] = kinds.get(_kind(lines[0]), 0) + 1
-    other = [r["model"] for r in rows if r["result"] not in ("exact", "refused")]
+    other = [r["model"] for r in rows if r["result"] not in ("exact", "refused", "not run")]
+    not_run = sum(1 for r in rows if r["result"] == "not run")
     tp = {}
     for r in rows:
         key = r.get("torch_pruning", {}).get("result", "not run")
@@ -331,7 +347,8 @@ def summary(res: dict, stem: str) -> str:
     lines = [f"Last run ({res['date']}, {res['machine']}, `{res['command']}`): of {n} models, **{len(exact)} "
              f"exact** ({whole} with every channel group gated, {len(exact) - whole} with some groups left ungated "
              f"by name), {refused} refused by name"
-             + (f", {len(other)} without a result ({', '.join(other)})" if other else "") + ".",
+             + (f", {len(other)} without a result ({', '.join(other)})" if other else "")
+             + (f", {not_run} not run yet" if not_run else "") + ".",
              "", "| refused because | models |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
     lines += ["", "Torch-Pruning alone on the same models: "
@@ -358,6 +375,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per model (child process)")
     parser.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning-alone column")
     parser.add_argument("--jobs", type=int, default=1, help="models run at once (each on one thread)")
+    parser.add_argument("--work", type=Path, default=Path("runs/zoo"),
+                        help="each model's row is kept here as it ends and read back on the next run")
+    parser.add_argument("--collect", action="store_true", help="write the table from the rows kept in --work only")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child process: print one JSON row
     parser.add_argument("--tp-only", default=None, help=argparse.SUPPRESS)   # child: Torch-Pruning alone
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -373,7 +393,7 @@ def main(argv=None) -> dict:
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     models = list(QUICK) if args.quick else [m if ":" in m else f"tv:{m}" for m in args.models or all_models()]
-    rows = _run_all(models, args.timeout, not args.no_tp, args.jobs)
+    rows = _run_all(models, args.timeout, not args.no_tp, args.jobs, args.work, args.collect)
     import torch
 
     res = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU, 1 thread",
