@@ -77,7 +77,9 @@ SPEC_FIELDS = ("format", "library", "version", "torch", "input_shapes", "input_d
 GROUP_FIELDS = ("name", "root", "channels", "repeat", "kept")
 BLOCK_FIELDS = ("name", "closed", "shortcut", "act", "depth_saved")
 MAX_INPUT_DIMS = 8
-_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+# a dotted module path: any characters but dots and white space between the dots (nn.Module allows '-' and
+# more in child names: torchvision's RegNet has 'block1-0'); it is only ever looked up with get_submodule
+_NAME = re.compile(r"[^.\s]+(\.[^.\s]+)*")
 _ATTR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 

@@ -271,3 +271,27 @@ def test_example_inputs_on_another_device_are_named():
     with pytest.raises(ValueError, match=r"example_inputs are on cpu but the model's parameters are on meta; "
                                          r"pass example_inputs.to\('meta'\)"):
         pp.attach_gates(model, X)
+
+
+class Dashed(nn.Module):
+    """Child names with '-' (torchvision's RegNet: 'block1-0'): legal in nn.Module, kept by the spec."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential()
+        self.body.add_module("block1-0", nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_module_names_with_dashes_save_and_load(tmp_path):
+    model = _random_stats(Dashed())
+    pp.attach_gates(model, X, min_channels=1)
+    small = _exact(model)
+    pp.save_pruned(small, tmp_path)
+    loaded = pp.load_pruned(tmp_path, Dashed)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(X), small(X))
+    assert loaded.body[0][0].out_channels == 4
