@@ -191,10 +191,7 @@ def _size(key: str) -> int:
 
 
 def run_one(key: str, with_tp: bool = True) -> dict:
-    """Both columns for one model, in this process (one thread)."""
-    import torch
-
-    torch.set_num_threads(1)
+    """Both columns for one model, in this process (its thread count as it is: the child sets one thread)."""
     start = time.perf_counter()
     row = {"model": key, **polarprune(key, _size(key))}
     row["seconds"] = round(time.perf_counter() - start, 1)
@@ -204,9 +201,6 @@ def run_one(key: str, with_tp: bool = True) -> dict:
 
 
 def run_tp(key: str) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
     start = time.perf_counter()
     row = torch_pruning_alone(key, _size(key))
     row["seconds"] = round(time.perf_counter() - start, 1)
@@ -387,7 +381,10 @@ def main(argv=None) -> dict:
     if args.readme:
         update_readme(RESULTS / (args.readme if args.readme.endswith(".json") else args.readme + ".json"))
         return {}
-    if args.one or args.tp_only:
+    if args.one or args.tp_only:   # a child process of run_isolated: one thread, one JSON row
+        import torch
+
+        torch.set_num_threads(1)
         print(json.dumps(run_one(args.one, not args.no_tp) if args.one else run_tp(args.tp_only)))
         return {}
     if args.jobs < 1:

@@ -50,7 +50,12 @@ def test_the_quick_list_is_the_expected_list():
 
 @pytest.mark.parametrize("key", zoo.QUICK)
 def test_quick_zoo_model(key):
+    import torch
+
+    threads = torch.get_num_threads()
     row = zoo.run_one(key, with_tp=False)
+    assert torch.get_num_threads() == threads    # the process's thread count is left as it was (later tests
+    #                                              compare runs in this process with runs in child processes)
     assert _outcome(row) == EXPECTED[key], row.get("reason", row)
     if row["result"] == "exact":
         assert row["rel_diff"] <= 1e-4 and row["count_equals_prediction"] and row["reload_equal"]
