@@ -87,3 +87,38 @@ def set_gates(model, seed, closed_blocks, channel_frac=0.4):
                 perm = torch.randperm(scores.numel(), generator=gen)
                 values[perm[: round(channel_frac * scores.numel())]] *= -1
             scores.copy_(values)
+
+
+def float64_runs(setattr_=setattr):
+    """Make the run drivers (train.runs) train in float64: data, weights and gate scores. ``setattr_``:
+    monkeypatch.setattr in a test (undone after it), plain setattr in a worker process."""
+    import dataclasses
+
+    from polarprune_cuda.train import data as data_mod
+    from polarprune_cuda.train import runs
+
+    load, build, attach = data_mod.load_dataset, runs.build, runs.attach_gates   # where runs.py looks them up
+
+    def load64(*args, **kwargs):
+        d = load(*args, **kwargs)
+        return dataclasses.replace(d, train_x=d.train_x.double(), test_x=d.test_x.double())
+
+    def attach64(model, *args, **kwargs):
+        bank = attach(model, *args, **kwargs)
+        model.double()
+        return bank
+
+    setattr_(data_mod, "load_dataset", load64)
+    setattr_(runs, "build", lambda cfg, data: build(cfg, data).double())
+    setattr_(runs, "attach_gates", attach64)
+
+
+def without_clock(history) -> dict:
+    """A run's history (a dict, or a History) without its wall-clock measurements (loop.CLOCK_FIELDS): what two
+    runs of one recipe on one machine and thread count have equal, bit for bit."""
+    from dataclasses import asdict, is_dataclass
+
+    from polarprune_cuda.train.loop import CLOCK_FIELDS
+
+    h = asdict(history) if is_dataclass(history) else dict(history)
+    return {k: v for k, v in h.items() if k not in CLOCK_FIELDS}

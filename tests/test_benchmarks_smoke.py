@@ -186,6 +186,14 @@ def test_equal_budget_arms_share_the_budget_and_resume(tmp_path):
     assert abs(rows["train-prune-finetune"]["sparsity"]["macs"] - rows["one-pass"]["sparsity"]["macs"]) <= 0.02
     assert rows["from-scratch"]["pruned"] == rows["train-prune-finetune"]["pruned"]
     assert rows["train-prune-finetune"]["split"] == [2, 1]
+    # every arm reports its training cost: the one pass computed fewer training MACs than dense (it trains the
+    # extracted network after the freeze), the fine-tuned arm fewer than dense too
+    for arm, row in rows.items():
+        assert row["training"]["seconds"] > 0 and row["training"]["macs"] > 0, arm
+    assert rows["one-pass"]["training"]["switch_step"] is not None
+    assert rows["one-pass"]["training"]["macs"] < rows["dense"]["training"]["macs"]
+    assert rows["train-prune-finetune"]["training"]["macs"] < rows["dense"]["training"]["macs"]
+    assert "training MACs" in eb.markdown(report)
     # finished arms are read back, not rerun
     again = eb.main(args)
     assert [r["seconds"] for r in again["rows"]] == [r["seconds"] for r in report["rows"]]

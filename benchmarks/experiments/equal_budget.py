@@ -142,7 +142,8 @@ def _one_pass(cfg, out: Path, row: dict, progress: bool) -> dict:
     from polarprune_cuda.train import trainer
 
     result = trainer.run_prune(cfg, out / "run", resume=True, progress=progress)
-    row.update(accuracy=result.pruned_accuracy, gated_accuracy=result.gated_accuracy, budget=result.history.budget,
+    row.update(training=result.training, accuracy=result.pruned_accuracy, gated_accuracy=result.gated_accuracy,
+               budget=result.history.budget,
                density_curve=result.history.density, soft_density_curve=result.history.soft_density,
                channels=list(result.channels))
     return result.pruned_count
@@ -160,9 +161,10 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
     ft_epochs = cfg.epochs - pre_epochs
     pre_ckpt = work / f"train-prune-finetune-seed{cfg.seed}" / "pretrain.pt"
     model = trainer.build(cfg, data)
+    histories = []
     if arm == "train-prune-finetune":
-        loop._fit(model, data, cfg, trainer.Checkpointer(pre_ckpt), gated=False, epochs=pre_epochs,
-                     lr=cfg.lr, resume=True, progress=progress, label="pretrain")
+        histories.append(loop._fit(model, data, cfg, trainer.Checkpointer(pre_ckpt), gated=False, epochs=pre_epochs,
+                                   lr=cfg.lr, resume=True, progress=progress, label="pretrain"))
         row["pretrained_accuracy"] = trainer.evaluate(model, data.test_x, data.test_y, **ev)
     else:   # the same pruned architecture: the same pruning of the same pre-trained weights (deterministic)
         if not pre_ckpt.is_file():
@@ -174,14 +176,15 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
     row["pruning_ratio"] = ratio
     if arm == "train-prune-finetune":
         if ft_epochs:
-            loop._fit(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
-                         epochs=ft_epochs, lr=cfg.lr * finetune_lr_scale, resume=True, progress=progress,
-                         label="finetune")
+            histories.append(loop._fit(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
+                                       epochs=ft_epochs, lr=cfg.lr * finetune_lr_scale, resume=True,
+                                       progress=progress, label="finetune"))
         row["split"] = [pre_epochs, ft_epochs]
     else:   # from-scratch: that architecture, fresh weights (the models' own init), all the epochs
         _reinit(small, cfg.seed)
-        loop._fit(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False, epochs=cfg.epochs,
-                     lr=cfg.lr, resume=True, progress=progress, label="scratch")
+        histories.append(loop._fit(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False,
+                                   epochs=cfg.epochs, lr=cfg.lr, resume=True, progress=progress, label="scratch"))
+    row["training"] = loop.training_cost(*histories)   # from-scratch: its own training (not the pre-training)
     row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y, **ev)
     return count(small, example)
 
@@ -205,6 +208,7 @@ def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fra
     row: dict = {"arm": arm, "seed": cfg.seed}
     if arm == "dense":
         row["accuracy"] = trainer.run_dense(cfg, out / "run", resume=True, progress=progress)
+        row["training"] = _checkpoint_cost(out / "run" / "checkpoint.pt")
         small_count = dense_count
     elif arm == "one-pass":
         small_count = _one_pass(cfg, out, row, progress)
@@ -222,6 +226,15 @@ def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fra
     return row
 
 
+def _checkpoint_cost(path: Path) -> dict:
+    """The training cost (loop.training_cost) of the finished run whose last checkpoint is ``path``."""
+    import torch
+    from polarprune_cuda.train import loop
+
+    history = torch.load(path, map_location="cpu", weights_only=True)["history"]
+    return loop.training_cost(loop.History(**history))
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -237,6 +250,9 @@ def summarise(rows: list[dict], arms: list[str]) -> dict:
                     "macs_removed_mean": statistics.mean(r["sparsity"]["macs"] for r in mine),
                     "params_removed_mean": statistics.mean(r["sparsity"]["params"] for r in mine),
                     "seconds_mean": statistics.mean(r["seconds"] for r in mine)}
+        if all(r.get("training") for r in mine):   # results written before the training cost was recorded lack it
+            out[arm]["train_seconds_mean"] = statistics.mean(r["training"]["seconds"] for r in mine)
+            out[arm]["train_macs_mean"] = statistics.mean(r["training"]["macs"] for r in mine)
     return out
 
 
@@ -254,8 +270,8 @@ def markdown(report: dict) -> str:
              "the extracted network.",
              "",
              "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | MACs removed | params removed "
-             "| train time |",
-             "|---|" + "---:|" * (len(seeds) + 4)]
+             "| train time | training steps' time | training MACs |",
+             "|---|" + "---:|" * (len(seeds) + 6)]
     for arm in arms:
         if arm not in summary:
             continue
@@ -266,11 +282,16 @@ def markdown(report: dict) -> str:
         sm = summary[arm]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {100 * sm['accuracy_mean']:.2f} ± "
                      f"{100 * sm['accuracy_sd']:.2f} | {100 * sm['macs_removed_mean']:.1f}% | "
-                     f"{100 * sm['params_removed_mean']:.1f}% | {sm['seconds_mean']:.0f} s |")
+                     f"{100 * sm['params_removed_mean']:.1f}% | {sm['seconds_mean']:.0f} s | "
+                     + (f"{sm['train_seconds_mean']:.0f} s | {sm['train_macs_mean']:.3g} |"
+                        if "train_macs_mean" in sm else "- | - |"))
     if report.get("overrides"):
         lines += ["", "Recipe overrides: " + ", ".join(f"`{k}={v}`" for k, v in report["overrides"].items())]
     lines += ["", f"Machine: {report['machine']['cpu']}, {report['machine']['threads']} threads; train time is "
-              "wall time of the arm's training on that machine (side by side in one script, one arm at a time).",
+              "wall time of the arm's training on that machine (side by side in one script, one arm at a time), "
+              "evaluation included; the training steps' time and the training MACs (forward and backward, 3x the "
+              "forward's) count the training steps only. One-pass trains the extracted network from the freeze "
+              "on; from-scratch counts its own training, not the pre-training that found its architecture.",
               "", "```", report["command"], "```", ""]
     return "\n".join(lines)
 
@@ -281,8 +302,8 @@ START, END = "<!-- equal-budget:start -->", "<!-- equal-budget:end -->"
 
 def readme_table(paths: list[Path]) -> str:
     """One row per arm of each result file: the README's equal-budget table."""
-    lines = ["| setting | arm | accuracy mean ± sd (seeds) | MACs removed | params removed | train time |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| setting | arm | accuracy mean ± sd (seeds) | MACs removed | params removed | train time | "
+             "training MACs |", "|---|---|---:|---:|---:|---:|---:|"]
     for path in paths:
         report = json.loads(path.read_text())
         rc = report["recipe"]
@@ -294,7 +315,8 @@ def readme_table(paths: list[Path]) -> str:
                 continue
             lines.append(f"| {setting} | {arm} | {100 * sm['accuracy_mean']:.2f} ± {100 * sm['accuracy_sd']:.2f} "
                          f"({len(sm['seeds'])}) | {100 * sm['macs_removed_mean']:.1f}% | "
-                         f"{100 * sm['params_removed_mean']:.1f}% | {sm['seconds_mean']:.0f} s |")
+                         f"{100 * sm['params_removed_mean']:.1f}% | {sm['seconds_mean']:.0f} s | "
+                         + (f"{sm['train_macs_mean']:.3g} |" if "train_macs_mean" in sm else "- |"))
     return "\n".join(lines)
 
 

@@ -160,24 +160,67 @@ def extract(model: nn.Module, example_inputs=None, min_channels: int | None = No
     else:
         inputs = _as_inputs(example_inputs)
         _check_fits(model, inputs)
-    closed = set(removed_blocks(model))
-
-    small = _folded_copy(model)
-    block_specs = [b.to_spec(b.name in closed) for b in record.blocks]
-    spec_groups = _group_specs(record, masks, [b for b in record.blocks if b.name in closed])
-    try:
-        close_blocks(small, block_specs)
-        _remove_channels(small, spec_groups, _random_inputs(record.input_shapes, record.input_dtypes, device))
-    except UnsupportedModelError:
-        raise
-    except Exception as exc:   # Torch-Pruning's channel removal on a model it cannot follow
-        raise UnsupportedModelError(f"removing the closed channels failed ({type(exc).__name__}: {exc}); "
-                                    f"{_group_list(spec_groups)}") from exc
+    small, spec_groups, block_specs = _take(model, record, masks, device)
     small.train(model.training)
     small.polarprune_spec = _spec(small, record, spec_groups, block_specs)
     if verify:
         _verify(model, small, inputs, spec_groups)
     return small
+
+
+def _take(model: nn.Module, record: SurgeryRecord, masks: list[Tensor], device,
+          dtype: torch.dtype | None = None) -> tuple[nn.Module, list[dict], list[dict]]:
+    """(the folded copy of ``model`` with the closed blocks replaced and the channels ``masks`` does not keep
+    removed, its spec groups, its block specs). ``dtype``: the floating dtype of the inputs Torch-Pruning traces
+    with (default: the recorded ones; a float64 copy needs float64)."""
+    closed = set(removed_blocks(model))
+    small = _folded_copy(model)
+    block_specs = [b.to_spec(b.name in closed) for b in record.blocks]
+    spec_groups = _group_specs(record, masks, [b for b in record.blocks if b.name in closed])
+    inputs = _random_inputs(record.input_shapes, record.input_dtypes, device)
+    if dtype is not None:
+        inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    try:
+        close_blocks(small, block_specs)
+        _remove_channels(small, spec_groups, inputs)
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:   # Torch-Pruning's channel removal on a model it cannot follow
+        raise UnsupportedModelError(f"removing the closed channels failed ({type(exc).__name__}: {exc}); "
+                                    f"{_group_list(spec_groups)}") from exc
+    return small, spec_groups, block_specs
+
+
+def index_maps(model: nn.Module, min_channels: int | None = None, round_to: int | None = None) -> dict[str, Tensor]:
+    """Where :func:`extract`'s tensors come from: for every floating parameter and buffer of the extracted model
+    (by state-dict name, which extraction keeps), the flat indices into the gated model's tensor of the same
+    name that its elements are taken from, in its own shape; -1 where extraction writes a zero (a closed
+    channel the ``min_channels``/``round_to`` guard keeps).
+
+    Found by running the same extraction on a float64 copy whose every element holds its own flat index
+    (plus one): channel removal only selects elements, so the values that arrive are the indices. Used to
+    carry per-element state (momentum buffers) from the gated to the extracted model and back.
+    """
+    bank, record = _surgery(model)
+    masks = kept_channels(model, min_channels, round_to, warn=False)
+    probe = copy.deepcopy(model).double()
+    skip = _score_ids(probe)
+    with torch.no_grad():
+        for t in [*probe.parameters(), *probe.buffers()]:
+            if t.is_floating_point() and id(t) not in skip:
+                if t.numel() >= 2 ** 53:
+                    raise ValueError(f"a tensor of {t.numel()} elements is too large to map")
+                t.copy_(torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device).view(t.shape))
+    small, _, _ = _take(probe, record, masks, _model_device(model), dtype=torch.float64)
+    maps = {}
+    for name, t in small.state_dict().items():
+        if t.is_floating_point():
+            idx = t.detach().round().long() - 1
+            if not bool(((idx >= -1) & (t == idx + 1)).all()):
+                raise UnsupportedModelError(f"extraction does not only select elements of {name!r}: its "
+                                            "per-element training state cannot follow it")
+            maps[name] = idx
+    return maps
 
 
 def _group_list(spec_groups: list[dict]) -> str:

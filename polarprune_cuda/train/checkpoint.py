@@ -24,6 +24,7 @@ from .checkpoint_schema import (  # noqa: F401  re-exported: the constants and v
     FIELDS,
     HISTOGRAM_BINS,
     HISTORY_FIELDS,
+    SWITCH_FIELDS,
     _same,
     _show,
     validate,
@@ -45,6 +46,11 @@ class Expected:
     steps_per_epoch: int
     gated: bool
     history_fields: tuple = HISTORY_FIELDS
+    #: for a checkpoint written after the switch to the extracted network: ``switch(gated_state, spec)`` gives
+    #: the run's train.switch.Switched (extracted network, optimizer, schedule) to check it against; the
+    #: checks leave it in ``built`` for the restore
+    switch: Any = None
+    built: Any = None
 
 
 def max_bytes(model: torch.nn.Module) -> int:

@@ -19,9 +19,14 @@ CHECKPOINT_FORMAT = 1
 #: the top-level entries of a checkpoint (what train.loop._fit saves), in the order they are checked
 FIELDS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "scaler", "loss_step", "dual_shift",
           "pruner", "history", "rng", "world_size")
+#: a checkpoint written after the switch to the extracted network also holds the gated model's state
+#: ("gated_model"; its "model" is then the extracted network's) and the extraction's spec
+SWITCH_FIELDS = ("gated_model", "spec")
 #: the fields of trainer.History (the trainer can pass its own through Expected.history_fields)
 HISTORY_FIELDS = ("epoch", "train_loss", "penalty", "test_accuracy", "density", "soft_density", "polarized",
                   "histogram", "epoch_step", "step", "step_density", "budget")
+#: History's training-cost fields, absent from checkpoints written before they existed
+COST_FIELDS = ("epoch_seconds", "epoch_macs", "epoch_joules", "macs_trace", "switch_step", "energy")
 #: the entries of budget.BudgetResult.to_dict (history["budget"] once the gates froze)
 BUDGET_FIELDS = ("target_sparsity", "achieved_sparsity", "cost", "budget", "achieved_cost", "total", "opened",
                  "closed", "reason")
@@ -43,6 +48,9 @@ class _Run:
     expected: Any   # a checkpoint.Expected
     total_steps: int
     epoch: int = 0
+    model: Any = None       # the network the checkpoint's "model" and "optimizer" are of (after a switch: the
+    optimizer: Any = None   # extracted network, built by expected.switch)
+    scheduler: Any = None
 
 
 def validate(state: dict, expected: Any, path) -> None:
@@ -56,9 +64,13 @@ def validate(state: dict, expected: Any, path) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} must hold a dict, got {_show(state)}; delete it or use another "
                               "--out")
-    run = _Run(expected, total_steps=expected.epochs * expected.steps_per_epoch)
+    run = _Run(expected, total_steps=expected.epochs * expected.steps_per_epoch, model=expected.model,
+               optimizer=expected.optimizer, scheduler=expected.scheduler)
     try:
-        _keys(state, (), FIELDS, what="a checkpoint")
+        switched = any(k in state for k in SWITCH_FIELDS) if isinstance(state, dict) else False
+        _keys(state, (), FIELDS + (SWITCH_FIELDS if switched else ()), what="a checkpoint")
+        if switched:
+            _check_switch(state, run)
         for name in FIELDS:
             _CHECKS[name](state[name], (name,), run)
     except _Invalid as bad:
@@ -207,14 +219,30 @@ def _check_epoch(v, at, run):
     run.epoch = _int(v, at, 0, run.expected.epochs)
 
 
+def _check_switch(state: dict, run: _Run) -> None:
+    """A checkpoint after the switch: the gated model's state like the run's, a spec, and the extraction of the
+    gated model (expected.switch) with that spec; the extracted network is what "model" is then checked against."""
+    ex = run.expected
+    if ex.switch is None:
+        raise _Invalid(("spec",), "is there, but this run does not switch to the extracted network (--keep-gated, "
+                                  "or no gates)")
+    _tensors_like(state["gated_model"], ("gated_model",), ex.model.state_dict())
+    _kind(state["spec"], ("spec",), dict, "a dict")
+    try:
+        ex.built = ex.switch(state["gated_model"], state["spec"])
+    except Exception as exc:   # extraction of a gated model that passed the checks above
+        raise _Invalid(("spec",), f"does not match the gated model: {exc}") from None
+    run.model, run.optimizer, run.scheduler = ex.built.model, ex.built.optimizer, ex.built.scheduler
+
+
 def _check_model(v, at, run):
-    _tensors_like(v, at, run.expected.model.state_dict())
+    _tensors_like(v, at, run.model.state_dict())
 
 
 def _check_optimizer(v, at, run):
     """torch.optim.SGD's state_dict: the run's parameter groups (hyperparameters equal but the scheduled lr)
     and momentum buffers shaped like their parameters."""
-    opt = run.expected.optimizer
+    opt = run.optimizer
     reference = opt.state_dict()
     _keys(v, at, ("state", "param_groups"), what="an optimizer's state_dict")
     groups = _list(v["param_groups"], at + ("param_groups",), len(reference["param_groups"]))
@@ -239,9 +267,9 @@ def _check_optimizer(v, at, run):
 
 def _check_scheduler(v, at, run):
     """LambdaLR's state_dict: the run's base lrs and lambdas (None: functions are not saved), a step in range."""
-    reference = run.expected.scheduler.state_dict()
+    reference = run.scheduler.state_dict()
     total = run.total_steps
-    _keys(v, at, tuple(reference), what=f"{type(run.expected.scheduler).__name__}'s state_dict")
+    _keys(v, at, tuple(reference), what=f"{type(run.scheduler).__name__}'s state_dict")
     for key, want in reference.items():
         k_at = at + (key,)
         if key == "last_epoch":
@@ -350,11 +378,20 @@ def _check_history(v, at, run):
         "step_density": lambda x, a: _reals(x, a, len(v["step"]) if isinstance(v.get("step"), list) else None,
                                             0),
         "budget": lambda x, a: _check_budget(x, a, gated),
+        # at most one entry per epoch done (fewer after resuming a checkpoint written before they existed)
+        "epoch_seconds": lambda x, a: _reals(x, a, min(len(_list(x, a)), n), 0),
+        "epoch_macs": lambda x, a: _ints(x, a, min(len(_list(x, a)), n), 0),
+        "epoch_joules": lambda x, a: _reals(x, a, min(len(_list(x, a)), n), 0),
+        "macs_trace": lambda x, a: [_ints(pair, a + (i,), 2, 0) for i, pair in enumerate(_list(x, a))],
+        "switch_step": lambda x, a: _ints(x, a, len(_list(x, a)) if gated and len(x) <= 1 else 0, 0, total),
+        "energy": lambda x, a: _kind(x, a, dict, "a dict"),
     }
     fields = tuple(ex.history_fields)
-    _keys(v, at, fields, what="the trainer's history")
+    required = tuple(f for f in fields if f not in COST_FIELDS)
+    _keys(v, at, required, optional=tuple(f for f in fields if f in COST_FIELDS), what="the trainer's history")
     for name in fields:   # a field the trainer has and these rules do not know: a list or dict, unchecked
-        rules.get(name, lambda x, a: _kind(x, a, (list, dict), "a list or a dict"))(v[name], at + (name,))
+        if name in v:
+            rules.get(name, lambda x, a: _kind(x, a, (list, dict), "a list or a dict"))(v[name], at + (name,))
 
 
 def _check_epochs_done(v, at, n: int) -> None:

@@ -76,6 +76,9 @@ class PruneConfig:
     # the weights' learning rate after the gates freeze, as a multiple of the cosine schedule's
     freeze_lr_scale: float = _opt(1.0, "weights' learning rate after the gates freeze, times the cosine "
                                        "schedule's")
+    keep_gated: bool = _opt(False, "train the gated network to the end instead of switching to the extracted "
+                                   "(smaller, faster) network when the gates freeze; the result is the same up to "
+                                   "float rounding")
     min_channels: int = _opt(4, "fewest channels a gated group keeps")
     round_to: int | None = _opt(None, "round every group's kept channels to a multiple of this")
     finetune_epochs: int = _opt(0, "optional fine-tuning of the extracted model")

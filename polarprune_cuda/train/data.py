@@ -246,7 +246,21 @@ def batches(x: Tensor, y: Tensor, batch_size: int, *, seed: int | None = None, e
         xb = x[idx]
         if gen is not None and (pad or flip):
             xb = augment(xb, gen, pad, flip)
-        yield xb, y[idx]
+        yield _nchw(xb), y[idx]
+
+
+def _nchw(x: Tensor) -> Tensor:
+    """``x`` with the plain row-major strides. Indexing can give a one-channel batch the strides of channels_last
+    (a size-1 dim's stride is free), and a convolution then runs its channels_last kernels all through the
+    network; on a CPU some of those (oneDNN, odd channel counts such as an extracted network's) are not
+    deterministic across threads, so a resumed run would not equal an uninterrupted one bit for bit."""
+    want, step = [], 1
+    for size in reversed(x.shape):
+        want.append(step)
+        step *= size
+    if x.stride() == tuple(reversed(want)):
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
 def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:

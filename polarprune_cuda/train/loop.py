@@ -10,7 +10,10 @@ written by an earlier version resumes to, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import sys
+import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -19,10 +22,14 @@ from torch import nn
 
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import energy as energy_mod
+from . import switch as switch_mod
 from ..gates.loss import PolarizationLoss, gate_stats
 from ..gates.bank import find_bank
 from ..sparse import fggp as fggp_mod
 from ..surgery.budget import meet_target
+from ..surgery.costs import count
+from ..surgery.spec import spec_digest
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, Expected
 from .config import AMP_MODES, PruneConfig
 from .optim import lr_lambdas, make_optimizer, penalty_schedule
@@ -94,6 +101,36 @@ class History:
     step: list = field(default_factory=list)             # step trace of the density the loss sees
     step_density: list = field(default_factory=list)
     budget: dict = field(default_factory=dict)           # what meet_target chose when the gates froze
+    # the training's cost (report.json "training"): wall time of the steps, MACs computed (forward and
+    # backward, TRAIN_MACS_FACTOR times the forward's), energy where a counter is readable, per epoch
+    epoch_seconds: list = field(default_factory=list)
+    epoch_macs: list = field(default_factory=list)
+    epoch_joules: list = field(default_factory=list)     # empty where no counter is readable
+    macs_trace: list = field(default_factory=list)       # [step, forward MACs per sample] where the network changes
+    switch_step: list = field(default_factory=list)      # [the step where training moved to the extracted network]
+    energy: dict = field(default_factory=dict)           # {"source": ...} or {"reason": ...} (energy.open_counter)
+
+
+#: History's wall-clock measurements: the only fields that differ between two runs of one recipe on one machine
+CLOCK_FIELDS = ("epoch_seconds", "epoch_joules")
+
+#: training MACs per forward MAC: the forward pass, and the backward pass's gradients of the inputs and of the
+#: weights, each as many multiply-accumulates as the forward (the first layer's input gradient included)
+TRAIN_MACS_FACTOR = 3
+
+
+def training_cost(*histories: History) -> dict:
+    """What the training of one or more runs in sequence (training, fine-tuning) cost: wall time of the steps
+    (seconds), MACs computed (forward and backward), energy (joules; None unless a counter was read for every
+    epoch of every run) and where the energy comes from."""
+    epochs = sum(len(h.epoch_seconds) for h in histories)
+    joules = [j for h in histories for j in h.epoch_joules]
+    energy = next((h.energy for h in histories if h.energy), {})
+    return {"seconds": sum(x for h in histories for x in h.epoch_seconds),
+            "macs": sum(x for h in histories for x in h.epoch_macs),
+            "joules": sum(joules) if joules and len(joules) == epochs else None,
+            "energy": energy.get("source") or energy.get("reason"), "epochs": epochs,
+            "switch_step": next((h.switch_step[0] for h in histories if h.switch_step), None)}
 
 
 @dataclass
@@ -117,6 +154,12 @@ class _Fit:
     steps_per_epoch: int
     step: int = 0
     start_epoch: int = 0
+    example: torch.Tensor | None = None    # one sample: MACs are counted and the extraction checked on it
+    macs_per_sample: int = 0               # forward MACs of one sample through the network being trained
+    switch_at: int | None = None           # the step where training moves to the extracted network (None: never)
+    gated_model: nn.Module | None = None   # after the switch: the gated model (gates frozen, weights left behind)
+    maps: dict | None = None               # after the switch: index_maps of the gated model
+    counter: object = None                 # energy.EnergyCounter, None where none is readable
 
 
 def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
@@ -134,11 +177,7 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
     run = _setup(model, data, cfg, gated=gated, epochs=epochs, lr=lr, pruner=pruner, device=device)
     if resume:
         _restore(run, ckpt, cfg, label, epochs, info)
-    if info.enabled:
-        if cfg.sync_bn:
-            dist_mod.enable_sync_batchnorm(model)
-        run.train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    _wrap(run, cfg, info, device)
     progress = progress and info.is_main
     run.step = run.start_epoch * run.steps_per_epoch
     epochs_bar = _progress(range(run.start_epoch, epochs), progress, desc=label, initial=run.start_epoch,
@@ -156,8 +195,37 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
             run.history.budget = _meet_target(model, cfg)
     finally:
         if info.enabled:
+            dist_mod.disable_sync_batchnorm(run.model)
             dist_mod.disable_sync_batchnorm(model)
+    if run.gated_model is not None:   # the trained weights back into the caller's (gated) model
+        switch_mod.write_back(run.model, run.gated_model, run.maps)
     return run.history
+
+
+def _wrap(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.device) -> None:
+    """Under torchrun: the network being trained in DistributedDataParallel (synchronised BatchNorm with
+    --sync-bn); else the network itself."""
+    run.train_model = run.model
+    if info.enabled:
+        if cfg.sync_bn:
+            dist_mod.enable_sync_batchnorm(run.model)
+        run.train_model = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _switch(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.device) -> None:
+    """From this step on, train the extracted network (switch.py): the weights, momentum buffers, learning rates
+    and schedule carry over; the gated model stays (gates frozen) for the statistics and the end."""
+    gated = run.model
+    if info.enabled:
+        dist_mod.disable_sync_batchnorm(gated)
+    sw = switch_mod.switch(gated, run.opt, run.sched, run.example, channels_last=cfg.channels_last)
+    run.gated_model, run.maps = gated, sw.maps
+    run.model, run.opt, run.sched = sw.model, sw.optimizer, sw.scheduler
+    _wrap(run, cfg, info, device)
+    run.macs_per_sample = count(run.model, run.example)["macs"]
+    run.history.macs_trace.append([run.step, run.macs_per_sample])
+    run.history.switch_step = [run.step]
 
 
 def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gated: bool, epochs: int, lr: float,
@@ -179,10 +247,17 @@ def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gate
     lambdas = lr_lambdas(total, freeze, warmup, cfg.freeze_lr_scale)[: len(opt.param_groups)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    example = data.example_input(1).to(device)
+    counter, source = energy_mod.open_counter(device)
+    history = History(energy={"source": source} if counter is not None else {"reason": source})
+    macs = count(model, example)["macs"]
+    history.macs_trace.append([0, macs])
+    switch_at = freeze if gated and not cfg.keep_gated and freeze < total else None
     return _Fit(model=model, train_model=model, loss_fn=loss_fn, opt=opt, sched=sched, scaler=scaler,
-                history=History(), pruner=pruner, gated=gated, dual=gated and cfg.target_control == "dual",
+                history=history, pruner=pruner, gated=gated, dual=gated and cfg.target_control == "dual",
                 rho=1.0 - cfg.target_sparsity, dual_shift=0.0, freeze=freeze, total=total,
-                steps_per_epoch=steps_per_epoch)
+                steps_per_epoch=steps_per_epoch, example=example, macs_per_sample=macs, switch_at=switch_at,
+                counter=counter)
 
 
 def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs: int,
@@ -191,13 +266,23 @@ def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs
     optimizer, schedule, scaler, loss and pruner state, the history, the epoch and the RNG state."""
     expected = Expected(model=run.model, optimizer=run.opt, scheduler=run.sched, scaler=run.scaler,
                         pruner=run.pruner, epochs=epochs, steps_per_epoch=run.steps_per_epoch, gated=run.gated,
-                        history_fields=tuple(f.name for f in fields(History)))
+                        history_fields=tuple(f.name for f in fields(History)),
+                        switch=_rebuilder(run, cfg) if run.switch_at is not None else None)
     state = ckpt.load(cfg.to_dict() | {"_label": label}, PruneConfig().to_dict(), PruneConfig.RESUME_FREE,
                       expected) if info.is_main and ckpt.path.is_file() else None
     state = dist_mod.broadcast_object(info, state)
     if state is None:
         return
-    run.model.load_state_dict(state["model"])
+    switched = "spec" in state
+    if switched and expected.built is None:   # the other ranks: rebuild what rank 0 checked
+        expected.built = expected.switch(state["gated_model"], state["spec"])
+    run.model.load_state_dict(state["gated_model"] if switched else state["model"])
+    if switched:
+        sw = expected.built
+        run.gated_model, run.maps = run.model, sw.maps
+        run.model, run.opt, run.sched = sw.model, sw.optimizer, sw.scheduler
+        run.model.load_state_dict(state["model"])
+        run.macs_per_sample = count(run.model, run.example)["macs"]
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     if state.get("scaler"):
@@ -207,7 +292,7 @@ def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs
         run.dual_shift = float(state.get("dual_shift", 0.0))
         if run.dual:
             run.loss_fn.target_sparsity = min(1.0, max(0.0, 1.0 - (run.rho - run.dual_shift)))
-            run.loss_fn.arm(run.model)
+            run.loss_fn.arm(run.gated_model or run.model)
     if run.pruner is not None:
         run.pruner.load_state_dict(state["pruner"])
     run.history = History(**state["history"])
@@ -215,12 +300,27 @@ def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs
     torch.set_rng_state(state["rng"])
 
 
+def _rebuilder(run: _Fit, cfg: PruneConfig):
+    """What a checkpoint written after the switch is checked and restored with: the extraction of a copy of the
+    gated model holding the checkpoint's gated weights, its spec equal to the checkpoint's."""
+    def rebuild(gated_state: dict, spec: dict) -> switch_mod.Switched:
+        gated = copy.deepcopy(run.model)
+        gated.load_state_dict(gated_state)
+        sw = switch_mod.switch(gated, run.opt, run.sched, run.example, channels_last=cfg.channels_last)
+        if spec_digest(sw.model.polarprune_spec) != spec_digest(spec):
+            raise ValueError("it is not the extraction of the checkpoint's gated model")
+        return sw
+
+    return rebuild
+
+
 def _train_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: int, progress: bool,
                  info: dist_mod.DistInfo, device: torch.device) -> tuple:
     """One epoch's batches; returns (sum of the task loss, sum of the penalty, batches trained)."""
     run.model.train()
     total_loss = total_pen = 0.0
-    n_batches = 0
+    n_batches = macs = 0
+    start, joules = time.perf_counter(), run.counter.read() if run.counter is not None else None
     log_every = max(1, run.steps_per_epoch // 10)
     batch_iter = data_mod.batches(data.train_x, data.train_y, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                   pad=data.pad, flip=data.flip)
@@ -228,11 +328,14 @@ def _train_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: i
                             desc=f"epoch {epoch + 1}"):
         if run.gated and run.step == run.freeze:   # the gates stop here: from now on the final architecture
             run.history.budget = _meet_target(run.model, cfg)
+            if run.switch_at == run.step:
+                _switch(run, cfg, info, device)
         part = dist_mod.shard(len(yb), info)
         if part is None:   # fewer samples than ranks: every rank skips it alike
             run.step += 1
             continue
         task, penalty, share = _train_step(run, xb, yb, part, cfg, info, device)
+        macs += TRAIN_MACS_FACTOR * run.macs_per_sample * len(yb)
         if penalty is not None:
             total_pen += penalty
         total_loss += task.detach() * (share / info.world_size)
@@ -243,6 +346,12 @@ def _train_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: i
             run.history.step.append(run.step)
             run.history.step_density.append(float(loss_fn.last_terms[0]))
         run.step += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    run.history.epoch_seconds.append(time.perf_counter() - start)
+    run.history.epoch_macs.append(macs)
+    if joules is not None:
+        run.history.epoch_joules.append(run.counter.delta(joules, run.counter.read()))
     return total_loss, total_pen, n_batches
 
 
@@ -291,9 +400,10 @@ def _end_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: int
     (``bar``: the epochs' progress bar, None without one)."""
     total_loss, total_pen, n_batches = sums
     model, history = run.model, run.history
+    gated = run.gated_model or model   # after the switch the gates live in the gated model, frozen
     if info.enabled:
         _sync_buffers(model)   # rank 0's BatchNorm statistics everywhere before evaluating
-        bank = find_bank(model)
+        bank = find_bank(gated)
         if bank is not None:
             dist_mod.check_identical(info, bank.scores, "gate scores")
     total_loss, = dist_mod.all_sum(info, [float(total_loss)], device)
@@ -305,11 +415,11 @@ def _end_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: int
                                           amp=cfg.amp, channels_last=cfg.channels_last))
     acc = f"{history.test_accuracy[-1]:.3f}"
     if run.gated:
-        stats = gate_stats(model, cost=cfg.cost)
+        stats = gate_stats(gated, cost=cfg.cost)
         history.density.append(stats["density"])
         history.soft_density.append(stats["soft_density"])
         history.polarized.append(stats["polarized"])
-        p = find_bank(model).probabilities().float().cpu()
+        p = find_bank(gated).probabilities().float().cpu()
         history.histogram.append(torch.histc(p, bins=20, min=0, max=1).tolist())
         if bar is not None:
             bar.set_postfix(acc=acc, density=f"{stats['density']:.3f}", polarized=f"{stats['polarized']:.2f}")
@@ -329,6 +439,8 @@ def _checkpoint_state(run: _Fit, cfg: PruneConfig, label: str, epoch: int, info:
         "config": cfg.to_dict() | {"_label": label},
         "epoch": epoch + 1,
         "model": run.model.state_dict(),
+        **({} if run.gated_model is None else {"gated_model": run.gated_model.state_dict(),
+                                               "spec": json.loads(json.dumps(run.model.polarprune_spec))}),
         "optimizer": run.opt.state_dict(),
         "scheduler": run.sched.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,

@@ -39,8 +39,40 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set_ylim(0, 1.05)
         ax.legend()
         files.append(_save(fig, out, "density.png"))
+    if hist.get("macs_trace"):
+        files.append(_macs_plot(report, out))
     files.append(_accuracy_plot(report, out, "gated model", extracted=True))
     return files
+
+
+def _macs_plot(report: dict, out: Path) -> str:
+    """macs.png: training MACs per step (a full batch, forward and backward) over the run, the dense
+    network's beside it; the step where training moved to the extracted network marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .loop import TRAIN_MACS_FACTOR
+
+    hist = report["history"]
+    per_step = TRAIN_MACS_FACTOR * report["config"]["batch_size"]
+    last = hist["epoch_step"][-1] if hist["epoch_step"] else hist["macs_trace"][-1][0] + 1
+    xs, ys = [], []
+    for i, (step, macs) in enumerate(hist["macs_trace"]):
+        end = hist["macs_trace"][i + 1][0] if i + 1 < len(hist["macs_trace"]) else last
+        xs += [step, end]
+        ys += [macs * per_step, macs * per_step]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(xs, ys, label="this run")
+    ax.axhline(report["dense"]["macs"] * per_step, color="k", ls="--", label="dense network")
+    for step in hist.get("switch_step") or []:
+        ax.axvline(step, color="C3", ls=":", label="gates froze: the extracted network trains")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training MACs per step")
+    ax.set_ylim(0, None)
+    ax.legend()
+    return _save(fig, out, "macs.png")
 
 
 def _accuracy_plot(report: dict, out: Path, label: str, extracted: bool) -> str:
@@ -66,7 +98,8 @@ def _accuracy_plot(report: dict, out: Path, label: str, extracted: bool) -> str:
 
 def plot_names(method: str = "polar") -> list[str]:
     """The plots :func:`write` may draw for a run of ``method``."""
-    return ["gates.png", "density.png", "accuracy.png"] if method == "polar" else ["density.png", "accuracy.png"]
+    return ["gates.png", "density.png", "macs.png", "accuracy.png"] if method == "polar" \
+        else ["density.png", "accuracy.png"]
 
 
 def _save(fig, out: Path, name: str) -> str:

@@ -90,6 +90,19 @@ def versions() -> dict:
     return out
 
 
+def training_section(result) -> dict | None:
+    """report.json "training": what the run's training cost (loop.training_cost), the dense baseline's with
+    --baseline, and the ratios run / baseline where both have the figure."""
+    own = getattr(result, "training", None)
+    if own is None:
+        return None
+    base = (result.baseline or {}).get("training")
+    ratio = None
+    if base is not None:
+        ratio = {k: own[k] / base[k] if own[k] is not None and base[k] else None for k in ("seconds", "macs", "joules")}
+    return {"run": own, "baseline": base, "ratio": ratio}
+
+
 def build_report(result, command: list[str], latency: dict, energy: dict, latency_batch: int) -> dict:
     if getattr(result, "pruner", None) is not None:
         return build_sparse_report(result, command, latency, energy, latency_batch)
@@ -132,6 +145,7 @@ def build_report(result, command: list[str], latency: dict, energy: dict, latenc
         "baseline_curve": None if result.baseline is None else result.baseline["test_accuracy"],
         "blocks": result.blocks,
         "budget": getattr(result.history, "budget", None) or None,
+        "training": training_section(result),
     }
     acc = report["accuracy"]
     if acc["baseline"] is not None:
@@ -172,7 +186,37 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     if energy.get("available"):
         rows.append((f"energy per batch (J, {energy['source']})", f"{energy['dense']['joules_per_batch']:.4f}",
                      f"{energy['pruned']['joules_per_batch']:.4f}"))
+    return rows + training_rows(report)
+
+
+def training_rows(report: dict) -> list[tuple[str, str, str]]:
+    """The training's cost: the dense baseline's (with --baseline) beside the run's."""
+    t = report.get("training")
+    if not t:
+        return []
+    base = t["baseline"] or {}
+    rows = [("training time (s, the steps)", f"{base['seconds']:.1f}" if base else "-", f"{t['run']['seconds']:.1f}"),
+            ("training MACs (forward + backward)", f"{base['macs']:.3g}" if base else "-", f"{t['run']['macs']:.3g}")]
+    if t["run"]["joules"] is not None:
+        rows.append(("training energy (J)", f"{base['joules']:.1f}" if base.get("joules") is not None else "-",
+                     f"{t['run']['joules']:.1f}"))
     return rows
+
+
+def _training_lines(report: dict) -> list[str]:
+    t = report.get("training")
+    if not t:
+        return []
+    run = t["run"]
+    line = (f"Training cost: {run['seconds']:.1f} s of steps, {run['macs']:.3g} MACs (forward and backward)"
+            + (f", {run['joules']:.1f} J" if run["joules"] is not None else f"; energy: {run['energy']}") + ".")
+    if run.get("switch_step") is not None:
+        line += f" From step {run['switch_step']} (the gates froze) it trained the extracted network."
+    if t["ratio"]:
+        r = t["ratio"]
+        line += (f" Against the dense baseline of the same epochs: {r['seconds']:.2f}x the time, "
+                 f"{r['macs']:.2f}x the MACs" + (f", {r['joules']:.2f}x the energy" if r["joules"] else "") + ".")
+    return [line]
 
 
 def _channels_text(report: dict) -> str:
@@ -223,9 +267,10 @@ def markdown(report: dict) -> str:
         f"The pruned accuracy is measured on the extracted model; the gated model at the end of training had "
         f"{100 * acc['gated']:.2f}%.",
     ]
-    lines += _closing_lines(report)
+    lines += _closing_lines(report) + _training_lines(report)
     lines += ["", "![gate probabilities](gates.png)", "", "![density](density.png)", "",
-              "![accuracy](accuracy.png)", "", "Command:", "", "```", report["command"], "```", "",
+              "![training MACs per step](macs.png)", "", "![accuracy](accuracy.png)", "", "Command:", "", "```",
+              report["command"], "```", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
 
@@ -308,6 +353,7 @@ def build_sparse_report(result, command: list[str], latency: dict, energy: dict,
         "seconds": result.seconds,
         "baseline_curve": None if result.baseline is None else result.baseline["test_accuracy"],
         "note": SPARSE_NOTE,
+        "training": training_section(result),
     }
     acc = report["accuracy"]
     if acc["baseline"] is not None:
@@ -325,7 +371,7 @@ def sparse_rows(report: dict) -> list[tuple[str, str, str]]:
         ("test accuracy", "-" if acc["baseline"] is None else f"{100 * acc['baseline']:.2f}%",
          f"{100 * acc['pruned']:.2f}%"),
     ]
-    return rows
+    return rows + training_rows(report)
 
 
 def sparse_markdown(report: dict) -> str:

@@ -24,7 +24,7 @@ from ..surgery.blocks import depth
 from ..surgery import attach_gates, count, extract, kept_channels, predicted_depth, save_pruned
 from .checkpoint import Checkpointer
 from .config import PruneConfig
-from .loop import History, _fit, evaluate
+from .loop import History, _fit, evaluate, training_cost
 
 
 def build(cfg: PruneConfig, data: data_mod.ImageData) -> nn.Module:
@@ -73,6 +73,7 @@ class PruneResult:
     channels: tuple[int, int]
     seconds: float
     blocks: dict | None = None        # block gates: gated and removed block names, depth dense/pruned/predicted
+    training: dict | None = None      # loop.training_cost of the training (and fine-tuning)
 
 
 def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool = False,
@@ -154,9 +155,10 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
     small = extract(model, data.example_input(8).to(cfg.device))
     pruned_acc = evaluate(small, data.test_x, data.test_y, **ev)
     finetuned_acc = None
+    histories = [history]
     if cfg.finetune_epochs:
-        _fit(small, data, cfg, Checkpointer(out / "finetune.pt"), gated=False, epochs=cfg.finetune_epochs,
-             lr=cfg.lr * 0.1, label="finetune", **fit)
+        histories.append(_fit(small, data, cfg, Checkpointer(out / "finetune.pt"), gated=False,
+                              epochs=cfg.finetune_epochs, lr=cfg.lr * 0.1, label="finetune", **fit))
         finetuned_acc = evaluate(small, data.test_x, data.test_y, **ev)
     if info.is_main:
         save_pruned(small, out / "model")
@@ -165,7 +167,7 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
         base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False,
                          epochs=cfg.epochs + cfg.finetune_epochs, lr=cfg.lr, label="baseline", **fit)
         base = {"accuracy": evaluate(dense, data.test_x, data.test_y, **ev),
-                "test_accuracy": base_hist.test_accuracy}
+                "test_accuracy": base_hist.test_accuracy, "training": training_cost(base_hist)}
     spec = small.polarprune_spec
     kept = sum(len(g["kept"]) for g in spec["groups"])
     total = sum(g["channels"] for g in spec["groups"])
@@ -181,7 +183,8 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
                   "depth": {"dense": depth(dense, example), "pruned": depth(small, example),
                             "predicted": predicted_depth(model)}}
     return PruneResult(cfg, data, dense, model, small, history, gated_acc, pruned_acc, finetuned_acc, base,
-                       dense_count, count(small, example), (kept, total), time.perf_counter() - start, blocks)
+                       dense_count, count(small, example), (kept, total), time.perf_counter() - start, blocks,
+                       training_cost(*histories))
 
 
 def run_dense(cfg: PruneConfig, out_dir, *, resume: bool = True, progress: bool = True,
@@ -221,6 +224,7 @@ class SparseResult:
     sparsity: dict
     sizes: dict
     seconds: float
+    training: dict | None = None     # loop.training_cost of the training
 
 
 def default_update_every(total_steps: int, end_fraction: float = 0.8) -> int:
@@ -276,6 +280,6 @@ def _run_sparse(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, prog
         base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False, epochs=cfg.epochs,
                          lr=cfg.lr, label="baseline", **fit)
         base = {"accuracy": evaluate(dense, data.test_x, data.test_y, **ev),
-                "test_accuracy": base_hist.test_accuracy}
+                "test_accuracy": base_hist.test_accuracy, "training": training_cost(base_hist)}
     return SparseResult(cfg, data, dense, model, pruner, history, accuracy, base, pruner.sparsity(), sizes,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, training_cost(history))

@@ -1,8 +1,9 @@
 """Resuming from a damaged or edited checkpoint is refused with one line naming the file and the field.
 
-Two real checkpoints are written once per module (a gated prune and an FGGP run, so the pruner's state is
-covered), each by a tiny run interrupted after its first epoch. The :class:`Expected` the checks compare
-with is the one a real ``--resume`` builds: it is recorded from ``Checkpointer.load`` during one.
+Three real checkpoints are written once per module (a prune that switched to the extracted network, one that
+kept the gated network, and an FGGP run, so the pruner's state is covered), each by a tiny run interrupted after
+its first epoch. The :class:`Expected` the checks compare with is the one a real ``--resume`` builds: it is
+recorded from ``Checkpointer.load`` during one.
 """
 import copy
 import dataclasses
@@ -21,7 +22,10 @@ from polarprune_cuda.train.checkpoint import DIGEST_KEY, FIELDS, Checkpointer, C
 
 BASE = ["prune", "--dataset", "digits", "--model", "resnet20", "--max-train", "64", "--max-test", "32",
         "--batch-size", "32", "--latency-batch", "4", "--quiet", "--min-channels", "2", "--epochs", "2"]
-METHODS = {"polar": [], "fggp": ["--method", "fggp"]}
+# polar: the gates freeze in epoch 1, so its checkpoint is one written after the switch to the extracted network
+# (its "model" is the extracted network's, with "gated_model" and "spec" beside it); polar-gated trains the gated
+# network to the end (--keep-gated)
+METHODS = {"polar": [], "polar-gated": ["--keep-gated"], "fggp": ["--method", "fggp"]}
 
 
 @dataclasses.dataclass
@@ -117,7 +121,9 @@ def test_valid_checkpoint_loads_unchanged(runs, method):
     run = runs[method]
     state = _load(run, run.folder / "checkpoint.pt")
     assert content_digest(state) == content_digest(run.state)
-    assert (run.expected.pruner is None) == (method == "polar") and run.expected.gated == (method == "polar")
+    polar = method.startswith("polar")
+    assert (run.expected.pruner is None) == polar and run.expected.gated == polar
+    assert ({"spec", "gated_model"} <= set(state)) == (method == "polar")   # written after the switch
 
 
 # ----------------------------------------------------------------------------- (1) every field removed
@@ -159,14 +165,14 @@ def _nan(state, key):
 
 MODEL_EDITS = {
     "wrong shape": (lambda s: _narrow(s, "layer1.0.conv1.weight"),
-                    "field 'model' entry 'layer1.0.conv1.weight' must be a tensor of shape (16, 16, 3, 3)"),
+                    "field 'model' entry 'layer1.0.conv1.weight' must be a tensor of shape ("),
     "missing key": (lambda s: s["model"].pop("fc.bias"), "field 'model' entry 'fc.bias' is missing"),
     "extra key": (lambda s: s["model"].update({"fc.extra": torch.zeros(3)}),
                   "field 'model' entry 'fc.extra' is not an entry of this run's model"),
     "NaN in running_var": (lambda s: _nan(s, "layer1.0.bn1.running_var"),
                            "field 'model' entry 'layer1.0.bn1.running_var' holds NaN or inf"),
     "wrong dtype": (lambda s: s["model"].update({"fc.weight": s["model"]["fc.weight"].double()}),
-                    "field 'model' entry 'fc.weight' must be a tensor of shape (10, 64) and dtype torch.float32"),
+                    "field 'model' entry 'fc.weight' must be a tensor of shape (10, "),
 }
 
 
@@ -248,6 +254,16 @@ SCHEMA_EDITS = {
                                     "field 'rng' is not a state of the random generator"),
     "world size 0": ("fggp", _set(("world_size",), 0), "field 'world_size' must be an int >= 1, got 0"),
     "extra field": ("fggp", _set(("extra",), 1), "field 'extra' is not an entry of a checkpoint"),
+    "gated model of the wrong shape": ("polar", lambda s: s["gated_model"].update(
+        {"layer1.0.conv1.weight": s["gated_model"]["layer1.0.conv1.weight"][:-1].clone()}),
+        "field 'gated_model' entry 'layer1.0.conv1.weight' must be a tensor of shape (16, 16, 3, 3)"),
+    "switched without the gated model": ("polar", lambda s: s.pop("gated_model"), "field 'gated_model' is missing"),
+    "spec not a dict": ("polar", _set(("spec",), [1]), "field 'spec' must be a dict, got [1]"),
+    "spec of another extraction": ("polar", lambda s: s["spec"]["groups"][1]["kept"].pop(),
+                                   "field 'spec' does not match the gated model"),
+    "switched where the run keeps the gated network": (
+        "polar-gated", lambda s: s.update(spec={}, gated_model=s["model"]),
+        "field 'spec' is there, but this run does not switch to the extracted network"),
     "config value a tensor": ("polar", _set(("config", "epochs"), torch.tensor([2, 2])),
                               "was written with epochs=a tensor of shape (2,)"),
 }
@@ -300,7 +316,7 @@ def test_flipped_bytes_are_refused(runs, tmp_path, capsys, seed):
 
 
 def test_tampered_but_redigested_checkpoint_gets_the_schema_refusal(runs, tmp_path, capsys):
-    run = runs["polar"]
+    run = runs["polar-gated"]
     folder = _edited(run, tmp_path, lambda s: _narrow(s, "fc.weight"))
     rc, err = _resume(run, folder, capsys)
     _assert_refused(rc, err, "field 'model' entry 'fc.weight' must be a tensor of shape (10, 64)")
