@@ -36,6 +36,8 @@ class GroupRecord:
     repeat: int = 1           # the segment's gates tile this many times (grouped convolutions)
     gated: list[str] = field(default_factory=list)   # modules gated in place
     producers: list[str] = field(default_factory=list)   # layers whose output channels are the group
+    # the original channels the layers still hold, in their order, after shrink.remove_gates (None: all)
+    present: list[int] | None = None
 
     @property
     def size(self) -> int:

@@ -40,6 +40,7 @@ from torch import Tensor
 from ..gates.bank import GateBank
 from .attach import _surgery
 from .extract import guard
+from .shrink import _removed
 
 #: the promise: achieved sparsity within this many fractions of the target (0.5 percentage points)
 TOLERANCE = 0.005
@@ -88,12 +89,15 @@ def _units(bank: GateBank, record, scores: list[Tensor], min_channels: int, roun
     offsets = bank.offsets
     forced: list[int] = []
     units: list[tuple[float, list[int]]] = []
+    removed = _removed(bank, record)
     for k, (rec, s) in enumerate(zip(record.groups, scores)):
         order = torch.argsort(s, descending=True, stable=True).tolist()
+        gone = removed[offsets[k]:offsets[k] + rec.size]
+        order = [i for i in order if not bool(gone[i])]   # channels removed while training (shrink.py) stay out
         need, step = guard(rec, min_channels, round_to)
-        first = min(rec.size, math.ceil(need / step) * step)
+        first = min(len(order), math.ceil(need / step) * step)
         forced.extend(offsets[k] + i for i in order[:first])
-        for start in range(first, rec.size, step):
+        for start in range(first, len(order), step):
             chunk = order[start:start + step]
             units.append((float(s[chunk].mean()), [offsets[k] + i for i in chunk]))
     for b in record.blocks:

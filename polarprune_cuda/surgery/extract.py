@@ -182,13 +182,30 @@ def _take(model: nn.Module, record: SurgeryRecord, masks: list[Tensor], device,
         inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
     try:
         close_blocks(small, block_specs)
-        _remove_channels(small, spec_groups, inputs)
+        _remove_channels(small, _now(record, spec_groups), inputs)
     except UnsupportedModelError:
         raise
     except Exception as exc:   # Torch-Pruning's channel removal on a model it cannot follow
         raise UnsupportedModelError(f"removing the closed channels failed ({type(exc).__name__}: {exc}); "
                                     f"{_group_list(spec_groups)}") from exc
     return small, spec_groups, block_specs
+
+
+def _now(record: SurgeryRecord, spec_groups: list[dict]) -> list[dict]:
+    """The spec groups in the numbering of the channels the layers hold now: a group that shrank while training
+    (shrink.py) holds only its ``present`` channels; the spec keeps the dense numbering."""
+    out = []
+    for rec, g in zip(record.groups, spec_groups):
+        if rec.present is None or "removed_with" in g:
+            out.append(g)
+            continue
+        position = {ch: i for i, ch in enumerate(rec.present)}
+        missing = [ch for ch in g["kept"] if ch not in position]
+        if missing:
+            raise UnsupportedModelError(f"group {rec.name!r} keeps channel {missing[0]}, which was removed while "
+                                        "training")
+        out.append({**g, "channels": len(rec.present), "kept": [position[ch] for ch in g["kept"]]})
+    return out
 
 
 def index_maps(model: nn.Module, min_channels: int | None = None, round_to: int | None = None) -> dict[str, Tensor]:

@@ -51,6 +51,10 @@ class Expected:
     #: checks leave it in ``built`` for the restore
     switch: Any = None
     built: Any = None
+    #: for a run with --shrink-every: ``shrink(removed)`` gives the gated model without the removed gates'
+    #: channels (a train.switch.Switched) that a checkpoint of it is checked against; left in ``shrunk``
+    shrink: Any = None
+    shrunk: Any = None
 
 
 def max_bytes(model: torch.nn.Module) -> int:

@@ -22,11 +22,13 @@ FIELDS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "scale
 #: a checkpoint written after the switch to the extracted network also holds the gated model's state
 #: ("gated_model"; its "model" is then the extracted network's) and the extraction's spec
 SWITCH_FIELDS = ("gated_model", "spec")
+#: a checkpoint of a run with --shrink-every also holds "shrink": {"streak", "removed"}, one entry per gate
+SHRINK_FIELD = "shrink"
 #: the fields of trainer.History (the trainer can pass its own through Expected.history_fields)
 HISTORY_FIELDS = ("epoch", "train_loss", "penalty", "test_accuracy", "density", "soft_density", "polarized",
                   "histogram", "epoch_step", "step", "step_density", "budget")
 #: History's training-cost fields, absent from checkpoints written before they existed
-COST_FIELDS = ("epoch_seconds", "epoch_macs", "epoch_joules", "macs_trace", "switch_step", "energy")
+COST_FIELDS = ("epoch_seconds", "epoch_macs", "epoch_joules", "macs_trace", "switch_step", "energy", "shrinks")
 #: the entries of budget.BudgetResult.to_dict (history["budget"] once the gates froze)
 BUDGET_FIELDS = ("target_sparsity", "achieved_sparsity", "cost", "budget", "achieved_cost", "total", "opened",
                  "closed", "reason")
@@ -51,6 +53,7 @@ class _Run:
     model: Any = None       # the network the checkpoint's "model" and "optimizer" are of (after a switch: the
     optimizer: Any = None   # extracted network, built by expected.switch)
     scheduler: Any = None
+    gated: Any = None       # the gated model (after a shrink: without the removed channels, expected.shrink)
 
 
 def validate(state: dict, expected: Any, path) -> None:
@@ -65,10 +68,14 @@ def validate(state: dict, expected: Any, path) -> None:
         raise CheckpointError(f"checkpoint {path} must hold a dict, got {_show(state)}; delete it or use another "
                               "--out")
     run = _Run(expected, total_steps=expected.epochs * expected.steps_per_epoch, model=expected.model,
-               optimizer=expected.optimizer, scheduler=expected.scheduler)
+               optimizer=expected.optimizer, scheduler=expected.scheduler, gated=expected.model)
     try:
         switched = any(k in state for k in SWITCH_FIELDS) if isinstance(state, dict) else False
-        _keys(state, (), FIELDS + (SWITCH_FIELDS if switched else ()), what="a checkpoint")
+        shrinks = getattr(expected, "shrink", None) is not None
+        _keys(state, (), FIELDS + (SWITCH_FIELDS if switched else ()) + ((SHRINK_FIELD,) if shrinks else ()),
+              optional=(SHRINK_FIELD,), what="a checkpoint")
+        if SHRINK_FIELD in state:
+            _check_shrink(state[SHRINK_FIELD], (SHRINK_FIELD,), run)
         if switched:
             _check_switch(state, run)
         for name in FIELDS:
@@ -226,13 +233,37 @@ def _check_switch(state: dict, run: _Run) -> None:
     if ex.switch is None:
         raise _Invalid(("spec",), "is there, but this run does not switch to the extracted network (--keep-gated, "
                                   "or no gates)")
-    _tensors_like(state["gated_model"], ("gated_model",), ex.model.state_dict())
+    _tensors_like(state["gated_model"], ("gated_model",), run.gated.state_dict())
     _kind(state["spec"], ("spec",), dict, "a dict")
     try:
-        ex.built = ex.switch(state["gated_model"], state["spec"])
+        ex.built = ex.switch(run.gated, state["gated_model"], state["spec"])
     except Exception as exc:   # extraction of a gated model that passed the checks above
         raise _Invalid(("spec",), f"does not match the gated model: {exc}") from None
     run.model, run.optimizer, run.scheduler = ex.built.model, ex.built.optimizer, ex.built.scheduler
+
+
+def _check_shrink(v, at, run: _Run) -> None:
+    """--shrink-every's state: per gate, the epoch ends it was closed in a row and whether it was removed; with
+    removed gates, the gated model without their channels (expected.shrink) is what the rest is checked against."""
+    ex = run.expected
+    if getattr(ex, "shrink", None) is None:
+        raise _Invalid(at, "is there, but this run does not shrink (--shrink-every)")
+    _keys(v, at, ("streak", "removed"), what="the shrink state")
+    from ..gates.bank import find_bank
+
+    n = find_bank(ex.model).scores.numel()
+    streak = _tensor(v["streak"], at + ("streak",), torch.zeros(n, dtype=torch.long))
+    if bool((streak < 0).any()):
+        raise _Invalid(at + ("streak",), "holds a negative count")
+    removed = _tensor(v["removed"], at + ("removed",), torch.zeros(n, dtype=torch.bool))
+    if not bool(removed.any()):
+        return
+    try:
+        ex.shrunk = ex.shrink(removed)
+    except Exception as exc:   # a removal this model cannot take
+        raise _Invalid(at + ("removed",), f"names gates whose channels cannot be removed: {exc}") from None
+    run.gated = run.model = ex.shrunk.model
+    run.optimizer, run.scheduler = ex.shrunk.optimizer, ex.shrunk.scheduler
 
 
 def _check_model(v, at, run):
@@ -384,6 +415,7 @@ def _check_history(v, at, run):
         "epoch_joules": lambda x, a: _reals(x, a, min(len(_list(x, a)), n), 0),
         "macs_trace": lambda x, a: [_ints(pair, a + (i,), 2, 0) for i, pair in enumerate(_list(x, a))],
         "switch_step": lambda x, a: _ints(x, a, len(_list(x, a)) if gated and len(x) <= 1 else 0, 0, total),
+        "shrinks": lambda x, a: [_ints(pair, a + (i,), 2, 0) for i, pair in enumerate(_list(x, a))],
         "energy": lambda x, a: _kind(x, a, dict, "a dict"),
     }
     fields = tuple(ex.history_fields)

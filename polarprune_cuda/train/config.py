@@ -79,6 +79,10 @@ class PruneConfig:
     keep_gated: bool = _opt(False, "train the gated network to the end instead of switching to the extracted "
                                    "(smaller, faster) network when the gates freeze; the result is the same up to "
                                    "float rounding")
+    shrink_every: int | None = _opt(None, "before the gates freeze: at the end of an epoch, remove the channels "
+                                          "whose gates were closed at the end of each of the last N epochs, so the "
+                                          "network trains smaller from then on (the removed gates stay closed; the "
+                                          "exact target still holds)")
     min_channels: int = _opt(4, "fewest channels a gated group keeps")
     round_to: int | None = _opt(None, "round every group's kept channels to a multiple of this")
     finetune_epochs: int = _opt(0, "optional fine-tuning of the extracted model")
@@ -153,6 +157,19 @@ class PruneConfig:
                              "to prune")
         if self.blocks and self.method != "polar":
             raise ValueError(f"blocks applies to method polar only, got method {self.method}")
+        self._check_shrink()
+
+    def _check_shrink(self) -> None:
+        if self.shrink_every is None:
+            return
+        self._positive_int("shrink_every")
+        for bad, why in ((self.method != "polar", f"method polar only, got method {self.method}"),
+                         (self.keep_gated, "a network that switches to its extraction (keep-gated keeps it whole)"),
+                         (self.blocks, "channel gates without block gates (--blocks)"),
+                         (self.round_to is not None, "round-to unset (rounding a width up may need a removed "
+                                                     "channel)")):
+            if bad:
+                raise ValueError(f"shrink-every applies to {why}")
 
     def _check_choices(self) -> None:
         if self.amp is not None and self.amp not in AMP_MODES:

@@ -27,7 +27,9 @@ from . import switch as switch_mod
 from ..gates.loss import PolarizationLoss, gate_stats
 from ..gates.bank import find_bank
 from ..sparse import fggp as fggp_mod
+from ..surgery import shrink as shrink_mod
 from ..surgery.budget import meet_target
+from ..surgery.extract import guard
 from ..surgery.costs import count
 from ..surgery.spec import spec_digest
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, Expected
@@ -108,6 +110,7 @@ class History:
     epoch_joules: list = field(default_factory=list)     # empty where no counter is readable
     macs_trace: list = field(default_factory=list)       # [step, forward MACs per sample] where the network changes
     switch_step: list = field(default_factory=list)      # [the step where training moved to the extracted network]
+    shrinks: list = field(default_factory=list)          # [step, gates removed] of each shrink (--shrink-every)
     energy: dict = field(default_factory=dict)           # {"source": ...} or {"reason": ...} (energy.open_counter)
 
 
@@ -160,6 +163,9 @@ class _Fit:
     gated_model: nn.Module | None = None   # after the switch: the gated model (gates frozen, weights left behind)
     maps: dict | None = None               # after the switch: index_maps of the gated model
     counter: object = None                 # energy.EnergyCounter, None where none is readable
+    origin: nn.Module | None = None        # the caller's gated model: the trained weights go back into it at the end
+    to_origin: dict | None = None          # after a shrink: index maps from the shrunk gated model to ``origin``'s
+    streak: torch.Tensor | None = None     # --shrink-every: per gate, the epoch ends in a row it was closed
 
 
 def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
@@ -186,6 +192,8 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
         for epoch in epochs_bar:
             sums = _train_epoch(run, data, cfg, epoch, progress, info, device)
             _end_epoch(run, data, cfg, epoch, sums, epochs_bar if progress else None, info, device)
+            if run.streak is not None:
+                _maybe_shrink(run, cfg, info, device)
             if info.is_main:
                 ckpt.save(_checkpoint_state(run, cfg, label, epoch, info))
             dist_mod.barrier(info)
@@ -197,9 +205,94 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
         if info.enabled:
             dist_mod.disable_sync_batchnorm(run.model)
             dist_mod.disable_sync_batchnorm(model)
-    if run.gated_model is not None:   # the trained weights back into the caller's (gated) model
-        switch_mod.write_back(run.model, run.gated_model, run.maps)
+    _give_back(run)
     return run.history
+
+
+def _give_back(run: _Fit) -> None:
+    """The trained weights and statistics, and the gate scores, back into the caller's (gated) model, which then
+    computes what the network trained last (extracted or shrunk) does."""
+    maps = run.maps if run.gated_model is not None else None
+    if run.to_origin is not None:
+        maps = switch_mod.compose(run.to_origin, maps) if maps is not None else run.to_origin
+    if maps is None:
+        return
+    switch_mod.write_back(run.model, run.origin, maps)
+    gated = run.gated_model or run.model
+    with torch.no_grad():
+        find_bank(run.origin).scores.copy_(find_bank(gated).scores)
+
+
+def _maybe_shrink(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.device) -> None:
+    """--shrink-every N, at the end of an epoch while the gates move: remove the channels of the gates closed at
+    the end of each of the last N epochs (shrink.py), as far as every group keeps its guard channels and the
+    target stays reachable; weights, momentum buffers and the schedule carry over as at the switch."""
+    if run.gated_model is not None or run.step >= run.freeze:
+        return
+    bank = find_bank(run.model)
+    closed = (bank.scores.detach() <= 0).cpu()
+    run.streak = torch.where(closed, run.streak + 1, torch.zeros_like(run.streak))
+    removed = shrink_mod.removed_gates(run.model)
+    chosen = _shrinkable(run.model, cfg, (run.streak >= cfg.shrink_every) & ~removed, removed)
+    if not bool(chosen.any()):
+        return
+    if info.enabled:
+        dist_mod.disable_sync_batchnorm(run.model)
+    with switch_mod._KeptRng():
+        new, maps = shrink_mod.remove_gates(run.model, chosen)
+    opt, sched = switch_mod.carry_optimizer(run.model, run.opt, run.sched, new, maps)
+    new_bank = find_bank(new)
+    buf = opt.state.get(new_bank.scores, {}).get("momentum_buffer")
+    if buf is not None:   # a pinned gate does not move
+        buf[shrink_mod.removed_gates(new).to(buf.device)] = 0
+    run.to_origin = switch_mod.compose(run.to_origin, maps)
+    run.model, run.opt, run.sched = new, opt, sched
+    if cfg.channels_last:
+        new.to(memory_format=torch.channels_last)
+    _wrap(run, cfg, info, device)
+    if run.loss_fn is not None:
+        run.loss_fn.arm(new)
+    run.macs_per_sample = count(new, run.example)["macs"]
+    run.history.macs_trace.append([run.step, run.macs_per_sample])
+    run.history.shrinks.append([run.step, int(chosen.sum())])
+
+
+def _shrinkable(model: nn.Module, cfg: PruneConfig, candidates: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """The candidates that can go: every group keeps at least its guard's gates, and with every other gate
+    open the cost still reaches the target's budget (so meet_target can meet it); the most closed go first."""
+    bank = find_bank(model)
+    record = bank.surgery
+    scores = bank.scores.detach().double().cpu()
+    chosen = torch.zeros_like(candidates)
+    for rec, offset in zip(record.groups, bank.offsets):
+        seg = slice(offset, offset + rec.size)
+        need = guard(rec, record.min_channels, record.round_to)[0]
+        room = int((~removed[seg]).sum()) - need
+        cand = torch.nonzero(candidates[seg]).flatten()
+        if room > 0 and cand.numel():
+            pick = cand[torch.argsort(scores[seg][cand], stable=True)][:room]
+            chosen[offset + pick] = True
+    cm = bank.cost_model(cfg.cost)
+    budget = (1.0 - cfg.target_sparsity) * cm.total
+
+    def reach(k: int) -> bool:   # the cost with every gate open but the removed ones and the k most closed chosen
+        gone = removed.clone()
+        gone[order[:k]] = True
+        g = (~gone).to(bank.scores.device, torch.float32)
+        return float(cm.cost(bank.effective(g))) >= budget * (1 + 1e-6)
+
+    order = torch.nonzero(chosen).flatten()
+    order = order[torch.argsort(scores[order], stable=True)]
+    lo, hi = 0, order.numel()
+    while lo < hi:   # the longest prefix (most closed first) that keeps the target reachable
+        mid = (lo + hi + 1) // 2
+        if reach(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    out = torch.zeros_like(candidates)
+    out[order[:lo]] = True
+    return out
 
 
 def _wrap(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.device) -> None:
@@ -257,7 +350,9 @@ def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gate
                 history=history, pruner=pruner, gated=gated, dual=gated and cfg.target_control == "dual",
                 rho=1.0 - cfg.target_sparsity, dual_shift=0.0, freeze=freeze, total=total,
                 steps_per_epoch=steps_per_epoch, example=example, macs_per_sample=macs, switch_at=switch_at,
-                counter=counter)
+                counter=counter, origin=model,
+                streak=torch.zeros(find_bank(model).scores.numel(), dtype=torch.long)
+                if gated and cfg.shrink_every else None)
 
 
 def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs: int,
@@ -267,15 +362,26 @@ def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs
     expected = Expected(model=run.model, optimizer=run.opt, scheduler=run.sched, scaler=run.scaler,
                         pruner=run.pruner, epochs=epochs, steps_per_epoch=run.steps_per_epoch, gated=run.gated,
                         history_fields=tuple(f.name for f in fields(History)),
-                        switch=_rebuilder(run, cfg) if run.switch_at is not None else None)
+                        switch=_rebuilder(run, cfg) if run.switch_at is not None else None,
+                        shrink=_shrunk(run) if run.streak is not None else None)
     state = ckpt.load(cfg.to_dict() | {"_label": label}, PruneConfig().to_dict(), PruneConfig.RESUME_FREE,
                       expected) if info.is_main and ckpt.path.is_file() else None
     state = dist_mod.broadcast_object(info, state)
     if state is None:
         return
+    if state.get("shrink") is not None:
+        run.streak = state["shrink"]["streak"].clone()
+        if bool(state["shrink"]["removed"].any()):
+            if expected.shrunk is None:   # the other ranks: rebuild what rank 0 checked
+                expected.shrunk = expected.shrink(state["shrink"]["removed"])
+            sh = expected.shrunk
+            run.to_origin, run.model, run.opt, run.sched = sh.maps, sh.model, sh.optimizer, sh.scheduler
+            run.macs_per_sample = count(run.model, run.example)["macs"]
+            if run.loss_fn is not None:   # as the shrink did: the fused penalty from the first step on
+                run.loss_fn.arm(run.model)
     switched = "spec" in state
     if switched and expected.built is None:   # the other ranks: rebuild what rank 0 checked
-        expected.built = expected.switch(state["gated_model"], state["spec"])
+        expected.built = expected.switch(run.model, state["gated_model"], state["spec"])
     run.model.load_state_dict(state["gated_model"] if switched else state["model"])
     if switched:
         sw = expected.built
@@ -303,13 +409,25 @@ def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs
 def _rebuilder(run: _Fit, cfg: PruneConfig):
     """What a checkpoint written after the switch is checked and restored with: the extraction of a copy of the
     gated model holding the checkpoint's gated weights, its spec equal to the checkpoint's."""
-    def rebuild(gated_state: dict, spec: dict) -> switch_mod.Switched:
-        gated = copy.deepcopy(run.model)
+    def rebuild(base: nn.Module, gated_state: dict, spec: dict) -> switch_mod.Switched:
+        gated = copy.deepcopy(base)
         gated.load_state_dict(gated_state)
         sw = switch_mod.switch(gated, run.opt, run.sched, run.example, channels_last=cfg.channels_last)
         if spec_digest(sw.model.polarprune_spec) != spec_digest(spec):
             raise ValueError("it is not the extraction of the checkpoint's gated model")
         return sw
+
+    return rebuild
+
+
+def _shrunk(run: _Fit):
+    """What a checkpoint of a run that shrank is checked and restored with: the gated model without the channels
+    of the checkpoint's removed gates (the removal is the same whether it happened at once or in steps)."""
+    def rebuild(removed: torch.Tensor) -> switch_mod.Switched:
+        base = copy.deepcopy(run.model)
+        new, maps = shrink_mod.remove_gates(base, removed)
+        opt, sched = switch_mod.carry_optimizer(base, run.opt, run.sched, new, maps)
+        return switch_mod.Switched(new, opt, sched, maps)
 
     return rebuild
 
@@ -439,6 +557,8 @@ def _checkpoint_state(run: _Fit, cfg: PruneConfig, label: str, epoch: int, info:
         "config": cfg.to_dict() | {"_label": label},
         "epoch": epoch + 1,
         "model": run.model.state_dict(),
+        **({} if run.streak is None else {"shrink": {
+            "streak": run.streak.clone(), "removed": shrink_mod.removed_gates(run.gated_model or run.model)}}),
         **({} if run.gated_model is None else {"gated_model": run.gated_model.state_dict(),
                                                "spec": json.loads(json.dumps(run.model.polarprune_spec))}),
         "optimizer": run.opt.state_dict(),

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..surgery.extract import extract, index_maps
+from ..surgery.inputs import _score_ids
 
 
 @dataclass
@@ -66,12 +67,14 @@ def _gather(source: Tensor, idx: Tensor) -> Tensor:
 def carry_optimizer(gated: nn.Module, opt: torch.optim.SGD, sched: torch.optim.lr_scheduler.LambdaLR,
                     small: nn.Module, maps: dict[str, Tensor]) -> tuple[torch.optim.SGD,
                                                                        torch.optim.lr_scheduler.LambdaLR]:
-    """SGD for ``small`` with ``opt``'s groups (the first holds the weights, the gate scores' group stays,
-    empty, so the schedule keeps its lambdas), momentum buffers gathered by ``maps``, and ``sched``'s position."""
+    """SGD for ``small`` with ``opt``'s groups (the first holds the weights; the second the gate scores where
+    ``small`` still has a bank, else it stays, empty, so the schedule keeps its lambdas), momentum buffers
+    gathered by ``maps`` (tensors ``maps`` does not name, the gate scores, whole), and ``sched``'s position."""
+    scores = _score_ids(small)
     groups = []
     for i, group in enumerate(opt.param_groups):
         hyper = {k: v for k, v in group.items() if k != "params"}
-        params = [p for p in small.parameters() if p.requires_grad] if i == 0 else []
+        params = [p for p in small.parameters() if p.requires_grad and (id(p) in scores) == (i == 1)]
         groups.append({"params": params, **hyper})
     new = torch.optim.SGD(groups)
     named = dict(gated.named_parameters())
@@ -80,7 +83,7 @@ def carry_optimizer(gated: nn.Module, opt: torch.optim.SGD, sched: torch.optim.l
             continue
         old = opt.state.get(named[name]) if name in named else None
         if old and old.get("momentum_buffer") is not None:
-            buf = _gather(old["momentum_buffer"], maps[name])
+            buf = _gather(old["momentum_buffer"], maps[name]) if name in maps else old["momentum_buffer"]
             new.state[p]["momentum_buffer"] = torch.empty_like(p.detach()).copy_(buf)   # the weight's layout
     new_sched = torch.optim.lr_scheduler.LambdaLR(new, sched.lr_lambdas)
     new_sched.load_state_dict(sched.state_dict())
@@ -102,6 +105,21 @@ def switch(gated: nn.Module, opt: torch.optim.SGD, sched: torch.optim.lr_schedul
     return Switched(small, new_opt, new_sched, maps)
 
 
+def compose(first: dict[str, Tensor] | None, then: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Index maps of two changes in a row (``first`` from A to B, ``then`` from B to C): from A to C."""
+    if first is None:
+        return dict(then)
+    out = {}
+    for name, idx in then.items():
+        if name not in first:
+            out[name] = idx
+            continue
+        prev = first[name].reshape(-1)
+        got = prev[idx.clamp_min(0).reshape(-1)].view(idx.shape)
+        out[name] = torch.where(idx >= 0, got, torch.full_like(got, -1))
+    return out
+
+
 @torch.no_grad()
 def write_back(small: nn.Module, gated: nn.Module, maps: dict[str, Tensor]) -> None:
     """Copy ``small``'s parameters and buffers into the elements of ``gated`` they came from (integer buffers,
@@ -110,6 +128,8 @@ def write_back(small: nn.Module, gated: nn.Module, maps: dict[str, Tensor]) -> N
     target = gated.state_dict(keep_vars=True)
     for name, t in small.state_dict(keep_vars=True).items():
         dst = target[name]
+        if name not in maps and dst.shape != t.shape:
+            raise RuntimeError(f"write_back: {name!r} changed shape and has no index map")
         if name in maps:
             idx = maps[name].reshape(-1).to(dst.device)
             keep = idx >= 0

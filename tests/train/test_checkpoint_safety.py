@@ -24,8 +24,9 @@ BASE = ["prune", "--dataset", "digits", "--model", "resnet20", "--max-train", "6
         "--batch-size", "32", "--latency-batch", "4", "--quiet", "--min-channels", "2", "--epochs", "2"]
 # polar: the gates freeze in epoch 1, so its checkpoint is one written after the switch to the extracted network
 # (its "model" is the extracted network's, with "gated_model" and "spec" beside it); polar-gated trains the gated
-# network to the end (--keep-gated)
-METHODS = {"polar": [], "polar-gated": ["--keep-gated"], "fggp": ["--method", "fggp"]}
+# network to the end (--keep-gated); polar-shrink adds --shrink-every (its checkpoint holds "shrink")
+METHODS = {"polar": [], "polar-gated": ["--keep-gated"], "polar-shrink": ["--shrink-every", "1"],
+           "fggp": ["--method", "fggp"]}
 
 
 @dataclasses.dataclass
@@ -123,7 +124,8 @@ def test_valid_checkpoint_loads_unchanged(runs, method):
     assert content_digest(state) == content_digest(run.state)
     polar = method.startswith("polar")
     assert (run.expected.pruner is None) == polar and run.expected.gated == polar
-    assert ({"spec", "gated_model"} <= set(state)) == (method == "polar")   # written after the switch
+    assert ({"spec", "gated_model"} <= set(state)) == (method in ("polar", "polar-shrink"))   # after the switch
+    assert ("shrink" in state) == (method == "polar-shrink")
 
 
 # ----------------------------------------------------------------------------- (1) every field removed
@@ -264,6 +266,14 @@ SCHEMA_EDITS = {
     "switched where the run keeps the gated network": (
         "polar-gated", lambda s: s.update(spec={}, gated_model=s["model"]),
         "field 'spec' is there, but this run does not switch to the extracted network"),
+    "shrink where the run does not shrink": ("polar", _set(("shrink",), {}),
+                                             "field 'shrink' is there, but this run does not shrink"),
+    "shrink state lost": ("polar-shrink", lambda s: s.pop("shrink"), "field 'shrink' is missing"),
+    "shrink streak of another dtype": (
+        "polar-shrink", lambda s: s["shrink"].update(streak=s["shrink"]["streak"].float()),
+        "field 'shrink' entry 'streak' must be a tensor of shape"),
+    "every gate removed": ("polar-shrink", lambda s: s["shrink"]["removed"].fill_(True),
+                           "field 'shrink' entry 'removed' names gates whose channels cannot be removed"),
     "config value a tensor": ("polar", _set(("config", "epochs"), torch.tensor([2, 2])),
                               "was written with epochs=a tensor of shape (2,)"),
 }
