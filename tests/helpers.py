@@ -122,3 +122,13 @@ def without_clock(history) -> dict:
 
     h = asdict(history) if is_dataclass(history) else dict(history)
     return {k: v for k, v in h.items() if k not in CLOCK_FIELDS}
+
+
+def tol(dtype, terms=1, scale=1.0):
+    """assert_close tolerances derived from the dtype: the output's rounding (2 eps of ``dtype``) plus an
+    accumulation error of 8 eps of the accumulation type (float32, or float64 for float64) times sqrt(terms)
+    for a sum of ``terms`` random-sign products; ``atol`` is that times ``scale``, the result's typical size."""
+    eps_out = torch.finfo(dtype).eps
+    eps_acc = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    rtol = 2 * eps_out + 8 * eps_acc * max(terms, 1) ** 0.5
+    return dict(rtol=rtol, atol=rtol * scale)
