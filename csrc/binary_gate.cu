@@ -7,8 +7,9 @@ namespace {
 
 template <typename scalar_t>
 __global__ void binary_gate_kernel(const scalar_t* __restrict__ s, scalar_t* __restrict__ g, int64_t n) {
+  using acc_t = at::acc_type<scalar_t, true>;  // double stays double: 1e-300 > 0 must not round to 0
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
-    g[i] = static_cast<float>(s[i]) > 0.f ? scalar_t(1) : scalar_t(0);
+    g[i] = static_cast<acc_t>(s[i]) > acc_t(0) ? scalar_t(1) : scalar_t(0);
   }
 }
 

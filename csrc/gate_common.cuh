@@ -23,15 +23,12 @@
 #include <vector>
 #include "gate_codes.h"
 #include "gate_ops.h"
+#include "launch_grids.h"
 
 namespace polarprune {
 
-constexpr int kThreads = 256;
-constexpr int kReduceThreads = 1024;
-inline int blocks_for(int64_t n) {
-  int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(b < 65535 * 8 ? (b < 1 ? 1 : b) : 65535 * 8);
-}
+// kThreads, kReduceThreads and every launch grid: launch_grids.h (pure host functions, tested without a GPU)
+inline int blocks_for(int64_t n) { return static_cast<int>(elementwise_blocks(n)); }
 
 inline std::vector<int64_t> channel_shape(const at::Tensor& x) {
   std::vector<int64_t> shape(x.dim(), 1);
@@ -57,6 +54,12 @@ __device__ acc_t ste_grad(acc_t dg, acc_t s, int mode, acc_t tau) {
   }
   return dg;
 }
+
+// VEC consecutive elements loaded or stored as one access (16 bytes at most); the caller checks alignment.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
 
 // Fixed-order tree reduction over the block; every thread gets the result.
 template <typename acc_t>

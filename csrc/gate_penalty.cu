@@ -17,10 +17,12 @@ struct PenaltyArgs {
 // One block walks the whole score vector: sums, segment sums, bilinear terms,
 // the loss and terms, then the gradient. Shared memory: the reduction buffer,
 // then num_segments segment sums and num_segments marginal costs.
+// __launch_bounds__: a block of kReduceThreads threads may use at most 64 registers per thread; without the
+// bound the compiler may use more (the float64 version) and the launch fails.
 template <typename scalar_t, typename acc_t>
-__global__ void penalty_kernel(const scalar_t* __restrict__ s, const float* __restrict__ w,
-                               const int64_t* __restrict__ off, const int64_t* __restrict__ pairs,
-                               const float* __restrict__ coef, scalar_t* __restrict__ grad,
+__global__ void __launch_bounds__(kReduceThreads)
+    penalty_kernel(const scalar_t* __restrict__ s, const acc_t* __restrict__ w, const int64_t* __restrict__ off,
+                   const int64_t* __restrict__ pairs, const acc_t* __restrict__ coef, scalar_t* __restrict__ grad,
                                scalar_t* __restrict__ grad_polar, scalar_t* __restrict__ gates,
                                acc_t* __restrict__ loss_out, acc_t* __restrict__ terms_out, PenaltyArgs a) {
   extern __shared__ unsigned char smem_raw[];
@@ -34,7 +36,7 @@ __global__ void penalty_kernel(const scalar_t* __restrict__ s, const float* __re
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     acc_t si = static_cast<acc_t>(s[i]);
     acc_t p = sigmoid_of(si, tau);
-    wp += acc_t(w[i]) * p;
+    wp += w[i] * p;
     sp += p;
     bi += acc_t(4) * p * (acc_t(1) - p);
     bad += isfinite(si) ? acc_t(0) : acc_t(1);
@@ -72,7 +74,7 @@ __global__ void penalty_kernel(const scalar_t* __restrict__ s, const float* __re
     acc_t quad = 0;
     for (int64_t l = 0; l < a.num_pairs; ++l) {
       int64_t pa = pairs[2 * l], pb = pairs[2 * l + 1];
-      acc_t c = acc_t(coef[l]);
+      acc_t c = coef[l];
       quad += c * seg_sum[pa] * seg_sum[pb];
       marginal[pa] += c * seg_sum[pb];
       marginal[pb] += c * seg_sum[pa];
@@ -111,7 +113,7 @@ __global__ void penalty_kernel(const scalar_t* __restrict__ s, const float* __re
       acc_t si = static_cast<acc_t>(s[i]);
       acc_t p = sigmoid_of(si, tau);
       acc_t dp = p * (acc_t(1) - p) / tau;
-      acc_t g_target = scale * (acc_t(w[i]) + m) * dp;
+      acc_t g_target = scale * (w[i] + m) * dp;
       acc_t g_polar;
       if (a.form == kPolarZhuang) {
         acc_t c = p - mean_p;
@@ -141,11 +143,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_pe
   const c10::cuda::CUDAGuard guard(scores.device());
   const bool has_pairs = pairs.numel() > 0;
   auto s = scores.contiguous();
-  auto w = cost.to(at::kFloat).contiguous();
+  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto w = cost.to(acc_dtype).contiguous();  // costs and coefficients in the accumulation type (float64 stays)
   auto off = has_pairs ? seg_offsets.contiguous() : seg_offsets;
   auto pr = pairs.contiguous();
-  auto cf = pair_coef.to(at::kFloat).contiguous();
-  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto cf = pair_coef.to(acc_dtype).contiguous();
   auto loss = at::empty({}, scores.options().dtype(acc_dtype));
   auto terms = at::empty({4}, scores.options().dtype(acc_dtype));
   auto grad = at::empty_like(s);
@@ -162,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_pe
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
     penalty_kernel<scalar_t, acc_t><<<1, kReduceThreads, smem, stream>>>(
-        s.data_ptr<scalar_t>(), w.data_ptr<float>(), has_pairs ? off.data_ptr<int64_t>() : nullptr,
-        has_pairs ? pr.data_ptr<int64_t>() : nullptr, has_pairs ? cf.data_ptr<float>() : nullptr,
+        s.data_ptr<scalar_t>(), w.data_ptr<acc_t>(), has_pairs ? off.data_ptr<int64_t>() : nullptr,
+        has_pairs ? pr.data_ptr<int64_t>() : nullptr, has_pairs ? cf.data_ptr<acc_t>() : nullptr,
         grad.data_ptr<scalar_t>(), grad_polar.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
         loss.data_ptr<acc_t>(), terms.data_ptr<acc_t>(), a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

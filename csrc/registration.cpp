@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "gate_ops.h"
+#include "launch_grids.h"
 
 TORCH_LIBRARY(polarprune_C, m) {
   m.def("binary_gate(Tensor scores, str ste, float tau) -> Tensor");
@@ -44,10 +45,47 @@ TORCH_LIBRARY_IMPL(polarprune_C, CUDA, m) {
 
 namespace polarprune {
 int64_t cuda_runtime_version_built() { return CUDART_VERSION; }
+
+// The launch grid a kernel gets for a shape (launch_grids.h), for tests on machines without a GPU.
+pybind11::dict launch_grid(const std::string& kernel, int64_t n, int64_t c, int64_t hw, bool channels_fast,
+                           int64_t vec) {
+  pybind11::dict out;
+  out["max_grid"] = pybind11::make_tuple(kMaxGridX, kMaxGridYZ, kMaxGridYZ);
+  if (kernel == "elementwise") {
+    out["grid"] = pybind11::make_tuple(elementwise_blocks(n), 1, 1);
+    out["threads"] = kThreads;
+    return out;
+  }
+  if (kernel == "penalty") {
+    out["grid"] = pybind11::make_tuple(1, 1, 1);
+    out["threads"] = kReduceThreads;
+    return out;
+  }
+  if (kernel != "channel_gate" && kernel != "channel_gate_backward")
+    throw std::invalid_argument("kernel must be one of elementwise, penalty, channel_gate, channel_gate_backward, got " +
+                                kernel);
+  const auto g = channel_gate_grid(n, c, hw, channels_fast, vec, kernel == "channel_gate_backward");
+  out["grid"] = pybind11::make_tuple(g.grid_x, g.grid_y, 1);
+  out["threads"] = kThreads;
+  out["rows"] = g.rows;
+  out["inner"] = g.inner;
+  out["row_div"] = g.row_div;
+  out["vec"] = g.vec;
+  out["threads_per_row"] = g.threads_per_row;
+  out["rows_per_block"] = g.rows_per_block;
+  out["row_blocks"] = g.row_blocks;
+  out["tiles"] = g.tiles;
+  out["partial_rows"] = g.partial_rows;
+  out["gate_inner"] = g.gate_inner;
+  return out;
+}
 }  // namespace polarprune
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA kernels of polarprune_cuda, registered as torch.ops.polarprune_C.*";
   m.def("cuda_runtime_version_built", &polarprune::cuda_runtime_version_built,
         "CUDART_VERSION the extension was compiled against");
+  m.def("launch_grid", &polarprune::launch_grid, pybind11::arg("kernel"), pybind11::arg("n"), pybind11::arg("c") = 1,
+        pybind11::arg("hw") = 1, pybind11::arg("channels_fast") = false, pybind11::arg("vec") = 1,
+        "the launch grid (csrc/launch_grids.h) a kernel gets for an (N, C, HW) shape");
 }

@@ -171,12 +171,17 @@ def _channel_view(gate: Tensor, x: Tensor) -> Tensor:
 
 
 def channel_gate(x: Tensor, gate: Tensor) -> Tensor:
-    """Activation gate ``y = x * g[c]`` (channel dim 1), memory format preserved."""
+    """Activation gate ``y = x * g[c]`` (channel dim 1), memory format preserved.
+
+    Every element is multiplied, closed channels included: a closed channel of a NaN or infinite ``x``
+    is NaN, not 0 (every backend reads x there too; docs/DESIGN.md).
+    """
     return x * _channel_view(gate, x)
 
 
 def channel_gate_backward(grad: Tensor, x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-    """``dx = dy * g[c]`` and ``dg[c] = sum over all but dim 1 of dy * x`` (fp32 accumulation)."""
+    """``dx = dy * g[c]`` and ``dg[c] = sum over all but dim 1 of dy * x``, accumulated in float32 (float64
+    for float64 inputs)."""
     dx = grad * _channel_view(gate, grad)
     dims = [0] + list(range(2, x.dim()))
     acc = _acc_dtype(x.dtype)
