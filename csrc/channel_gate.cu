@@ -63,6 +63,33 @@ int64_t vec_width(std::initializer_list<std::pair<const at::Tensor*, RowView>> t
   return 1;
 }
 
+// 16-byte accesses (VEC * sizeof(scalar_t) == 16 whenever VEC > 1) as one int4 load or store
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ Vec<scalar_t, VEC> load_vec(const scalar_t* p) {
+  static_assert(VEC * sizeof(scalar_t) == 16, "vector accesses are 16 bytes");
+  union {
+    int4 raw;
+    Vec<scalar_t, VEC> v;
+  } u;
+  u.raw = __ldg(reinterpret_cast<const int4*>(p));
+  return u.v;
+}
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ void store_vec(scalar_t* p, const Vec<scalar_t, VEC>& v) {
+  union {
+    int4 raw;
+    Vec<scalar_t, VEC> v;
+  } u;
+  u.v = v;
+  __stwb(reinterpret_cast<int4*>(p), u.raw);  // one st.global.v4 (a plain assignment was split in four)
+}
+
+// r / d for a row index: 32-bit division where the rows fit (64-bit division is a slow subroutine call)
+__device__ __forceinline__ int64_t row_of(int64_t r, int64_t d, int64_t rows) {
+  return rows <= 0xffffffffLL ? int64_t(uint32_t(r) / uint32_t(d)) : r / d;
+}
+
 Shape shape_of(const ChannelGateGrid& g) {
   return Shape{g.rows, g.inner, g.row_div, g.threads_per_row, g.rows_per_block, g.row_blocks, g.tiles};
 }
@@ -75,22 +102,24 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t rb = blockIdx.x; rb < s.row_blocks; rb += gridDim.x) {
     const int64_t r = rb * s.rpb + sub;
     if (r >= s.rows) continue;
-    const int64_t a = r / s.row_div, b = r - a * s.row_div;
+    const int64_t a = row_of(r, s.row_div, s.rows), b = r - a * s.row_div;
     const scalar_t* xr = x + a * vx.sa + b * vx.sb;
     scalar_t* yr = y + a * vy.sa + b * vy.sb;
     const acc_t grow = GATE_INNER ? acc_t(0) : static_cast<acc_t>(g[b]);
     for (int64_t tile = blockIdx.y; tile < s.tiles; tile += gridDim.y) {
       const int64_t i0 = (tile * s.tpr + lane) * VEC;
       if (i0 >= s.inner) continue;
-      if (VEC > 1) {  // the host checked: inner stride 1, L % VEC == 0, aligned rows
-        const Vec<scalar_t, VEC> xv = *reinterpret_cast<const Vec<scalar_t, VEC>*>(xr + i0);
+      if constexpr (VEC > 1) {  // the host checked: inner stride 1, L % VEC == 0, aligned rows
+        const Vec<scalar_t, VEC> xv = load_vec<scalar_t, VEC>(xr + i0);
+        Vec<scalar_t, VEC> gvec;
+        if constexpr (GATE_INNER) gvec = load_vec<scalar_t, VEC>(g + i0);  // the host checked g's alignment too
         Vec<scalar_t, VEC> yv;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          const acc_t gv = GATE_INNER ? static_cast<acc_t>(g[i0 + v]) : grow;
+          const acc_t gv = GATE_INNER ? static_cast<acc_t>(gvec.v[v]) : grow;
           yv.v[v] = static_cast<scalar_t>(static_cast<acc_t>(xv.v[v]) * gv);
         }
-        *reinterpret_cast<Vec<scalar_t, VEC>*>(yr + i0) = yv;
+        store_vec<scalar_t, VEC>(yr + i0, yv);
       } else {
         const acc_t gv = GATE_INNER ? static_cast<acc_t>(g[i0]) : grow;
         yr[i0 * vy.si] = static_cast<scalar_t>(static_cast<acc_t>(xr[i0 * vx.si]) * gv);
@@ -111,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t r = rb * s.rpb + sub;
     acc_t acc = 0;
     if (r < s.rows) {
-      const int64_t a = r / s.row_div, b = r - a * s.row_div;
+      const int64_t a = row_of(r, s.row_div, s.rows), b = r - a * s.row_div;
       const scalar_t* dyr = dy + a * vdy.sa + b * vdy.sb;
       const scalar_t* xr = x + a * vx.sa + b * vx.sb;
       scalar_t* dxr = dx + a * vdx.sa + b * vdx.sb;
@@ -119,9 +148,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t tile = blockIdx.y; tile < s.tiles; tile += gridDim.y) {
         const int64_t i0 = (tile * s.tpr + lane) * VEC;
         if (i0 >= s.inner) continue;
-        if (VEC > 1) {
-          const Vec<scalar_t, VEC> dv = *reinterpret_cast<const Vec<scalar_t, VEC>*>(dyr + i0);
-          const Vec<scalar_t, VEC> xv = *reinterpret_cast<const Vec<scalar_t, VEC>*>(xr + i0);
+        if constexpr (VEC > 1) {
+          const Vec<scalar_t, VEC> dv = load_vec<scalar_t, VEC>(dyr + i0);
+          const Vec<scalar_t, VEC> xv = load_vec<scalar_t, VEC>(xr + i0);
           Vec<scalar_t, VEC> ov;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
@@ -129,7 +158,7 @@ __global__ void __launch_bounds__(kThreads)
             acc += d * static_cast<acc_t>(xv.v[v]);
             ov.v[v] = static_cast<scalar_t>(d * gc);
           }
-          *reinterpret_cast<Vec<scalar_t, VEC>*>(dxr + i0) = ov;
+          store_vec<scalar_t, VEC>(dxr + i0, ov);
         } else {
           const acc_t d = static_cast<acc_t>(dyr[i0 * vdy.si]);
           acc += d * static_cast<acc_t>(xr[i0 * vx.si]);
@@ -169,13 +198,13 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t rb = blockIdx.x; rb < s.row_blocks; rb += gridDim.x) {
       const int64_t r = rb * s.rpb + sub;
       if (r >= s.rows) continue;
-      const int64_t a = r / s.row_div, b = r - a * s.row_div;
+      const int64_t a = row_of(r, s.row_div, s.rows), b = r - a * s.row_div;
       const scalar_t* dyr = dy + a * vdy.sa + b * vdy.sb;
       const scalar_t* xr = x + a * vx.sa + b * vx.sb;
       scalar_t* dxr = dx + a * vdx.sa + b * vdx.sb;
-      if (VEC > 1) {
-        const Vec<scalar_t, VEC> dv = *reinterpret_cast<const Vec<scalar_t, VEC>*>(dyr + c0);
-        const Vec<scalar_t, VEC> xv = *reinterpret_cast<const Vec<scalar_t, VEC>*>(xr + c0);
+      if constexpr (VEC > 1) {
+        const Vec<scalar_t, VEC> dv = load_vec<scalar_t, VEC>(dyr + c0);
+        const Vec<scalar_t, VEC> xv = load_vec<scalar_t, VEC>(xr + c0);
         Vec<scalar_t, VEC> ov;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
@@ -183,7 +212,7 @@ __global__ void __launch_bounds__(kThreads)
           acc[v] += d * static_cast<acc_t>(xv.v[v]);
           ov.v[v] = static_cast<scalar_t>(d * gv[v]);
         }
-        *reinterpret_cast<Vec<scalar_t, VEC>*>(dxr + c0) = ov;
+        store_vec<scalar_t, VEC>(dxr + c0, ov);
       } else {
         const acc_t d = static_cast<acc_t>(dyr[c0 * vdy.si]);
         acc[0] += d * static_cast<acc_t>(xr[c0 * vx.si]);
@@ -276,7 +305,9 @@ at::Tensor channel_gate_cuda(const at::Tensor& x, const at::Tensor& gate) {
     return y;
   }
   if (x.numel() == 0) return y;
-  const int64_t vec = vec_width({{&x, vx}, {&y, vy}}, fast ? x.size(1) : spatial_size(x), x.element_size());
+  const RowView vg{0, 0, 1};  // the gate: read as a vector along the channels when they are the inner dim
+  const int64_t vec = fast ? vec_width({{&x, vx}, {&y, vy}, {&g, vg}}, x.size(1), x.element_size())
+                           : vec_width({{&x, vx}, {&y, vy}}, spatial_size(x), x.element_size());
   const auto grid = channel_gate_grid(x.size(0), x.size(1), spatial_size(x), fast, vec, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "polarprune_channel_gate", [&] {
     using acc_t = at::acc_type<scalar_t, true>;

@@ -20,11 +20,11 @@ struct PenaltyArgs {
 // __launch_bounds__: a block of kReduceThreads threads may use at most 64 registers per thread; without the
 // bound the compiler may use more (the float64 version) and the launch fails.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kReduceThreads)
+__global__ void __launch_bounds__(kReduceThreads, 1)
     penalty_kernel(const scalar_t* __restrict__ s, const acc_t* __restrict__ w, const int64_t* __restrict__ off,
                    const int64_t* __restrict__ pairs, const acc_t* __restrict__ coef, scalar_t* __restrict__ grad,
-                               scalar_t* __restrict__ grad_polar, scalar_t* __restrict__ gates,
-                               acc_t* __restrict__ loss_out, acc_t* __restrict__ terms_out, PenaltyArgs a) {
+                   scalar_t* __restrict__ grad_polar, scalar_t* __restrict__ gates, acc_t* __restrict__ loss_out,
+                   acc_t* __restrict__ terms_out, PenaltyArgs a) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* buf = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* seg_sum = buf + blockDim.x;
@@ -47,11 +47,14 @@ __global__ void __launch_bounds__(kReduceThreads)
   bad = block_sum(bad, buf);
   const acc_t mean_p = sp / acc_t(n);
 
-  for (int64_t k = 0; k < a.num_segments; ++k) {
+  // segment sums: warp w sums segments w, w + 32, ... (a fixed assignment and a fixed shuffle order, so
+  // deterministic) with no block-wide barrier per segment
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int64_t k = warp; k < a.num_segments; k += warps) {
     acc_t part = 0;
-    for (int64_t i = off[k] + threadIdx.x; i < off[k + 1]; i += blockDim.x) part += sigmoid_of(acc_t(s[i]), tau);
-    part = block_sum(part, buf);
-    if (threadIdx.x == 0) {
+    for (int64_t i = off[k] + lane; i < off[k + 1]; i += 32) part += sigmoid_of(acc_t(s[i]), tau);
+    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    if (lane == 0) {
       seg_sum[k] = part;
       marginal[k] = 0;
     }
