@@ -132,3 +132,18 @@ def tol(dtype, terms=1, scale=1.0):
     eps_acc = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
     rtol = 2 * eps_out + 8 * eps_acc * max(terms, 1) ** 0.5
     return dict(rtol=rtol, atol=rtol * scale)
+
+
+def gated_resnet20(seed=0, batch=2):
+    """A float64 CIFAR ResNet-20 for 8x8 one-channel images, gated (min_channels=2), its scores random; and
+    example inputs of ``batch`` images."""
+    from polarprune_cuda.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 10, 1, False).double()
+    x = torch.randn(batch, 1, 8, 8, dtype=torch.float64)
+    pp.attach_gates(model, x, min_channels=2)
+    with torch.no_grad():
+        bank = pp.find_bank(model)
+        bank.scores.copy_(torch.randn(bank.scores.shape, dtype=torch.float64))
+    return model, x

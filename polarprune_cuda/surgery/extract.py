@@ -19,7 +19,8 @@ from ..gates.bank import GateBank, remove_bank
 from ..gates.modules import GateMixin, fold_in_place
 from .attach import GroupRecord, SurgeryRecord, _check_guard_args, _surgery
 from .blocks import BlockRecord, close_blocks
-from .inputs import _as_inputs, _check_fits, _model_device, _random_inputs, _score_ids, eval_mode, flatten_outputs
+from .inputs import (_as_inputs, _check_fits, _model_device, _random_inputs, _score_ids, eval_mode, flatten_outputs,
+                     index_maps_of, index_probe)
 from .spec import _spec
 from .tp import _remove_channels
 
@@ -220,24 +221,9 @@ def index_maps(model: nn.Module, min_channels: int | None = None, round_to: int 
     """
     bank, record = _surgery(model)
     masks = kept_channels(model, min_channels, round_to, warn=False)
-    probe = copy.deepcopy(model).double()
-    skip = _score_ids(probe)
-    with torch.no_grad():
-        for t in [*probe.parameters(), *probe.buffers()]:
-            if t.is_floating_point() and id(t) not in skip:
-                if t.numel() >= 2 ** 53:
-                    raise ValueError(f"a tensor of {t.numel()} elements is too large to map")
-                t.copy_(torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device).view(t.shape))
+    probe, _ = index_probe(model)
     small, _, _ = _take(probe, record, masks, _model_device(model), dtype=torch.float64)
-    maps = {}
-    for name, t in small.state_dict().items():
-        if t.is_floating_point():
-            idx = t.detach().round().long() - 1
-            if not bool(((idx >= -1) & (t == idx + 1)).all()):
-                raise UnsupportedModelError(f"extraction does not only select elements of {name!r}: its "
-                                            "per-element training state cannot follow it")
-            maps[name] = idx
-    return maps
+    return index_maps_of(small, "extraction")
 
 
 def _group_list(spec_groups: list[dict]) -> str:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from typing import Iterator
@@ -17,6 +18,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from ..gates.bank import find_bank
 
 # dtypes an input may have (the spec names them by these strings; nothing else is looked up on torch)
@@ -41,6 +43,35 @@ def _score_ids(model: nn.Module) -> set[int]:
     """ids of the gate scores of ``model``'s bank (empty without one): they are not weights of the model."""
     bank = find_bank(model)
     return {id(bank.scores)} if bank is not None else set()
+
+
+def index_probe(model: nn.Module) -> tuple[nn.Module, set[int]]:
+    """A float64 copy of ``model`` whose every floating parameter and buffer (gate scores aside) holds its own
+    flat index plus one, and the ids of the copy's scores. Channel removal only selects elements, so what a
+    removal run on the probe leaves are indices (:func:`index_maps_of` reads them back)."""
+    probe = copy.deepcopy(model).double()
+    skip = _score_ids(probe)
+    with torch.no_grad():
+        for t in [*probe.parameters(), *probe.buffers()]:
+            if t.is_floating_point() and id(t) not in skip:
+                if t.numel() >= 2 ** 53:
+                    raise ValueError(f"a tensor of {t.numel()} elements is too large to map")
+                t.copy_(torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device).view(t.shape))
+    return probe, skip
+
+
+def index_maps_of(module: nn.Module, what: str, exclude: frozenset | set = frozenset()) -> dict[str, Tensor]:
+    """Per floating state-dict entry of ``module`` (a probe after ``what`` ran on it; names in ``exclude``
+    aside), the flat indices its elements came from, -1 where a zero was written."""
+    maps = {}
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and name not in exclude:
+            idx = t.detach().round().long() - 1
+            if not bool(((idx >= -1) & (t == idx + 1)).all()):
+                raise UnsupportedModelError(f"{what} does not only select elements of {name!r}: its "
+                                            "per-element training state cannot follow it")
+            maps[name] = idx
+    return maps
 
 
 def _model_device(model: nn.Module) -> torch.device:

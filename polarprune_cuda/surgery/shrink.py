@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..gates.bank import install_bank, remove_bank
 from ..gates.modules import GateMixin
 from .attach import SurgeryRecord, _surgery
-from .inputs import _model_device, _random_inputs, _score_ids
+from .inputs import _model_device, _random_inputs, index_maps_of, index_probe
 from .tp import _remove_channels
 
 #: the score a removed gate is pinned at: sigmoid(-20) ~ 2e-9, so the soft density the penalty sees counts it 0
@@ -117,16 +117,9 @@ def remove_gates(model: nn.Module, gates: Tensor) -> tuple[nn.Module, dict[str, 
     if gates.shape != bank.scores.shape:
         raise ValueError(f"gates must have one entry per bank gate ({bank.scores.numel()}), got {tuple(gates.shape)}")
     plan = _plan(bank, record, gates)
-    probe = copy.deepcopy(model).double()
-    skip = _score_ids(probe)
-    with torch.no_grad():
-        for t in [*probe.parameters(), *probe.buffers()]:
-            if t.is_floating_point() and id(t) not in skip:
-                t.copy_(torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device).view(t.shape))
+    probe, skip = index_probe(model)
     _remove(probe, plan, dtype=torch.float64)
-    score_names = {n for n, p in probe.named_parameters() if id(p) in skip}
-    maps = {name: t.detach().round().long() - 1 for name, t in probe.state_dict().items()
-            if t.is_floating_point() and name not in score_names}
+    maps = index_maps_of(probe, "channel removal", {n for n, p in probe.named_parameters() if id(p) in skip})
     old_shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, GateMixin)}
     rows = {name: _rows(maps[f"{name}.weight"], old_shapes[name]) for name, m in probe.named_modules()
             if isinstance(m, GateMixin)}

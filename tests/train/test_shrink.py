@@ -4,13 +4,12 @@ import pytest
 import torch
 
 import polarprune_cuda as pp
-from polarprune_cuda.models import build_model
 from polarprune_cuda.surgery import shrink
 from polarprune_cuda.surgery.budget import meet_target
 from polarprune_cuda.surgery.spec import spec_digest
 from polarprune_cuda.train import trainer
 
-from helpers import without_clock
+from helpers import gated_resnet20, without_clock
 
 # 64 images, batches of 16: 4 steps an epoch, 16 in all; the gates freeze at step 9 (0.6 of 16), so the ends of
 # epochs 1 and 2 (steps 4 and 8) may shrink
@@ -20,14 +19,7 @@ TINY = dict(dataset="digits", model="resnet20", max_train=64, max_test=48, batch
 
 
 def _gated(seed=0):
-    torch.manual_seed(seed)
-    model = build_model("resnet20", 10, 1, False).double()
-    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
-    pp.attach_gates(model, x, min_channels=2)
-    bank = pp.find_bank(model)
-    with torch.no_grad():
-        bank.scores.copy_(torch.randn(bank.scores.shape, dtype=torch.float64))
-    return model, x
+    return gated_resnet20(seed, batch=4)
 
 
 def _closed_choice(model, share=0.5):

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import polarprune_cuda as pp
-from polarprune_cuda.models import build_model
 from polarprune_cuda.surgery.budget import meet_target
 from polarprune_cuda.surgery.extract import index_maps
 from polarprune_cuda.train import switch as switch_mod
@@ -16,7 +15,7 @@ from polarprune_cuda.train import trainer
 from polarprune_cuda.train.loop import TRAIN_MACS_FACTOR
 from polarprune_cuda.train.optim import lr_lambdas, make_optimizer
 
-from helpers import float64_runs, without_clock
+from helpers import float64_runs, gated_resnet20, without_clock
 
 # 64 images, batches of 16: 4 steps an epoch, 8 in all; the gates freeze at step 3 (0.4 of 8), in epoch 1
 TINY = dict(dataset="digits", model="resnet20", max_train=64, max_test=48, batch_size=16, epochs=2,
@@ -24,14 +23,8 @@ TINY = dict(dataset="digits", model="resnet20", max_train=64, max_test=48, batch
 
 
 def _gated_resnet(seed=0):
-    """A float64 CIFAR ResNet-20 for 8x8 one-channel images, gated, some gates closed by an exact budget."""
-    torch.manual_seed(seed)
-    model = build_model("resnet20", 10, 1, False).double()
-    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
-    pp.attach_gates(model, x, min_channels=2)
-    bank = pp.find_bank(model)
-    with torch.no_grad():
-        bank.scores.copy_(torch.randn(bank.scores.shape, dtype=torch.float64))
+    """gated_resnet20 with some gates closed by an exact budget."""
+    model, x = gated_resnet20(seed)
     meet_target(model, 0.5, "macs")
     return model, x
 
