@@ -36,7 +36,8 @@ def test_channel_gate_vector_paths_use_16_byte_accesses(rows):
         assert r["spill"] == 0 and r["regs"] <= 64, r
         if _vec(r["kernel"]) > 1:
             assert r["ldg"].get("128", 0) >= 1 and r["stg"].get("128", 0) >= 1, r
-        if "channel_gate_fwd" in r["kernel"] and ("true" in r["kernel"] or "Lb1E" in r["kernel"]) and _vec(r["kernel"]) > 1:
+        channels_last_fwd = "channel_gate_fwd" in r["kernel"] and ("true" in r["kernel"] or "Lb1E" in r["kernel"])
+        if channels_last_fwd and _vec(r["kernel"]) > 1:
             assert set(r["ldg"]) == {"128"}, r   # channels_last forward: x and g as vectors, nothing masked
 
 

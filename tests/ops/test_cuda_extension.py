@@ -205,7 +205,8 @@ def test_gpu_channel_gate_nan_in_a_closed_channel(C, dtype, channels_last):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_channel_gate_views(C, case, dtype):
     base = rand(4, 12, 9, 10, dtype=dtype)
-    x = {"sliced": base[1:3, ::2], "sliced-spatial": base[:, ::2, 1:, ::3], "expanded": rand(1, 12, 1, 10, dtype=dtype).expand(4, 12, 9, 10),
+    x = {"sliced": base[1:3, ::2], "sliced-spatial": base[:, ::2, 1:, ::3],
+         "expanded": rand(1, 12, 1, 10, dtype=dtype).expand(4, 12, 9, 10),
          "transposed": base.transpose(2, 3), "2d": rand(37, 12, dtype=dtype), "3d": rand(5, 12, 33, dtype=dtype),
          "5d": rand(2, 12, 3, 4, 5, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)}[case]
     g = binary(x.shape[1], dtype)
