@@ -125,3 +125,14 @@ def test_elementwise_and_penalty_grids(grid_of):
     assert grid_of("penalty", 26560)["threads"] == MAX_THREADS
     with pytest.raises(ValueError, match="kernel must be one of"):
         grid_of("conv", 3)
+
+
+@pytest.mark.parametrize("hw,vec,threads_per_row,busy", [(49, 1, 64, 49 / 64), (196, 1, 256, 196 / 256),
+                                                         (3136, 4, 256, 1.0), (1, 1, 1, 1.0)])
+def test_rows_get_threads_sized_to_the_plane(grid_of, hw, vec, threads_per_row, busy):
+    """NCHW planes of HW = 49 (ResNet's last stage) get 64 threads each, 4 planes a block: 77% of the threads
+    busy, where one block of 256 threads per plane kept 19% busy."""
+    g = grid_of("channel_gate_backward", 64, 512, hw, False, vec)
+    assert g["threads_per_row"] == threads_per_row
+    lanes = min(hw // vec, threads_per_row)
+    assert lanes / threads_per_row == pytest.approx(busy) and 49 / 256 < 0.2
