@@ -10,6 +10,7 @@ the codes by name (``MODE == STE_CLIPPED``).
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 #: ``ste`` argument -> kernel code (the Triton copy of ops.common.STE_CODES).
@@ -29,6 +30,27 @@ POLAR_BIMODAL = tl.constexpr(POLAR_CODES["bimodal"])
 def acc_of(dtype: torch.dtype):
     """The Triton accumulation type of a tensor dtype: float64 stays float64, everything else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def scalar_args(values, dtype: torch.dtype, device):
+    """(IN_MEMORY, args): the float arguments of a kernel, for :func:`scalar`.
+
+    Triton passes a Python float to a kernel as fp32 on a GPU (the interpreter keeps a double), so for
+    float64 inputs the values travel as a float64 tensor that the kernel loads (IN_MEMORY); otherwise
+    ``args`` is a placeholder and the kernel uses its float arguments.
+    """
+    if dtype == torch.float64:
+        return True, torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    return False, torch.zeros(1, dtype=torch.float32, device=device)
+
+
+@triton.jit
+def scalar(args_ptr, value, index: tl.constexpr, IN_MEMORY: tl.constexpr):
+    """Float argument ``index`` of a kernel: ``args_ptr[index]`` (float64) when IN_MEMORY, else ``value``."""
+    if IN_MEMORY:
+        return tl.load(args_ptr + index)
+    else:
+        return value
 
 
 def check_ste(ste) -> None:

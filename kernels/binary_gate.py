@@ -5,7 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, STE_CLIPPED, STE_CODES, STE_IDENTITY, acc_of, check_ste
+from ._common import BLOCK, STE_CLIPPED, STE_CODES, STE_IDENTITY, acc_of, check_ste, scalar, scalar_args
+from ._grids import elementwise_grid
 
 
 @triton.jit
@@ -18,8 +19,8 @@ def _binary_gate_kernel(s_ptr, g_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _binary_gate_bwd_kernel(dg_ptr, s_ptr, ds_ptr, n, tau, MODE: tl.constexpr, ACC: tl.constexpr,
-                            BLOCK: tl.constexpr):
+def _binary_gate_bwd_kernel(dg_ptr, s_ptr, ds_ptr, args_ptr, n, tau, MODE: tl.constexpr, ACC: tl.constexpr,
+                            IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dg = tl.load(dg_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -29,6 +30,7 @@ def _binary_gate_bwd_kernel(dg_ptr, s_ptr, ds_ptr, n, tau, MODE: tl.constexpr, A
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
         ds = tl.where(tl.abs(s) <= 1, dg, 0.0)
     else:
+        tau = scalar(args_ptr, tau, 0, IN_MEMORY)
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
         p = 1.0 / (1.0 + tl.exp(-s / tau))
         ds = dg * p * (1.0 - p) / tau
@@ -36,19 +38,22 @@ def _binary_gate_bwd_kernel(dg_ptr, s_ptr, ds_ptr, n, tau, MODE: tl.constexpr, A
 
 
 def binary_gate(scores, ste, tau):
+    scores = scores.contiguous()
     g = torch.empty_like(scores)
     n = scores.numel()
     if n:
-        _binary_gate_kernel[(triton.cdiv(n, BLOCK),)](scores, g, n, BLOCK=BLOCK)
+        _binary_gate_kernel[elementwise_grid(n, BLOCK)](scores, g, n, BLOCK=BLOCK)
     return g
 
 
 def binary_gate_backward(grad, scores, ste, tau):
     check_ste(ste)
-    grad = grad.contiguous()
+    grad, scores = grad.contiguous(), scores.contiguous()
     ds = torch.empty_like(scores)
     n = scores.numel()
     if n:
-        _binary_gate_bwd_kernel[(triton.cdiv(n, BLOCK),)](grad, scores, ds, n, float(tau), MODE=STE_CODES[ste],
-                                                           ACC=acc_of(scores.dtype), BLOCK=BLOCK)
+        in_memory, args = scalar_args([tau], scores.dtype, scores.device)
+        _binary_gate_bwd_kernel[elementwise_grid(n, BLOCK)](grad, scores, ds, args, n, float(tau),
+                                                            MODE=STE_CODES[ste], ACC=acc_of(scores.dtype),
+                                                            IN_MEMORY=in_memory, BLOCK=BLOCK)
     return ds

@@ -6,11 +6,12 @@ import triton
 import triton.language as tl
 
 from ._common import BLOCK, acc_of
+from ._grids import elementwise_grid
 
 
 @triton.jit
 def _gated_affine_kernel(w_ptr, b_ptr, g_ptr, wo_ptr, bo_ptr, C, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
@@ -22,7 +23,7 @@ def _gated_affine_kernel(w_ptr, b_ptr, g_ptr, wo_ptr, bo_ptr, C, ACC: tl.constex
 @triton.jit
 def _gated_affine_bwd_kernel(gw_ptr, gb_ptr, w_ptr, b_ptr, g_ptr, dw_ptr, db_ptr, dg_ptr, C,
                              ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     gw = tl.load(gw_ptr + offs, mask=mask, other=0.0)
@@ -36,19 +37,21 @@ def _gated_affine_bwd_kernel(gw_ptr, gb_ptr, w_ptr, b_ptr, g_ptr, dw_ptr, db_ptr
 
 
 def gated_affine(weight, bias, gate):
+    weight, bias, gate = weight.contiguous(), bias.contiguous(), gate.contiguous()
     wo, bo = torch.empty_like(weight), torch.empty_like(bias)
     C = weight.numel()
     if C:
-        _gated_affine_kernel[(triton.cdiv(C, BLOCK),)](weight.contiguous(), bias.contiguous(), gate.contiguous(),
-                                                      wo, bo, C, ACC=acc_of(weight.dtype), BLOCK=BLOCK)
+        _gated_affine_kernel[elementwise_grid(C, BLOCK)](weight, bias, gate, wo, bo, C, ACC=acc_of(weight.dtype),
+                                                         BLOCK=BLOCK)
     return wo, bo
 
 
 def gated_affine_backward(grad_weight, grad_bias, weight, bias, gate):
+    weight, bias, gate = weight.contiguous(), bias.contiguous(), gate.contiguous()
     dw, db, dg = torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(gate)
     C = weight.numel()
     if C:
-        _gated_affine_bwd_kernel[(triton.cdiv(C, BLOCK),)](
-            grad_weight.contiguous(), grad_bias.contiguous(), weight.contiguous(), bias.contiguous(),
-            gate.contiguous(), dw, db, dg, C, ACC=acc_of(torch.promote_types(gate.dtype, torch.float32)), BLOCK=BLOCK)
+        _gated_affine_bwd_kernel[elementwise_grid(C, BLOCK)](
+            grad_weight.contiguous(), grad_bias.contiguous(), weight, bias, gate, dw, db, dg, C,
+            ACC=acc_of(torch.promote_types(gate.dtype, torch.float32)), BLOCK=BLOCK)
     return dw, db, dg
