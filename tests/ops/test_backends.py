@@ -83,8 +83,30 @@ def test_a_registered_backend_is_used_for_cuda_tensors(monkeypatch):
     assert backends.select("binary_gate", "cuda") == ("triton", fake_gate)   # then Triton
     assert backends.select("binary_gate", "cpu")[0] == "torch"
     monkeypatch.setenv("POLARPRUNE_BACKEND", "triton")
+    # forced Triton takes CPU tensors only under the interpreter (the fake backend runs the reference anyway);
+    # the conftest sets it only where there is no GPU, so it is set here, for this test, on every machine
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backends._reset()
     pp.functional.binary_gate(randn(4))
     assert calls == [torch.Size([4])]
+
+
+def test_forced_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    ops = {name: getattr(reference, name) for name in backends.OPS}
+    monkeypatch.setitem(backends._PROBES, "triton", lambda: backends.Backend("triton", True, "fake", ops))
+    monkeypatch.setenv("POLARPRUNE_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(pp.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        pp.functional.binary_gate(randn(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_use_a_kernel_backend_when_one_is_available():
+    info = pp.backend_info()
+    expected = next((n for n in ("cuda", "triton") if info["backends"][n]["available"]), "torch")
+    assert info["selected"]["cuda"] == expected
+    s = randn(5).cuda()
+    assert torch.equal(pp.functional.binary_gate(s).cpu(), (s.cpu() > 0).float())
 
 
 def test_kernels_package_is_installed_under_the_package():
