@@ -4,6 +4,10 @@
     .venv/bin/python benchmarks/run.py --out /tmp/res     # results elsewhere (the GPU script does this)
     .venv/bin/python benchmarks/run.py --from-json raw.json   # only summarise an earlier pytest-benchmark JSON
 
+A benchmark that fails does not stop the others or the summary: the results hold what finished, and
+the failed tests are listed (``failed`` in the JSON, a "Failed" section in the Markdown and the README
+block); the exit status is then 1.
+
 The suites (micro/bench_*.py, pytest-benchmark) run in a child process; their JSON
 is then summarised into <out>/<device>-<date>.json, .md and .png, where
 <device> is the GPU's or CPU's name. Headline figures are ratios between
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -25,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MICRO = HERE / "micro"          # the pytest-benchmark suites, their conftest, common.py and pytest.ini
 sys.path.insert(0, str(MICRO))
+import common  # noqa: E402
 from common import device_slug  # noqa: E402
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -34,13 +41,56 @@ FORMAT = 1
 GOALS = {"training_slowdown": 0.03, "speedup_over_macs_ratio": 0.85}
 
 
-def run_suites(raw_json: Path, pytest_args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "pytest", str(MICRO), "-c", str(MICRO / "pytest.ini"), "-p", "no:cacheprovider",
+#: pytest's short test summary lines (-rfE): "FAILED path::test - reason", "ERROR path::test - reason"
+_SUMMARY_LINE = re.compile(r"^(FAILED|ERROR) (\S+)(?: - (.*))?$")
+
+
+def parse_failed(output: str) -> list[dict]:
+    """The failed and broken tests named in pytest's short test summary, in order, once each."""
+    failed, seen = [], set()
+    for line in output.splitlines():
+        m = _SUMMARY_LINE.match(line.strip())
+        if m and (m.group(1), m.group(2)) not in seen:
+            seen.add((m.group(1), m.group(2)))
+            failed.append({"test": m.group(2), "outcome": m.group(1).lower(), "reason": (m.group(3) or "")[:500]})
+    return failed
+
+
+def run_suites(raw_json: Path, pytest_args: list[str], suites: Path = MICRO) -> list[dict]:
+    """Run the suites into ``raw_json``; return the tests that failed or broke (never raises for them).
+
+    A pytest run that ends badly without naming a test (collection error, interruption, no test) is
+    returned as one entry ``<pytest>`` with the exit code and the last line of its output.
+    """
+    ini = suites / "pytest.ini" if (suites / "pytest.ini").is_file() else MICRO / "pytest.ini"
+    cmd = [sys.executable, "-m", "pytest", str(suites), "-c", str(ini), "-p", "no:cacheprovider", "-rfE",
            "--benchmark-json", str(raw_json), *pytest_args]
     print("+", shlex.join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=ROOT)
-    if rc != 0:
-        raise SystemExit(f"the benchmark suites failed (pytest exit code {rc}); no results written")
+    env = os.environ | {"COLUMNS": "1000"}       # wide: pytest cuts the reasons of its summary lines to the terminal
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        lines.append(line)
+    rc = proc.wait()
+    failed = parse_failed("".join(lines))
+    if rc != 0 and not failed:
+        last = next((ln.strip() for ln in reversed(lines) if ln.strip()), "no output")
+        failed.append({"test": "<pytest>", "outcome": "error", "reason": f"pytest exit code {rc}: {last}"[:500]})
+    if failed:
+        print(f"\n{len(failed)} benchmark(s) failed; summarising what finished", flush=True)
+    return failed
+
+
+def machine_info(pytest_args: list[str]) -> dict:
+    """What micro/conftest.py puts into the JSON, for a run that left none (it broke before the end)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = "--tiny" in pytest_args
+    return {"device": common.device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "tiny": tiny,
+            "settings": {k: v.to_dict() for k, v in common.settings(device, tiny).items()}}
 
 
 # ----------------------------------------------------------------------------- summarise
@@ -115,12 +165,14 @@ def _add_kernel_speedups(kernels: list[dict]) -> None:
         r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
 
 
-def summarise(raw: dict, command: str) -> dict:
+def summarise(raw: dict, command: str, failed: list[dict] | None = None) -> dict:
+    """The result of a run: whatever finished, and ``failed`` (from :func:`run_suites`) listed as such."""
+    failed = list(failed or [])
     info = raw["machine_info"].get("polarprune")
     if info is None:
         raise ValueError("the JSON has no polarprune machine info: it was not written by the benchmarks/ suites")
     benches = raw["benchmarks"]
-    if not benches:
+    if not benches and not failed:
         raise ValueError("the JSON holds no benchmark (were they all skipped or disabled?)")
     training, inference, kernels, interleaved, energy_info = _collect(benches)
     for kind, table in (("training", training), ("inference", inference)):
@@ -142,6 +194,7 @@ def summarise(raw: dict, command: str) -> dict:
         "inference": inference,
         "kernels": kernels,
         "goals": GOALS,
+        "failed": failed,
     }
 
 
@@ -194,7 +247,8 @@ def tables(res: dict, heading: str = "###") -> str:
             out.append(f"| {model} | {_setting_line(res['settings'][model])} | {name} | "
                        f"{100 * r['macs_removed']:.1f}% | {r['params']:,} | {r['macs']:,} | {r['median_ms']:.2f} | "
                        f"{r['images_per_s']:.0f} | {_ratio(r, 'speedup', True)} | "
-                       f"{r.get('macs_ratio', float('nan')):.2f}x | {r.get('speedup_over_macs_ratio', float('nan')):.2f} | "
+                       f"{r.get('macs_ratio', float('nan')):.2f}x | "
+                       f"{r.get('speedup_over_macs_ratio', float('nan')):.2f} | "
                        f"{_j(r['energy'], 'joules_per_item')} |")
     return "\n".join(out) + "\n"
 
@@ -222,6 +276,11 @@ def goal_lines(res: dict) -> list[str]:
     return lines
 
 
+def failed_lines(res: dict) -> list[str]:
+    return [f"- `{f['test']}`: {f['outcome']}" + (f": {f['reason']}" if f.get("reason") else "")
+            for f in res.get("failed", [])]
+
+
 def markdown(res: dict, stem: str) -> str:
     out = [f"# Benchmarks on {res['device']}", "", "Command:", "", "```", res["command"], "```", "",
            tables(res, "##"), "## Goals (figures, not assertions)", "", *goal_lines(res), "",
@@ -231,6 +290,8 @@ def markdown(res: dict, stem: str) -> str:
     for r in sorted(res["kernels"], key=lambda r: (r["op"], r["pass"], r["case"], r["provider"])):
         vs = "" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
         out.append(f"| {r['op']} | {r['pass']} | {r['case']} | {r['provider']} | {1e3 * r['median_ms']:.1f} | {vs} |")
+    out += ["", "## Failed", ""]
+    out += failed_lines(res) or ["None: every benchmark that ran passed."]
     out += ["", "Settings: " + "; ".join(f"{m}: {_setting_line(s)}, widths rounded to {s['round_to']}"
                                          for m, s in res["settings"].items()), ""]
     return "\n".join(out)
@@ -297,7 +358,9 @@ def update_readme(res: dict, stem: str, readme: Path = README) -> bool:
     if START not in text or END not in text:
         return False
     rel = f"benchmarks/results/{stem}"
-    block = "\n".join([START, "", tables(res), "Goals (figures, not assertions):", "", *goal_lines(res), "",
+    failed = ([f"Failed in this run ({len(res['failed'])}; their rows are missing):", "", *failed_lines(res), ""]
+              if res.get("failed") else [])
+    block = "\n".join([START, "", tables(res), "Goals (figures, not assertions):", "", *goal_lines(res), "", *failed,
                        f"Full results, kernels included: [{rel}.md]({rel}.md), [{rel}.json]({rel}.json); "
                        f"plot: [{rel}.png]({rel}.png). Produced by `{res['command']}`.", "", END])
     before, rest = text.split(START, 1)
@@ -316,6 +379,8 @@ def write(res: dict, out: Path, readme: Path | None) -> Path:
         print(f"warning: {readme} has no {START} ... {END} block; README not updated", file=sys.stderr)
     print(tables(res))
     print("\n".join(goal_lines(res)))
+    if res.get("failed"):
+        print("\nFAILED:\n" + "\n".join(failed_lines(res)))
     print(f"\nwrote {out / stem}.json, .md and .png" + (f"; updated {readme}" if readme else ""))
     return out / f"{stem}.json"
 
@@ -329,6 +394,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--readme", type=Path, default=None,
                         help="README to update (default: README.md when --out is not given, else none)")
     parser.add_argument("--no-readme", action="store_true", help="do not touch any README")
+    parser.add_argument("--suites", type=Path, default=MICRO,
+                        help="folder of the pytest-benchmark suites (default benchmarks/micro)")
     parser.add_argument("--keep-raw", action="store_true", help="also keep pytest-benchmark's own JSON in --out")
     parser.add_argument("pytest_args", nargs="*",
                         help="passed to pytest after '--', e.g. -- --tiny -k training --energy-seconds 5")
@@ -344,14 +411,18 @@ def main(argv=None) -> Path:
         return write(summarise(raw, command), out, readme)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.json"
-        run_suites(raw_path, args.pytest_args)
-        raw = json.loads(raw_path.read_text())
-        res = summarise(raw, command)
+        failed = run_suites(raw_path, args.pytest_args, args.suites)
+        try:
+            raw = json.loads(raw_path.read_text())
+        except (OSError, ValueError):       # pytest broke before writing it: summarise nothing, list the failures
+            raw = {"benchmarks": []}
+        raw.setdefault("machine_info", {}).setdefault("polarprune", machine_info(args.pytest_args))
+        res = summarise(raw, command, failed)
         path = write(res, out, readme)
-        if args.keep_raw:
+        if args.keep_raw and raw_path.is_file():
             (out / f"{path.stem}-raw.json").write_text(raw_path.read_text())
     return path
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if json.loads(main().read_text()).get("failed") else 0)

@@ -1,6 +1,8 @@
 """The benchmark code runs (tiny sizes, no timing claims) so it cannot rot."""
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +50,8 @@ def test_make_bench_pipeline_tiny(tmp_path):
     readme.write_text("intro\n\n<!-- bench-table:start -->\nstale table\n<!-- bench-table:end -->\n\noutro\n")
     path = _load("run").main(["--out", str(tmp_path / "res"), "--readme", str(readme), "--keep-raw", "--", "--tiny"])
     res = json.loads(path.read_text())
-    assert res["tiny"] and res["device_type"] == "cpu"
+    assert res["tiny"] and res["device_type"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert res["failed"] == []
     assert path.name.startswith(common.device_slug(res["device"]))
     for model in common.MODELS:
         train = res["training"][model]
@@ -82,6 +85,172 @@ def test_run_refuses_foreign_json(tmp_path):
         _load("run").main(["--from-json", str(raw), "--out", str(tmp_path), "--no-readme"])
     with pytest.raises(SystemExit, match="no such file"):
         _load("run").main(["--from-json", str(tmp_path / "missing.json"), "--no-readme"])
+
+
+_SUITE = {
+    "test_ok.py": "def test_ok(benchmark):\n    benchmark(lambda: None)\n",
+    "test_bad.py": "def test_bad(benchmark):\n    benchmark(lambda: None)\n    assert False, 'boom'\n",
+    "test_broken.py": "import pytest\n\n\n@pytest.fixture\ndef broken():\n    raise RuntimeError('no fixture')\n\n\n"
+                      "def test_broken(broken):\n    pass\n",
+}
+
+
+def _suite(folder):
+    folder.mkdir()
+    for name, text in _SUITE.items():
+        (folder / name).write_text(text)
+    (folder / "pytest.ini").write_text("[pytest]\n")
+    return folder
+
+
+def test_run_suites_returns_the_failed_tests_and_summarises_the_rest(tmp_path):
+    run = _load("run")
+    raw = tmp_path / "raw.json"
+    failed = run.run_suites(raw, [], _suite(tmp_path / "suite"))
+    by_test = {f["test"].split("::")[-1]: f for f in failed}
+    assert set(by_test) == {"test_bad", "test_broken"}
+    assert by_test["test_bad"]["outcome"] == "failed" and "boom" in by_test["test_bad"]["reason"]
+    assert by_test["test_broken"]["outcome"] == "error"
+    data = json.loads(raw.read_text())
+    assert any(b["name"] == "test_ok" for b in data["benchmarks"])     # what finished is kept
+    data["machine_info"]["polarprune"] = run.machine_info(["--tiny"])
+    res = run.summarise(data, "cmd", failed)
+    assert res["failed"] == failed and res["training"] == {}
+    md = run.markdown(res, "x")
+    assert "## Failed" in md and "test_bad" in md and "test_broken" in md
+    with pytest.raises(ValueError, match="no benchmark"):       # nothing ran and nothing failed: refused as before
+        run.summarise({"machine_info": data["machine_info"], "benchmarks": []}, "cmd", [])
+
+
+def test_run_main_writes_results_when_benchmarks_fail(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\n")
+    path = _load("run").main(["--suites", str(_suite(tmp_path / "suite")), "--out", str(tmp_path / "res"),
+                              "--readme", str(readme)])
+    res = json.loads(path.read_text())
+    assert {f["test"].split("::")[-1] for f in res["failed"]} == {"test_bad", "test_broken"}
+    assert "test_bad" in path.with_suffix(".md").read_text() and "test_bad" in readme.read_text()
+    # a run that breaks before any benchmark (no test collected): still a result, the failure named
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    path = _load("run").main(["--suites", str(empty), "--out", str(tmp_path / "res2"), "--no-readme"])
+    res = json.loads(path.read_text())
+    assert res["failed"][0]["test"] == "<pytest>" and "exit code 5" in res["failed"][0]["reason"]
+
+
+def test_run_parse_failed():
+    out = "x\nFAILED a.py::t[1] - AssertionError: no\nERROR b.py::u\nFAILED a.py::t[1] - AssertionError: no\n"
+    assert _load("run").parse_failed(out) == [
+        {"test": "a.py::t[1]", "outcome": "failed", "reason": "AssertionError: no"},
+        {"test": "b.py::u", "outcome": "error", "reason": ""}]
+
+
+def _gpu_checks(args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "POLARPRUNE_BACKEND"} | {"TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_checks.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_checks_tiny_on_cpu_records_every_case(tmp_path):
+    """gpu_checks.py on CPU tensors under Triton's interpreter: the checks pass, a deliberate failure and an
+    exception are recorded (not raised), the CUDA provider is skipped with its reason, the summary is written."""
+    out = _gpu_checks(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--inject-failure",
+                       "--sections", "correctness,limits,determinism"])
+    assert out.returncode == 1, out.stdout + out.stderr        # 1: the injected failures
+    res = json.loads((tmp_path / "checks.json").read_text())
+    assert res["format"] == 1 and res["mode"] == "tiny" and res["device"] == "cpu"
+    assert set(res["sections"]) == {"correctness", "limits", "determinism"}
+    assert all(s["status"] == "done" and s["budget_s"] > 0 for s in res["sections"].values())
+    assert res["facts"]["torch"] == torch.__version__
+    assert res["providers"]["triton"]["available"] and not res["providers"]["cuda"]["available"]
+    cases = res["cases"]
+    for c in cases:
+        assert {"section", "name", "status", "seconds"} <= set(c) and c["status"] in ("pass", "fail", "error",
+                                                                                        "skipped")
+    cuda = [c for c in cases if c.get("provider") == "cuda"]
+    assert cuda and all(c["status"] == "skipped" and "cuda" in c["detail"].lower() for c in cuda)
+    triton = [c for c in cases if c.get("provider") == "triton"]
+    assert triton and all(c["status"] == "pass" for c in triton), [c for c in triton if c["status"] != "pass"]
+    ops = {c["op"] for c in triton if c["section"] == "correctness"}
+    assert ops == {"binary_gate", "gate_penalty", "gate_bank", "channel_gate", "gated_affine"}
+    assert {c["dtype"] for c in triton if c["section"] == "correctness"} == {"float32", "float16", "bfloat16",
+                                                                             "float64"}
+    assert {c.get("layout") for c in triton if c.get("op") == "channel_gate"} == {"NCHW", "channels_last"}
+    assert len([c for c in triton if c["section"] == "limits"]) == 3
+    assert any(c["section"] == "determinism" and c["op"].startswith("channel_gate_backward") for c in triton)
+    errors = triton[0]["metrics"]["errors"]
+    assert all(v["err"] <= v["limit"] for v in errors.values())
+    injected = {c["name"]: c for c in cases if c["name"].startswith("deliberate")}
+    assert injected["deliberate exception"]["status"] == "error"
+    assert "RuntimeError: deliberate failure" in injected["deliberate exception"]["traceback"]
+    assert injected["deliberate wrong result"]["status"] == "fail"
+
+    # the summary reads what is there (no timings, no tests, no sanitizer) and says so
+    summ = _gpu_checks(["--summary", str(tmp_path)])
+    assert summ.returncode == 0, summ.stderr
+    text = (tmp_path / "summary.md").read_text()
+    assert "deliberate wrong result" in text and "**not measured**" in text and "no sanitizer.txt" in text
+    assert re.search(r"\| correctness \| \d+ \| 1 \| 1 \|", text)
+
+
+def test_gpu_checks_timings_bank_and_training_tiny(tmp_path):
+    out = _gpu_checks(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--json", "timings.json",
+                       "--sections", "timings,bank,training"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads((tmp_path / "timings.json").read_text())
+    cases = res["cases"]
+    assert not [c for c in cases if c["status"] in ("fail", "error")]
+    timed = [c for c in cases if c["section"] == "timings" and c["status"] == "pass"]
+    assert {c["provider"] for c in timed} == {"eager", "triton"}
+    for c in timed:
+        m = c["metrics"]
+        assert m["us"] > 0 and m["copy_us"] > 0 and m["of_copy"] == pytest.approx(m["GBps"] / m["copy_GBps"])
+    assert {(c["op"], c["direction"]) for c in timed} >= {("channel_gate", "backward"), ("gate_penalty", "forward")}
+    skipped = {c["provider"]: c["detail"] for c in cases if c["status"] == "skipped"}
+    assert "compile" in skipped and "cuda" in skipped
+    bank = {(c.get("path"), c.get("provider"), c.get("direction")) for c in cases
+            if c["section"] == "bank" and c["status"] == "pass"}
+    assert {("op", "eager", "forward"), ("op", "triton", "backward"), ("package", "torch", None)} <= bank
+    train = next(c for c in cases if c["name"].endswith("gated vs unpruned"))
+    assert train["status"] == "pass" and train["metrics"]["ratio"] > 0
+    summ = _gpu_checks(["--summary", str(tmp_path)])
+    text = (tmp_path / "summary.md").read_text()
+    assert summ.returncode == 0 and "ResNet-50 training step" in text and "gate bank + penalty" in text
+
+
+def _step_limits(script: str) -> dict:
+    line = re.search(r'^LIMITS="([^"]*)"', script, re.M).group(1)
+    return {k: int(v) for k, v in (kv.split("=") for kv in line.split())}
+
+
+def test_gpu_first_script_parses_and_fits_one_device_command():
+    script_path = ROOT / "benchmarks" / "gpu_first.sh"
+    assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
+    script = script_path.read_text()
+    limits = _step_limits(script)
+    assert sum(limits.values()) <= 480, limits                 # 8 minutes, the device command's budget
+    deadline = int(re.search(r"^DEADLINE=(\d+)", script, re.M).group(1))
+    assert deadline <= 480
+    assert {"facts", "build", "checks", "timings", "tests", "sanitizer", "summary"} <= set(limits)
+    for name in limits:                                        # every declared step runs through `step`
+        assert re.search(rf"^\s*step {name} ", script, re.M), name
+    assert "timeout -k" in script and "POLARPRUNE_PTXAS_VERBOSE=1" in script and "POLARPRUNE_REQUIRE_EXT=1" in script
+    # the files it leaves in OUT: at most 8
+    outs = set(re.findall(r'\$out/([A-Za-z0-9_.-]+)', script)) | set(re.findall(r"--json (\S+\.json)", script))
+    outs -= {"checks.json"} if "/tmp/polarprune-sanitizer" in script else set()
+    outs |= {"checks.json", "summary.md"}
+    assert len(outs) <= 8, outs
+
+
+def test_gpu_first_without_a_gpu_stops_after_the_facts(tmp_path):
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_first.sh"), str(tmp_path / "out")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    log = (tmp_path / "out" / "campaign.log").read_text()
+    assert "STEP facts status=exit-3" in log and "no CUDA device" in log and "STEP summary status=ok" in log
+    assert "STEP build" not in log
+    assert "**not measured**" in (tmp_path / "out" / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
