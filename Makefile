@@ -61,9 +61,13 @@ zoo: setup
 bench: setup
 	$(BIN)/python benchmarks/run.py --keep-raw
 
-# wheels that the GPU machine lacks (it has no network): carry .whl/ and run benchmarks/run_gpu.sh
-gpu-wheels: setup
-	$(PIP) download --no-deps -d .whl torch-pruning==1.6.1
+# wheels that the GPU machine lacks (it has no network; Python 3.12 there): torch-pruning, into .whl/ (ignored by
+# git). The device command carries it: `benchmarks/gpu_first.sh $$OUT` with carry [".whl"] (README, Benchmarks).
+GPU_WHEELS := torch-pruning==1.6.1
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	@ls -l .whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info

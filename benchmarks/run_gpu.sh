@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# One campaign on a GPU machine, within ten minutes: build the CUDA extension there, run the test
-# suite with CUDA, run every benchmark suite, and write everything to the folder given.
+# The LONG campaign on a GPU machine you hold: build the CUDA extension there, run the whole test suite
+# with CUDA, run every benchmark suite, and write everything to the folder given.
 #
 #   benchmarks/run_gpu.sh OUT_DIR [WHEEL_DIR]
+#
+# Duration, estimated for an H200 with 16 cores: 10.5 to 16 minutes (build 1-1.5, the full test suite
+# 3-5, benchmarks/run.py 4-6.5, benchmarks/micro/kernels.py 2-3). That is more than one command on the
+# lent device machine (10 minutes) and more than its whole budget (15 minutes, start included): there,
+# run benchmarks/gpu_first.sh instead (one command, at most 8 minutes, every step under its own timeout).
+# A failing benchmark does not stop this script: run.py summarises what finished and lists what failed.
 #
 # It uses the machine's own python3 (PYTHON=... to choose another) and its torch. Packages that
 # machine lacks are installed from WHEEL_DIR (default .whl/, filled here by `make gpu-wheels`)
