@@ -184,8 +184,20 @@ def gate_values(c, dtype, device, seed) -> torch.Tensor:
     return g.to(dtype)
 
 
+_COSTS: dict = {}
+
+
 def cost_model(n: int, device: torch.device, seed: int = 0):
-    """A cost model with four segments, bilinear pairs (a self-pair too), a constant and per-gate costs."""
+    """A cost model with four segments, bilinear pairs (a self-pair too), a constant and per-gate costs (one per
+    size and device: building one of 2^24 gates takes a while; the scores are drawn fresh for every case)."""
+    key = (n, str(device))
+    if key not in _COSTS:
+        _COSTS.clear()
+        _COSTS[key] = _cost_model(n, device, seed)
+    return _COSTS[key]
+
+
+def _cost_model(n: int, device: torch.device, seed: int):
     from polarprune_cuda.ops.cost import CostModel
 
     g = torch.Generator().manual_seed(seed)

@@ -115,13 +115,17 @@ build() {
     arch=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || return 1
     echo "TORCH_CUDA_ARCH_LIST=$arch"
     export TORCH_CUDA_ARCH_LIST=$arch POLARPRUNE_PTXAS_VERBOSE=1 POLARPRUNE_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    local rc=0
     if ! "$py" -m pip install -v --no-build-isolation --no-deps -e .; then
+        # the package from the source tree (PYTHONPATH), Triton kernels included, whatever the extension does
         echo "== pip install -e . failed; fallback: build_ext --inplace, polarprune_cuda/kernels -> kernels/"
-        "$py" setup.py build_ext --inplace || return 1
         [ -e polarprune_cuda/kernels ] || ln -s ../kernels polarprune_cuda/kernels
         echo "FALLBACK-BUILD"
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+        "$py" setup.py build_ext --inplace || rc=1
     fi
-    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$py" -m polarprune_cuda info
+    "$py" -m polarprune_cuda info
+    return $rc
 }
 export -f build
 step build "$out/build.log" bash -c build
