@@ -4,6 +4,7 @@ call on sm_90) counted in the SASS (cuobjdump, the copy Triton's package carries
 
     .venv/bin/python benchmarks/cuda_sass.py                          # csrc/ as it is now
     .venv/bin/python benchmarks/cuda_sass.py --before 4aff1fa --out benchmarks/results/cuda-sass-sm90.md
+    .venv/bin/python benchmarks/cuda_sass.py --binary polarprune_cuda/_C.*.so     # the built extension
 
 With ``--before REV`` the same report is made for csrc/ at that git revision, side by side.
 """
@@ -58,6 +59,62 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return short
 
 
+def _sass_counts(sass: str) -> dict[str, Counter]:
+    """Per function of a SASS listing: global loads and stores by width, subroutine calls, instructions."""
+    counts: dict[str, Counter] = {}
+    func = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\w+)", line)
+        if m:
+            func = counts.setdefault(m[1], Counter())
+            continue
+        if func is None:
+            continue
+        m = re.search(r"\b(LDG|STG)(\.E)?((?:\.\w+)*)", line)
+        if m:
+            mods = m[3]
+            width = next((w for w in ("128", "64", "U16", "S16", "U8") if f".{w}" in mods), "32")
+            func[f"{m[1]}.{width}"] += 1
+        if re.search(r"\bCALL\.(REL|ABS)", line):
+            func["CALL"] += 1
+        if re.search(r"/\*[0-9a-f]{4}\*/", line):
+            func["instructions"] += 1
+    return counts
+
+
+def _row(file: str, kernel: str, info: dict, c: Counter) -> dict:
+    return {"file": file, "kernel": kernel, **info,
+            "ldg": {k.split(".", 1)[1]: v for k, v in c.items() if k.startswith("LDG")},
+            "stg": {k.split(".", 1)[1]: v for k, v in c.items() if k.startswith("STG")},
+            "calls": c["CALL"], "instructions": c["instructions"]}
+
+
+def report_binary(binary: Path, arch: str = "90") -> list[dict]:
+    """The same report read from a built extension (no compile): registers, stack frame (spills live in it) and
+    shared memory from ``cuobjdump -res-usage``, widths and calls from its SASS. Empty if it holds no sm_<arch>
+    code."""
+    cuobjdump = _tool("cuobjdump")
+    res = subprocess.run([cuobjdump, "-res-usage", "-arch", f"sm_{arch}", str(binary)], capture_output=True,
+                         text=True).stdout
+    usage, current = {}, None
+    for line in res.splitlines():
+        m = re.search(r"Function (\w+):", line)
+        if m:
+            current = m[1]
+            continue
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and current:
+            usage[current] = {"regs": int(m[1]), "spill": int(m[2]) + int(m[4]), "smem": int(m[3])}
+    counts = _sass_counts(subprocess.run([cuobjdump, "-sass", "-arch", f"sm_{arch}", str(binary)],
+                                         capture_output=True, text=True).stdout)
+    names = _demangle(list(usage))
+    rows = []
+    for mangled, info in usage.items():
+        m = re.search(r"_\d+_(\w+?)_cu_[0-9a-f]+", mangled)
+        rows.append(_row(f"{m[1]}.cu" if m else "?", names[mangled], info, counts.get(mangled, Counter())))
+    return rows
+
+
 def report(csrc: Path, arch: str, files=FILES) -> list[dict]:
     nvcc, cuobjdump = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc", _tool("cuobjdump")
     rows = []
@@ -88,32 +145,11 @@ def report(csrc: Path, arch: str, files=FILES) -> list[dict]:
                     current["regs"] = int(m[1])
                     m2 = re.search(r"(\d+) bytes smem", line)
                     current["smem"] = int(m2[1]) if m2 else 0
-            sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
-            counts: dict[str, Counter] = {}
-            func = None
-            for line in sass.splitlines():
-                m = re.search(r"Function : (\w+)", line)
-                if m:
-                    func = counts.setdefault(m[1], Counter())
-                    continue
-                if func is None:
-                    continue
-                m = re.search(r"\b(LDG|STG)(\.E)?((?:\.\w+)*)", line)
-                if m:
-                    mods = m[3]
-                    width = next((w for w in ("128", "64", "U16", "S16", "U8") if f".{w}" in mods), "32")
-                    func[f"{m[1]}.{width}"] += 1
-                if re.search(r"\bCALL\.(REL|ABS)", line):
-                    func["CALL"] += 1
-                if re.search(r"/\*[0-9a-f]{4}\*/", line):
-                    func["instructions"] += 1
+            counts = _sass_counts(subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True,
+                                                 text=True).stdout)
             names = _demangle(list(ptxas))
             for mangled, info in ptxas.items():
-                c = counts.get(mangled, Counter())
-                rows.append({"file": name, "kernel": names[mangled], **info,
-                             "ldg": {k.split(".", 1)[1]: v for k, v in c.items() if k.startswith("LDG")},
-                             "stg": {k.split(".", 1)[1]: v for k, v in c.items() if k.startswith("STG")},
-                             "calls": c["CALL"], "instructions": c["instructions"]})
+                rows.append(_row(name, names[mangled], info, counts.get(mangled, Counter())))
     return rows
 
 
@@ -143,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90")
     ap.add_argument("--before", help="a git revision: report csrc/ there too, side by side")
     ap.add_argument("--out", type=Path, help="write the Markdown report here (default: print it)")
+    ap.add_argument("--binary", type=Path, help="read a built extension (e.g. polarprune_cuda/_C*.so) instead of "
+                    "compiling csrc/: registers, stack and shared memory from cuobjdump -res-usage")
     ap.add_argument("--files", nargs="+", default=list(FILES), help=f"csrc files to compile (default: {FILES})")
     args = ap.parse_args(argv)
     sections = {}
@@ -152,7 +190,10 @@ def main(argv=None) -> int:
                                      check=True).stdout
             subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
             sections[f"before: csrc/ at {args.before}"] = report(Path(tmp) / "csrc", args.arch, args.files)
-    sections["now: csrc/"] = report(ROOT / "csrc", args.arch, args.files)
+    if args.binary:
+        sections[f"built: {args.binary.name}"] = report_binary(args.binary, args.arch)
+    else:
+        sections["now: csrc/"] = report(ROOT / "csrc", args.arch, args.files)
     text = markdown(sections, args.arch, "python benchmarks/cuda_sass.py " + " ".join(argv or sys.argv[1:]))
     if args.out:
         args.out.write_text(text + "\n")
