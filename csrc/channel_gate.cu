@@ -85,6 +85,22 @@ __device__ __forceinline__ void store_vec(scalar_t* p, const Vec<scalar_t, VEC>&
   __stwb(reinterpret_cast<int4*>(p), u.raw);  // one st.global.v4 (a plain assignment was split in four)
 }
 
+// VEC elements of the fused backward: dx = dy * g written as one vector, sums[v] += dy * x.
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void backward_vec(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* gates,
+                                             acc_t* sums) {
+  const Vec<scalar_t, VEC> dv = load_vec<scalar_t, VEC>(dy);
+  const Vec<scalar_t, VEC> xv = load_vec<scalar_t, VEC>(x);
+  Vec<scalar_t, VEC> ov;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    const acc_t d = static_cast<acc_t>(dv.v[v]);
+    sums[v] += d * static_cast<acc_t>(xv.v[v]);
+    ov.v[v] = static_cast<scalar_t>(d * gates[v]);
+  }
+  store_vec<scalar_t, VEC>(dx, ov);
+}
+
 // r / d for a row index: 32-bit division where the rows fit (64-bit division is a slow subroutine call)
 __device__ __forceinline__ int64_t row_of(int64_t r, int64_t d, int64_t rows) {
   return rows <= 0xffffffffLL ? int64_t(uint32_t(r) / uint32_t(d)) : r / d;
@@ -149,16 +165,12 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t i0 = (tile * s.tpr + lane) * VEC;
         if (i0 >= s.inner) continue;
         if constexpr (VEC > 1) {
-          const Vec<scalar_t, VEC> dv = load_vec<scalar_t, VEC>(dyr + i0);
-          const Vec<scalar_t, VEC> xv = load_vec<scalar_t, VEC>(xr + i0);
-          Vec<scalar_t, VEC> ov;
+          acc_t sums[VEC] = {}, gates[VEC];
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            const acc_t d = static_cast<acc_t>(dv.v[v]);
-            acc += d * static_cast<acc_t>(xv.v[v]);
-            ov.v[v] = static_cast<scalar_t>(d * gc);
-          }
-          store_vec<scalar_t, VEC>(dxr + i0, ov);
+          for (int v = 0; v < VEC; ++v) gates[v] = gc;
+          backward_vec<scalar_t, acc_t, VEC>(dyr + i0, xr + i0, dxr + i0, gates, sums);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc += sums[v];
         } else {
           const acc_t d = static_cast<acc_t>(dyr[i0 * vdy.si]);
           acc += d * static_cast<acc_t>(xr[i0 * vx.si]);
@@ -203,16 +215,7 @@ __global__ void __launch_bounds__(kThreads)
       const scalar_t* xr = x + a * vx.sa + b * vx.sb;
       scalar_t* dxr = dx + a * vdx.sa + b * vdx.sb;
       if constexpr (VEC > 1) {
-        const Vec<scalar_t, VEC> dv = load_vec<scalar_t, VEC>(dyr + c0);
-        const Vec<scalar_t, VEC> xv = load_vec<scalar_t, VEC>(xr + c0);
-        Vec<scalar_t, VEC> ov;
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          const acc_t d = static_cast<acc_t>(dv.v[v]);
-          acc[v] += d * static_cast<acc_t>(xv.v[v]);
-          ov.v[v] = static_cast<scalar_t>(d * gv[v]);
-        }
-        store_vec<scalar_t, VEC>(dxr + c0, ov);
+        backward_vec<scalar_t, acc_t, VEC>(dyr + c0, xr + c0, dxr + c0, gv, acc);
       } else {
         const acc_t d = static_cast<acc_t>(dyr[c0 * vdy.si]);
         acc[0] += d * static_cast<acc_t>(xr[c0 * vx.si]);
