@@ -32,16 +32,17 @@ def acc_of(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def scalar_args(values, dtype: torch.dtype, device):
+def scalar_args(values, dtype: torch.dtype, placeholder: torch.Tensor):
     """(IN_MEMORY, args): the float arguments of a kernel, for :func:`scalar`.
 
     Triton passes a Python float to a kernel as fp32 on a GPU (the interpreter keeps a double), so for
     float64 inputs the values travel as a float64 tensor that the kernel loads (IN_MEMORY); otherwise
-    ``args`` is a placeholder and the kernel uses its float arguments.
+    ``args`` is ``placeholder`` (a tensor the launch has anyway: nothing is allocated, the kernel never
+    reads it) and the kernel uses its float arguments.
     """
     if dtype == torch.float64:
-        return True, torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    return False, torch.zeros(1, dtype=torch.float32, device=device)
+        return True, torch.tensor([float(v) for v in values], dtype=torch.float64, device=placeholder.device)
+    return False, placeholder
 
 
 @triton.jit

@@ -52,7 +52,7 @@ def binary_gate_backward(grad, scores, ste, tau):
     ds = torch.empty_like(scores)
     n = scores.numel()
     if n:
-        in_memory, args = scalar_args([tau], scores.dtype, scores.device)
+        in_memory, args = scalar_args([tau], scores.dtype, scores)
         _binary_gate_bwd_kernel[elementwise_grid(n, BLOCK)](grad, scores, ds, args, n, float(tau),
                                                             MODE=STE_CODES[ste], ACC=acc_of(scores.dtype),
                                                             IN_MEMORY=in_memory, BLOCK=BLOCK)

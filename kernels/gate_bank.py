@@ -42,7 +42,7 @@ def gate_bank_backward(grad_gates, grad_terms, scores, grad_target, grad_polar, 
     ds = torch.empty_like(scores)
     n = scores.numel()
     if n:
-        in_memory, args = scalar_args([tau], scores.dtype, scores.device)
+        in_memory, args = scalar_args([tau], scores.dtype, scores)
         _gate_bank_bwd_kernel[elementwise_grid(n, BLOCK)](
             grad_gates.contiguous(), grad_terms.contiguous(), scores, grad_target.contiguous(),
             grad_polar.contiguous(), ds, args, n, float(tau), MODE=STE_CODES[ste], ACC=acc_of(scores.dtype),

@@ -169,7 +169,7 @@ def launch_penalty(scores, cost, seg_offsets, pairs, pair_coef, num_segments, co
     gates = torch.empty_like(scores) if split else grad
     gpolar = torch.empty_like(scores) if split else grad
     values = [const, total, tau, rho, tw, pw, t]
-    in_memory, args = scalar_args(values, acc, scores.device)
+    in_memory, args = scalar_args(values, acc, scores)
     _penalty_kernel[check_grid((1,))](
         scores, cost.contiguous(), seg_offsets.contiguous() if has_pairs else scores,
         pairs.contiguous() if has_pairs else scores, pair_coef.contiguous() if has_pairs else scores,
