@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import re
@@ -82,8 +83,10 @@ def compile_launch(fn, args, kwargs):
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options)
 
 
+@functools.lru_cache(maxsize=None)
 def ptxas_report(ptx: str) -> dict:
-    """Registers, spill bytes and stack of the PTX, from Triton's ptxas with Triton's flags (-v)."""
+    """Registers, spill bytes and stack of the PTX, from Triton's ptxas with Triton's flags (-v); once per PTX
+    (configurations that specialise alike compile to the same PTX)."""
     from triton.backends.nvidia.compiler import get_ptxas
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
@@ -153,46 +156,151 @@ def configurations():
     return out
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="write the table (markdown) here")
-    parser.add_argument("--only", default="", help="only configurations whose label matches this regular expression")
-    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list (for tests)")
-    args = parser.parse_args(argv)
-    rows, records = [], []
-    for label, call in configurations():
-        if not re.search(args.only, label):
+#: sizes at which the runtime specialises differently: an integer argument equal to 1 becomes a constexpr (no
+#: .to(), no tensor methods), 16 and its multiples are marked divisible by 16, 2 and 17 are neither
+EDGE_SIZES = (1, 2, 16, 17)
+
+
+def edge_configurations(dtypes=(torch.float32, torch.float64)):
+    """(label, thunk) of every wrapper at the edge sizes: one gate, one channel, a 1x1 plane, a single row."""
+    out = []
+    for dt in dtypes:
+        for n in EDGE_SIZES:
+            out.append((f"edge binary_gate fwd n={n} {dt}", lambda n=n, dt=dt: BG.binary_gate(
+                rand(n, dtype=dt), "identity", 1.0)))
+            out.append((f"edge binary_gate bwd n={n} {dt}", lambda n=n, dt=dt: BG.binary_gate_backward(
+                rand(n, dtype=dt), rand(n, dtype=dt), "sigmoid", 0.7)))
+            out.append((f"edge gate_bank bwd n={n} {dt}", lambda n=n, dt=dt: GB.gate_bank_backward(
+                rand(n, dtype=dt), rand(4, dtype=dt), rand(n, dtype=dt), rand(n, dtype=dt), rand(n, dtype=dt),
+                "sigmoid", 0.7)))
+            out.append((f"edge gated_affine n={n} {dt}", lambda n=n, dt=dt: (
+                GA.gated_affine(*(rand(n, dtype=dt) for _ in range(3))),
+                GA.gated_affine_backward(*(rand(n, dtype=dt) for _ in range(5))))))
+            segment_counts = (0, 1) if n == 1 else (0, 1, 2)
+            for k in segment_counts:
+                for form in ("zhuang", "bimodal"):
+                    out.append((f"edge gate_penalty n={n} segments={k} {form} {dt}", lambda n=n, k=k, dt=dt, form=form:
+                                GP.gate_penalty(rand(n, dtype=dt), *bank_model(n, k), 1.0, 0.5, 1.0, 0.1, form, 1.0)))
+                out.append((f"edge gate_bank n={n} segments={k} {dt}", lambda n=n, k=k, dt=dt: GB.gate_bank(
+                    rand(n, dtype=dt), "sigmoid", *bank_model(n, k), 1.0, 0.5, "zhuang", 1.0)))
+        for shape in ((1, 1, 1, 1), (1, 1, 1, 17), (2, 16, 1, 1), (1, 17, 4, 4), (16, 1), (1, 16)):
+            for cl in ((False, True) if len(shape) == 4 else (False,)):
+                layout = "channels_last" if cl else "NCHW"
+                out.append((f"edge channel_gate {shape} {layout} {dt}", lambda s=shape, cl=cl, dt=dt: (
+                    CG.channel_gate(rand(*s, dtype=dt, channels_last=cl), rand(s[1], dtype=dt)),
+                    CG.channel_gate_backward(rand(*s, dtype=dt, channels_last=cl),
+                                             rand(*s, dtype=dt, channels_last=cl), rand(s[1], dtype=dt)))))
+    return out
+
+
+def compile_all(configs, only=""):
+    """Compile every launch of ``configs`` (labels matching ``only``): (records, failures). A launch that does
+    not compile is a failure with the compiler's message, not an exception: every configuration is tried."""
+    records, failures = [], []
+    for label, call in configs:
+        if not re.search(only, label):
             continue
         with captured_launches() as launches:
             call()
         for fn, grid, a, kw in launches:
-            compiled = compile_launch(fn, a, dict(kw))
+            try:
+                compiled = compile_launch(fn, a, dict(kw))
+            except Exception as exc:  # a CompilationError names the kernel line
+                failures.append(dict(label=label, kernel=fn.__name__, error=f"{type(exc).__name__}: {exc}"[-1500:]))
+                continue
             ptx = compiled.asm["ptx"]
-            rep = ptxas_report(ptx)
-            row = (label, fn.__name__, compiled.metadata.num_warps, rep["regs"],
-                   f"{rep['spill_st']}/{rep['spill_ld']}", rep["stack"], compiled.metadata.shared,
-                   access_widths(ptx, "ld"), access_widths(ptx, "st"))
-            rows.append(row)
-            if args.json:
-                records.append(dict(label=label, kernel=fn.__name__, num_warps=compiled.metadata.num_warps,
-                                    shared=compiled.metadata.shared, ld=access_widths(ptx, "ld"),
-                                    st=access_widths(ptx, "st"), **rep))
-            else:
-                print(" | ".join(str(c) for c in row), flush=True)
+            records.append(dict(label=label, kernel=fn.__name__, num_warps=compiled.metadata.num_warps,
+                                shared=compiled.metadata.shared, ld=access_widths(ptx, "ld"),
+                                st=access_widths(ptx, "st"), **ptxas_report(ptx)))
+    return records, failures
+
+
+COLUMNS = ("label", "kernel", "num_warps", "regs", "spill", "stack", "shared", "ld", "st")
+HEADER = ("configuration", "kernel", "warps", "registers", "spill st/ld (B)", "stack (B)", "shared (B)",
+          "global loads (PTX)", "global stores (PTX)")
+
+
+def _cells(r):
+    return [str(r["spill_st"]) + "/" + str(r["spill_ld"]) if c == "spill" else str(r[c]) for c in COLUMNS]
+
+
+def table(records) -> list[str]:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    return lines + ["| " + " | ".join(_cells(r)) + " |" for r in records]
+
+
+def side_by_side(a: dict, b: dict) -> list[str]:
+    """Rows of two saved runs (--save) side by side: 'A / B' where they differ, one value where they agree."""
+    va, vb = a["versions"]["triton"], b["versions"]["triton"]
+    key = lambda r: (r["label"], r["kernel"])  # noqa: E731
+    rb = {key(r): r for r in b["records"]}
+    lines = [f"Cells read `triton {va} / triton {vb}` where the two differ.", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    differ = 0
+    for r in a["records"]:
+        other = rb.get(key(r))
+        ca = _cells(r)
+        cb = _cells(other) if other else ["(absent)"] * len(ca)
+        cells = ca[:2] + [x if x == y else f"**{x} / {y}**" for x, y in zip(ca[2:], cb[2:])]
+        differ += cells != ca
+        lines.append("| " + " | ".join(cells) + " |")
+    fails = [f"- triton {v}: {f['label']} ({f['kernel']}): {f['error'].splitlines()[-1][:300]}"
+             for v, run in ((va, a), (vb, b)) for f in run["failures"]]
+    return [f"{differ} of {len(a['records'])} rows differ.", ""] + lines + (
+        ["", "Launches that did not compile:", "", *fails] if fails else ["", "Every launch compiled on both."])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the table (markdown) here")
+    parser.add_argument("--only", default="", help="only configurations whose label matches this regular expression")
+    parser.add_argument("--set", choices=("representative", "edge", "all"), default="all",
+                        help="representative shapes, the edge sizes (n=1, 16, 17, one channel, 1x1 planes), or both")
+    parser.add_argument("--json", action="store_true", help="print the rows and failures as one JSON object")
+    parser.add_argument("--save", type=Path, help="write the rows, failures and versions as JSON (for --compare)")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("A.json", "B.json"),
+                        help="no compiling: write two --save files side by side to --out")
+    args = parser.parse_args(argv)
+    today = datetime.date.today()
+    if args.compare:
+        a, b = (json.loads(p.read_text()) for p in args.compare)
+        text = "\n".join(side_by_side(a, b))
+        if args.out:
+            args.out.write_text(
+                f"# Triton kernels AOT-compiled for sm_90: triton {a['versions']['triton']} and "
+                f"{b['versions']['triton']}\n\n"
+                f"Commands: `benchmarks/triton_aot.py --save` in each environment (A: {a['versions']}; B: "
+                f"{b['versions']}), then `benchmarks/triton_aot.py --compare A.json B.json --out {args.out}`. "
+                f"No GPU: target GPUTarget('cuda', 90, 32), the runtime's specialisation of the real arguments, "
+                f"ptxas of each triton wheel. {today}.\n\n" + text + "\n")
+        print(text)
+        return a, b
+    configs = []
+    if args.set in ("representative", "all"):
+        configs += configurations()
+    if args.set in ("edge", "all"):
+        configs += edge_configurations()
+    records, failures = compile_all(configs, args.only)
+    versions = {"triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+    if args.save:
+        args.save.write_text(json.dumps({"versions": versions, "records": records, "failures": failures}, indent=1))
     if args.json:
-        print(json.dumps(records))
-    header = ("configuration", "kernel", "warps", "registers", "spill st/ld (B)", "stack (B)", "shared (B)",
-              "global loads (PTX)", "global stores (PTX)")
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        print(json.dumps({"records": records, "failures": failures}))
+    else:
+        print("\n".join(table(records)))
+        for f in failures:
+            print(f"DID NOT COMPILE: {f['label']} ({f['kernel']}): {f['error']}", file=sys.stderr)
     if args.out:
         args.out.write_text(
             f"# Triton kernels AOT-compiled for sm_90\n\n"
-            f"Command: `env -u TRITON_INTERPRET .venv/bin/python benchmarks/triton_aot.py --out {args.out}`  \n"
-            f"triton {triton.__version__}, torch {torch.__version__}, {datetime.date.today()}, no GPU "
-            f"(target GPUTarget('cuda', 90, 32), ptxas of the triton wheel).\n\n" + "\n".join(table) + "\n")
-    return rows
+            f"Command: `env -u TRITON_INTERPRET python benchmarks/triton_aot.py --set {args.set} --out {args.out}`  \n"
+            f"triton {triton.__version__}, torch {torch.__version__}, {today}, no GPU "
+            f"(target GPUTarget('cuda', 90, 32), ptxas of the triton wheel).\n\n" + "\n".join(table(records)) + "\n"
+            + ("\nDid not compile:\n\n" + "\n".join(f"- {f['label']} ({f['kernel']}): {f['error']}" for f in failures)
+               + "\n" if failures else ""))
+    return records, failures
 
 
 if __name__ == "__main__":
-    main()
+    _, fails = main()
+    sys.exit(1 if isinstance(fails, list) and fails else 0)

@@ -126,7 +126,9 @@ def _penalty_kernel(s_ptr, w_ptr, off_ptr, pairs_ptr, coef_ptr, grad_ptr, loss_p
     tl.store(terms_ptr + 3, tl.sum(bad, axis=0).to(terms_ptr.dtype.element_ty))
     # pass 3: the gradient (and, for the gate bank, the hard gates), segment by segment
     scale = 2.0 / total * diff
-    inv_n = 1.0 / n.to(ACC)  # one division, not one per gate (a float64 division is a subroutine call)
+    # one division, not one per gate (a float64 division is a subroutine call); tl.cast, not n.to(): the runtime
+    # passes an integer argument equal to 1 as a constexpr (a Python int), which has no .to()
+    inv_n = 1.0 / tl.cast(n, ACC)
     for k in range(0, num_walk):
         lo, hi = _segment(off_ptr, k, num_walk, n, HAS_PAIRS)
         if HAS_PAIRS:

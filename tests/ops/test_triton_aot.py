@@ -1,6 +1,7 @@
-"""The Triton kernels compile for sm_90 ahead of time (no GPU needed; benchmarks/triton_aot.py): the channels_last
-bf16 channel_gate forward loads with 16-byte vectors, and the penalty kernel with segment pairs compiles (the
-interpreter runs code a GPU compile rejects) without spilling in fp32."""
+"""The Triton kernels compile for sm_90 ahead of time (no GPU needed; benchmarks/triton_aot.py) with the runtime's
+specialisation of their real arguments: every kernel at the sizes where an integer argument equals 1 (the runtime
+then passes it as a constexpr, which the interpreter never does), the channels_last bf16 channel_gate forward with
+16-byte vector loads, and the penalty kernel with segment pairs without spilling in fp32."""
 import json
 import os
 import subprocess
@@ -13,12 +14,26 @@ pytest.importorskip("triton", reason="triton is not installed")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _aot(pattern):
+def _aot(pattern, which="representative"):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_aot.py"), "--json", "--only", pattern],
-                         capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_aot.py"), "--json", "--set", which,
+                          "--only", pattern], capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["failures"], "\n".join(f"{f['label']}: {f['error']}" for f in result["failures"])
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return result["records"]
+
+
+def test_every_kernel_compiles_where_an_integer_argument_is_1():
+    """n == 1 made the penalty and gate-bank kernels fail to compile on a GPU (n.to() on a constexpr int)."""
+    rows = _aot(r"n=1 |channel_gate \(1, 1, 1, 1\)|channel_gate \(16, 1\)|channel_gate \(1, 16\)", "edge")
+    kernels = {r["kernel"] for r in rows}
+    wrappers = {name for name in ("binary_gate", "gate_bank", "gated_affine", "channel_gate", "gate_penalty")}
+    assert {r["label"].split()[1] for r in rows} == wrappers
+    assert kernels == {"_binary_gate_kernel", "_binary_gate_bwd_kernel", "_gate_bank_bwd_kernel", "_penalty_kernel",
+                       "_gated_affine_kernel", "_gated_affine_bwd_kernel", "_channel_gate_kernel",
+                       "_channel_gate_bwd_kernel"}, kernels
+    assert any("gate_penalty n=1" in r["label"] and "float64" in r["label"] for r in rows)
 
 
 def _widths(counts):
