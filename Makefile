@@ -15,6 +15,7 @@ PINS := \
 	pybind11==3.1.0 \
 	pytest==9.2.0 \
 	pytest-benchmark==5.3.1 \
+	pytest-timeout==2.4.0 \
 	hypothesis==6.170.15 \
 	torch-pruning==1.6.1 \
 	torchvision==0.29.1 \

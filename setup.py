@@ -1,12 +1,12 @@
 """Build script for polarprune_cuda.
 
-Installs the pure-Python package (``polarprune_cuda`` plus the Triton kernels
-in ``kernels/`` as ``polarprune_cuda.kernels``) and, where torch is a CUDA
-build and nvcc is found, compiles the CUDA extension ``polarprune_cuda._C``
-from ``csrc/``. A failed or impossible build never fails the install
+The metadata, packages and dependencies are in ``pyproject.toml``; this file
+adds the CUDA extension ``polarprune_cuda._C``, compiled from ``csrc/`` where
+torch is a CUDA build and nvcc is found. A failed or impossible build never fails the install
 (``POLARPRUNE_REQUIRE_EXT=1`` makes it an error; ``POLARPRUNE_NO_EXT=1`` skips it).
 
     pip install --no-build-isolation -e ".[dev]"
+    pip install --no-index --no-build-isolation -e .     # a machine without a network (the GPU campaign)
 
 Environment: ``CUDA_HOME`` (else found from nvcc's real path, wrapper scripts
 included), ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0+PTX``), ``MAX_JOBS``
@@ -24,7 +24,6 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "polarprune_cuda" / "_version.py").read_text(), re.M)[1]
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 BUILD_INFO = ROOT / "polarprune_cuda" / "_build_info.json"
 
@@ -115,51 +114,6 @@ def extension_setup():
 
 ext_modules, cmdclass = extension_setup()
 
-setup(
-    name="polarprune_cuda",
-    version=VERSION,
-    description="One-pass structured pruning for PyTorch CNNs with learned binary channel gates",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.10",
-    packages=["polarprune_cuda", *(f"polarprune_cuda.{sub}" for sub in ("ops", "gates", "surgery", "sparse", "train")),
-              "polarprune_cuda.kernels"],
-    package_dir={"polarprune_cuda": "polarprune_cuda", "polarprune_cuda.kernels": "kernels"},
-    package_data={"polarprune_cuda": ["_build_info.json"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=[
-        "torch>=2.6",
-        "numpy>=1.24",
-        "torch-pruning>=1.5,<2",
-    ],
-    entry_points={"console_scripts": ["polarprune = polarprune_cuda.cli:main"]},
-    extras_require={
-        # the application (polarprune prune: the digits data set, plots, progress bars); the library needs none
-        "train": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.66"],
-        "triton": ["triton>=3.1"],
-        "energy": ["nvidia-ml-py>=12"],
-        "onnx": ["onnx>=1.17", "onnxscript>=0.3"],
-        "dev": [
-            "scikit-learn>=1.3",
-            "matplotlib>=3.7",
-            "tqdm>=4.66",
-            "pytest>=8",
-            "pytest-benchmark>=4",
-            "hypothesis>=6.100",
-            "timm>=1.0",          # the model zoo test (random weights only)
-            "ninja>=1.11",
-            "pybind11>=2.12",
-            "torchvision>=0.21",
-            "nvidia-ml-py>=12",
-            "onnx>=1.17",
-            "onnxscript>=0.3",
-            "onnxruntime>=1.20",
-        ],
-    },
-    classifiers=[
-        "Programming Language :: Python :: 3",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
-)
+# The metadata, the packages (kernels/ installed as polarprune_cuda.kernels) and the dependencies live in
+# pyproject.toml; this file adds the optional extension only.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
