@@ -37,7 +37,7 @@ PINS := \
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test zoo bench gpu-wheels clean
+.PHONY: setup demo test zoo bench gpu-wheels gpu-dryrun clean
 
 setup: $(STAMP)
 
@@ -70,5 +70,21 @@ gpu-wheels:
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	@ls -l .whl
 
+# The GPU campaign's dry run (benchmarks/README.md): a virtual environment with the GPU image's versions (pinned,
+# from the package index; no GPU needed) in .venv-gpu, then benchmarks/gpu_first.sh with DRY_RUN=1 in it: the
+# extension built as the campaign builds it, every Triton kernel AOT-compiled for sm_90 with the runtime's
+# specialisation, tests/ops on the CPU. Results in benchmarks/results/gpu-dryrun-<date>/. About 20 minutes on
+# 2 cores (the first time; the packages come from the index).
+GPU_VENV  ?= .venv-gpu
+GPU_IMAGE_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) /usr/bin/python3.12,$(shell $(p) -c 'import sys; print(sys.executable if sys.version_info[:2] == (3, 12) else "")' 2>/dev/null)))
+GPU_IMAGE_PINS := pip==25.1.1 setuptools==80.9.0 wheel torch==2.11.0 triton==3.6.0 torchvision==0.26.0 numpy==2.5.2 \
+	ninja pybind11 pytest pytest-xdist pytest-timeout pytest-benchmark hypothesis torch-pruning==1.6.1
+GPU_DRYRUN_OUT ?= benchmarks/results/gpu-dryrun-$(shell date +%Y-%m-%d)
+gpu-dryrun:
+	@test -n "$(GPU_IMAGE_PYTHON)" || { echo "gpu-dryrun needs Python 3.12 (the GPU image's): set GPU_IMAGE_PYTHON"; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(GPU_IMAGE_PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q $(GPU_IMAGE_PINS)
+	DRY_RUN=1 PYTHON=$(GPU_VENV)/bin/python bash benchmarks/gpu_first.sh $(GPU_DRYRUN_OUT)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info

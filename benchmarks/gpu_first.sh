@@ -1,36 +1,54 @@
 #!/usr/bin/env bash
-# The first GPU campaign as ONE device command of at most 8 minutes: facts, build, GPU checks and timings,
-# the GPU tests, a memory check, a summary against the goals.
+# The GPU campaign as ONE device command of at most 8 minutes, and its dry run on a machine without a GPU.
 #
-#   benchmarks/gpu_first.sh OUT [WHEELS]        # WHEELS: folder of wheels the machine lacks (default .whl,
-#                                               # filled by `make gpu-wheels`; carry it: carry [".whl"])
+#   benchmarks/gpu_first.sh OUT [WHEELS]          # on the GPU machine (carry [".whl"]; make gpu-wheels fills it)
+#   DRY_RUN=1 benchmarks/gpu_first.sh OUT         # make gpu-dryrun: the image's versions, no GPU (benchmarks/README.md)
 #
-# Every step runs under its own `timeout` (LIMITS below, the one place they are declared; the test
-# tests/test_benchmarks_smoke.py keeps their sum <= 480 s) and is also cut to what is left of DEADLINE,
-# so the whole command ends within DEADLINE plus a few seconds of kill grace. A step that fails or times
-# out is recorded ("STEP name status=... seconds=... limit=..." in campaign.log) and the next one runs.
+# It runs the project's own harnesses and nothing of its own: the GPU tests (pytest -m gpu, in parallel, each
+# test under a timeout), the pytest-benchmark suites in the order of the goals (training step, gate bank, kernels),
+# compute-sanitizer over a selection of the GPU tests with the caching allocator off, then benchmarks/campaign.py
+# writes summary.md against the goals. The dry run builds the extension the same way, compiles every Triton
+# kernel for sm_90 ahead of time with the runtime's specialisation (benchmarks/triton_aot.py) and runs tests/ops
+# on the CPU.
+#
+# Every step runs under its own `timeout` (LIMITS below, the one place they are declared; the CI test
+# tests/test_benchmarks_smoke.py keeps their sum <= 480 s) and is also cut to what is left of DEADLINE, so the
+# whole command ends within DEADLINE plus a few seconds of kill grace. A step that fails or times out is
+# recorded ("STEP name status=... seconds=... limit=..." in campaign.log) and the next one runs.
 # OUT holds at most 8 files:
-#   campaign.log   the steps, their status and times, the machine's facts (nvidia-smi, versions)
+#   campaign.log   the steps, their status and times, the machine's facts (nvidia-smi, versions, pip, setuptools)
 #   build.log      the extension's build, ptxas' registers and spills per kernel (POLARPRUNE_PTXAS_VERBOSE=1)
-#   tests.txt      pytest on tests/ops (the CUDA extension, Triton, launch grids, backends, compile)
-#   checks.json    gpu_checks.py: correctness of every op vs float64, grid-limit probes, determinism
-#   timings.json   gpu_checks.py: ops by provider vs a device copy, the ResNet-50 gate bank, a training step
-#   sanitizer.txt  compute-sanitizer memcheck over gpu_checks.py --tiny (both kernel providers)
-#   summary.md     the goals (met / NOT met / not measured), the failures, the tables
+#   tests.txt      pytest -m gpu (dry run: tests/ops on the CPU); tests.xml: the same as junit XML
+#   bench.json     pytest-benchmark's JSON of the suites (GPU only); bench.txt: their pytest output
+#   sanitizer.txt  compute-sanitizer memcheck over GPU tests (GPU only)
+#   aot.json       the AOT compile of every Triton kernel for sm_90 (dry run only)
+#   summary.md     the goals (met / NOT met / not measured), the steps, the tests, the tables
 set -uo pipefail
 
-LIMITS="facts=15 wheels=10 build=100 checks=85 timings=125 tests=90 sanitizer=35 summary=10"
+LIMITS="facts=15 wheels=10 build=100 tests=110 bench=150 sanitizer=45 summary=10"
 DEADLINE=470            # seconds from the start; no step starts or runs past it
+# the dry run on a 2-core machine: the build alone takes minutes there; nothing of it counts against a GPU lease
+DRY_LIMITS="facts=30 wheels=10 build=900 aot=300 tests=1800 summary=10"
+DRY_DEADLINE=3100
+# the GPU tests that the sanitizer runs (small sizes; every provider, every op)
+SANITIZER_K="gate_kernels or (penalty_and_bank and 67) or nan_in_a_closed or views or gated_affine_and_opcheck"
+# the benchmarks the goals read, in the order of the goals; torch.compile only where a goal compares with it
+BENCH_NODES="benchmarks/micro/bench_training.py::test_training_side_by_side[resnet50]
+benchmarks/micro/bench_gate_bank.py::test_bank_direction
+benchmarks/micro/bench_kernels.py"
+BENCH_K="not compile or (channel_gate and backward)"
 
 out=${1:?usage: benchmarks/gpu_first.sh OUT [WHEELS]}
 wheels=${2:-.whl}
 py=${PYTHON:-python3}
-export py
+dry=${DRY_RUN:-0}
+export py dry
 cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 log="$out/campaign.log"
 : >"$log"
+if [ "$dry" = 1 ]; then LIMITS=$DRY_LIMITS; DEADLINE=$DRY_DEADLINE; fi
 declare -A LIMIT
 for kv in $LIMITS; do LIMIT[${kv%%=*}]=${kv#*=}; done
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -66,24 +84,46 @@ step() {   # step NAME LOGFILE CMD...: run CMD under min(its limit, time left), 
     return $rc
 }
 
-# ---- facts: the machine as found (clocks and power are read, never set)
+has() { "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
+
+[ "$dry" = 1 ] && note "DRY RUN: the GPU image's versions on a machine without a GPU (no timings, no sanitizer)"
+
+# ---- facts: the machine as found (clocks and power are read, never set), the versions the build depends on
 facts() {
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,persistence_mode --format=csv
-    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,persistence_mode --format=csv
+    fi
+    command -v nvcc >/dev/null && echo "nvcc $(nvcc --version | tail -n 1)"
     command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -n 2
+    echo "pip $("$py" -m pip --version)"
+    echo "ninja $(ninja --version 2>/dev/null || "$py" -c 'import ninja; print(ninja.__version__, "(python package)")' 2>/dev/null || echo missing)"
     "$py" - <<'EOF'
-import sys, torch
+import os, sys
 print("python", sys.version.split()[0], sys.executable)
-print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+try:
+    import setuptools, wheel
+    print("setuptools", setuptools.__version__, "wheel", wheel.__version__)
+except Exception as exc:
+    print("setuptools/wheel:", exc)
+import numpy, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "numpy", numpy.__version__)
 try:
     import triton
     print("triton", triton.__version__)
 except Exception as exc:
     print("triton unavailable:", exc)
+for name in ("xdist", "pytest_timeout", "pytest_benchmark", "torch_pruning"):
+    try:
+        __import__(name)
+        print(name, "present")
+    except Exception as exc:
+        print(name, "MISSING:", exc)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device", p.name, "capability %d.%d" % (p.major, p.minor), "SMs", p.multi_processor_count,
           "memory GiB %.1f" % (p.total_memory / 2**30), "L2 bytes", getattr(p, "L2_cache_size", "?"))
+elif os.environ.get("dry") == "1":
+    print("device none (dry run)")
 else:
     print("no CUDA device")
     sys.exit(3)
@@ -93,12 +133,12 @@ export -f facts
 step facts "$log" bash -c facts
 if [ $? -eq 3 ]; then      # nothing to build, check or time; the summary says so
     note "no CUDA device (torch.cuda.is_available() is False): stop"
-    step summary "$log" "$py" benchmarks/gpu_checks.py --summary "$out"
+    step summary "$log" "$py" benchmarks/campaign.py "$out"
     exit 2
 fi
 
 # ---- wheels: packages the machine lacks (torch-pruning), into a folder of their own on PYTHONPATH
-if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch_pruning") is None)'; then
+if ! has torch_pruning; then
     if compgen -G "$wheels/*.whl" >/dev/null; then
         site=/tmp/polarprune-site
         step wheels "$log" "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -109,14 +149,18 @@ if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("to
     fi
 fi
 
-# ---- build: the CUDA extension for this device's architecture, with ptxas' report
+# ---- build: the CUDA extension for this device's architecture (sm_90 in a dry run), with ptxas' report.
+# --no-index: nothing is fetched (the machine has no network); --no-build-isolation: the environment's torch,
+# setuptools and wheel build it (pyproject.toml; no 'setup.py develop' fallback that fetches setuptools)
 build() {
     local arch
-    arch=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || return 1
+    if [ "$dry" = 1 ]; then arch=9.0; else
+        arch=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || return 1
+    fi
     echo "TORCH_CUDA_ARCH_LIST=$arch"
     export TORCH_CUDA_ARCH_LIST=$arch POLARPRUNE_PTXAS_VERBOSE=1 POLARPRUNE_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
     local rc=0
-    if ! "$py" -m pip install -v --no-build-isolation --no-deps -e .; then
+    if ! "$py" -m pip install -v --no-index --no-build-isolation --no-deps -e .; then
         # the package from the source tree (PYTHONPATH), Triton kernels included, whatever the extension does
         echo "== pip install -e . failed; fallback: build_ext --inplace, polarprune_cuda/kernels -> kernels/"
         [ -e polarprune_cuda/kernels ] || ln -s ../kernels polarprune_cuda/kernels
@@ -131,37 +175,41 @@ export -f build
 step build "$out/build.log" bash -c build
 if grep -q FALLBACK-BUILD "$out/build.log" 2>/dev/null; then export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; fi
 
-# ---- gpu_checks: correctness, limits, determinism; then the timings (separate processes: a crash in one
-# leaves the other). Each stops starting cases a few seconds before its step's limit.
-step checks "$log" "$py" benchmarks/gpu_checks.py --out "$out" --json checks.json \
-    --sections correctness,limits,determinism --deadline-s $(($(lim checks) - 8)) \
-    --budget-s correctness=45 --budget-s limits=12 --budget-s determinism=12
-step timings "$log" "$py" benchmarks/gpu_checks.py --out "$out" --json timings.json \
-    --sections timings,bank,training --deadline-s $(($(lim timings) - 8)) \
-    --budget-s timings=50 --budget-s bank=25 --budget-s training=30
+# pytest options that need a plugin: only where the plugin is there (an unknown option stops pytest)
+timeout_opt() { has pytest_timeout && echo "--timeout=$1"; }
+workers_opt() { has xdist && echo "-n $1"; }
 
-# ---- the GPU tests (tests/ops only)
-tests=()
-for f in test_cuda_extension test_triton_kernels test_launch_grids test_triton_grids test_backends test_compile; do
-    [ -f "tests/ops/$f.py" ] && tests+=("tests/ops/$f.py")
-done
-step tests "$out/tests.txt" "$py" -m pytest -q -p no:cacheprovider -rfEs -o faulthandler_timeout=30 \
-    "${tests[@]}"
-tail -n 1 "$out/tests.txt" >>"$log" 2>/dev/null
-
-# ---- compute-sanitizer memcheck on small cases (both kernel providers)
-if command -v compute-sanitizer >/dev/null; then
-    step sanitizer "$out/sanitizer.txt" compute-sanitizer --tool memcheck --error-exitcode 99 \
-        "$py" benchmarks/gpu_checks.py --tiny --device cuda --out /tmp/polarprune-sanitizer --json checks.json \
-        --sections correctness,limits --providers cuda,triton --dtypes float32,bfloat16 \
-        --deadline-s $(($(lim sanitizer) - 10))
+if [ "$dry" = 1 ]; then
+    # ---- aot: every Triton kernel compiled for sm_90 with the runtime's specialisation of its real arguments
+    step aot "$log" env -u TRITON_INTERPRET "$py" benchmarks/triton_aot.py --set all --save "$out/aot.json"
+    # ---- tests: tests/ops on the CPU (the Triton kernels under the interpreter)
+    # shellcheck disable=SC2046
+    step tests "$out/tests.txt" "$py" -m pytest -p no:cacheprovider -rfEs $(workers_opt 2) $(timeout_opt 600) \
+        --junitxml "$out/tests.xml" tests/ops
 else
-    echo "compute-sanitizer not found on PATH" >"$out/sanitizer.txt"
-    note "STEP sanitizer status=missing seconds=0 limit=0"
+    # ---- tests: the GPU tests, in parallel (cold Triton compiles and big tensors), each under a timeout
+    # shellcheck disable=SC2046
+    step tests "$out/tests.txt" "$py" -m pytest -m gpu -p no:cacheprovider -rfEs $(workers_opt 8) $(timeout_opt 100) \
+        --junitxml "$out/tests.xml" tests/ops
+    # ---- bench: the suites the goals read (training step first: the goal that costs most to reach)
+    # shellcheck disable=SC2046,SC2086
+    step bench "$out/bench.txt" "$py" -m pytest -c benchmarks/micro/pytest.ini -p no:cacheprovider -rfE \
+        $(timeout_opt 120) --rounds 30 --energy-seconds 0 --benchmark-json "$out/bench.json" -k "$BENCH_K" $BENCH_NODES
+    # ---- sanitizer: memcheck with the caching allocator off (an overrun of a 2 MB cached block is otherwise
+    # inside memory the allocator owns, and invisible)
+    if command -v compute-sanitizer >/dev/null; then
+        # shellcheck disable=SC2046
+        step sanitizer "$out/sanitizer.txt" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+            --error-exitcode 99 "$py" -m pytest -p no:cacheprovider -rfE $(timeout_opt 60) tests/ops/test_gpu.py \
+            -k "$SANITIZER_K"
+    else
+        echo "compute-sanitizer not found on PATH" >"$out/sanitizer.txt"
+        note "STEP sanitizer status=missing seconds=0 limit=0"
+    fi
 fi
 
 # ---- summary.md against the goals (reads whatever the steps left)
-step summary "$log" "$py" benchmarks/gpu_checks.py --summary "$out"
+step summary "$log" "$py" benchmarks/campaign.py "$out"
 
 if [ ${#failed[@]} -gt 0 ]; then
     note "done in ${SECONDS} s; failed steps: ${failed[*]}"

@@ -4,8 +4,8 @@
 #
 #   benchmarks/run_gpu.sh OUT_DIR [WHEEL_DIR]
 #
-# Duration, estimated for an H200 with 16 cores: 10.5 to 16 minutes (build 1-1.5, the full test suite
-# 3-5, benchmarks/run.py 4-6.5, benchmarks/micro/kernels.py 2-3). That is more than one command on the
+# Duration, estimated for an H200 with 16 cores: 8.5 to 13 minutes (build 1-1.5, the full test suite
+# 3-5, benchmarks/run.py 4-6.5; never measured). That is more than one command on the
 # lent device machine (10 minutes) and more than its whole budget (15 minutes, start included): there,
 # run benchmarks/gpu_first.sh instead (one command, at most 8 minutes, every step under its own timeout).
 # A failing benchmark does not stop this script: run.py summarises what finished and lists what failed.
@@ -17,7 +17,6 @@
 #   tests.txt                    the test suite's output on CUDA
 #   <gpu>-<date>.json .md .png   the benchmark results (benchmarks/run.py)
 #   <gpu>-<date>-raw.json        pytest-benchmark's own JSON
-#   kernels-<gpu>-<date>.json .md  bandwidth of each provider against a device-to-device copy
 set -uo pipefail
 
 out=${1:?usage: benchmarks/run_gpu.sh OUT_DIR [WHEEL_DIR]}
@@ -59,7 +58,7 @@ fi
 
 arch=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-step build env POLARPRUNE_REQUIRE_EXT=1 "$py" -m pip install --no-build-isolation --no-deps -e . \
+step build env POLARPRUNE_REQUIRE_EXT=1 "$py" -m pip install --no-index --no-build-isolation --no-deps -e . \
     || { note "the extension did not build: stop"; exit 1; }
 "$py" -m polarprune_cuda info >>"$log" 2>&1
 
@@ -67,7 +66,6 @@ step tests bash -c '"$0" -m pytest tests -q -p no:cacheprovider -rs >"$1" 2>&1' 
 tail -n 3 "$out/tests.txt" >>"$log"
 
 step benchmarks "$py" benchmarks/run.py --out "$out" --keep-raw
-step kernels "$py" benchmarks/micro/kernels.py --out "$out"
 
 if [ ${#failed[@]} -gt 0 ]; then
     note "failed steps: ${failed[*]}"

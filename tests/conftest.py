@@ -31,6 +31,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "zoo: the whole model zoo (slow): selected by --zoo, `make zoo`")
+    config.addinivalue_line("markers", "gpu: what the GPU campaign runs on a GPU (pytest -m gpu, benchmarks/gpu_first.sh); "
+                                       "CPU-only tests stay with CI")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,15 +26,6 @@ def _load(name):
 common = _load("micro/common")
 
 
-def test_kernel_benchmark_quick(tmp_path):
-    result = _load("micro/kernels").main(["--quick", "--out", str(tmp_path)])
-    assert {"eager", "compile"} <= set(result["providers"])
-    ops = {r["op"] for r in result["rows"]}
-    assert {"copy", "channel_gate forward", "channel_gate backward", "bank gates + penalty forward"} <= ops
-    assert all(r["us"] > 0 for r in result["rows"])
-    assert len(list(tmp_path.glob("kernels-*.json"))) == 1
-
-
 def test_pytest_benchmark_suites_run_disabled():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", "benchmarks/micro/pytest.ini", "benchmarks/micro",
                           "--benchmark-disable", "--tiny", "-p", "no:cacheprovider"],
@@ -145,101 +136,169 @@ def test_run_parse_failed():
         {"test": "b.py::u", "outcome": "error", "reason": ""}]
 
 
-def _gpu_checks(args, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "POLARPRUNE_BACKEND"} | {"TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_checks.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+campaign = _load("campaign")
 
 
-def test_gpu_checks_tiny_on_cpu_records_every_case(tmp_path):
-    """gpu_checks.py on CPU tensors under Triton's interpreter: the checks pass, a deliberate failure and an
-    exception are recorded (not raised), the CUDA provider is skipped with its reason, the summary is written."""
-    out = _gpu_checks(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--inject-failure",
-                       "--sections", "correctness,limits,determinism"])
-    assert out.returncode == 1, out.stdout + out.stderr        # 1: the injected failures
-    res = json.loads((tmp_path / "checks.json").read_text())
-    assert res["format"] == 1 and res["mode"] == "tiny" and res["device"] == "cpu"
-    assert set(res["sections"]) == {"correctness", "limits", "determinism"}
-    assert all(s["status"] == "done" and s["budget_s"] > 0 for s in res["sections"].values())
-    assert res["facts"]["torch"] == torch.__version__
-    assert res["providers"]["triton"]["available"] and not res["providers"]["cuda"]["available"]
-    cases = res["cases"]
-    for c in cases:
-        assert {"section", "name", "status", "seconds"} <= set(c) and c["status"] in ("pass", "fail", "error",
-                                                                                        "skipped")
-    cuda = [c for c in cases if c.get("provider") == "cuda"]
-    assert cuda and all(c["status"] == "skipped" and "cuda" in c["detail"].lower() for c in cuda)
-    triton = [c for c in cases if c.get("provider") == "triton"]
-    assert triton and all(c["status"] == "pass" for c in triton), [c for c in triton if c["status"] != "pass"]
-    ops = {c["op"] for c in triton if c["section"] == "correctness"}
-    assert ops == {"binary_gate", "gate_penalty", "gate_bank", "channel_gate", "gated_affine"}
-    assert {c["dtype"] for c in triton if c["section"] == "correctness"} == {"float32", "float16", "bfloat16",
-                                                                             "float64"}
-    assert {c.get("layout") for c in triton if c.get("op") == "channel_gate"} == {"NCHW", "channels_last"}
-    assert len([c for c in triton if c["section"] == "limits"]) == 3
-    assert any(c["section"] == "determinism" and c["op"].startswith("channel_gate_backward") for c in triton)
-    errors = triton[0]["metrics"]["errors"]
-    assert all(v["err"] <= v["limit"] for v in errors.values())
-    injected = {c["name"]: c for c in cases if c["name"].startswith("deliberate")}
-    assert injected["deliberate exception"]["status"] == "error"
-    assert "RuntimeError: deliberate failure" in injected["deliberate exception"]["traceback"]
-    assert injected["deliberate wrong result"]["status"] == "fail"
-
-    # the summary reads what is there (no timings, no tests, no sanitizer) and says so
-    summ = _gpu_checks(["--summary", str(tmp_path)])
-    assert summ.returncode == 0, summ.stderr
-    text = (tmp_path / "summary.md").read_text()
-    assert "deliberate wrong result" in text and "**not measured**" in text and "no sanitizer.txt" in text
-    assert re.search(r"\| correctness \| \d+ \| 1 \| 1 \|", text)
+def _script() -> str:
+    return (ROOT / "benchmarks" / "gpu_first.sh").read_text()
 
 
-def test_gpu_checks_timings_bank_and_training_tiny(tmp_path):
-    out = _gpu_checks(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--json", "timings.json",
-                       "--sections", "timings,bank,training"])
-    assert out.returncode == 0, out.stdout + out.stderr
-    res = json.loads((tmp_path / "timings.json").read_text())
-    cases = res["cases"]
-    assert not [c for c in cases if c["status"] in ("fail", "error")]
-    timed = [c for c in cases if c["section"] == "timings" and c["status"] == "pass"]
-    assert {c["provider"] for c in timed} == {"eager", "triton"}
-    for c in timed:
-        m = c["metrics"]
-        assert m["us"] > 0 and m["copy_us"] > 0 and m["of_copy"] == pytest.approx(m["GBps"] / m["copy_GBps"])
-    assert {(c["op"], c["direction"]) for c in timed} >= {("channel_gate", "backward"), ("gate_penalty", "forward")}
-    skipped = {c["provider"]: c["detail"] for c in cases if c["status"] == "skipped"}
-    assert "compile" in skipped and "cuda" in skipped
-    bank = {(c.get("path"), c.get("provider"), c.get("direction")) for c in cases
-            if c["section"] == "bank" and c["status"] == "pass"}
-    assert {("op", "eager", "forward"), ("op", "triton", "backward"), ("package", "torch", None)} <= bank
-    train = next(c for c in cases if c["name"].endswith("gated vs unpruned"))
-    assert train["status"] == "pass" and train["metrics"]["ratio"] > 0
-    summ = _gpu_checks(["--summary", str(tmp_path)])
-    text = (tmp_path / "summary.md").read_text()
-    assert summ.returncode == 0 and "ResNet-50 training step" in text and "gate bank + penalty" in text
+def _var(script: str, name: str) -> str:
+    return re.search(rf'^{name}="([^"]*)"', script, re.M).group(1)
 
 
-def _step_limits(script: str) -> dict:
-    line = re.search(r'^LIMITS="([^"]*)"', script, re.M).group(1)
-    return {k: int(v) for k, v in (kv.split("=") for kv in line.split())}
+def _step_limits(script: str, name: str = "LIMITS") -> dict:
+    return {k: int(v) for k, v in (kv.split("=") for kv in _var(script, name).split())}
 
 
 def test_gpu_first_script_parses_and_fits_one_device_command():
-    script_path = ROOT / "benchmarks" / "gpu_first.sh"
-    assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
-    script = script_path.read_text()
+    script = _script()
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_first.sh")]).returncode == 0
     limits = _step_limits(script)
     assert sum(limits.values()) <= 480, limits                 # 8 minutes, the device command's budget
-    deadline = int(re.search(r"^DEADLINE=(\d+)", script, re.M).group(1))
-    assert deadline <= 480
-    assert {"facts", "build", "checks", "timings", "tests", "sanitizer", "summary"} <= set(limits)
-    for name in limits:                                        # every declared step runs through `step`
-        assert re.search(rf"^\s*step {name} ", script, re.M), name
+    assert int(re.search(r"^DEADLINE=(\d+)", script, re.M).group(1)) <= 480
+    assert set(limits) == {"facts", "wheels", "build", "tests", "bench", "sanitizer", "summary"}
+    dry = _step_limits(script, "DRY_LIMITS")
+    assert set(dry) == {"facts", "wheels", "build", "aot", "tests", "summary"}
+    for name in set(limits) | set(dry):                        # every declared step runs through `step`
+        if name != "wheels":
+            assert re.search(rf"^\s*step {name} ", script, re.M), name
     assert "timeout -k" in script and "POLARPRUNE_PTXAS_VERBOSE=1" in script and "POLARPRUNE_REQUIRE_EXT=1" in script
-    # the files it leaves in OUT: at most 8
-    outs = set(re.findall(r'\$out/([A-Za-z0-9_.-]+)', script)) | set(re.findall(r"--json (\S+\.json)", script))
-    outs -= {"checks.json"} if "/tmp/polarprune-sanitizer" in script else set()
-    outs |= {"checks.json", "summary.md"}
-    assert len(outs) <= 8, outs
+    # the files it leaves in OUT: at most 8 (the device tool brings back 8)
+    outs = set(re.findall(r'\$out/([A-Za-z0-9_.-]+)', script)) | {"summary.md"}
+    assert {"aot.json", "bench.json", "tests.xml", "sanitizer.txt"} <= outs
+    assert len(outs - {"aot.json"}) <= 8, outs                             # on the GPU
+    assert len(outs - {"bench.json", "bench.txt", "sanitizer.txt"}) <= 8   # the dry run
+
+
+def test_gpu_first_fixes_of_the_dry_run():
+    """What the dry run on the GPU image's versions found, each checked in the script (issue: the campaign must
+    work the first time)."""
+    script = _script()
+    # the build fetches nothing and builds with the environment's setuptools (pyproject.toml)
+    assert "pip install -v --no-index --no-build-isolation --no-deps -e ." in script
+    assert (ROOT / "pyproject.toml").is_file()
+    # the facts say which pip, setuptools, wheel and ninja built it
+    for word in ('echo "pip ', 'print("setuptools"', 'echo "ninja '):
+        assert word in script, word
+    # the GPU tests: only the gpu-marked ones, in parallel, each under a timeout, junit XML; CPU-only files stay
+    # with CI
+    tests = re.search(r"^\s*step tests [^\n]*-m gpu(?:[^\n]*\\\n)*[^\n]*", script, re.M).group(0)
+    assert "$(workers_opt" in tests and "$(timeout_opt" in tests and "--junitxml" in tests
+    # the sanitizer sees small overruns only with the caching allocator off
+    san = re.search(r"^\s*step sanitizer (?:[^\n]*\\\n)*[^\n]*", script, re.M).group(0)
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in san and "compute-sanitizer --tool memcheck" in san
+    # the benchmarks in the order of the goals: training step, bank, kernels; torch.compile only for the goal
+    nodes = _var(script, "BENCH_NODES").split()
+    assert [n.split("/")[-1].split(".py")[0] for n in nodes] == ["bench_training", "bench_gate_bank", "bench_kernels"]
+    assert _var(script, "BENCH_K") == "not compile or (channel_gate and backward)"
+    assert "--benchmark-json" in script and "gpu_checks" not in script
+
+
+def test_the_campaign_selection_collects_what_the_goals_read(tmp_path):
+    """The bench step's exact selection, run tiny on this machine: it yields the rows campaign.py reads (the
+    interleaved ResNet-50 step, the bank per direction, channel_gate backward beside a copy of its bytes and
+    torch.compile), torch.compile for that goal only, and the summary reads them."""
+    script = _script()
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-c", "benchmarks/micro/pytest.ini", "-p", "no:cacheprovider",
+         "--tiny", "--rounds", "1", "--energy-seconds", "0", "--benchmark-json", str(tmp_path / "bench.json"),
+         "-k", _var(script, "BENCH_K"), *_var(script, "BENCH_NODES").split()],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = campaign.bench_rows(tmp_path / "bench.json")
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"training-interleaved", "bank", "kernel"}, kinds
+    compiled = {(r["op"], r["pass_"]) for r in rows if r.get("provider") == "compile"}
+    assert compiled == {("channel_gate", "backward")}
+    cg = {r["provider"] for r in rows if r.get("op") == "channel_gate" and r.get("pass_") == "backward"}
+    assert {"eager", "compile", "copy"} <= cg
+    assert all(r["floor_bytes"] > 0 and r["wall_us"] > 0 for r in rows if r["kind"] == "kernel")
+    assert {(r["backend"], r["direction"]) for r in rows if r["kind"] == "bank"} == {("torch", "forward"),
+                                                                                  ("torch", "backward")}
+    (tmp_path / "bench.txt").write_text(out.stdout)
+    text = campaign.main([str(tmp_path)])
+    assert "ResNet-50 training step (float32, batch 2" in text and "gate bank + MACs penalty (torch)" in text
+    assert "channel_gate backward (ResNet-50 activations, bf16): **not measured** (no CUDA or Triton row)" in text
+
+
+def _bench(rows):
+    return {"benchmarks": [{"name": f"b{i}", "stats": {"median": r.pop("median_s", 1e-3)}, "extra_info": r}
+                           for i, r in enumerate(rows)]}
+
+
+def _junit(cases):
+    body = "".join(f'<testcase classname="tests.ops.test_gpu" name="{n}">{inner}</testcase>' for n, inner in cases)
+    return f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>'
+
+
+def test_campaign_summary_states_every_goal(tmp_path):
+    """Goals met, NOT met and not measured from synthetic files; the verdicts are pytest's summary lines, never a
+    progress line; a sanitizer run in which no case ran says so instead of '0 errors'."""
+    case = "(256, 256, 56, 56) bfloat16 channels_last"
+    kern = lambda provider, gpu: dict(kind="kernel", op="channel_gate", pass_="backward", provider=provider,  # noqa
+                                      case=case, floor_bytes=3 * 2 * 256 * 256 * 56 * 56, gpu_us=gpu,
+                                      calls_per_round=20, wall_us=gpu + 3)
+    rows = [kern("cuda", 400.0), kern("triton", 430.0), kern("compile", 520.0), kern("copy", 350.0),
+            dict(kind="bank", backend="cuda", direction="forward", gpu_us=11.0, wall_us=25.0, calls_per_round=20),
+            dict(kind="bank", backend="cuda", direction="backward", gpu_us=19.0, wall_us=30.0, calls_per_round=20),
+            dict(kind="training-interleaved", model="resnet50",
+                 setting={"dtype": "bfloat16", "batch": 256, "channels_last": True},
+                 variants={"unpruned": {"median_ms": 200.0}, "naive": {"median_ms": 230.0},
+                           "polarprune": {"median_ms": 203.0}})]
+    (tmp_path / "bench.json").write_text(json.dumps(_bench(rows)))
+    (tmp_path / "campaign.log").write_text("STEP facts status=ok seconds=3 limit=15\n"
+                                           "STEP tests status=timeout seconds=110 limit=110\n")
+    (tmp_path / "tests.txt").write_text("tests/ops/test_gpu.py ....F...  [ 40%]\n"
+                                        "=== 1 failed, 300 passed, 2 skipped in 98.1s ===\n")
+    (tmp_path / "tests.xml").write_text(_junit([("test_a[cuda]", ""), ("test_b[triton]",
+                                                '<failure message="AssertionError: NaN at 3">x</failure>')]))
+    (tmp_path / "sanitizer.txt").write_text("======== ERROR SUMMARY: 0 errors\n"
+                                            "===== no tests ran in 0.5s =====\n")
+    (tmp_path / "build.log").write_text("ptxas info    : Used 40 registers\nptxas info    : Used 64 registers\n"
+                                        "0 bytes spill stores, 0 bytes spill loads\n")
+    text = campaign.main([str(tmp_path)])
+    assert "best cuda 400.0 us = 88% of a copy" in text and "goal >= 85%: met" in text
+    assert "1.30x torch.compile's 520.0 us (goal >= 1.25x: met)" in text
+    assert "forward 11.0 us, backward 19.0 us GPU time (goal <= 15 us per direction: **NOT met**)" in text
+    assert "= 1.015x (goal <= 1.02x: met); naive gating 1.150x" in text
+    assert "1 failed, 300 passed, 2 skipped in 98.1s" in text and "NaN at 3" in text and "[ 40%]" not in text
+    assert "| tests | timeout | 110 | 110 |" in text
+    assert "**no case ran**" in text and "registers max 64" in text
+    # cut runs: no summary line is said as such, a missing file as not run
+    (tmp_path / "tests.txt").write_text("tests/ops/test_gpu.py ....  [ 10%]\n")
+    (tmp_path / "tests.xml").unlink()
+    (tmp_path / "sanitizer.txt").write_text("========= ERROR SUMMARY: 0 errors\n=== 24 passed in 40.2s ===\n")
+    (tmp_path / "bench.json").unlink()
+    text = campaign.main([str(tmp_path)])
+    assert "**no pytest summary line** (cut or crashed: see tests.txt)" in text
+    assert "0 errors over 24 test cases that ran" in text
+    assert text.count("**not measured**") >= 3
+
+
+def test_pytest_verdict_is_the_summary_line():
+    assert campaign.pytest_verdict("a.py ..F [ 50%]\n= 1 failed, 2 passed in 3.0s =\n") == "1 failed, 2 passed in 3.0s"
+    assert campaign.pytest_verdict("a.py .. [100%]\n") is None
+    assert campaign.verdict_counts("1 failed, 20 passed, 3 errors in 2s") == {"failed": 1, "passed": 20, "error": 3}
+
+
+def test_l2_flush_reads_and_never_writes_its_buffer():
+    f = common.L2Flush(torch.device("cpu"))
+    assert f.buffer is None                                    # a CPU has no flush to do
+    f.buffer = torch.randn(10_000)                             # the GPU path on a CPU tensor
+    before = f.buffer.clone()
+    f()
+    assert torch.equal(f.buffer, before)                       # no dirty lines: nothing written back later
+    assert f.out.item() == pytest.approx(before.sum().item(), rel=1e-5)
+
+
+def test_round_timer_times_rounds_of_calls():
+    calls = []
+    t = common.RoundTimer(lambda: calls.append(1), 5, torch.device("cpu"))
+    for _ in range(4):
+        t()
+    info = t.info(skip=1)
+    assert len(calls) == 20 and info["calls_per_round"] == 5 and info["wall_us"] > 0 and info["gpu_us"] is None
 
 
 def test_gpu_first_without_a_gpu_stops_after_the_facts(tmp_path):
@@ -250,6 +309,7 @@ def test_gpu_first_without_a_gpu_stops_after_the_facts(tmp_path):
     log = (tmp_path / "out" / "campaign.log").read_text()
     assert "STEP facts status=exit-3" in log and "no CUDA device" in log and "STEP summary status=ok" in log
     assert "STEP build" not in log
+    assert re.search(r"^pip \S+ \d", log, re.M) and re.search(r"^setuptools \d", log, re.M), log
     assert "**not measured**" in (tmp_path / "out" / "summary.md").read_text()
 
 

@@ -1,9 +1,13 @@
-"""Each gate op by provider: eager reference, torch.compile, Triton, CUDA extension; forward, backward, full.
+"""Each gate op by provider: eager reference, torch.compile, Triton, CUDA extension; forward, backward, full;
+beside them a device copy of the bytes the op must move at least (the bandwidth ceiling).
 
 Providers are the implementations behind the ``polarprune::*`` ops, called
 directly with the reference signatures (no dispatcher in the way). Triton and
 the extension are timed on a GPU only (the CPU Triton interpreter is for
-testing). Shapes: common.kernel_shapes. Compare within a group.
+testing). Compare within a group. Every result carries ``floor_bytes`` (each
+input read once, each output written once) and, on a GPU, ``gpu_us`` (CUDA
+events) beside ``wall_us`` per call: a round is 20 back-to-back calls after
+an untimed, read-only L2 flush (common.L2Flush).
 
     .venv/bin/python -m pytest benchmarks/micro/bench_kernels.py -c benchmarks/micro/pytest.ini
 """
@@ -13,7 +17,7 @@ import torch
 import common
 import polarprune_cuda as pp
 
-PROVIDERS = common.PROVIDERS
+PROVIDERS = common.PROVIDERS + ("copy",)
 PASSES = ("forward", "backward", "full")
 
 
@@ -49,34 +53,61 @@ def _activation(device, tiny):
     return x, torch.randn_like(x), gate
 
 
+def _floors(per_fwd: int, per_bwd: int | None) -> dict:
+    return {"forward": per_fwd, "backward": per_bwd, "full": per_fwd + (per_bwd or 0)}
+
+
 def _calls(op: str, provider: str, device, tiny, bank_case):
-    """(forward, backward) callables of ``op`` for ``provider``; a pass that does not exist is None."""
+    """(case, forward, backward, floor bytes per pass) of ``op`` for ``provider``; a pass that does not exist is
+    None. The floor counts each input read once and each output written once."""
+    if provider == "copy":
+        return _calls(op, "eager", device, tiny, bank_case)[0], None, None, _calls_floors(op, device, tiny, bank_case)
+    floors = _calls_floors(op, device, tiny, bank_case)
     if op == "channel_gate":
         x, dy, gate = _activation(device, tiny)
         f, b = _impl(provider, "channel_gate", device), _impl(provider, "channel_gate_backward", device)
-        return f"{tuple(x.shape)} {str(x.dtype)[6:]} channels_last", (lambda: f(x, gate)), (lambda: b(dy, x, gate))
+        return (f"{tuple(x.shape)} {str(x.dtype)[6:]} channels_last", (lambda: f(x, gate)),
+                (lambda: b(dy, x, gate)), floors)
     if op == "gated_affine":
         c = 8 if tiny else 2048
         w, bias, dw, db = (torch.randn(c, device=device) for _ in range(4))
         gate = (torch.rand(c, device=device) > 0.5).float()
         f, b = _impl(provider, "gated_affine", device), _impl(provider, "gated_affine_backward", device)
-        return f"C={c} float32", (lambda: f(w, bias, gate)), (lambda: b(dw, db, w, bias, gate))
+        return f"C={c} float32", (lambda: f(w, bias, gate)), (lambda: b(dw, db, w, bias, gate)), floors
     scores, cm = bank_case
     case = f"{scores.numel()} gates, {cm.num_segments} segments, MACs cost"
     args = cm.op_args(device)
     if op == "binary_gate":
         dg = torch.randn_like(scores)
         f, b = _impl(provider, "binary_gate", device), _impl(provider, "binary_gate_backward", device)
-        return case, (lambda: f(scores, "identity", 1.0)), (lambda: b(dg, scores, "identity", 1.0))
+        return case, (lambda: f(scores, "identity", 1.0)), (lambda: b(dg, scores, "identity", 1.0)), floors
     if op == "gate_bank":
         f, b = _impl(provider, "gate_bank", device), _impl(provider, "gate_bank_backward", device)
         _, _, gt, gp = f(scores, "identity", *args, 1.0, 0.5, "bimodal", 1.0)
         dg, dterms = torch.randn_like(scores), torch.tensor([0.0, 20.0, 0.1, 0.0], device=device)
         return (case, (lambda: f(scores, "identity", *args, 1.0, 0.5, "bimodal", 1.0)),
-                (lambda: b(dg, dterms, scores, gt, gp, "identity", 1.0)))
+                (lambda: b(dg, dterms, scores, gt, gp, "identity", 1.0)), floors)
     if op == "gate_penalty":
         f = _impl(provider, "gate_penalty", device)
-        return case, (lambda: f(scores, *args, 1.0, 0.5, 20.0, 0.1, "bimodal", 1.0)), None
+        return case, (lambda: f(scores, *args, 1.0, 0.5, 20.0, 0.1, "bimodal", 1.0)), None, floors
+    raise ValueError(op)
+
+
+def _calls_floors(op: str, device, tiny, bank_case) -> dict:
+    if op == "channel_gate":
+        x = _activation(device, tiny)[0]
+        nbytes = x.numel() * x.element_size()
+        return _floors(2 * nbytes, 3 * nbytes)            # read x, write y | read dy and x, write dx
+    if op == "gated_affine":
+        c = 8 if tiny else 2048
+        return _floors(5 * 4 * c, 8 * 4 * c)              # w, b, g -> w', b' | gw, gb, w, b, g -> dw, db, dg
+    n = bank_case[0].numel()
+    if op == "binary_gate":
+        return _floors(2 * 4 * n, 3 * 4 * n)              # s -> g | dg, s -> ds
+    if op == "gate_bank":
+        return _floors(5 * 4 * n, 5 * 4 * n)              # s, cost -> g, dT, dP | dg, s, dT, dP -> ds
+    if op == "gate_penalty":
+        return {"full": 3 * 4 * n}                        # s, cost -> grad
     raise ValueError(op)
 
 
@@ -87,18 +118,22 @@ CASES = [(op, p) for op in ("binary_gate", "gate_bank", "channel_gate", "gated_a
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("op,pass_", CASES)
-def test_kernel(benchmark, op, pass_, provider, device, tiny, rounds, bank_case):
-    case, fwd, bwd = _calls(op, provider, device, tiny, bank_case)
-    fn = {"forward": fwd, "backward": bwd, "full": (lambda: (fwd(), bwd()) if bwd else fwd())}[pass_]
-
-    calls = 1 if device.type == "cpu" else 20      # on a GPU: 20 back-to-back calls, one synchronisation
-
-    def run():
-        for _ in range(calls):
-            fn()
-        common.sync(device)
-
+def test_kernel(benchmark, op, pass_, provider, device, tiny, rounds, bank_case, l2_flush):
+    case, fwd, bwd, floors = _calls(op, provider, device, tiny, bank_case)
+    floor = floors.get(pass_)
+    if provider == "copy":
+        if floor is None:
+            pytest.skip(f"{op} has no {pass_} pass")
+        src = torch.randint(0, 255, (floor // 2,), dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731   (reads and writes floor // 2 bytes: floor bytes moved)
+    else:
+        fn = {"forward": fwd, "backward": bwd, "full": (lambda: (fwd(), bwd()) if bwd else fwd())}[pass_]
+    timer = common.RoundTimer(fn, 1 if device.type == "cpu" else 20, device)
+    warmup = 3
     benchmark.group = f"kernel {op} {pass_}: {case}"
     benchmark.extra_info.update(kind="kernel", op=op, pass_=pass_, provider=provider, case=case,
-                                calls_per_round=calls)
-    benchmark.pedantic(run, rounds=rounds(50), warmup_rounds=3, iterations=1)
+                                floor_bytes=floor)
+    benchmark.pedantic(timer, setup=l2_flush, rounds=rounds(50), warmup_rounds=warmup,
+                       iterations=1)
+    benchmark.extra_info.update(timer.info(skip=warmup))

@@ -17,9 +17,9 @@ from torch import nn
 
 import polarprune_cuda as pp
 
-#: the implementations behind the ``polarprune::*`` ops that the kernel benchmarks compare (the one table of
-#: bench_kernels.py and kernels.py): the reference eagerly, the reference under torch.compile, Triton, the CUDA
-#: extension; all called with the reference signatures
+#: the implementations behind the ``polarprune::*`` ops that the kernel benchmarks compare (bench_kernels.py):
+#: the reference eagerly, the reference under torch.compile, Triton, the CUDA extension; all called with the
+#: reference signatures
 PROVIDERS = ("eager", "compile", "triton", "cuda")
 _COMPILED: dict = {}
 
@@ -129,6 +129,63 @@ def autocast(setting: Setting, device: torch.device):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+#: bytes read to push earlier data out of the L2 cache before a timed round (H100: 50 MB, H200: 60 MB of L2)
+FLUSH_BYTES = 256 * 2 ** 20
+
+
+class L2Flush:
+    """``flush()`` reads a buffer larger than the L2 cache and waits for it: untimed set-up before a round.
+
+    It only reads (a sum into one preallocated element): a flush that writes (``zero_()``) leaves tens of MB
+    of dirty lines, written back to memory inside the next timed call, which adds the same microseconds to
+    every op and to the copy it is compared with. On a CPU it does nothing.
+    """
+
+    def __init__(self, device: torch.device, nbytes: int = FLUSH_BYTES):
+        self.device = device
+        self.buffer = torch.ones(nbytes // 4, dtype=torch.float32, device=device) if device.type == "cuda" else None
+        self.out = torch.empty((), dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            torch.sum(self.buffer, 0, out=self.out)
+            sync(self.device)
+
+
+class RoundTimer:
+    """``run = RoundTimer(fn, calls, device)``: one round = ``calls`` back-to-back calls of ``fn`` and one
+    synchronisation (pytest-benchmark's wall clock times it), with the GPU time of the same calls between two
+    CUDA events beside it. ``info()`` gives both per call: ``wall_us`` (median round / calls, what the host
+    sees, launch gaps included) and ``gpu_us`` (events, the device's own time)."""
+
+    def __init__(self, fn, calls: int, device: torch.device):
+        self.fn, self.calls, self.device = fn, calls, device
+        self.wall: list[float] = []
+        self.gpu: list[float] = []
+
+    def __call__(self) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+        for _ in range(self.calls):
+            self.fn()
+        if self.device.type == "cuda":
+            b.record()
+            b.synchronize()
+            self.gpu.append(a.elapsed_time(b) * 1e3 / self.calls)
+        self.wall.append((time.perf_counter() - t0) * 1e6 / self.calls)
+
+    def info(self, skip: int = 0) -> dict:
+        import statistics
+
+        wall, gpu = self.wall[skip:] or self.wall, self.gpu[skip:] or self.gpu
+        return {"calls_per_round": self.calls, "wall_us": statistics.median(wall) if wall else None,
+                "gpu_us": statistics.median(gpu) if gpu else None}
 
 
 # ----------------------------------------------------------------------------- gating, three ways

@@ -27,6 +27,12 @@ def device():
 
 
 @pytest.fixture(scope="session")
+def l2_flush(device):
+    """The untimed set-up of a GPU round: a read-only pass over more bytes than the L2 cache holds."""
+    return common.L2Flush(device)
+
+
+@pytest.fixture(scope="session")
 def tiny(request):
     return request.config.getoption("--tiny")
 

@@ -1,5 +1,6 @@
 """Backend registry: probing, forcing with POLARPRUNE_BACKEND, backend_info."""
 import importlib
+import os
 
 import pytest
 import torch
@@ -100,6 +101,7 @@ def test_forced_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
         pp.functional.binary_gate(randn(3))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensors_use_a_kernel_backend_when_one_is_available():
     info = pp.backend_info()
@@ -112,3 +114,25 @@ def test_cuda_tensors_use_a_kernel_backend_when_one_is_available():
 def test_kernels_package_is_installed_under_the_package():
     kernels = importlib.import_module("polarprune_cuda.kernels")
     assert hasattr(kernels, "IMPLEMENTATIONS")
+
+
+def test_the_interpreter_probe_names_the_versions_it_cannot_run():
+    """kernels/_interpreter.py: triton 3.6's interpreter with numpy >= 2.4 cannot run a tensor-bounded loop; the
+    Triton backend then says so (and why) instead of failing inside every kernel."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    from polarprune_cuda.kernels._interpreter import interpreter_problem
+
+    def version(v):
+        return tuple(int(p) for p in v.split(".")[:2])
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the kernels are compiled, not interpreted")
+    problem = interpreter_problem()
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        assert problem and "numpy" in problem and triton.__version__ in problem
+        assert not backends.get_backend("triton").available
+    else:
+        assert problem is None
