@@ -73,8 +73,8 @@ gpu-wheels:
 # The GPU campaign's dry run (benchmarks/README.md): a virtual environment with the GPU image's versions (pinned,
 # from the package index; no GPU needed) in .venv-gpu, then benchmarks/gpu_first.sh with DRY_RUN=1 in it: the
 # extension built as the campaign builds it, every Triton kernel AOT-compiled for sm_90 with the runtime's
-# specialisation, tests/ops on the CPU. Results in benchmarks/results/gpu-dryrun-<date>/. About 20 minutes on
-# 2 cores (the first time; the packages come from the index).
+# specialisation, tests/ops on the CPU. Results in benchmarks/results/gpu-dryrun-<date>/. About 3.5 minutes on
+# 2 cores from an empty .venv-gpu (measured 2026-12-06: packages 75 s, build 72 s, AOT 19 s, tests 38 s).
 GPU_VENV  ?= .venv-gpu
 GPU_IMAGE_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) /usr/bin/python3.12,$(shell $(p) -c 'import sys; print(sys.executable if sys.version_info[:2] == (3, 12) else "")' 2>/dev/null)))
 GPU_IMAGE_PINS := pip==25.1.1 setuptools==80.9.0 wheel torch==2.11.0 triton==3.6.0 torchvision==0.26.0 numpy==2.5.2 \
