@@ -28,6 +28,8 @@ from .surgery import (
     save_pruned,
 )
 
+from .train.onepass import OnePass, split_parameters
+
 from ._version import __version__
 
 __all__ = [
@@ -61,6 +63,8 @@ __all__ = [
     "resnet56",
     "resnet110",
     "NonFiniteGateError",
+    "OnePass",
+    "split_parameters",
     "PenaltyValue",
     "PolarizationLoss",
     "backend_info",

@@ -14,6 +14,7 @@ import copy
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -574,7 +575,15 @@ def _checkpoint_state(run: _Fit, cfg: PruneConfig, label: str, epoch: int, info:
 
 
 def _meet_target(model: nn.Module, cfg: PruneConfig) -> dict:
-    """The exact budget when the gates freeze (budget.py): the hard gates become the set that meets the target."""
+    """The exact budget when the gates freeze (budget.py): the hard gates become the set that meets the target.
+    Few polarized gates at that moment (the scores barely trained) is said out loud."""
+    from .onepass import POLARIZED_WARNING
+
+    polarized = gate_stats(model, cost=cfg.cost)["polarized"]
+    if polarized < POLARIZED_WARNING:
+        warnings.warn(f"the gates freeze with {polarized:.1%} of them polarized: the target is met on scores that "
+                      f"barely trained; train longer (--epochs), freeze later (--freeze-gates-at) or raise "
+                      f"--gate-lr", stacklevel=2)
     result = meet_target(model, cfg.target_sparsity, cfg.cost)
     return result.to_dict()
 

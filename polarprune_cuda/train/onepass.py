@@ -1,0 +1,314 @@
+"""The one-pass recipe in your own training loop: :class:`OnePass`.
+
+    pruner = OnePass(model, example, target_sparsity=0.5, total_steps=epochs * len(loader),
+                     optimizer=opt, scheduler=sched, cost="macs")
+    for x, y in loader:                                    # any loop, any optimizer of torch.optim
+        loss = F.cross_entropy(pruner.model(x), y) + pruner.penalty()
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        pruner.step()                                      # schedule, freeze, exact target, switch
+    small = pruner.finish()                                # the extracted network, trained
+
+What it does, step by step (the CLI's recipe, :mod:`~polarprune_cuda.train.loop`):
+
+* construction: gates the model (:func:`~polarprune_cuda.attach_gates`) unless it is gated already; checks the
+  optimizer (its kind must be one whose state can follow the channels, :data:`CARRIED`) and the gate scores'
+  parameter group (:func:`check_gate_group`: in no group, the group is added with a warning; in a group with
+  other parameters, with weight decay, or with a learning rate that cannot move them: refused, with the fix);
+* :meth:`penalty`: the polarization penalty of this step (after the forward pass, which computed it fused
+  with the gates), ramped in after a warm-up; zero once the gates are frozen;
+* :meth:`step` (after ``optimizer.step()``): counts the step; the scores move only between the warm-up and
+  the freeze (outside, they get no gradient, so no optimizer moves them); at the freeze the hard gates become
+  the set that meets the target exactly (:func:`~polarprune_cuda.meet_target`), with a warning when few gates
+  were polarized, and training moves to the extracted network: :attr:`model` changes, and the user's
+  optimizer and scheduler objects keep working, every per-parameter state (momentum, ``exp_avg``,
+  ``exp_avg_sq``, ...) gathered by the same index maps as the weights;
+* :meth:`finish`: the extracted network; the trained weights also go back into the gated model.
+
+:meth:`state_dict` / :meth:`load_state_dict` resume it, also across the switch (load it before the
+optimizer's and scheduler's own state).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+
+from ..gates.bank import find_bank
+from ..gates.loss import PolarizationLoss, gate_stats
+from ..gates.loss import ramp as ramp_schedule
+from ..surgery.budget import meet_target
+from ..surgery.spec import spec_digest
+from . import switch as switch_mod
+
+#: optimizers whose per-parameter state is tensors of the parameter's shape (carried through the index maps) and
+#: scalars (the step count, copied): the ones :class:`OnePass` accepts
+CARRIED = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "ASGD", "Rprop")
+#: fraction of the run without the penalty, over which it then ramps in, and after which the gates freeze
+WARMUP, RAMP, FREEZE = 1 / 12, 1 / 6, 0.3
+#: below this fraction of polarized gates at the freeze, the target is met on scores that barely trained: warned
+POLARIZED_WARNING = 0.5
+
+
+def _number(name: str, value, lo: float, hi: float, hi_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < lo or (value >= hi if hi_open else value > hi):
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+    return float(value)
+
+
+def gate_group(optimizer: torch.optim.Optimizer, scores: Tensor) -> int | None:
+    """The index of the parameter group holding ``scores``, or None."""
+    for i, group in enumerate(optimizer.param_groups):
+        if any(p is scores for p in group["params"]):
+            return i
+    return None
+
+
+def _reach(optimizer: torch.optim.Optimizer, lr: float, steps: int, n_gates: int, target_weight: float) -> float:
+    """About how far a gate score can move in ``steps`` steps at learning rate ``lr``: an Adam-type step moves it
+    by about ``lr`` whatever the gradient's size; an SGD step by ``lr`` times its gradient, of the order of
+    ``target_weight / n_gates`` (the penalty is a mean over the gates)."""
+    scale = target_weight / max(n_gates, 1) if isinstance(optimizer, torch.optim.SGD) else 1.0
+    return lr * steps * scale
+
+
+def check_gate_group(optimizer: torch.optim.Optimizer, scores: Tensor, steps: int, lr: float,
+                     target_weight: float = 20.0) -> int:
+    """The index of the gate scores' group, checked; the group is added (lr ``lr``, no weight decay, with a
+    warning) when no group holds them. Refused (ValueError, with the fix): the scores in a group with other
+    parameters, a group with weight decay, a learning rate that cannot move a score by 1 in ``steps`` steps."""
+    fix = ("give the gate scores a group of their own, e.g. weights, scores = polarprune_cuda.train."
+           "split_parameters(model); torch.optim.AdamW([{'params': weights}, {'params': scores, 'lr': "
+           "OnePass.gate_lr(optimizer_class, steps, scores[0].numel()), 'weight_decay': 0.0}], ...)")
+    i = gate_group(optimizer, scores)
+    if i is None:
+        optimizer.add_param_group({"params": [scores], "lr": lr, "weight_decay": 0.0})
+        warnings.warn(f"the optimizer had no parameter group for the {scores.numel()} gate scores (they would never "
+                      f"move): OnePass added one with lr={lr:g} and no weight decay; to choose yourself, {fix}",
+                      stacklevel=3)
+        return len(optimizer.param_groups) - 1
+    group = optimizer.param_groups[i]
+    if len(group["params"]) != 1:
+        raise ValueError(f"the gate scores share parameter group {i} with {len(group['params']) - 1} other "
+                         f"parameters, so their learning rate and weight decay are the weights' (with AdamW the "
+                         f"gates barely move and the target is met on untrained scores); {fix}")
+    if group.get("weight_decay", 0.0):
+        raise ValueError(f"the gate scores' group {i} has weight_decay={group['weight_decay']}: decay pulls every "
+                         f"score toward 0 (the gate's edge) whatever the penalty says; set it to 0.0 ({fix})")
+    reach = _reach(optimizer, group["lr"], steps, scores.numel(), target_weight)
+    if reach < 1.0:
+        raise ValueError(f"the gate scores' learning rate {group['lr']:g} cannot move a score by 1 in the {steps} "
+                         f"steps the gates train (about {reach:.2g} at most): raise it to at least "
+                         f"{group['lr'] / max(reach, 1e-300):.3g}, or train the gates longer (OnePass.gate_lr gives "
+                         f"the recipe's rate: {OnePass.gate_lr(type(optimizer), steps, scores.numel(), target_weight):.3g})")
+    return i
+
+
+def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """(the weights, [the gate scores]) of a gated model: the two parameter groups an optimizer needs."""
+    bank = find_bank(model)
+    scores = [bank.scores] if bank is not None else []
+    ids = {id(p) for p in scores}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in ids], scores
+
+
+class OnePass:
+    """The one-pass pruning recipe added to any PyTorch training loop.
+
+    Args:
+        model: the network (gated here with :func:`~polarprune_cuda.attach_gates` unless it has a gate bank).
+        example_inputs: one batch on the model's device (its shapes set the MACs and extraction checks).
+        target_sparsity: fraction of ``cost`` to remove, in [0, 1).
+        total_steps: the run's length in optimizer steps (:meth:`step` calls).
+        optimizer: the user's optimizer (one of :data:`CARRIED`); see :func:`check_gate_group` for its groups.
+        scheduler: the user's learning-rate scheduler, if any (kept working across the switch).
+        cost: ``"macs"``, ``"params"`` or ``"channels"``.
+        freeze_at, warmup, ramp: fractions of ``total_steps``: where the gates freeze, how long without
+            the penalty, how long it ramps in.
+        gate_lr: the learning rate of a gate group that OnePass adds (default :meth:`gate_lr`).
+        switch: train the extracted network after the freeze (False: the gated one to the end).
+        target_weight, polarization_weight, polarization: the penalty (:class:`PolarizationLoss`).
+        min_channels, round_to, ste, init: :func:`~polarprune_cuda.attach_gates`'s, where OnePass gates.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, target_sparsity: float, total_steps: int,
+                 optimizer: torch.optim.Optimizer, scheduler=None, *, cost: str = "macs", freeze_at: float = FREEZE,
+                 warmup: float = WARMUP, ramp: float = RAMP, gate_lr: float | None = None, switch: bool = True,
+                 target_weight: float = 20.0, polarization_weight: float = 0.1, polarization: str = "bimodal",
+                 min_channels: int = 4, round_to: int | None = None, ste: str = "identity", init: float = 1.0):
+        from ..surgery.attach import attach_gates
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an int >= 1 (the optimizer steps of the run), got {total_steps!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if type(optimizer).__name__ not in CARRIED:
+            raise ValueError(f"optimizer {type(optimizer).__name__}: its state cannot be carried to the extracted "
+                             f"network (OnePass carries the per-parameter state of {', '.join(CARRIED)}, whose "
+                             f"state tensors have their parameter's shape); use one of those")
+        self.freeze_at = _number("freeze_at", freeze_at, 0.0, 1.0, hi_open=False)
+        warmup, ramp_ = _number("warmup", warmup, 0.0, 1.0), _number("ramp", ramp, 0.0, 1.0)
+        if cost not in ("macs", "params", "channels"):
+            raise ValueError(f"cost must be one of macs, params, channels, got {cost!r}")
+        if find_bank(model) is None:
+            attach_gates(model, example_inputs, min_channels=min_channels, round_to=round_to, ste=ste, init=init)
+        self.bank = find_bank(model)
+        self.gated = model
+        self.model = model
+        self.example = example_inputs
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.total_steps, self.cost, self.switch_enabled = total_steps, cost, switch
+        self.freeze_step = int(self.freeze_at * total_steps)
+        self.warmup_steps = int(round(warmup * total_steps))
+        window = max(self.freeze_step - self.warmup_steps, 0)
+        n = self.bank.scores.numel()
+        lr = self.gate_lr(optimizer, window, n, target_weight) if gate_lr is None else gate_lr
+        self.group = check_gate_group(optimizer, self.bank.scores, window, lr, target_weight) if window > 0 \
+            else gate_group(optimizer, self.bank.scores)
+        self.loss = PolarizationLoss(target_sparsity, cost=cost, polarization=polarization,
+                                     target_weight=target_weight, polarization_weight=polarization_weight,
+                                     schedule=ramp_schedule(self.warmup_steps, int(round(ramp_ * total_steps))))
+        self.loss.arm(model)
+        self.target_sparsity = float(target_sparsity)
+        self.steps = 0
+        self.budget: dict | None = None
+        self.maps: dict[str, Tensor] | None = None
+        self._gates_move(self._moving(0))
+
+    # ------------------------------------------------------------------ the recipe's rules
+
+    @staticmethod
+    def gate_lr(optimizer_class, window_steps: int, n_gates: int, target_weight: float = 20.0) -> float:
+        """The gate scores' learning rate for ``window_steps`` steps of gate training (warm-up to freeze) and
+        ``n_gates`` gates. SGD: the CLI's rule, ``0.1 * n_gates / target_weight`` (optim.make_optimizer). An
+        Adam-type step moves a score by about its learning rate, so ``4 / window_steps`` lets a score cross from
+        its start (1.0) to the other side and back within the window."""
+        cls = optimizer_class if isinstance(optimizer_class, type) else type(optimizer_class)
+        if issubclass(cls, torch.optim.SGD):
+            return 0.1 * n_gates / max(target_weight, 1e-12)
+        return 4.0 / max(window_steps, 1)
+
+    def _moving(self, step: int) -> bool:
+        return self.warmup_steps <= step < self.freeze_step
+
+    def _gates_move(self, moving: bool) -> None:
+        """The scores get gradients (and so steps) only while they move: outside the window no optimizer, whatever
+        its momentum or decay, changes them."""
+        scores = self.bank.scores
+        scores.requires_grad_(moving)
+        if not moving:
+            scores.grad = None
+
+    @property
+    def frozen(self) -> bool:
+        return self.steps >= self.freeze_step
+
+    @property
+    def switched(self) -> bool:
+        return self.model is not self.gated
+
+    # ------------------------------------------------------------------ the loop's calls
+
+    def penalty(self) -> Tensor:
+        """The penalty term of this step, to add to the task loss after the forward pass; 0 once frozen."""
+        if self.frozen:
+            return torch.zeros((), device=self.bank.scores.device)
+        return self.loss(self.gated, step=self.steps)
+
+    def step(self) -> None:
+        """After ``optimizer.step()`` (and the scheduler's): count the step; at the freeze meet the target and
+        switch to the extracted network."""
+        self.steps += 1
+        self._gates_move(self._moving(self.steps))
+        if self.steps == self.freeze_step and self.budget is None:
+            self._freeze()
+
+    def _freeze(self) -> None:
+        stats = gate_stats(self.gated, cost=self.cost)
+        if stats["polarized"] < POLARIZED_WARNING:
+            warnings.warn(f"the gates freeze at step {self.steps} with {stats['polarized']:.1%} of them polarized: "
+                          f"the target is met on scores that barely trained (the penalty acted for "
+                          f"{max(self.steps - self.warmup_steps, 0)} steps); train longer, freeze later (freeze_at) or "
+                          f"raise the gate learning rate", stacklevel=3)
+        self.budget = meet_target(self.gated, self.target_sparsity, self.cost).to_dict()
+        self.budget["polarized_at_freeze"] = stats["polarized"]
+        if self.switch_enabled:
+            self._switch()
+
+    def _switch(self, carry: bool = True) -> None:
+        small, maps = switch_mod.extracted(self.gated, self.example)
+        small.train(self.gated.training)
+        carry_state(self.optimizer, self.gated, small, maps, carry=carry)
+        self.model, self.maps = small, maps
+
+    def finish(self) -> nn.Module:
+        """The extracted network with the trained weights (also written back into the gated model)."""
+        if self.budget is None:   # the gates trained to the end: meet the target now
+            self.budget = meet_target(self.gated, self.target_sparsity, self.cost).to_dict()
+        if not self.switched:
+            small, _ = switch_mod.extracted(self.gated, self.example)
+            return small
+        switch_mod.write_back(self.model, self.gated, self.maps)
+        return self.model
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        """The recipe's position and the networks' weights (the optimizer and scheduler save their own)."""
+        out = {"steps": self.steps, "loss_step": self.loss.step, "budget": self.budget,
+               "switched": self.switched, "gated": self.gated.state_dict()}
+        if self.switched:
+            out["model"] = self.model.state_dict()
+            out["spec_digest"] = spec_digest(self.model.polarprune_spec)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` into a OnePass built like the saved one; then load the optimizer's and
+        the scheduler's state (their parameters are this object's by then)."""
+        if not isinstance(state, dict) or not {"steps", "gated", "switched"} <= set(state):
+            raise ValueError("state must be a OnePass.state_dict()")
+        if self.switched:
+            raise RuntimeError("load_state_dict needs a OnePass that has not switched yet (a freshly built one)")
+        self.gated.load_state_dict(state["gated"])
+        self.steps, self.loss.step, self.budget = int(state["steps"]), int(state["loss_step"]), state["budget"]
+        self._gates_move(self._moving(self.steps))
+        if state["switched"]:
+            self._switch(carry=False)
+            if spec_digest(self.model.polarprune_spec) != state["spec_digest"]:
+                raise ValueError("the saved extracted network is not the extraction of the saved gated model")
+            self.model.load_state_dict(state["model"])
+
+
+def carry_state(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module, maps: dict[str, Tensor],
+                carry: bool = True) -> None:
+    """Point ``optimizer``'s groups at ``new``'s parameters (matched by name; a parameter ``new`` lacks, the gate
+    scores, leaves its group) and carry its per-parameter state: tensors of the parameter's shape gathered by
+    ``maps``, anything else (step counts) copied. The optimizer object stays the same, so a scheduler built on it
+    keeps working."""
+    names = {id(p): n for n, p in old.named_parameters()}
+    new_params = dict(new.named_parameters())
+    state = defaultdict(dict)
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            name = names.get(id(p))
+            q = new_params.get(name) if name is not None else None
+            if q is None:
+                continue
+            params.append(q)
+            if not carry or p not in optimizer.state:
+                continue
+            for key, value in optimizer.state[p].items():
+                if isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0:
+                    value = switch_mod._gather(value, maps[name]) if name in maps else value.detach().clone()
+                    value = torch.empty_like(q.detach(), dtype=value.dtype).copy_(value)
+                elif isinstance(value, Tensor):
+                    value = value.detach().clone()
+                state[q][key] = value
+        group["params"] = params
+    optimizer.state = state

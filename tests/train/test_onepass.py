@@ -1,0 +1,189 @@
+"""OnePass: the one-pass recipe in a user's own loop, any optimizer of torch.optim.
+
+What is asserted holds by construction on every machine: the budget's exact target (counts), the switch against
+continuing on the gated model after two steps in float64, resume bit for bit on one machine, the refusals.
+"""
+import contextlib
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import polarprune_cuda as pp
+from polarprune_cuda.models import build_model
+from polarprune_cuda.train.onepass import CARRIED, OnePass, check_gate_group, split_parameters
+
+STEPS = 24
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 10, 1, False).to(dtype)
+    x = torch.randn(1, 1, 8, 8, dtype=dtype)
+    pp.attach_gates(model, x, min_channels=2)
+    return model, x
+
+
+def _batches(n, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (16,), generator=g))
+            for _ in range(n)]
+
+
+def _optimizer(kind, model, window):
+    w, s = split_parameters(model)
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    lr = OnePass.gate_lr(cls, window, s[0].numel()) * (max(2.0, 12 / window) if kind == "sgd" else 2.0)
+    if kind == "sgd":
+        return cls([{"params": w}, {"params": s, "lr": lr, "weight_decay": 0.0}], lr=0.05, momentum=0.9,
+                   nesterov=True, weight_decay=5e-4)
+    return cls([{"params": w}, {"params": s, "lr": lr, "weight_decay": 0.0}], lr=1e-3,
+               weight_decay=0.05 if kind == "adamw" else 0.0)
+
+
+def _run(pruner, opt, sched, batches, start=0, stop=None):
+    for x, y in batches[start:stop]:
+        loss = F.cross_entropy(pruner.model(x), y) + pruner.penalty()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        pruner.step()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The freeze warning of these short runs (their scores barely train) is not what they test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("cost", ["macs", "params"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_a_user_loop_meets_the_target_with_any_optimizer(kind, cost):
+    model, x = _model()
+    opt = _optimizer(kind, model, 8)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
+    with pytest.warns(UserWarning, match="polarized"):       # 24 steps: the scores barely trained, said so
+        pruner = OnePass(model, x, 0.5, STEPS, opt, sched, cost=cost, freeze_at=0.5)
+        _run(pruner, opt, sched, _batches(STEPS))
+    small = pruner.finish()
+    assert pruner.switched and small is pruner.model
+    dense, got = pruner.budget["total"], pp.count(small, x)[cost]
+    assert abs(1 - got / dense - 0.5) <= 0.005, (got, dense)
+    assert abs(pruner.budget["achieved_sparsity"] - 0.5) <= 0.005
+    # the optimizer now holds the extracted network's parameters, its state of their shapes
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in small.parameters()}
+    assert all(v.shape == p.shape for p in held for v in opt.state[p].values() if v.dim() > 0)
+    # the gated model got the trained weights back: it computes what the extracted network does
+    model.eval(), small.eval()
+    xb = _batches(1)[0][0]
+    torch.testing.assert_close(model(xb), small(xb), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_switch_equals_continuing_on_the_gated_model(kind):
+    """float64: two steps before the freeze and two after, with the switch and without; the extracted network's
+    outputs, weights and every optimizer state tensor equal the gated run's kept elements."""
+    batches = _batches(6, torch.float64)
+    runs = {}
+    for switch in (True, False):
+        model, x = _model(torch.float64)
+        opt = _optimizer(kind, model, 4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 6)
+        with _quiet():
+            pruner = OnePass(model, x, 0.5, 6, opt, sched, freeze_at=0.7, warmup=0.0, ramp=0.0, switch=switch)
+            _run(pruner, opt, sched, batches)
+        runs[switch] = (pruner, opt)
+    (a, opt_a), (b, opt_b) = runs[True], runs[False]
+    assert a.switched and not b.switched and a.budget == b.budget
+    xb = batches[0][0]
+    a.model.eval(), b.model.eval()
+    torch.testing.assert_close(a.model(xb), b.model(xb), rtol=1e-10, atol=1e-12)
+    names_b = dict(b.model.named_parameters())
+    from polarprune_cuda.train.switch import _gather
+    compared = 0
+    for name, p in a.model.named_parameters():
+        q = names_b[name]
+        want = _gather(q, a.maps[name]) if name in a.maps else q
+        torch.testing.assert_close(p, want.view(p.shape), rtol=1e-10, atol=1e-12)
+        for key, v in opt_a.state[p].items():
+            w = opt_b.state[q][key]
+            if v.dim() > 0:
+                w = _gather(w, a.maps[name]) if name in a.maps else w
+                compared += 1
+            torch.testing.assert_close(v, w.view(v.shape), rtol=1e-10, atol=1e-12)
+    assert compared >= len(list(a.model.parameters()))
+
+
+def test_resume_across_the_switch_is_bit_identical():
+    batches = _batches(STEPS)
+
+    def build():
+        model, x = _model()
+        opt = _optimizer("adamw", model, 8)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
+        return OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5), opt, sched
+
+    with _quiet():
+        whole, opt_w, sched_w = build()
+        _run(whole, opt_w, sched_w, batches)
+        part, opt_p, sched_p = build()
+        _run(part, opt_p, sched_p, batches, stop=16)              # past the freeze (step 12): switched
+        saved = copy.deepcopy({"pruner": part.state_dict(), "optimizer": opt_p.state_dict(),
+                               "scheduler": sched_p.state_dict()})
+        again, opt_r, sched_r = build()
+        again.load_state_dict(saved["pruner"])
+        opt_r.load_state_dict(saved["optimizer"])
+        sched_r.load_state_dict(saved["scheduler"])
+        _run(again, opt_r, sched_r, batches, start=16)
+    assert part.switched and again.switched and again.steps == whole.steps == STEPS
+    for (n1, t1), (n2, t2) in zip(whole.model.state_dict().items(), again.model.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2), n1
+
+
+def test_the_gate_group_is_never_wrong_silently():
+    model, x = _model()
+    # AdamW over model.parameters(): the scores share the weights' group (the gates would barely move)
+    with pytest.raises(ValueError, match="share parameter group 0 with .* other parameters.*split_parameters"):
+        OnePass(model, x, 0.5, 100, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    w, s = split_parameters(model)
+    with pytest.raises(ValueError, match="weight_decay=0.01.*set it to 0.0"):
+        OnePass(model, x, 0.5, 100, torch.optim.AdamW([{"params": w}, {"params": s}], lr=1e-3))
+    with pytest.raises(ValueError, match="cannot move a score by 1 in the 22 steps"):
+        OnePass(model, x, 0.5, 100, torch.optim.Adam([{"params": w}, {"params": s, "lr": 1e-3}], lr=1e-3))
+    opt = torch.optim.Adam(w, lr=1e-3)                           # no group for the scores: added, said so
+    with pytest.warns(UserWarning, match="no parameter group for the .* gate scores.*added one"):
+        OnePass(model, x, 0.5, 100, opt)
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["params"][0] is s[0]
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    assert opt.param_groups[1]["lr"] == pytest.approx(OnePass.gate_lr(torch.optim.Adam, 22, s[0].numel()))
+    with pytest.raises(ValueError, match="LBFGS: its state cannot be carried"):
+        OnePass(model, x, 0.5, 100, torch.optim.LBFGS(model.parameters()))
+    with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
+        OnePass(model, x, 0.5, 0, torch.optim.SGD(w, lr=0.1))
+    assert "AdamW" in CARRIED and "SGD" in CARRIED
+    assert check_gate_group(opt, s[0], 22, 0.5) == 1
+
+
+def test_the_scores_move_only_between_warmup_and_freeze():
+    model, x = _model()
+    opt = _optimizer("adam", model, 8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    with _quiet():
+        pruner = OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5, warmup=0.25, switch=False)
+    scores = pp.find_bank(model).scores
+    seen = [scores.detach().clone()]
+    batches = _batches(STEPS)
+    for i in range(STEPS):
+        with _quiet():
+            _run(pruner, opt, sched, batches, start=i, stop=i + 1)
+        seen.append(scores.detach().clone())
+    moved = [not torch.equal(a, b) for a, b in zip(seen, seen[1:])]
+    # steps 0-5: warm-up, still; 6-10 move; step 11 moves and ends at the freeze, where the budget sets them;
+    # then still
+    assert moved[:6] == [False] * 6 and all(moved[6:12]) and moved[12:] == [False] * (STEPS - 12)
