@@ -41,12 +41,14 @@ def run(data, c: float, seed: int, epochs: int, batch: int = 64, target: float =
     steps = epochs * data_mod.num_batches(len(data.train_y), batch)
     window = int(FREEZE * steps) - int(round(WARMUP * steps))   # as OnePass counts it
     weights, scores = pp.split_parameters(model)
-    opt = torch.optim.AdamW([{"params": weights}, {"params": scores, "lr": c / window, "weight_decay": 0.0}],
-                            lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    opt = torch.optim.AdamW([{"params": weights}, {"params": scores, "lr": max(c, 1.0) / window,
+                                                   "weight_decay": 0.0}], lr=1e-3, weight_decay=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruner = pp.OnePass(model, example, target, steps, opt, sched, cost="macs")
+        pruner = pp.OnePass(model, example, target, steps, opt, cost="macs")
+        # c < 1 is what OnePass refuses (a score cannot cross 0 in the window): set after its check, to measure it
+        opt.param_groups[1]["lr"] = c / window
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         t0 = time.perf_counter()
         for epoch in range(epochs):
             for x, y in data_mod.batches(data.train_x, data.train_y, batch, seed=seed, epoch=epoch, pad=data.pad,

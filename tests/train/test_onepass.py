@@ -67,7 +67,7 @@ def test_a_user_loop_meets_the_target_with_any_optimizer(kind, cost):
     model, x = _model()
     opt = _optimizer(kind, model, 8)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
-    with pytest.warns(UserWarning, match="polarized"):       # 24 steps: the scores barely trained, said so
+    with _quiet():
         pruner = OnePass(model, x, 0.5, STEPS, opt, sched, cost=cost, freeze_at=0.5)
         _run(pruner, opt, sched, _batches(STEPS))
     small = pruner.finish()
@@ -187,3 +187,15 @@ def test_the_scores_move_only_between_warmup_and_freeze():
     # steps 0-5: warm-up, still; 6-10 move; step 11 moves and ends at the freeze, where the budget sets them;
     # then still
     assert moved[:6] == [False] * 6 and all(moved[6:12]) and moved[12:] == [False] * (STEPS - 12)
+
+
+def test_freezing_on_untrained_scores_is_said_out_loud():
+    """A gate rate that barely moves the scores: at the freeze (none polarized) OnePass warns, naming the fixes."""
+    model, x = _model()
+    w, s = split_parameters(model)
+    opt = torch.optim.Adam([{"params": w}, {"params": s, "lr": 1.5 / 10, "weight_decay": 0.0}], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    pruner = OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5, warmup=1 / 12)
+    with pytest.warns(UserWarning, match=r"freeze at step 12 with 0.0% of them polarized.*freeze later"):
+        _run(pruner, opt, sched, _batches(STEPS))
+    assert pruner.budget["polarized_at_freeze"] == 0.0 and abs(pruner.budget["achieved_sparsity"] - 0.5) <= 0.005
