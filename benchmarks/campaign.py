@@ -1,6 +1,7 @@
 """The GPU campaign's summary: what benchmarks/gpu_first.sh brought back, against the goals.
 
     python3 benchmarks/campaign.py OUT        # writes OUT/summary.md and prints it
+    python3 benchmarks/campaign.py --merge OUT/bench.json PART.json ...   # the suites' JSON files into one
 
 Everything measured comes from the project's own harnesses: the GPU tests (``pytest -m gpu``, junit XML in
 tests.xml, the summary line in tests.txt), the pytest-benchmark suites (bench.json), compute-sanitizer over a
@@ -272,10 +273,32 @@ def summary(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> str:
+def merge(dest: Path, parts: list[Path]) -> dict:
+    """pytest-benchmark JSON files (one per suite run) into one: every benchmark of every readable part, the
+    first part's machine and commit info. Unreadable parts (a run cut before it wrote) are skipped."""
+    out: dict = {"benchmarks": []}
+    for part in parts:
+        try:
+            data = json.loads(Path(part).read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("machine_info", "commit_info", "datetime", "version"):
+            out.setdefault(key, data.get(key))
+        out["benchmarks"] += data.get("benchmarks", [])
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(dest)
+    return out
+
+
+def main(argv=None) -> str | dict:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "--merge":
+        if len(args) < 2:
+            raise SystemExit("usage: python benchmarks/campaign.py --merge DEST.json PART.json ...")
+        return merge(Path(args[1]), [Path(a) for a in args[2:]])
     if len(args) != 1:
-        raise SystemExit("usage: python benchmarks/campaign.py OUT")
+        raise SystemExit("usage: python benchmarks/campaign.py OUT | --merge DEST.json PART.json ...")
     out = Path(args[0])
     text = summary(out)
     (out / "summary.md").write_text(text)

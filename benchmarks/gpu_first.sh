@@ -37,6 +37,8 @@ BENCH_NODES="benchmarks/micro/bench_training.py::test_training_side_by_side[resn
 benchmarks/micro/bench_gate_bank.py::test_bank_direction
 benchmarks/micro/bench_kernels.py"
 BENCH_K="not compile or (channel_gate and backward)"
+BENCH_LIMITS="60 35 50"  # seconds for each of BENCH_NODES, in order (their sum within the bench step's limit)
+BENCH_OPTS=${BENCH_OPTS:-"--rounds 30 --energy-seconds 0"}   # the suites' own options (a test runs them --tiny)
 
 out=${1:?usage: benchmarks/gpu_first.sh OUT [WHEELS]}
 wheels=${2:-.whl}
@@ -191,10 +193,25 @@ else
     # shellcheck disable=SC2046
     step tests "$out/tests.txt" "$py" -m pytest -m gpu -p no:cacheprovider -rfEs $(workers_opt 8) $(timeout_opt 100) \
         --junitxml "$out/tests.xml" tests/ops
-    # ---- bench: the suites the goals read (training step first: the goal that costs most to reach)
-    # shellcheck disable=SC2046,SC2086
-    step bench "$out/bench.txt" "$py" -m pytest -c benchmarks/micro/pytest.ini -p no:cacheprovider -rfE \
-        $(timeout_opt 120) --rounds 30 --energy-seconds 0 --benchmark-json "$out/bench.json" -k "$BENCH_K" $BENCH_NODES
+    # ---- bench: the suites the goals read (training step first: the goal that costs most to reach), one pytest
+    # run per suite under its own limit, each merged into bench.json as it ends (pytest-benchmark writes its JSON
+    # only at the end of a run: a suite cut by its limit loses its own rows, not the others')
+    bench() {
+        local i=0 rc=0 node limits
+        read -r -a limits <<<"$BENCH_LIMITS"
+        for node in $BENCH_NODES; do
+            # shellcheck disable=SC2046,SC2086
+            timeout -k 3 "${limits[$i]}" "$py" -m pytest -c benchmarks/micro/pytest.ini -p no:cacheprovider -rfE \
+                $(timeout_opt "${limits[$i]}") $BENCH_OPTS --benchmark-json "/tmp/polarprune-bench-$i.json" -k "$BENCH_K" "$node" || rc=1
+            "$py" benchmarks/campaign.py --merge "$out/bench.json" /tmp/polarprune-bench-*.json || rc=1
+            i=$((i + 1))
+        done
+        return $rc
+    }
+    export -f bench timeout_opt has
+    export BENCH_NODES BENCH_LIMITS BENCH_K BENCH_OPTS out
+    rm -f /tmp/polarprune-bench-*.json
+    step bench "$out/bench.txt" bash -c bench
     # ---- sanitizer: memcheck with the caching allocator off (an overrun of a 2 MB cached block is otherwise
     # inside memory the allocator owns, and invisible)
     if command -v compute-sanitizer >/dev/null; then

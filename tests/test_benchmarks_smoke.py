@@ -195,16 +195,30 @@ def test_gpu_first_fixes_of_the_dry_run():
     assert "--benchmark-json" in script and "gpu_checks" not in script
 
 
-def test_the_campaign_selection_collects_what_the_goals_read(tmp_path):
-    """The bench step's exact selection, run tiny on this machine: it yields the rows campaign.py reads (the
-    interleaved ResNet-50 step, the bank per direction, channel_gate backward beside a copy of its bytes and
-    torch.compile), torch.compile for that goal only, and the summary reads them."""
+def _bench_function(script: str) -> str:
+    """The script's bench() function, as its text."""
+    return re.search(r"^    bench\(\) \{\n.*?^    \}\n", script, re.M | re.S).group(0)
+
+
+def test_the_campaign_bench_step_collects_what_the_goals_read(tmp_path):
+    """The bench step's own function (one pytest run per suite, each merged into bench.json as it ends), run tiny
+    on this machine: it yields the rows campaign.py reads (the interleaved ResNet-50 step, the bank per
+    direction, channel_gate backward beside a copy of its bytes and torch.compile), torch.compile for that goal
+    only, and the summary reads them."""
     script = _script()
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-c", "benchmarks/micro/pytest.ini", "-p", "no:cacheprovider",
-         "--tiny", "--rounds", "1", "--energy-seconds", "0", "--benchmark-json", str(tmp_path / "bench.json"),
-         "-k", _var(script, "BENCH_K"), *_var(script, "BENCH_NODES").split()],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    limits = _var(script, "BENCH_LIMITS").split()
+    assert len(limits) == len(_var(script, "BENCH_NODES").split()) == 3
+    assert sum(map(int, limits)) <= _step_limits(script)["bench"]
+    program = ("set -uo pipefail\nhas() { \"$py\" -c \"import importlib.util, sys; "
+               "sys.exit(importlib.util.find_spec('$1') is None)\"; }\n"
+               "timeout_opt() { has pytest_timeout && echo \"--timeout=$1\"; }\n"
+               + _bench_function(script).replace("    ", "", 1) + "bench\n")
+    env = os.environ | {"py": sys.executable, "out": str(tmp_path), "BENCH_K": _var(script, "BENCH_K"),
+                        "BENCH_NODES": _var(script, "BENCH_NODES"), "BENCH_LIMITS": "300 300 300",
+                        "BENCH_OPTS": "--tiny --rounds 1 --energy-seconds 0"}
+    for old in Path("/tmp").glob("polarprune-bench-*.json"):
+        old.unlink()
+    out = subprocess.run(["bash", "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = campaign.bench_rows(tmp_path / "bench.json")
     kinds = {r["kind"] for r in rows}
@@ -216,10 +230,18 @@ def test_the_campaign_selection_collects_what_the_goals_read(tmp_path):
     assert all(r["floor_bytes"] > 0 and r["wall_us"] > 0 for r in rows if r["kind"] == "kernel")
     assert {(r["backend"], r["direction"]) for r in rows if r["kind"] == "bank"} == {("torch", "forward"),
                                                                                   ("torch", "backward")}
-    (tmp_path / "bench.txt").write_text(out.stdout)
     text = campaign.main([str(tmp_path)])
     assert "ResNet-50 training step (float32, batch 2" in text and "gate bank + MACs penalty (torch)" in text
     assert "channel_gate backward (ResNet-50 activations, bf16): **not measured** (no CUDA or Triton row)" in text
+
+
+def test_campaign_merge_keeps_every_readable_part(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"machine_info": {"m": 1}, "benchmarks": [{"name": "x"}]}))
+    b.write_text(json.dumps({"machine_info": {"m": 2}, "benchmarks": [{"name": "y"}, {"name": "z"}]}))
+    merged = campaign.main(["--merge", str(tmp_path / "bench.json"), str(a), str(tmp_path / "cut.json"), str(b)])
+    assert [x["name"] for x in merged["benchmarks"]] == ["x", "y", "z"] and merged["machine_info"] == {"m": 1}
+    assert json.loads((tmp_path / "bench.json").read_text()) == merged
 
 
 def _bench(rows):
