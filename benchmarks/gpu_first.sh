@@ -179,6 +179,12 @@ if grep -q FALLBACK-BUILD "$out/build.log" 2>/dev/null; then export PYTHONPATH="
 
 # pytest options that need a plugin: only where the plugin is there (an unknown option stops pytest)
 timeout_opt() { has pytest_timeout && echo "--timeout=$1"; }
+# a session limit ends the run after the test in progress, and pytest still writes its summary line and junit XML
+# (a step killed by its own `timeout` writes neither); pytest-timeout >= 2.3
+session_opt() {
+    "$py" -c "import inspect, pytest_timeout, sys; sys.exit('session_timeout' not in inspect.getsource(pytest_timeout))" \
+        2>/dev/null && echo "--session-timeout=$1"
+}
 workers_opt() { has xdist && echo "-n $1"; }
 
 if [ "$dry" = 1 ]; then
@@ -187,12 +193,12 @@ if [ "$dry" = 1 ]; then
     # ---- tests: tests/ops on the CPU (the Triton kernels under the interpreter)
     # shellcheck disable=SC2046
     step tests "$out/tests.txt" "$py" -m pytest -p no:cacheprovider -rfEs $(workers_opt 2) $(timeout_opt 600) \
-        --junitxml "$out/tests.xml" tests/ops
+        $(session_opt $(($(lim tests) - 30))) --junitxml "$out/tests.xml" tests/ops
 else
     # ---- tests: the GPU tests, in parallel (cold Triton compiles and big tensors), each under a timeout
     # shellcheck disable=SC2046
     step tests "$out/tests.txt" "$py" -m pytest -m gpu -p no:cacheprovider -rfEs $(workers_opt 8) $(timeout_opt 100) \
-        --junitxml "$out/tests.xml" tests/ops
+        $(session_opt $(($(lim tests) - 20))) --junitxml "$out/tests.xml" tests/ops
     # ---- bench: the suites the goals read (training step first: the goal that costs most to reach), one pytest
     # run per suite under its own limit, each merged into bench.json as it ends (pytest-benchmark writes its JSON
     # only at the end of a run: a suite cut by its limit loses its own rows, not the others')
@@ -202,13 +208,13 @@ else
         for node in $BENCH_NODES; do
             # shellcheck disable=SC2046,SC2086
             timeout -k 3 "${limits[$i]}" "$py" -m pytest -c benchmarks/micro/pytest.ini -p no:cacheprovider -rfE \
-                $(timeout_opt "${limits[$i]}") $BENCH_OPTS --benchmark-json "/tmp/polarprune-bench-$i.json" -k "$BENCH_K" "$node" || rc=1
+                $(timeout_opt "${limits[$i]}") $(session_opt $((limits[i] - 12))) $BENCH_OPTS --benchmark-json "/tmp/polarprune-bench-$i.json" -k "$BENCH_K" "$node" || rc=1
             "$py" benchmarks/campaign.py --merge "$out/bench.json" /tmp/polarprune-bench-*.json || rc=1
             i=$((i + 1))
         done
         return $rc
     }
-    export -f bench timeout_opt has
+    export -f bench timeout_opt session_opt has
     export BENCH_NODES BENCH_LIMITS BENCH_K BENCH_OPTS out
     rm -f /tmp/polarprune-bench-*.json
     step bench "$out/bench.txt" bash -c bench
@@ -217,8 +223,8 @@ else
     if command -v compute-sanitizer >/dev/null; then
         # shellcheck disable=SC2046
         step sanitizer "$out/sanitizer.txt" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-            --error-exitcode 99 "$py" -m pytest -p no:cacheprovider -rfE $(timeout_opt 60) tests/ops/test_gpu.py \
-            -k "$SANITIZER_K"
+            --error-exitcode 99 "$py" -m pytest -p no:cacheprovider -rfE $(timeout_opt 60) \
+            $(session_opt $(($(lim sanitizer) - 12))) tests/ops/test_gpu.py -k "$SANITIZER_K"
     else
         echo "compute-sanitizer not found on PATH" >"$out/sanitizer.txt"
         note "STEP sanitizer status=missing seconds=0 limit=0"

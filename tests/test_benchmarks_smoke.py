@@ -193,6 +193,8 @@ def test_gpu_first_fixes_of_the_dry_run():
     assert [n.split("/")[-1].split(".py")[0] for n in nodes] == ["bench_training", "bench_gate_bank", "bench_kernels"]
     assert _var(script, "BENCH_K") == "not compile or (channel_gate and backward)"
     assert "--benchmark-json" in script and "gpu_checks" not in script
+    # every pytest step ends itself before its limit (summary line and junit XML written): --session-timeout
+    assert script.count("$(session_opt") == 4
 
 
 def _bench_function(script: str) -> str:
@@ -209,10 +211,9 @@ def test_the_campaign_bench_step_collects_what_the_goals_read(tmp_path):
     limits = _var(script, "BENCH_LIMITS").split()
     assert len(limits) == len(_var(script, "BENCH_NODES").split()) == 3
     assert sum(map(int, limits)) <= _step_limits(script)["bench"]
-    program = ("set -uo pipefail\nhas() { \"$py\" -c \"import importlib.util, sys; "
-               "sys.exit(importlib.util.find_spec('$1') is None)\"; }\n"
-               "timeout_opt() { has pytest_timeout && echo \"--timeout=$1\"; }\n"
-               + _bench_function(script).replace("    ", "", 1) + "bench\n")
+    helpers = [re.search(rf"^{name}\(\) \{{.*?\}}$", script, re.M | re.S).group(0)
+               for name in ("has", "timeout_opt", "session_opt")]
+    program = "set -uo pipefail\n" + "\n".join(helpers) + "\n" + _bench_function(script) + "bench\n"
     env = os.environ | {"py": sys.executable, "out": str(tmp_path), "BENCH_K": _var(script, "BENCH_K"),
                         "BENCH_NODES": _var(script, "BENCH_NODES"), "BENCH_LIMITS": "300 300 300",
                         "BENCH_OPTS": "--tiny --rounds 1 --energy-seconds 0"}
