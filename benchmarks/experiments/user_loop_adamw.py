@@ -89,20 +89,21 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--gate-c", type=float, default=64.0)
     p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--arms", nargs="+", default=["dense", "one-pass"], choices=["dense", "one-pass"])
     p.add_argument("--stem", default="fashion-12k")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     data = data_mod.load_dataset(args.dataset, args.data_dir, max_train=args.max_train)
     rows = []
     for seed in args.seeds:
-        for one_pass in (False, True):
+        for one_pass in [name == "one-pass" for name in args.arms]:
             rows.append(arm(data, one_pass, seed, args.epochs, args.batch, args.gate_c, args.target))
             r = rows[-1]
             print(f"{r['arm']} seed {seed}: accuracy {r['accuracy']:.4f}, MACs removed {r['macs_removed']:.4f}, "
                   f"steps {r['train_seconds']:.0f} s, arm {r['arm_seconds']:.0f} s", flush=True)
     lines = ["| arm | accuracy (mean ± sd) | per seed | MACs removed | params removed | training steps' time | "
              "arm time | polarized at freeze |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    for name in ("dense", "one-pass"):
+    for name in args.arms:
         rs = [r for r in rows if r["arm"] == name]
         acc = [100 * r["accuracy"] for r in rs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
