@@ -64,10 +64,9 @@ def main(argv=None):
                 break
     small = pruner.finish().eval()
 
-    with torch.no_grad():
-        correct = sum(int((small(x).argmax(1) == y).sum()) for x, y in test)
+    accuracy = pp.evaluate(small, test)                      # top-1 over the DataLoader
     dense, pruned = pp.count(model, example), pp.count(small, example)
-    print(f"accuracy {correct / len(test.dataset):.3f}; MACs {pruned['macs'] / 1e6:.1f}M of {dense['macs'] / 1e6:.1f}M "
+    print(f"accuracy {accuracy:.3f}; MACs {pruned['macs'] / 1e6:.1f}M of {dense['macs'] / 1e6:.1f}M "
           f"({1 - pruned['macs'] / dense['macs']:.1%} removed, target {args.target:.0%}); params "
           f"{pruned['params'] / 1e6:.2f}M of {dense['params'] / 1e6:.2f}M; trained {steps} steps, the last "
           f"{steps - pruner.freeze_step} on the extracted network")

@@ -28,6 +28,7 @@ from .surgery import (
     save_pruned,
 )
 
+from .train.loop import evaluate
 from .train.onepass import OnePass, split_parameters
 
 from ._version import __version__
@@ -71,6 +72,7 @@ __all__ = [
     "bind_gates",
     "find_bank",
     "errors",
+    "evaluate",
     "functional",
     "gate_modules",
     "gate_stats",

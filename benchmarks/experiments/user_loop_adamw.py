@@ -31,7 +31,8 @@ from polarprune_cuda.train.loop import evaluate  # noqa: E402
 from polarprune_cuda.train.onepass import FREEZE, WARMUP  # noqa: E402
 
 
-def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float, target: float) -> dict:
+def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float, target: float,
+        freeze_at: float = FREEZE) -> dict:
     t_arm = time.perf_counter()
     torch.manual_seed(seed)
     model = build_model("resnet20", data.num_classes, data.train_x.shape[1], False)
@@ -41,14 +42,14 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
     if one_pass:
         pp.attach_gates(model, example, min_channels=4)
         weights, scores = pp.split_parameters(model)
-        window = int(FREEZE * steps) - int(round(WARMUP * steps))
+        window = int(freeze_at * steps) - int(round(WARMUP * steps))
         groups = [{"params": weights}, {"params": scores, "lr": gate_c / window, "weight_decay": 0.0}]
     else:
         groups = [{"params": list(model.parameters())}]
     opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     if one_pass:
-        pruner = pp.OnePass(model, example, target, steps, opt, sched, cost="macs")
+        pruner = pp.OnePass(model, example, target, steps, opt, sched, cost="macs", freeze_at=freeze_at)
     net = (lambda: pruner.model) if one_pass else (lambda: model)  # noqa: E731
     train_s = 0.0
     with warnings.catch_warnings(record=True) as caught:
@@ -89,6 +90,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--gate-c", type=float, default=64.0)
     p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--freeze-at", type=float, default=FREEZE, help="fraction of the run where the gates freeze")
     p.add_argument("--arms", nargs="+", default=["dense", "one-pass"], choices=["dense", "one-pass"])
     p.add_argument("--stem", default="fashion-12k")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -97,7 +99,7 @@ def main(argv=None):
     rows = []
     for seed in args.seeds:
         for one_pass in [name == "one-pass" for name in args.arms]:
-            rows.append(arm(data, one_pass, seed, args.epochs, args.batch, args.gate_c, args.target))
+            rows.append(arm(data, one_pass, seed, args.epochs, args.batch, args.gate_c, args.target, args.freeze_at))
             r = rows[-1]
             print(f"{r['arm']} seed {seed}: accuracy {r['accuracy']:.4f}, MACs removed {r['macs_removed']:.4f}, "
                   f"steps {r['train_seconds']:.0f} s, arm {r['arm_seconds']:.0f} s", flush=True)
@@ -118,7 +120,7 @@ def main(argv=None):
     text = (f"# Dense against the one pass, both with AdamW in a user loop: resnet20 on {args.dataset}"
             f" ({args.max_train} training images)\n\nCommand: `{cmd}`  \n"
             f"{args.epochs} epochs, batch {args.batch}, AdamW lr 1e-3, weight decay 0.05, cosine; one pass at "
-            f"{args.target:.0%} of MACs, gate lr {args.gate_c:g} / window; seeds {args.seeds}; accuracy on the full "
+            f"{args.target:.0%} of MACs, gate lr {args.gate_c:g} / window, freeze at {args.freeze_at:g}; seeds {args.seeds}; accuracy on the full "
             f"test set. CPU, 2 threads, the arms one after the other.\n\n" + "\n".join(lines) + "\n")
     _record.write(args.out, f"user-loop-adamw-{args.stem}", {"command": cmd, "rows": rows}, text)
     return rows

@@ -39,34 +39,42 @@ from .optim import lr_lambdas, make_optimizer, penalty_schedule
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+def evaluate(model: nn.Module, x, y: torch.Tensor | None = None, batch_size: int = 256,
              device="cpu", dist_info: dist_mod.DistInfo = dist_mod.SINGLE, amp: str | None = None,
              channels_last: bool = False) -> float:
-    """Top-1 accuracy (eval mode; training mode restored).
+    """Top-1 accuracy (eval mode; training mode restored) of ``model`` on tensors ``x``, ``y``, or on ``x`` alone
+    as an iterable of ``(inputs, labels)`` batches (a ``DataLoader``).
 
-    Under torchrun every rank scores its share of the test set and the counts
-    are summed over the ranks, so every rank returns the accuracy on all of it.
+    Under torchrun every rank scores its share of the test set (tensors: its slice; a loader: whatever its
+    sampler gives the rank) and the counts are summed over the ranks, so every rank returns the accuracy on all
+    of it.
     """
+    if y is None and isinstance(x, torch.Tensor):
+        raise TypeError("evaluate takes tensors x and y, or an iterable of (inputs, labels) batches as x alone "
+                        "(a DataLoader); got a tensor x without y")
     was = model.training
     model.eval()
-    correct = 0
-    if dist_info.enabled:
+    correct = total = 0
+    if y is None:
+        loader = x
+    elif dist_info.enabled:
         part = torch.tensor_split(torch.arange(len(y)), dist_info.world_size)[dist_info.rank]
-        x, y_part = x[part], y[part]
+        loader = data_mod.batches(x[part], y[part], batch_size)
     else:
-        y_part = y
+        loader = data_mod.batches(x, y, batch_size)
     try:
-        for xb, yb in data_mod.batches(x, y_part, batch_size):
+        for xb, yb in loader:
             xb = xb.to(device)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(device, amp):
                 out = model(xb)
-            correct += int((out.argmax(1).cpu() == yb).sum())
+            correct += int((out.argmax(1).cpu() == yb.cpu()).sum())
+            total += len(yb)
     finally:
         model.train(was)
-    (correct,) = dist_mod.all_sum(dist_info, [correct], device)
-    return correct / max(len(y), 1)
+    correct, total = dist_mod.all_sum(dist_info, [correct, total], device)
+    return correct / max(total, 1)
 
 
 #: the autocast dtype of each --amp mode

@@ -26,6 +26,12 @@ What it does, step by step (the CLI's recipe, :mod:`~polarprune_cuda.train.loop`
 
 :meth:`state_dict` / :meth:`load_state_dict` resume it, also across the switch (load it before the
 optimizer's and scheduler's own state).
+
+Gradient accumulation: call :meth:`penalty` with every micro-batch's loss and :meth:`step` once per optimizer
+step (``total_steps`` counts optimizer steps). Mixed precision: the forward under ``torch.autocast``, a
+``GradScaler`` around the backward and ``optimizer.step()`` as usual. ``torch.compile``: compile
+``pruner.model`` and compile again after the switch (:attr:`switched`), which hands a new network. Not yet:
+DistributedDataParallel (the wrapper must be rebuilt around the extracted network at the switch).
 """
 from __future__ import annotations
 

@@ -199,3 +199,48 @@ def test_freezing_on_untrained_scores_is_said_out_loud():
     with pytest.warns(UserWarning, match=r"freeze at step 12 with 0.0% of them polarized.*freeze later"):
         _run(pruner, opt, sched, _batches(STEPS))
     assert pruner.budget["polarized_at_freeze"] == 0.0 and abs(pruner.budget["achieved_sparsity"] - 0.5) <= 0.005
+
+
+def test_evaluate_takes_a_dataloader_or_tensors():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, _ = _model()
+    x = torch.randn(70, 1, 8, 8)
+    y = torch.randint(0, 10, (70,))
+    model.train()
+    by_tensors = pp.evaluate(model, x, y, batch_size=32)
+    by_loader = pp.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=32))   # the same batches
+    assert by_loader == by_tensors and model.training
+    with torch.no_grad():
+        model.eval()
+        want = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(32), y.split(32))) / 70
+    assert by_loader == want
+    with pytest.raises(TypeError, match="tensors x and y, or an iterable"):
+        pp.evaluate(model, x)
+
+
+def test_gradient_accumulation_and_bf16_autocast():
+    """Two micro-batches per optimizer step (one pruner.step per optimizer step), the forward under bf16 autocast
+    with a GradScaler (disabled on the CPU, as a CPU user writes it): the target and the switch as without."""
+    model, x = _model()
+    opt = _optimizer("adamw", model, 8)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batches = _batches(2 * STEPS)
+    with _quiet():
+        pruner = OnePass(model, x, 0.5, STEPS, opt, sched, cost="macs", freeze_at=0.5)
+        for i in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            for xb, yb in batches[2 * i: 2 * i + 2]:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = pruner.model(xb)
+                loss = (F.cross_entropy(logits.float(), yb) + pruner.penalty()) / 2
+                scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            pruner.step()
+    small = pruner.finish()
+    assert pruner.switched and pruner.steps == STEPS and pruner.loss.step == 0   # explicit steps, no counter
+    assert abs(1 - pp.count(small, x)["macs"] / pruner.budget["total"] - 0.5) <= 0.005
+    assert all(torch.isfinite(p).all() for p in small.parameters())
