@@ -29,7 +29,8 @@ from .surgery import (
 )
 
 from .train.loop import evaluate
-from .train.onepass import OnePass, split_parameters
+from .train.onepass import OnePass
+from .train.optim import split_parameters
 
 from ._version import __version__
 

@@ -35,6 +35,7 @@ from ..surgery.costs import count
 from ..surgery.spec import spec_digest
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, Expected
 from .config import AMP_MODES, PruneConfig
+from .onepass import POLARIZED_WARNING
 from .optim import lr_lambdas, make_optimizer, penalty_schedule
 
 
@@ -585,8 +586,6 @@ def _checkpoint_state(run: _Fit, cfg: PruneConfig, label: str, epoch: int, info:
 def _meet_target(model: nn.Module, cfg: PruneConfig) -> dict:
     """The exact budget when the gates freeze (budget.py): the hard gates become the set that meets the target.
     Few polarized gates at that moment (the scores barely trained) is said out loud."""
-    from .onepass import POLARIZED_WARNING
-
     polarized = gate_stats(model, cost=cfg.cost)["polarized"]
     if polarized < POLARIZED_WARNING:
         warnings.warn(f"the gates freeze with {polarized:.1%} of them polarized: the target is met on scores that "

@@ -88,7 +88,7 @@ def check_gate_group(optimizer: torch.optim.Optimizer, scores: Tensor, steps: in
     """The index of the gate scores' group, checked; the group is added (lr ``lr``, no weight decay, with a
     warning) when no group holds them. Refused (ValueError, with the fix): the scores in a group with other
     parameters, a group with weight decay, a learning rate that cannot move a score by 1 in ``steps`` steps."""
-    fix = ("give the gate scores a group of their own, e.g. weights, scores = polarprune_cuda.train."
+    fix = ("give the gate scores a group of their own, e.g. weights, scores = polarprune_cuda."
            "split_parameters(model); torch.optim.AdamW([{'params': weights}, {'params': scores, 'lr': "
            "OnePass.gate_lr(optimizer_class, steps, scores[0].numel()), 'weight_decay': 0.0}], ...)")
     i = gate_group(optimizer, scores)
@@ -113,14 +113,6 @@ def check_gate_group(optimizer: torch.optim.Optimizer, scores: Tensor, steps: in
                          f"{group['lr'] / max(reach, 1e-300):.3g}, or train the gates longer (OnePass.gate_lr gives "
                          f"the recipe's rate: {OnePass.gate_lr(type(optimizer), steps, scores.numel(), target_weight):.3g})")
     return i
-
-
-def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-    """(the weights, [the gate scores]) of a gated model: the two parameter groups an optimizer needs."""
-    bank = find_bank(model)
-    scores = [bank.scores] if bank is not None else []
-    ids = {id(p) for p in scores}
-    return [p for p in model.parameters() if p.requires_grad and id(p) not in ids], scores
 
 
 class OnePass:
@@ -176,8 +168,8 @@ class OnePass:
         window = max(self.freeze_step - self.warmup_steps, 0)
         n = self.bank.scores.numel()
         lr = self.gate_lr(optimizer, window, n, target_weight) if gate_lr is None else gate_lr
-        self.group = check_gate_group(optimizer, self.bank.scores, window, lr, target_weight) if window > 0 \
-            else gate_group(optimizer, self.bank.scores)
+        if window > 0:   # the gates train: their group must let them
+            check_gate_group(optimizer, self.bank.scores, window, lr, target_weight)
         self.loss = PolarizationLoss(target_sparsity, cost=cost, polarization=polarization,
                                      target_weight=target_weight, polarization_weight=polarization_weight,
                                      schedule=ramp_schedule(self.warmup_steps, int(round(ramp_ * total_steps))))
@@ -314,8 +306,8 @@ def carry_state(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module
                 continue
             for key, value in optimizer.state[p].items():
                 if isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0:
-                    value = switch_mod._gather(value, maps[name]) if name in maps else value.detach().clone()
-                    value = torch.empty_like(q.detach(), dtype=value.dtype).copy_(value)
+                    src = switch_mod._gather(value, maps[name]) if name in maps else value.detach()
+                    value = torch.empty_like(q.detach(), dtype=value.dtype).copy_(src)   # the parameter's layout
                 elif isinstance(value, Tensor):
                     value = value.detach().clone()
                 state[q][key] = value

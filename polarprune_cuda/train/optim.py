@@ -12,6 +12,15 @@ from ..gates.loss import ramp
 from ..gates.bank import find_bank
 
 
+def split_parameters(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the weights, [the gate scores]) of a gated model: the two parameter groups an optimizer needs (the
+    scores' list is empty without a gate bank)."""
+    bank = find_bank(model)
+    scores = [bank.scores] if bank is not None else []
+    ids = {id(p) for p in scores}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in ids], scores
+
+
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
                    gate_lr: float = 0.1, target_weight: float = 20.0) -> torch.optim.SGD:
     """SGD with two groups: the weights (weight decay, Nesterov) and the gate scores.
@@ -27,9 +36,7 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_de
     bank = find_bank(model)
     if bank is not None:
         _scale_block_gradients(bank)
-    scores = [bank.scores] if bank is not None else []
-    ids = {id(p) for p in scores}
-    weights = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    weights, scores = split_parameters(model)
     groups = [{"params": weights, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                "nesterov": momentum > 0}]
     if scores:

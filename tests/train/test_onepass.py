@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import polarprune_cuda as pp
 from polarprune_cuda.models import build_model
-from polarprune_cuda.train.onepass import CARRIED, OnePass, check_gate_group, split_parameters
+from polarprune_cuda import split_parameters
+from polarprune_cuda.train.onepass import CARRIED, OnePass, check_gate_group
 
 STEPS = 24
 
