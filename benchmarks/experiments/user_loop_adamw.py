@@ -17,8 +17,11 @@ import time
 import warnings
 from pathlib import Path
 
+import copy
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,11 +35,19 @@ from polarprune_cuda.train.onepass import FREEZE, WARMUP  # noqa: E402
 
 
 def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float, target: float,
-        freeze_at: float = FREEZE) -> dict:
+        freeze_at: float = FREEZE, scratch: nn.Module | None = None, onepass_kw: dict | None = None) -> dict:
+    """One training run: dense (``one_pass`` False), the one pass, or ``scratch`` (an architecture, its weights
+    drawn anew from ``seed``) trained densely."""
     t_arm = time.perf_counter()
     torch.manual_seed(seed)
-    model = build_model("resnet20", data.num_classes, data.train_x.shape[1], False)
     example = data.example_input(1)
+    if scratch is not None:
+        model = copy.deepcopy(scratch)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    else:
+        model = build_model("resnet20", data.num_classes, data.train_x.shape[1], False)
     steps = epochs * data_mod.num_batches(len(data.train_y), batch)
     pruner = None
     if one_pass:
@@ -49,7 +60,8 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
     opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     if one_pass:
-        pruner = pp.OnePass(model, example, target, steps, opt, sched, cost="macs", freeze_at=freeze_at)
+        pruner = pp.OnePass(model, example, target, steps, opt, sched, cost="macs", freeze_at=freeze_at,
+                            **(onepass_kw or {}))
     net = (lambda: pruner.model) if one_pass else (lambda: model)  # noqa: E731
     train_s = 0.0
     with warnings.catch_warnings(record=True) as caught:
@@ -73,7 +85,8 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
     acc = evaluate(final, data.test_x, data.test_y)
     dense = pp.count(build_model("resnet20", data.num_classes, data.train_x.shape[1], False), example)
     got = pp.count(final, example)
-    return {"arm": "one-pass" if one_pass else "dense", "seed": seed, "accuracy": acc,
+    return {"arm": "one-pass" if one_pass else ("from-scratch" if scratch is not None else "dense"), "seed": seed,
+            "final": final if one_pass else None, "accuracy": acc,
             "macs_removed": 1 - got["macs"] / dense["macs"], "params_removed": 1 - got["params"] / dense["params"],
             "train_seconds": train_s, "arm_seconds": time.perf_counter() - t_arm, "steps": steps,
             "polarized_at_freeze": pruner.budget.get("polarized_at_freeze") if one_pass else None,
@@ -91,16 +104,27 @@ def main(argv=None):
     p.add_argument("--gate-c", type=float, default=64.0)
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--freeze-at", type=float, default=FREEZE, help="fraction of the run where the gates freeze")
-    p.add_argument("--arms", nargs="+", default=["dense", "one-pass"], choices=["dense", "one-pass"])
+    p.add_argument("--arms", nargs="+", default=["dense", "one-pass"], choices=["dense", "one-pass", "from-scratch"],
+                   help="from-scratch: the one pass's extracted architecture of the same seed, weights drawn anew, "
+                        "trained densely (needs one-pass before it)")
+    p.add_argument("--target-weight", type=float, default=None, help="OnePass target_weight (default its own)")
+    p.add_argument("--polarization-weight", type=float, default=None, help="OnePass polarization_weight")
     p.add_argument("--stem", default="fashion-12k")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     data = data_mod.load_dataset(args.dataset, args.data_dir, max_train=args.max_train)
+    kw = {k: v for k, v in (("target_weight", args.target_weight),
+                            ("polarization_weight", args.polarization_weight)) if v is not None}
     rows = []
     for seed in args.seeds:
-        for one_pass in [name == "one-pass" for name in args.arms]:
-            rows.append(arm(data, one_pass, seed, args.epochs, args.batch, args.gate_c, args.target, args.freeze_at))
+        final = None
+        for name in args.arms:
+            if name == "from-scratch" and final is None:
+                p.error("--arms: from-scratch needs one-pass before it")
+            rows.append(arm(data, name == "one-pass", seed, args.epochs, args.batch, args.gate_c, args.target,
+                            args.freeze_at, scratch=final if name == "from-scratch" else None, onepass_kw=kw))
             r = rows[-1]
+            final = r.pop("final") or final
             print(f"{r['arm']} seed {seed}: accuracy {r['accuracy']:.4f}, MACs removed {r['macs_removed']:.4f}, "
                   f"steps {r['train_seconds']:.0f} s, arm {r['arm_seconds']:.0f} s", flush=True)
     lines = ["| arm | accuracy (mean ± sd) | per seed | MACs removed | params removed | training steps' time | "
@@ -120,8 +144,9 @@ def main(argv=None):
     text = (f"# Dense against the one pass, both with AdamW in a user loop: resnet20 on {args.dataset}"
             f" ({args.max_train} training images)\n\nCommand: `{cmd}`  \n"
             f"{args.epochs} epochs, batch {args.batch}, AdamW lr 1e-3, weight decay 0.05, cosine; one pass at "
-            f"{args.target:.0%} of MACs, gate lr {args.gate_c:g} / window, freeze at {args.freeze_at:g}; seeds {args.seeds}; accuracy on the full "
-            f"test set. CPU, 2 threads, the arms one after the other.\n\n" + "\n".join(lines) + "\n")
+            f"{args.target:.0%} of MACs, gate lr {args.gate_c:g} / window, freeze at {args.freeze_at:g}"
+            f"{''.join(f', {k} {v:g}' for k, v in kw.items())}; seeds {args.seeds}; accuracy on the full "
+            f"test set. CPU, {torch.get_num_threads()} threads, the arms one after the other.\n\n" + "\n".join(lines) + "\n")
     _record.write(args.out, f"user-loop-adamw-{args.stem}", {"command": cmd, "rows": rows}, text)
     return rows
 

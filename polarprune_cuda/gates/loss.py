@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import core as ops
+from ..defaults import default_cost
 from ..ops.cost import CostModel
 from .bank import GateBank, check_cost_values, flat_gate_view, raise_if_nonfinite
 from ..ops.common import POLAR_FORMS
@@ -116,7 +117,8 @@ class PolarizationLoss(nn.Module):
             target is ``rho = 1 - target_sparsity``.
         cost: ``"channels"`` (each gate weighs 1), another kind registered on the
             model's gate bank (``"params"``, ``"macs"``), or a tensor with one
-            non-negative weight per gate.
+            non-negative weight per gate. Default (None): ``"macs"`` where the
+            gates know them, else ``"channels"`` (:mod:`polarprune_cuda.defaults`).
         polarization: ``"bimodal"`` (mean 4 p (1 - p), the default) or ``"zhuang"``
             ((t * ||p||_1 - ||p - mean(p)||_1) / n).
         t: the Zhuang polarizer's t (about 1.0-1.2).
@@ -139,7 +141,7 @@ class PolarizationLoss(nn.Module):
     def __init__(
         self,
         target_sparsity: float,
-        cost: str | Tensor = "channels",
+        cost: str | Tensor | None = None,
         polarization: str = "bimodal",
         t: float = 1.0,
         target_weight: float = 20.0,
@@ -169,7 +171,7 @@ class PolarizationLoss(nn.Module):
         elif isinstance(cost, CostModel):
             self._tensor_cost = cost
             self.cost = "model"
-        elif isinstance(cost, str):
+        elif cost is None or isinstance(cost, str):
             self._tensor_cost = None
             self.cost = cost
         else:
@@ -203,9 +205,10 @@ class PolarizationLoss(nn.Module):
             if self._tensor_cost.device != scores.device:
                 self._tensor_cost = self._tensor_cost.to(scores.device)
             return self._tensor_cost
+        kind = default_cost(bank) if self.cost is None else self.cost
         if bank is not None:
-            return bank.cost_model(self.cost)
-        if self.cost != "channels":
+            return bank.cost_model(kind)
+        if kind != "channels":
             raise ValueError(f"cost={self.cost!r} needs a gate bank with that cost registered "
                              "(bind_gates / attach_gates); loose gate modules only know 'channels'")
         return CostModel.channels(scores.numel(), scores.device)
@@ -268,11 +271,12 @@ class PolarizationLoss(nn.Module):
                 f"t={self.t}, target_weight={self.target_weight}, polarization_weight={self.polarization_weight}")
 
 
-def gate_stats(model, cost: "str | Tensor | CostModel" = "channels", margin: float = 0.45) -> dict:
+def gate_stats(model, cost: "str | Tensor | CostModel | None" = None, margin: float = 0.45) -> dict:
     """Gate statistics of a model (or bank, or gate module); reads values from the device.
 
     Returns ``density`` (the cost of the hard gates over the cost with every
-    gate open, in the unit of ``cost``), ``soft_density`` (the same with
+    gate open, in the unit of ``cost``: by default MACs where the gates know
+    them, else channels, :mod:`polarprune_cuda.defaults`), ``soft_density`` (the same with
     probabilities, what the loss sees), ``polarized`` (fraction of gates with
     ``|p - 0.5| > margin``), ``open`` and ``num_gates``, and ``layers``: segment
     name -> {"open", "total"}. Raises NonFiniteGateError if a score is NaN or inf.
@@ -289,8 +293,8 @@ def gate_stats(model, cost: "str | Tensor | CostModel" = "channels", margin: flo
     elif isinstance(cost, CostModel):
         cm = cost.to(s.device)
     elif bank is not None:
-        cm = bank.cost_model(cost)
-    elif cost == "channels":
+        cm = bank.cost_model(default_cost(bank) if cost is None else cost)
+    elif cost in (None, "channels"):
         cm = CostModel.channels(s.numel(), s.device)
     else:
         raise ValueError(f"cost={cost!r} needs a gate bank with that cost registered")

@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..defaults import MIN_CHANNELS
 from ..errors import UnsupportedModelError
 from ..gates.bank import GateBank, find_bank, install_bank
 from ..gates.modules import GateMixin, gate_in_place, gate_modules
@@ -195,7 +196,7 @@ def attach_gates(
     model: nn.Module,
     example_inputs,
     ignored_layers: Iterable | None = None,
-    min_channels: int = 8,
+    min_channels: int = MIN_CHANNELS,
     round_to: int | None = None,
     ste: str = "identity",
     tau: float = 1.0,
@@ -215,7 +216,8 @@ def attach_gates(
         ignored_layers: a list of modules (or of their names) whose output channels stay ungated;
             a single string is refused (TypeError), pass ``["name"]``.
             The classifier (any layer whose outputs reach the model output) is never gated.
-        min_channels: :func:`extract` never lets a group drop below this many channels.
+        min_channels: :func:`extract` never lets a group drop below this many channels (default 4,
+            :mod:`polarprune_cuda.defaults`).
         round_to: :func:`extract` makes every kept width a multiple of this.
         ste, tau, init: gate settings (see :class:`~polarprune_cuda.ChannelGate`);
             ``init > 0`` starts with every gate open, and the model's outputs unchanged.

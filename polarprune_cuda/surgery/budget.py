@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..defaults import COST
 from ..gates.bank import GateBank
 from .attach import _surgery
 from .extract import guard
@@ -226,7 +227,7 @@ def select_gates(model, target_sparsity: float, cost: str = "macs", min_channels
 
 
 @torch.no_grad()
-def meet_target(model, target_sparsity: float, cost: str = "macs", min_channels: int | None = None,
+def meet_target(model, target_sparsity: float, cost: str = COST, min_channels: int | None = None,
                 round_to: int | None = None) -> BudgetResult:
     """Set the model's gates to the set that meets ``target_sparsity`` of ``cost`` exactly; returns what it chose.
 

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from . import data as data_mod
+from ..defaults import COST, MIN_CHANNELS
 from ..ops.reference import POLAR_FORMS, STE_MODES
 from ..sparse import fggp as fggp_mod
 
@@ -47,7 +48,7 @@ class PruneConfig:
                        choices=METHODS)
     target_sparsity: float = _opt(0.5, "fraction of the cost to remove, in [0, 1) (unstructured methods: of the "
                                        "weights, in (0, 1))")
-    cost: str = _opt("macs", "what the target sparsity is a fraction of", choices=COSTS)
+    cost: str = _opt(COST, "what the target sparsity is a fraction of", choices=COSTS)
     epochs: int = _opt(40)
     batch_size: int = _opt(64, "the global batch (under torchrun: split over the processes)")
     lr: float = _opt(0.1, "weights' learning rate (cosine decay)")
@@ -83,7 +84,7 @@ class PruneConfig:
                                           "whose gates were closed at the end of each of the last N epochs, so the "
                                           "network trains smaller from then on (the removed gates stay closed; the "
                                           "exact target still holds)")
-    min_channels: int = _opt(4, "fewest channels a gated group keeps")
+    min_channels: int = _opt(MIN_CHANNELS, "fewest channels a gated group keeps")
     round_to: int | None = _opt(None, "round every group's kept channels to a multiple of this")
     finetune_epochs: int = _opt(0, "optional fine-tuning of the extracted model")
     seed: int = _opt(0)

@@ -30,8 +30,11 @@ optimizer's and scheduler's own state).
 Gradient accumulation: call :meth:`penalty` with every micro-batch's loss and :meth:`step` once per optimizer
 step (``total_steps`` counts optimizer steps). Mixed precision: the forward under ``torch.autocast``, a
 ``GradScaler`` around the backward and ``optimizer.step()`` as usual. ``torch.compile``: compile
-``pruner.model`` and compile again after the switch (:attr:`switched`), which hands a new network. Not yet:
-DistributedDataParallel (the wrapper must be rebuilt around the extracted network at the switch).
+``pruner.model`` and compile again after the switch (:attr:`switched`), which hands a new network.
+DistributedDataParallel: build OnePass with the plain model and ``wrap=lambda m: DistributedDataParallel(m,
+...)``; :attr:`model` is then the wrapped network, rebuilt around the extracted one at the switch (and when the
+gate scores start or stop training, so the wrapper knows which parameters train); every rank does the same
+freeze, target and extraction, as its scores and weights are the same.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from ..defaults import COST, MIN_CHANNELS
 from ..gates.bank import find_bank
 from ..gates.loss import PolarizationLoss, gate_stats
 from ..gates.loss import ramp as ramp_schedule
@@ -132,19 +136,30 @@ class OnePass:
         switch: train the extracted network after the freeze (False: the gated one to the end).
         target_weight, polarization_weight, polarization: the penalty (:class:`PolarizationLoss`).
         min_channels, round_to, ste, init: :func:`~polarprune_cuda.attach_gates`'s, where OnePass gates.
+        wrap: a callable ``network -> module to call`` (DistributedDataParallel), applied to the network being
+            trained whenever it changes.
+        warmup_steps, ramp_steps: the warm-up and the ramp in steps (instead of ``warmup``, ``ramp``).
+
+    Attributes: :attr:`model` (call it: the network being trained, wrapped), :attr:`network` (the same,
+    unwrapped), :attr:`gated` (the gated model; after the switch its gates are frozen and its weights catch up
+    at :meth:`finish`), :attr:`budget` (what :func:`~polarprune_cuda.meet_target` chose), :attr:`steps`.
     """
 
     def __init__(self, model: nn.Module, example_inputs, target_sparsity: float, total_steps: int,
-                 optimizer: torch.optim.Optimizer, scheduler=None, *, cost: str = "macs", freeze_at: float = FREEZE,
+                 optimizer: torch.optim.Optimizer, scheduler=None, *, cost: str = COST, freeze_at: float = FREEZE,
                  warmup: float = WARMUP, ramp: float = RAMP, gate_lr: float | None = None, switch: bool = True,
                  target_weight: float = 20.0, polarization_weight: float = 0.1, polarization: str = "bimodal",
-                 min_channels: int = 4, round_to: int | None = None, ste: str = "identity", init: float = 1.0):
+                 min_channels: int = MIN_CHANNELS, round_to: int | None = None, ste: str = "identity", init: float = 1.0,
+                 wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None):
         from ..surgery.attach import attach_gates
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be an int >= 1 (the optimizer steps of the run), got {total_steps!r}")
+        if wrap is not None and not callable(wrap):
+            raise TypeError(f"wrap must be a callable network -> module to train (e.g. DistributedDataParallel), "
+                            f"got {type(wrap).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if type(optimizer).__name__ not in CARRIED:
@@ -159,12 +174,16 @@ class OnePass:
             attach_gates(model, example_inputs, min_channels=min_channels, round_to=round_to, ste=ste, init=init)
         self.bank = find_bank(model)
         self.gated = model
+        self.wrap = wrap
+        self.network = model
         self.model = model
         self.example = example_inputs
         self.optimizer, self.scheduler = optimizer, scheduler
         self.total_steps, self.cost, self.switch_enabled = total_steps, cost, switch
         self.freeze_step = int(self.freeze_at * total_steps)
-        self.warmup_steps = int(round(warmup * total_steps))
+        self.warmup_steps = int(round(warmup * total_steps)) if warmup_steps is None else \
+            self._steps("warmup_steps", warmup_steps)
+        ramp_steps = int(round(ramp_ * total_steps)) if ramp_steps is None else self._steps("ramp_steps", ramp_steps)
         window = max(self.freeze_step - self.warmup_steps, 0)
         n = self.bank.scores.numel()
         lr = self.gate_lr(optimizer, window, n, target_weight) if gate_lr is None else gate_lr
@@ -172,13 +191,27 @@ class OnePass:
             check_gate_group(optimizer, self.bank.scores, window, lr, target_weight)
         self.loss = PolarizationLoss(target_sparsity, cost=cost, polarization=polarization,
                                      target_weight=target_weight, polarization_weight=polarization_weight,
-                                     schedule=ramp_schedule(self.warmup_steps, int(round(ramp_ * total_steps))))
+                                     schedule=ramp_schedule(self.warmup_steps, ramp_steps))
         self.loss.arm(model)
         self.target_sparsity = float(target_sparsity)
         self.steps = 0
         self.budget: dict | None = None
         self.maps: dict[str, Tensor] | None = None
         self._gates_move(self._moving(0))
+        self._set_network(model)
+        if self.freeze_step == 0:   # no gate training: the target is met on the scores as they are
+            self._freeze()
+
+    @staticmethod
+    def _steps(name: str, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        return value
+
+    def _set_network(self, network: nn.Module) -> None:
+        """Train ``network`` from now on: :attr:`network` is it, :attr:`model` it wrapped (``wrap``)."""
+        self.network = network
+        self.model = self.wrap(network) if self.wrap is not None else network
 
     # ------------------------------------------------------------------ the recipe's rules
 
@@ -211,7 +244,7 @@ class OnePass:
 
     @property
     def switched(self) -> bool:
-        return self.model is not self.gated
+        return self.network is not self.gated
 
     # ------------------------------------------------------------------ the loop's calls
 
@@ -225,9 +258,12 @@ class OnePass:
         """After ``optimizer.step()`` (and the scheduler's): count the step; at the freeze meet the target and
         switch to the extracted network."""
         self.steps += 1
-        self._gates_move(self._moving(self.steps))
+        moved, moving = self.bank.scores.requires_grad, self._moving(self.steps)
+        self._gates_move(moving)
         if self.steps == self.freeze_step and self.budget is None:
             self._freeze()
+        elif moved != moving and self.wrap is not None:   # the wrapper (DDP) learns which parameters train
+            self._set_network(self.network)
 
     def _freeze(self) -> None:
         stats = gate_stats(self.gated, cost=self.cost)
@@ -240,12 +276,15 @@ class OnePass:
         self.budget["polarized_at_freeze"] = stats["polarized"]
         if self.switch_enabled:
             self._switch()
+        elif self.wrap is not None:
+            self._set_network(self.network)
 
     def _switch(self, carry: bool = True) -> None:
         small, maps = switch_mod.extracted(self.gated, self.example)
         small.train(self.gated.training)
         carry_state(self.optimizer, self.gated, small, maps, carry=carry)
-        self.model, self.maps = small, maps
+        self.maps = maps
+        self._set_network(small)
 
     def finish(self) -> nn.Module:
         """The extracted network with the trained weights (also written back into the gated model)."""
@@ -254,8 +293,8 @@ class OnePass:
         if not self.switched:
             small, _ = switch_mod.extracted(self.gated, self.example)
             return small
-        switch_mod.write_back(self.model, self.gated, self.maps)
-        return self.model
+        switch_mod.write_back(self.network, self.gated, self.maps)
+        return self.network
 
     # ------------------------------------------------------------------ resume
 
@@ -264,8 +303,8 @@ class OnePass:
         out = {"steps": self.steps, "loss_step": self.loss.step, "budget": self.budget,
                "switched": self.switched, "gated": self.gated.state_dict()}
         if self.switched:
-            out["model"] = self.model.state_dict()
-            out["spec_digest"] = spec_digest(self.model.polarprune_spec)
+            out["model"] = self.network.state_dict()
+            out["spec_digest"] = spec_digest(self.network.polarprune_spec)
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -280,16 +319,18 @@ class OnePass:
         self._gates_move(self._moving(self.steps))
         if state["switched"]:
             self._switch(carry=False)
-            if spec_digest(self.model.polarprune_spec) != state["spec_digest"]:
+            if spec_digest(self.network.polarprune_spec) != state["spec_digest"]:
                 raise ValueError("the saved extracted network is not the extraction of the saved gated model")
-            self.model.load_state_dict(state["model"])
+            self.network.load_state_dict(state["model"])
+        elif self.wrap is not None:
+            self._set_network(self.network)
 
 
 def carry_state(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module, maps: dict[str, Tensor],
                 carry: bool = True) -> None:
     """Point ``optimizer``'s groups at ``new``'s parameters (matched by name; a parameter ``new`` lacks, the gate
-    scores, leaves its group) and carry its per-parameter state: tensors of the parameter's shape gathered by
-    ``maps``, anything else (step counts) copied. The optimizer object stays the same, so a scheduler built on it
+    scores, leaves its group) and carry its per-parameter state (:func:`~polarprune_cuda.train.switch.carried_state`:
+    tensors of the parameter's shape gathered by ``maps``, anything else, such as step counts, copied). The optimizer object stays the same, so a scheduler built on it
     keeps working."""
     names = {id(p): n for n, p in old.named_parameters()}
     new_params = dict(new.named_parameters())
@@ -302,14 +343,7 @@ def carry_state(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module
             if q is None:
                 continue
             params.append(q)
-            if not carry or p not in optimizer.state:
-                continue
-            for key, value in optimizer.state[p].items():
-                if isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0:
-                    src = switch_mod._gather(value, maps[name]) if name in maps else value.detach()
-                    value = torch.empty_like(q.detach(), dtype=value.dtype).copy_(src)   # the parameter's layout
-                elif isinstance(value, Tensor):
-                    value = value.detach().clone()
-                state[q][key] = value
+            if carry and p in optimizer.state:
+                state[q] = switch_mod.carried_state(optimizer.state[p], p, q, maps.get(name))
         group["params"] = params
     optimizer.state = state

@@ -64,12 +64,30 @@ def _gather(source: Tensor, idx: Tensor) -> Tensor:
     return torch.where(idx.to(got.device) >= 0, got, torch.zeros((), dtype=got.dtype, device=got.device))
 
 
+def carried_state(state: dict, old: Tensor, new: Tensor, idx: Tensor | None) -> dict:
+    """One parameter's optimizer state (``old``'s) for ``new``, the parameter it became: state tensors of
+    ``old``'s shape (momentum, ``exp_avg``, ``exp_avg_sq``, ...) gathered by the index map ``idx`` (None: the
+    parameter kept its shape) into ``new``'s layout; other tensors (step counts) copied; None entries dropped.
+    The one carry of every change of network: the switch, a shrink, :class:`~polarprune_cuda.OnePass`."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape == old.shape:
+            src = _gather(value, idx) if idx is not None else value.detach()
+            out[key] = torch.empty_like(new.detach(), dtype=value.dtype).copy_(src)   # the parameter's layout
+        elif isinstance(value, Tensor):
+            out[key] = value.detach().clone()
+        elif value is not None:
+            out[key] = value
+    return out
+
+
 def carry_optimizer(gated: nn.Module, opt: torch.optim.SGD, sched: torch.optim.lr_scheduler.LambdaLR,
                     small: nn.Module, maps: dict[str, Tensor]) -> tuple[torch.optim.SGD,
                                                                        torch.optim.lr_scheduler.LambdaLR]:
     """SGD for ``small`` with ``opt``'s groups (the first holds the weights; the second the gate scores where
     ``small`` still has a bank, else it stays, empty, so the schedule keeps its lambdas), momentum buffers
-    gathered by ``maps`` (tensors ``maps`` does not name, the gate scores, whole), and ``sched``'s position."""
+    carried by :func:`carried_state` (tensors ``maps`` does not name, the gate scores, whole), and ``sched``'s
+    position."""
     scores = _score_ids(small)
     groups = []
     for i, group in enumerate(opt.param_groups):
@@ -79,12 +97,11 @@ def carry_optimizer(gated: nn.Module, opt: torch.optim.SGD, sched: torch.optim.l
     new = torch.optim.SGD(groups)
     named = dict(gated.named_parameters())
     for name, p in small.named_parameters():
-        if not p.requires_grad:
-            continue
-        old = opt.state.get(named[name]) if name in named else None
-        if old and old.get("momentum_buffer") is not None:
-            buf = _gather(old["momentum_buffer"], maps[name]) if name in maps else old["momentum_buffer"]
-            new.state[p]["momentum_buffer"] = torch.empty_like(p.detach()).copy_(buf)   # the weight's layout
+        old = named.get(name)
+        state = carried_state(opt.state[old], old, p, maps.get(name)) \
+            if p.requires_grad and old is not None and old in opt.state else None
+        if state:
+            new.state[p] = state
     new_sched = torch.optim.lr_scheduler.LambdaLR(new, sched.lr_lambdas)
     new_sched.load_state_dict(sched.state_dict())
     for g_new, g_old in zip(new.param_groups, opt.param_groups):

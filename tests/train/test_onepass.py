@@ -245,3 +245,95 @@ def test_gradient_accumulation_and_bf16_autocast():
     assert pruner.switched and pruner.steps == STEPS and pruner.loss.step == 0   # explicit steps, no counter
     assert abs(1 - pp.count(small, x)["macs"] / pruner.budget["total"] - 0.5) <= 0.005
     assert all(torch.isfinite(p).all() for p in small.parameters())
+
+
+def test_torch_compile_of_the_model_before_and_after_the_switch():
+    """pruner.model compiled (fullgraph), and compiled again when the switch hands the extracted network: every
+    step's loss is the eager loop's (one step after the same weights: compiled and eager kernels differ only in
+    float rounding), the target met and the same network extracted."""
+    steps, losses = 4, {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        model, x = _model(torch.float64)
+        opt = _optimizer("sgd", model, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        with _quiet():
+            pruner = OnePass(model, x, 0.5, steps, opt, sched, freeze_at=0.5, warmup_steps=0)
+        run = pruner.model if mode == "eager" else torch.compile(pruner.model, fullgraph=True, backend="aot_eager")
+        losses[mode] = []
+        for xb, yb in _batches(steps, torch.float64):
+            loss = F.cross_entropy(run(xb), yb) + pruner.penalty()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            was = pruner.switched
+            with _quiet():
+                pruner.step()
+            if pruner.switched and not was:
+                run = pruner.model if mode == "eager" else torch.compile(pruner.model, fullgraph=True,
+                                                                         backend="aot_eager")
+            losses[mode].append(float(loss.detach().as_subclass(torch.Tensor)))
+        assert pruner.switched
+        losses[mode + " spec"] = pruner.finish().polarprune_spec
+    assert losses["compiled spec"] == losses["eager spec"]
+    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-9, atol=1e-9)
+
+
+def _ddp_worker(rank, world, port, out):
+    import os
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, x = _model()
+        opt = _optimizer("adamw", model, 6)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 12)
+        wrapped = []
+
+        def wrap(m):
+            wrapped.append(m)
+            return DDP(m)
+
+        with _quiet():
+            pruner = OnePass(model, x, 0.5, 12, opt, sched, freeze_at=0.5, warmup=0.25, wrap=wrap)
+            for xb, yb in _batches(12, seed=10 + rank):     # every rank its own data
+                loss = F.cross_entropy(pruner.model(xb), yb) + pruner.penalty()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                pruner.step()
+        small = pruner.finish()
+        torch.save({"state": dict(small.named_parameters()), "scores": pruner.bank.scores.detach().clone(),
+                    "budget": pruner.budget, "wrapped": [m is pruner.gated for m in wrapped],
+                    "ddp": isinstance(pruner.model, DDP) and pruner.model.module is small},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_wrapper_follows_the_network_and_the_ranks_agree(tmp_path):
+    """Two gloo ranks, each its own batches: the wrapper is rebuilt when the scores start training and around
+    the extracted network at the switch; gradients are averaged, so both ranks end with the same scores, budget
+    and extracted weights, bit for bit (exact by construction; BatchNorm's running statistics are each rank's
+    own after the last forward, as DDP leaves them)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["wrapped"] == [True, True, False]    # at the start, when the scores start training, the switch
+    assert r0["ddp"] and r1["ddp"]
+    assert torch.equal(r0["scores"], r1["scores"]) and not torch.equal(r0["scores"], torch.ones_like(r0["scores"]))
+    assert r0["budget"] == r1["budget"]
+    assert r0["state"].keys() == r1["state"].keys()
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k

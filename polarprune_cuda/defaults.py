@@ -1,0 +1,20 @@
+"""The library's defaults, stated once: every entry point that takes one of these reads it from here.
+
+* :data:`COST` (``"macs"``): what a target sparsity is a fraction of, in the CLI (``--cost``), :class:`OnePass`,
+  :func:`meet_target`, :class:`PolarizationLoss` and :func:`gate_stats`. The last two also take gates that know
+  no MACs (loose gate modules, a bank bound without example inputs): there the default is ``"channels"``, the
+  only cost such gates have (:func:`default_cost`).
+* :data:`MIN_CHANNELS` (4): the fewest channels a gated group keeps, in :func:`attach_gates`, :class:`OnePass`
+  and the CLI (``--min-channels``).
+"""
+from __future__ import annotations
+
+COST = "macs"
+MIN_CHANNELS = 4
+
+
+def default_cost(bank) -> str:
+    """:data:`COST` where ``bank`` (a GateBank or None) has it registered, else ``"channels"``."""
+    if bank is not None and COST in bank.cost_kinds and COST in getattr(bank, "_costs", {}):
+        return COST
+    return "channels"
