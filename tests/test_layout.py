@@ -12,7 +12,7 @@ PKG = ROOT / "polarprune_cuda"
 
 #: each unit of the package and its floor; a module may import its own unit or any unit on a lower floor
 FLOORS = {
-    "errors": 0, "_version": 0, "models": 0, "_io": 1, "kernels": 1.5, "ops": 2, "gates": 3, "surgery": 4, "sparse": 4,
+    "errors": 0, "_version": 0, "defaults": 0, "models": 0, "_io": 1, "kernels": 1.5, "ops": 2, "gates": 3, "surgery": 4, "sparse": 4,
     "export": 4, "train": 5, "cli": 6, "__main__": 7, "__init__": 7,
 }
 
