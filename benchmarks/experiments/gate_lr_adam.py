@@ -62,7 +62,7 @@ def run(data, c: float, seed: int, epochs: int, batch: int = 64, target: float =
     small = pruner.finish()
     acc = evaluate(small, data.test_x, data.test_y)
     return {"c": c, "seed": seed, "gate_lr": c / window, "window": window, "steps": steps,
-            "polarized_at_freeze": pruner.budget["polarized_at_freeze"],
+            "polarized_at_freeze": pruner.polarized_at_freeze,
             "macs_removed": pruner.budget["achieved_sparsity"], "accuracy": acc,
             "seconds": time.perf_counter() - t0}
 

@@ -35,7 +35,8 @@ from polarprune_cuda.train.onepass import FREEZE, WARMUP  # noqa: E402
 
 
 def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float, target: float,
-        freeze_at: float = FREEZE, scratch: nn.Module | None = None, onepass_kw: dict | None = None) -> dict:
+        freeze_at: float = FREEZE, scratch: nn.Module | None = None, onepass_kw: dict | None = None,
+        gate_betas: tuple | None = None) -> dict:
     """One training run: dense (``one_pass`` False), the one pass, or ``scratch`` (an architecture, its weights
     drawn anew from ``seed``) trained densely."""
     t_arm = time.perf_counter()
@@ -54,7 +55,8 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
         pp.attach_gates(model, example, min_channels=4)
         weights, scores = pp.split_parameters(model)
         window = int(freeze_at * steps) - int(round(WARMUP * steps))
-        groups = [{"params": weights}, {"params": scores, "lr": gate_c / window, "weight_decay": 0.0}]
+        groups = [{"params": weights}, {"params": scores, "lr": gate_c / window, "weight_decay": 0.0,
+                                        **({"betas": tuple(gate_betas)} if gate_betas else {})}]
     else:
         groups = [{"params": list(model.parameters())}]
     opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05)
@@ -89,7 +91,7 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
             "final": final if one_pass else None, "accuracy": acc,
             "macs_removed": 1 - got["macs"] / dense["macs"], "params_removed": 1 - got["params"] / dense["params"],
             "train_seconds": train_s, "arm_seconds": time.perf_counter() - t_arm, "steps": steps,
-            "polarized_at_freeze": pruner.budget.get("polarized_at_freeze") if one_pass else None,
+            "polarized_at_freeze": pruner.polarized_at_freeze if one_pass else None,
             "warnings": sorted({str(w.message)[:200] for w in caught})}
 
 
@@ -109,6 +111,7 @@ def main(argv=None):
                         "trained densely (needs one-pass before it)")
     p.add_argument("--target-weight", type=float, default=None, help="OnePass target_weight (default its own)")
     p.add_argument("--polarization-weight", type=float, default=None, help="OnePass polarization_weight")
+    p.add_argument("--gate-betas", type=float, nargs=2, default=None, help="the gate group's AdamW betas")
     p.add_argument("--stem", default="fashion-12k")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -122,7 +125,8 @@ def main(argv=None):
             if name == "from-scratch" and final is None:
                 p.error("--arms: from-scratch needs one-pass before it")
             rows.append(arm(data, name == "one-pass", seed, args.epochs, args.batch, args.gate_c, args.target,
-                            args.freeze_at, scratch=final if name == "from-scratch" else None, onepass_kw=kw))
+                            args.freeze_at, scratch=final if name == "from-scratch" else None, onepass_kw=kw,
+                            gate_betas=args.gate_betas))
             r = rows[-1]
             final = r.pop("final") or final
             print(f"{r['arm']} seed {seed}: accuracy {r['accuracy']:.4f}, MACs removed {r['macs_removed']:.4f}, "
@@ -145,7 +149,8 @@ def main(argv=None):
             f" ({args.max_train} training images)\n\nCommand: `{cmd}`  \n"
             f"{args.epochs} epochs, batch {args.batch}, AdamW lr 1e-3, weight decay 0.05, cosine; one pass at "
             f"{args.target:.0%} of MACs, gate lr {args.gate_c:g} / window, freeze at {args.freeze_at:g}"
-            f"{''.join(f', {k} {v:g}' for k, v in kw.items())}; seeds {args.seeds}; accuracy on the full "
+            f"{''.join(f', {k} {v:g}' for k, v in kw.items())}"
+            f"{f', gate betas {tuple(args.gate_betas)}' if args.gate_betas else ''}; seeds {args.seeds}; accuracy on the full "
             f"test set. CPU, {torch.get_num_threads()} threads, the arms one after the other.\n\n" + "\n".join(lines) + "\n")
     _record.write(args.out, f"user-loop-adamw-{args.stem}", {"command": cmd, "rows": rows}, text)
     return rows

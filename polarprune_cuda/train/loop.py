@@ -1,11 +1,15 @@
 """The training loop: :func:`_fit` (one training run of a model, checkpointed every epoch), :func:`evaluate`,
 :class:`History`, and the autocast and progress-bar helpers.
 
-``_fit`` is cut into its steps, in the order they run: :func:`_setup` (loss, optimizer, schedule),
-:func:`_restore` (a checkpoint), :func:`_train_epoch` with :func:`_train_step` (one epoch's batches),
-:func:`_end_epoch` (history, gate statistics) and :func:`_checkpoint_state` (what is saved). The state they
-share lives in one :class:`_Fit`. The order of the steps and of the random draws is the one a checkpoint
-written by an earlier version resumes to, bit for bit.
+``_fit`` is cut into its steps, in the order they run: :func:`_setup` (optimizer, schedule and, gated, the
+recipe), :func:`_restore` (a checkpoint), :func:`_train_epoch` with :func:`_train_step` (one epoch's batches)
+and :func:`_recipe_step`, :func:`_end_epoch` (history, gate statistics) and :func:`_checkpoint_state` (what is
+saved). The state they share lives in one :class:`_Fit`.
+
+The one-pass recipe itself (the penalty and its ramp, the gate window, the freeze with the exact target, the
+switch to the extracted network with the optimizer's state carried) is :class:`~polarprune_cuda.OnePass`, the
+object users add to their own loops; the CLI is one of its users and adds what a managed run needs around it:
+epochs and checkpoints, DDP, dual target control, ``--shrink-every``, the history and the report.
 """
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ import copy
 import json
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -29,14 +32,13 @@ from ..gates.loss import PolarizationLoss, gate_stats
 from ..gates.bank import find_bank
 from ..sparse import fggp as fggp_mod
 from ..surgery import shrink as shrink_mod
-from ..surgery.budget import meet_target
 from ..surgery.extract import guard
 from ..surgery.costs import count
 from ..surgery.spec import spec_digest
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, Expected
 from .config import AMP_MODES, PruneConfig
-from .onepass import POLARIZED_WARNING
-from .optim import lr_lambdas, make_optimizer, penalty_schedule
+from .onepass import OnePass
+from .optim import lr_lambdas, make_optimizer
 
 
 @torch.no_grad()
@@ -176,6 +178,7 @@ class _Fit:
     origin: nn.Module | None = None        # the caller's gated model: the trained weights go back into it at the end
     to_origin: dict | None = None          # after a shrink: index maps from the shrunk gated model to ``origin``'s
     streak: torch.Tensor | None = None     # --shrink-every: per gate, the epoch ends in a row it was closed
+    recipe: OnePass | None = None          # gated: the one-pass recipe (penalty, freeze, exact target, switch)
 
 
 def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
@@ -194,6 +197,7 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
     if resume:
         _restore(run, ckpt, cfg, label, epochs, info)
     _wrap(run, cfg, info, device)
+    _follow(run, cfg, info, device)   # a recipe that froze when it was built (freeze step 0)
     progress = progress and info.is_main
     run.step = run.start_epoch * run.steps_per_epoch
     epochs_bar = _progress(range(run.start_epoch, epochs), progress, desc=label, initial=run.start_epoch,
@@ -209,8 +213,9 @@ def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Che
             dist_mod.barrier(info)
             if interrupt_after is not None and epoch + 1 >= interrupt_after:
                 raise KeyboardInterrupt
-        if gated and run.freeze >= run.total:   # the gates trained to the end: meet the target now
-            run.history.budget = _meet_target(model, cfg)
+        if gated and not run.history.budget:   # the gates trained to the end: meet the target now
+            run.recipe._freeze()
+            _follow(run, cfg, info, device)
     finally:
         if info.enabled:
             dist_mod.disable_sync_batchnorm(run.model)
@@ -257,6 +262,8 @@ def _maybe_shrink(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: 
         buf[shrink_mod.removed_gates(new).to(buf.device)] = 0
     run.to_origin = switch_mod.compose(run.to_origin, maps)
     run.model, run.opt, run.sched = new, opt, sched
+    if run.recipe is not None:
+        run.recipe._adopt(new, new, opt, sched)
     if cfg.channels_last:
         new.to(memory_format=torch.channels_last)
     _wrap(run, cfg, info, device)
@@ -316,32 +323,47 @@ def _wrap(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.de
             run.model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _switch(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.device) -> None:
-    """From this step on, train the extracted network (switch.py): the weights, momentum buffers, learning rates
-    and schedule carry over; the gated model stays (gates frozen) for the statistics and the end."""
-    gated = run.model
-    if info.enabled:
-        dist_mod.disable_sync_batchnorm(gated)
-    sw = switch_mod.switch(gated, run.opt, run.sched, run.example, channels_last=cfg.channels_last)
-    run.gated_model, run.maps = gated, sw.maps
-    run.model, run.opt, run.sched = sw.model, sw.optimizer, sw.scheduler
-    _wrap(run, cfg, info, device)
-    run.macs_per_sample = count(run.model, run.example)["macs"]
-    run.history.macs_trace.append([run.step, run.macs_per_sample])
-    run.history.switch_step = [run.step]
+def _recipe_step(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.device) -> None:
+    """The recipe's step after the optimizer's (OnePass.step: the gate window, the freeze with the exact target,
+    the switch), then :func:`_follow`. Under torchrun the wrapper is rebuilt when the scores start or stop
+    training, so that DistributedDataParallel averages exactly the gradients there are."""
+    rec = run.recipe
+    if rec is None:
+        return
+    if info.enabled and rec.switch_enabled and rec.steps + 1 == rec.freeze_step:
+        dist_mod.disable_sync_batchnorm(run.model)   # the extraction copies plain BatchNorm layers
+    moving = rec.bank.scores.requires_grad
+    rec.step()
+    _follow(run, cfg, info, device)
+    if info.enabled and not rec.switched and rec.bank.scores.requires_grad != moving:
+        _wrap(run, cfg, info, device)
+
+
+def _follow(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.device) -> None:
+    """What the recipe did, in the run: the budget met at the freeze (history), and from the switch on the
+    extracted network trained (the weights, momentum buffers, learning rates and schedule carried by OnePass;
+    the gated model stays, gates frozen, for the statistics and the end)."""
+    rec = run.recipe
+    if rec is None:
+        return
+    if rec.budget is not None and not run.history.budget:
+        run.history.budget = dict(rec.budget)
+    if rec.switched and run.gated_model is None:
+        run.gated_model, run.maps, run.model = rec.gated, rec.maps, rec.network
+        if cfg.channels_last:
+            run.model.to(memory_format=torch.channels_last)
+        _wrap(run, cfg, info, device)
+        run.macs_per_sample = count(run.model, run.example)["macs"]
+        run.history.macs_trace.append([run.step, run.macs_per_sample])
+        run.history.switch_step = [run.step]
 
 
 def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gated: bool, epochs: int, lr: float,
            pruner, device: torch.device) -> _Fit:
-    """The loss (gated: armed on the model), the optimizer, the learning-rate schedule and the grad scaler."""
+    """The optimizer, the learning-rate schedule, the grad scaler and, gated, the recipe (:class:`OnePass`: the
+    penalty armed on the model, the freeze, the exact target, the switch)."""
     steps_per_epoch = data_mod.num_batches(len(data.train_y), cfg.batch_size)
     total = steps_per_epoch * epochs
-    loss_fn = None
-    if gated:
-        loss_fn = PolarizationLoss(cfg.target_sparsity, cost=cfg.cost, polarization=cfg.polarization,
-                                   target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
-                                   schedule=penalty_schedule(steps_per_epoch, *cfg.schedule_epochs(epochs)))
-        loss_fn.arm(model)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay, cfg.gate_lr, cfg.target_weight)
@@ -351,12 +373,21 @@ def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gate
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     example = data.example_input(1).to(device)
+    switch_at = freeze if gated and not cfg.keep_gated and freeze < total else None
+    recipe = loss_fn = None
+    if gated:
+        recipe = OnePass(model, example, cfg.target_sparsity, total, opt, sched, cost=cfg.cost,
+                         freeze_at=cfg.freeze_gates_at, warmup_steps=warmup, switch=switch_at is not None,
+                         ramp_steps=int(round(cfg.schedule_epochs(epochs)[1] * steps_per_epoch)),
+                         target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
+                         polarization=cfg.polarization, check_group=False)
+        recipe.advice = "train longer (--epochs), freeze later (--freeze-gates-at) or raise --gate-lr"
+        loss_fn = recipe.loss
     counter, source = energy_mod.open_counter(device)
     history = History(energy={"source": source} if counter is not None else {"reason": source})
     macs = count(model, example)["macs"]
     history.macs_trace.append([0, macs])
-    switch_at = freeze if gated and not cfg.keep_gated and freeze < total else None
-    return _Fit(model=model, train_model=model, loss_fn=loss_fn, opt=opt, sched=sched, scaler=scaler,
+    return _Fit(recipe=recipe, model=model, train_model=model, loss_fn=loss_fn, opt=opt, sched=sched, scaler=scaler,
                 history=history, pruner=pruner, gated=gated, dual=gated and cfg.target_control == "dual",
                 rho=1.0 - cfg.target_sparsity, dual_shift=0.0, freeze=freeze, total=total,
                 steps_per_epoch=steps_per_epoch, example=example, macs_per_sample=macs, switch_at=switch_at,
@@ -414,6 +445,12 @@ def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs
     run.history = History(**state["history"])
     run.start_epoch = state["epoch"]
     torch.set_rng_state(state["rng"])
+    if run.recipe is not None:   # the recipe at the checkpoint's step, on the networks restored
+        rec = run.recipe
+        rec._adopt(run.gated_model or run.model, run.model, run.opt, run.sched, run.maps)
+        rec.steps = run.start_epoch * run.steps_per_epoch
+        rec.budget = dict(run.history.budget) if run.history.budget else None
+        rec._gates_move(rec._moving(rec.steps))
 
 
 def _rebuilder(run: _Fit, cfg: PruneConfig):
@@ -454,13 +491,10 @@ def _train_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: i
                                   pad=data.pad, flip=data.flip)
     for xb, yb in _progress(batch_iter, progress, total=run.steps_per_epoch, leave=False, unit="step",
                             desc=f"epoch {epoch + 1}"):
-        if run.gated and run.step == run.freeze:   # the gates stop here: from now on the final architecture
-            run.history.budget = _meet_target(run.model, cfg)
-            if run.switch_at == run.step:
-                _switch(run, cfg, info, device)
         part = dist_mod.shard(len(yb), info)
         if part is None:   # fewer samples than ranks: every rank skips it alike
             run.step += 1
+            _recipe_step(run, cfg, info, device)
             continue
         task, penalty, share = _train_step(run, xb, yb, part, cfg, info, device)
         macs += TRAIN_MACS_FACTOR * run.macs_per_sample * len(yb)
@@ -474,6 +508,7 @@ def _train_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: i
             run.history.step.append(run.step)
             run.history.step_density.append(float(loss_fn.last_terms[0]))
         run.step += 1
+        _recipe_step(run, cfg, info, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     run.history.epoch_seconds.append(time.perf_counter() - start)
@@ -581,18 +616,6 @@ def _checkpoint_state(run: _Fit, cfg: PruneConfig, label: str, epoch: int, info:
         "rng": torch.get_rng_state(),
         "world_size": info.world_size,
     }
-
-
-def _meet_target(model: nn.Module, cfg: PruneConfig) -> dict:
-    """The exact budget when the gates freeze (budget.py): the hard gates become the set that meets the target.
-    Few polarized gates at that moment (the scores barely trained) is said out loud."""
-    polarized = gate_stats(model, cost=cfg.cost)["polarized"]
-    if polarized < POLARIZED_WARNING:
-        warnings.warn(f"the gates freeze with {polarized:.1%} of them polarized: the target is met on scores that "
-                      f"barely trained; train longer (--epochs), freeze later (--freeze-gates-at) or raise "
-                      f"--gate-lr", stacklevel=2)
-    result = meet_target(model, cfg.target_sparsity, cfg.cost)
-    return result.to_dict()
 
 
 def _sync_buffers(model: nn.Module) -> None:

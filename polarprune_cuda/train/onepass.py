@@ -8,7 +8,7 @@
         pruner.step()                                      # schedule, freeze, exact target, switch
     small = pruner.finish()                                # the extracted network, trained
 
-What it does, step by step (the CLI's recipe, :mod:`~polarprune_cuda.train.loop`):
+What it does, step by step (the CLI's trainer, :mod:`~polarprune_cuda.train.loop`, is a user of it too):
 
 * construction: gates the model (:func:`~polarprune_cuda.attach_gates`) unless it is gated already; checks the
   optimizer (its kind must be one whose state can follow the channels, :data:`CARRIED`) and the gate scores'
@@ -139,6 +139,8 @@ class OnePass:
         wrap: a callable ``network -> module to call`` (DistributedDataParallel), applied to the network being
             trained whenever it changes.
         warmup_steps, ramp_steps: the warm-up and the ramp in steps (instead of ``warmup``, ``ramp``).
+        check_group: check the gate scores' parameter group (:func:`check_gate_group`); the CLI, which builds
+            its own, passes False.
 
     Attributes: :attr:`model` (call it: the network being trained, wrapped), :attr:`network` (the same,
     unwrapped), :attr:`gated` (the gated model; after the switch its gates are frozen and its weights catch up
@@ -150,7 +152,8 @@ class OnePass:
                  warmup: float = WARMUP, ramp: float = RAMP, gate_lr: float | None = None, switch: bool = True,
                  target_weight: float = 20.0, polarization_weight: float = 0.1, polarization: str = "bimodal",
                  min_channels: int = MIN_CHANNELS, round_to: int | None = None, ste: str = "identity", init: float = 1.0,
-                 wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None):
+                 wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None,
+                 check_group: bool = True):
         from ..surgery.attach import attach_gates
 
         if not isinstance(model, nn.Module):
@@ -187,7 +190,7 @@ class OnePass:
         window = max(self.freeze_step - self.warmup_steps, 0)
         n = self.bank.scores.numel()
         lr = self.gate_lr(optimizer, window, n, target_weight) if gate_lr is None else gate_lr
-        if window > 0:   # the gates train: their group must let them
+        if window > 0 and check_group:   # the gates train: their group must let them
             check_gate_group(optimizer, self.bank.scores, window, lr, target_weight)
         self.loss = PolarizationLoss(target_sparsity, cost=cost, polarization=polarization,
                                      target_weight=target_weight, polarization_weight=polarization_weight,
@@ -196,6 +199,9 @@ class OnePass:
         self.target_sparsity = float(target_sparsity)
         self.steps = 0
         self.budget: dict | None = None
+        self.polarized_at_freeze: float | None = None
+        #: what the freeze warning advises when few gates are polarized (the CLI names its options)
+        self.advice = "train longer, freeze later (freeze_at) or raise the gate learning rate"
         self.maps: dict[str, Tensor] | None = None
         self._gates_move(self._moving(0))
         self._set_network(model)
@@ -270,10 +276,9 @@ class OnePass:
         if stats["polarized"] < POLARIZED_WARNING:
             warnings.warn(f"the gates freeze at step {self.steps} with {stats['polarized']:.1%} of them polarized: "
                           f"the target is met on scores that barely trained (the penalty acted for "
-                          f"{max(self.steps - self.warmup_steps, 0)} steps); train longer, freeze later (freeze_at) or "
-                          f"raise the gate learning rate", stacklevel=3)
+                          f"{max(self.steps - self.warmup_steps, 0)} steps); {self.advice}", stacklevel=3)
         self.budget = meet_target(self.gated, self.target_sparsity, self.cost).to_dict()
-        self.budget["polarized_at_freeze"] = stats["polarized"]
+        self.polarized_at_freeze = stats["polarized"]
         if self.switch_enabled:
             self._switch()
         elif self.wrap is not None:
@@ -285,6 +290,13 @@ class OnePass:
         carry_state(self.optimizer, self.gated, small, maps, carry=carry)
         self.maps = maps
         self._set_network(small)
+
+    def _adopt(self, gated: nn.Module, network: nn.Module, optimizer, scheduler, maps=None) -> None:
+        """Continue with networks and an optimizer built elsewhere (the CLI's resume and shrinks): ``gated`` the
+        gated model, ``network`` the one being trained (``gated`` itself before the switch)."""
+        self.gated, self.bank, self.maps = gated, find_bank(gated), maps
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self._set_network(network)
 
     def finish(self) -> nn.Module:
         """The extracted network with the trained weights (also written back into the gated model)."""
@@ -301,6 +313,7 @@ class OnePass:
     def state_dict(self) -> dict:
         """The recipe's position and the networks' weights (the optimizer and scheduler save their own)."""
         out = {"steps": self.steps, "loss_step": self.loss.step, "budget": self.budget,
+               "polarized_at_freeze": self.polarized_at_freeze,
                "switched": self.switched, "gated": self.gated.state_dict()}
         if self.switched:
             out["model"] = self.network.state_dict()
@@ -316,6 +329,7 @@ class OnePass:
             raise RuntimeError("load_state_dict needs a OnePass that has not switched yet (a freshly built one)")
         self.gated.load_state_dict(state["gated"])
         self.steps, self.loss.step, self.budget = int(state["steps"]), int(state["loss_step"]), state["budget"]
+        self.polarized_at_freeze = state.get("polarized_at_freeze")
         self._gates_move(self._moving(self.steps))
         if state["switched"]:
             self._switch(carry=False)

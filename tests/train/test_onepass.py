@@ -199,7 +199,7 @@ def test_freezing_on_untrained_scores_is_said_out_loud():
     pruner = OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5, warmup=1 / 12)
     with pytest.warns(UserWarning, match=r"freeze at step 12 with 0.0% of them polarized.*freeze later"):
         _run(pruner, opt, sched, _batches(STEPS))
-    assert pruner.budget["polarized_at_freeze"] == 0.0 and abs(pruner.budget["achieved_sparsity"] - 0.5) <= 0.005
+    assert pruner.polarized_at_freeze == 0.0 and abs(pruner.budget["achieved_sparsity"] - 0.5) <= 0.005
 
 
 def test_evaluate_takes_a_dataloader_or_tensors():
@@ -337,3 +337,27 @@ def test_ddp_wrapper_follows_the_network_and_the_ranks_agree(tmp_path):
     assert r0["state"].keys() == r1["state"].keys()
     for k, v in r0["state"].items():
         assert torch.equal(v, r1["state"][k]), k
+
+
+def test_the_cli_trainer_is_a_user_of_onepass(tmp_path, monkeypatch):
+    """One implementation: a CLI run builds one OnePass, whose freeze meets the target (the only meet_target
+    call) and whose switch the run trains on; the run's budget is the recipe's."""
+    from polarprune_cuda.train import onepass, trainer
+
+    built, met = [], []
+    init, meet = onepass.OnePass.__init__, onepass.meet_target
+
+    def counting_init(self, *a, **k):
+        built.append(self)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(onepass.OnePass, "__init__", counting_init)
+    monkeypatch.setattr(onepass, "meet_target", lambda *a, **k: met.append(a) or meet(*a, **k))
+    cfg = trainer.PruneConfig(dataset="digits", max_train=128, max_test=64, batch_size=32, epochs=2,
+                              warmup_epochs=0.0, ramp_epochs=0.5, min_channels=2, seed=1)
+    with _quiet():
+        res = trainer.run_prune(cfg, tmp_path, progress=False)
+    assert len(built) == 1 and len(met) == 1
+    rec = built[0]
+    assert rec.switched and rec.steps == 8 and rec.freeze_step == 2
+    assert res.history.budget == rec.budget and res.history.switch_step == [2]
