@@ -135,20 +135,84 @@ def vgg11(num_classes: int = 10, in_channels: int = 3) -> CifarVGG:
 
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+#: torchvision ResNets whose stem ``small_input`` replaces (any torchvision classification model works by name)
 TORCHVISION = ("resnet18", "resnet34", "resnet50")
 
 
+def torchvision_names() -> list[str]:
+    """Every torchvision classification model's name (empty without torchvision)."""
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _timm_name(name: str) -> str | None:
+    return name[len("timm:"):] if name.startswith("timm:") else None
+
+
 def is_builtin(name) -> bool:
-    """Whether ``name`` is one of the models this package defines (no import of outside code)."""
-    return isinstance(name, str) and (name in CIFAR_DEPTHS or name in VGG_WIDTHS or name in TORCHVISION)
+    """Whether ``name`` builds a model from this package or a named library (torchvision, timm) rather than from
+    code a name points at (``module:function``)."""
+    if not isinstance(name, str) or not name:
+        return False
+    if name in CIFAR_DEPTHS or name in VGG_WIDTHS or name in TORCHVISION:
+        return True
+    timm_name = _timm_name(name)
+    if timm_name is not None:
+        return bool(timm_name) and ":" not in timm_name and "/" not in timm_name
+    return ":" not in name and name in torchvision_names()
+
+
+def _first_conv(model: nn.Module, in_channels: int) -> None:
+    """Replace the model's first convolution by one that takes ``in_channels`` channels (freshly initialised)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels == in_channels:
+                    return
+                if child.groups != 1:
+                    raise ValueError(f"the model's first convolution is grouped ({child.groups} groups): it cannot "
+                                     f"take {in_channels} input channels")
+                setattr(parent, child_name, nn.Conv2d(in_channels, child.out_channels, child.kernel_size,
+                                                      child.stride, child.padding, child.dilation,
+                                                      bias=child.bias is not None, padding_mode=child.padding_mode))
+                return
+    raise ValueError("the model has no Conv2d to take the input channels")
+
+
+def _import_function(name: str):
+    """``module:function`` imported as ``python -m`` would: the current folder first on the path."""
+    import importlib
+    import os
+    import sys
+
+    module_name, _, fn_name = name.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"model {name!r}: cannot import {fn_name} from {module_name} ({exc}; looked in the "
+                         f"current folder {cwd} and on the Python path)") from exc
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, small_input: bool = False) -> nn.Module:
-    """A model by name: CIFAR ResNet (resnet20 ... resnet110), vgg11, torchvision resnet18/34/50, ``module:function``.
+    """A model by name, its weights random.
 
-    ``small_input`` gives a torchvision ResNet a 3x3 stride-1 stem without max
-    pooling, for 32x32-sized images. ``module:function`` is called with
-    ``num_classes=`` (and ``in_channels=`` when it accepts it).
+    * ``resnet20`` ... ``resnet110`` (CIFAR-style), ``vgg11`` (this package);
+    * any torchvision classification model by its name (``resnet18``, ``mobilenet_v3_small``, ...; the first
+      convolution replaced where the data have other than 3 channels; ``small_input`` gives a torchvision ResNet
+      a 3x3 stride-1 stem without max pooling, for 32x32-sized images);
+    * ``timm:NAME``: ``timm.create_model(NAME, num_classes=, in_chans=)`` (timm installed: ``pip install timm``);
+    * ``module:function``, imported as ``python -m`` would (the current folder first) and called with
+      ``num_classes=`` (and ``in_channels=`` or ``in_chans=`` where it takes one).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model must be a non-empty name, got {name!r}")
@@ -156,34 +220,48 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, small_input: 
         return CifarResNet(CIFAR_DEPTHS[name], num_classes, in_channels)
     if name in VGG_WIDTHS:
         return CifarVGG(VGG_WIDTHS[name], num_classes, in_channels)
-    if name in TORCHVISION:
-        import torchvision
-
-        model = getattr(torchvision.models, name)(num_classes=num_classes)
-        if small_input or in_channels != 3:
-            stride, kernel, pad = (1, 3, 1) if small_input else (2, 7, 3)
-            model.conv1 = nn.Conv2d(in_channels, 64, kernel, stride, pad, bias=False)
-            if small_input:
-                model.maxpool = nn.Identity()
-        return model
+    timm_name = _timm_name(name)
+    if timm_name is not None:
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"model {name!r} needs timm, which is not installed: pip install timm") from None
+        if not timm_name or timm_name not in timm.list_models():
+            close = timm.list_models(f"*{timm_name}*")[:5] if timm_name else []
+            raise ValueError(f"model {name!r}: timm has no model {timm_name!r}"
+                             + (f" (close: {', '.join(close)})" if close else ""))
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     if ":" in name:
-        import importlib
         import inspect
 
-        module_name, _, fn_name = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"model {name!r}: cannot import {fn_name} from {module_name} ({exc})") from exc
+        fn = _import_function(name)
         kwargs = {"num_classes": num_classes}
         try:
-            if "in_channels" in inspect.signature(fn).parameters:
-                kwargs["in_channels"] = in_channels
+            params = inspect.signature(fn).parameters
+            for arg in ("in_channels", "in_chans"):
+                if arg in params:
+                    kwargs[arg] = in_channels
         except (TypeError, ValueError):
             pass
         model = fn(**kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
         return model
-    raise ValueError(f"model must be one of {', '.join(list(CIFAR_DEPTHS) + list(VGG_WIDTHS) + list(TORCHVISION))} or "
-                     f"'module:function', got {name!r}")
+    names = torchvision_names()
+    if name in names:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        if name in TORCHVISION and small_input:
+            model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+            model.maxpool = nn.Identity()
+        elif in_channels != 3:
+            _first_conv(model, in_channels)
+        return model
+    import difflib
+
+    known = list(CIFAR_DEPTHS) + list(VGG_WIDTHS) + names
+    close = difflib.get_close_matches(name, known, n=3)
+    raise ValueError(f"model {name!r} is not a model name: resnet20/32/44/56/110, vgg11, a torchvision "
+                     f"classification model{'' if names else ' (torchvision is not installed)'}, timm:NAME or "
+                     f"module:function" + (f"; close: {', '.join(close)}" if close else ""))

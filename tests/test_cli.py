@@ -123,7 +123,7 @@ def test_bad_options_are_named(tmp_path, capsys):
     rc, cap = run(["prune", "--target-sparsity", "1.5", "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and "target-sparsity must be in [0, 1)" in cap.err
     rc, cap = run(["prune", *TINY, "--model", "nosuchnet", "--out", str(tmp_path / "o2")], capsys)
-    assert rc == 2 and "model must be one of" in cap.err
+    assert rc == 2 and "is not a model name" in cap.err
 
 
 def _write_idx(path, array, gz):

@@ -426,9 +426,9 @@ def test_digest_files_catch_flipped_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("tamper,named", [
-    (lambda sd: {**sd, "conv1.weight": torch.zeros(3, 3)}, "conv1.weight has shape (3, 3)"),
+    (lambda sd: {**sd, "conv1.weight": torch.zeros(3, 3)}, "misshapen conv1.weight (3, 3)"),
     (lambda sd: {**sd, "bn1.running_var": torch.full_like(sd["bn1.running_var"], float("nan"))},
-     "bn1.running_var holds NaN or inf"),
+     "NaN or inf in bn1.running_var"),
     (lambda sd: [1, 2, 3], "must hold a state_dict"),
 ])
 def test_init_weights_that_do_not_fit_are_named(tmp_path, capsys, tamper, named):

@@ -89,7 +89,9 @@ class PruneConfig:
     finetune_epochs: int = _opt(0, "optional fine-tuning of the extracted model")
     seed: int = _opt(0)
     small_input: bool = _opt(False, "3x3 stride-1 stem for torchvision ResNets")
-    init: str | None = _opt(None, "state_dict (.pt) of pretrained dense weights to start from")
+    init: str | None = _opt(None, "pretrained dense weights to start from: a state_dict in .pt, .pth or "
+                                  ".safetensors; a classifier of another class count is re-initialised")
+    reset_classifier: bool = _opt(False, "with --init: re-initialise the classifier whatever its shape")
     max_train: int | None = _opt(None, "use only the first N training images")
     max_test: int | None = _opt(None, "use only the first N test images")
     data_dir: str | None = _opt(None, "folder with the data set's files (nothing is downloaded)")
@@ -213,6 +215,12 @@ class PruneConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, str) and v):
                 raise ValueError(f"{name.replace('_', '-')} must be a non-empty string, got {v!r}")
+        if self.dataset == "digits" and self.data_dir is not None:
+            raise ValueError(f"data-dir {self.data_dir!r} is not read by the digits data set (bundled with "
+                             f"scikit-learn): drop --data-dir, or choose the data set that folder holds with "
+                             f"--dataset ({', '.join(d for d in data_mod.DATASETS if d != 'digits')})")
+        if self.reset_classifier and not self.init:
+            raise ValueError("reset-classifier re-initialises the classifier of --init's weights: give --init")
         if not isinstance(self.freeze_gates_at, (int, float)) or not 0 < self.freeze_gates_at <= 1:
             raise ValueError(f"freeze-gates-at must be in (0, 1], got {self.freeze_gates_at!r}")
         if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) \

@@ -146,6 +146,7 @@ def build_report(result, command: list[str], latency: dict, energy: dict, latenc
         "blocks": result.blocks,
         "budget": getattr(result.history, "budget", None) or None,
         "training": training_section(result),
+        "init": getattr(result, "init", None),
     }
     acc = report["accuracy"]
     if acc["baseline"] is not None:
@@ -236,6 +237,10 @@ def _closing_lines(report: dict) -> list[str]:
         removed = ", ".join(f"`{b}`" for b in blocks["removed"]) or "none"
         lines.append(f"Removed residual blocks ({len(blocks['removed'])} of {len(blocks['gated'])} gated, each "
                      f"replaced by its shortcut): {removed}.")
+    init = report.get("init")
+    if init and init.get("reason"):
+        lines.append(f"Started from `{init['path']}`; its classifier was re-initialised "
+                     f"({', '.join(init['classifier_reset'])}): {init['reason']}.")
     energy = report["energy"]
     lines.append("Energy: " + (f"{energy['source']}." if energy.get("available")
                                else f"unavailable ({energy['reason']})."))

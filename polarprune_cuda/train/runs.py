@@ -25,34 +25,18 @@ from ..surgery import attach_gates, count, extract, kept_channels, predicted_dep
 from .checkpoint import Checkpointer
 from .config import PruneConfig
 from .loop import History, _fit, evaluate, training_cost
+from .weights import load_init
 
 
-def build(cfg: PruneConfig, data: data_mod.ImageData) -> nn.Module:
-    """The dense model of the recipe (seeded), with ``--init`` weights if given."""
+def build(cfg: PruneConfig, data: data_mod.ImageData, notes: dict | None = None) -> nn.Module:
+    """The dense model of the recipe (seeded), with ``--init`` weights if given (weights.load_init; what it did
+    goes into ``notes["init"]``, for the report)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.small_input)
     if cfg.init:
-        try:
-            state = torch.load(cfg.init, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"init: cannot read weights from {cfg.init!r} ({type(exc).__name__}: {exc})") from exc
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                  for k, v in state.items()):
-            raise ValueError(f"init: {cfg.init!r} must hold a state_dict (names to tensors), got "
-                             f"{type(state).__name__}")
-        own = model.state_dict()
-        for key, value in state.items():
-            if key in own and value.shape != own[key].shape:
-                raise ValueError(f"init: {cfg.init!r} does not fit {cfg.model}: {key} has shape "
-                                 f"{tuple(value.shape)}, the model's is {tuple(own[key].shape)}")
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"init: {cfg.init!r}: {key} holds NaN or inf")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"init: {cfg.init!r} does not fit {cfg.model} (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        note = load_init(model, cfg.init, data.num_classes, cfg.reset_classifier)
+        if notes is not None:
+            notes["init"] = note
     return model.to(cfg.device)
 
 
@@ -74,6 +58,7 @@ class PruneResult:
     seconds: float
     blocks: dict | None = None        # block gates: gated and removed block names, depth dense/pruned/predicted
     training: dict | None = None      # loop.training_cost of the training (and fine-tuning)
+    init: dict | None = None          # --init: weights.load_init's account (classifier reset and why)
 
 
 def run_prune(cfg: PruneConfig, out_dir, *, resume: bool = False, baseline: bool = False,
@@ -144,7 +129,8 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
     info = dist_info
     fit, ev, out, start, data = _prologue(cfg, out_dir, resume, progress, info)
     example = data.example_input(1).to(cfg.device)
-    dense = build(cfg, data)
+    notes: dict = {}
+    dense = build(cfg, data, notes)
     dense_count = count(dense, example)
     model = build(cfg, data)
     attach_gates(model, example, min_channels=cfg.min_channels, round_to=cfg.round_to, blocks=cfg.blocks,
@@ -184,7 +170,7 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
                             "predicted": predicted_depth(model)}}
     return PruneResult(cfg, data, dense, model, small, history, gated_acc, pruned_acc, finetuned_acc, base,
                        dense_count, count(small, example), (kept, total), time.perf_counter() - start, blocks,
-                       training_cost(*histories))
+                       training_cost(*histories), notes.get("init"))
 
 
 def run_dense(cfg: PruneConfig, out_dir, *, resume: bool = True, progress: bool = True,
