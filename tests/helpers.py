@@ -109,7 +109,7 @@ def float64_runs(setattr_=setattr):
         return bank
 
     setattr_(data_mod, "load_dataset", load64)
-    setattr_(runs, "build", lambda cfg, data: build(cfg, data).double())
+    setattr_(runs, "build", lambda cfg, data, *notes: build(cfg, data, *notes).double())
     setattr_(runs, "attach_gates", attach64)
 
 

@@ -141,6 +141,9 @@ class OnePass:
         warmup_steps, ramp_steps: the warm-up and the ramp in steps (instead of ``warmup``, ``ramp``).
         check_group: check the gate scores' parameter group (:func:`check_gate_group`); the CLI, which builds
             its own, passes False.
+        hold_scores: outside the gate window the scores get no gradient, so no optimizer moves them (False:
+            the caller's schedule holds them, as the CLI's gives their group a learning rate of 0 there, its SGD
+            momentum gathering the task's gradient during the warm-up).
 
     Attributes: :attr:`model` (call it: the network being trained, wrapped), :attr:`network` (the same,
     unwrapped), :attr:`gated` (the gated model; after the switch its gates are frozen and its weights catch up
@@ -153,7 +156,7 @@ class OnePass:
                  target_weight: float = 20.0, polarization_weight: float = 0.1, polarization: str = "bimodal",
                  min_channels: int = MIN_CHANNELS, round_to: int | None = None, ste: str = "identity", init: float = 1.0,
                  wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None,
-                 check_group: bool = True):
+                 check_group: bool = True, hold_scores: bool = True):
         from ..surgery.attach import attach_gates
 
         if not isinstance(model, nn.Module):
@@ -197,6 +200,7 @@ class OnePass:
                                      schedule=ramp_schedule(self.warmup_steps, ramp_steps))
         self.loss.arm(model)
         self.target_sparsity = float(target_sparsity)
+        self.hold_scores = hold_scores
         self.steps = 0
         self.budget: dict | None = None
         self.polarized_at_freeze: float | None = None
@@ -240,6 +244,8 @@ class OnePass:
         """The scores get gradients (and so steps) only while they move: outside the window no optimizer, whatever
         its momentum or decay, changes them."""
         scores = self.bank.scores
+        if not self.hold_scores:
+            return
         scores.requires_grad_(moving)
         if not moving:
             scores.grad = None
