@@ -34,5 +34,9 @@ class DatasetNotFoundError(FileNotFoundError):
     """A data set's files are not where we looked; the message says where and how to get them."""
 
 
-__all__ = ["BackendUnavailableError", "CheckpointError", "DatasetNotFoundError", "IntegrityError",
+class ImageReadError(ValueError):
+    """An image of a data set folder cannot be read; the message names its path."""
+
+
+__all__ = ["BackendUnavailableError", "CheckpointError", "DatasetNotFoundError", "ImageReadError", "IntegrityError",
            "NonFiniteGateError", "RunFolderError", "UnsupportedModelError"]

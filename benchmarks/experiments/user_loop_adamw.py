@@ -36,7 +36,7 @@ from polarprune_cuda.train.onepass import FREEZE, WARMUP  # noqa: E402
 
 def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float, target: float,
         freeze_at: float = FREEZE, scratch: nn.Module | None = None, onepass_kw: dict | None = None,
-        gate_betas: tuple | None = None) -> dict:
+        gate_betas: tuple | None = None, reset_at_switch: bool = False) -> dict:
     """One training run: dense (``one_pass`` False), the one pass, or ``scratch`` (an architecture, its weights
     drawn anew from ``seed``) trained densely."""
     t_arm = time.perf_counter()
@@ -81,7 +81,10 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
                 opt.step()
                 sched.step()
                 if one_pass:
+                    was = pruner.switched
                     pruner.step()
+                    if reset_at_switch and pruner.switched and not was:
+                        opt.state.clear()   # the weights' state starts afresh on the extracted network
             train_s += time.perf_counter() - t0
     final = pruner.finish() if one_pass else model
     acc = evaluate(final, data.test_x, data.test_y)
@@ -112,12 +115,17 @@ def main(argv=None):
     p.add_argument("--target-weight", type=float, default=None, help="OnePass target_weight (default its own)")
     p.add_argument("--polarization-weight", type=float, default=None, help="OnePass polarization_weight")
     p.add_argument("--gate-betas", type=float, nargs=2, default=None, help="the gate group's AdamW betas")
+    p.add_argument("--reset-at-switch", action="store_true", help="clear the optimizer's state at the switch "
+                   "instead of carrying it")
+    p.add_argument("--keep-gated", action="store_true", help="OnePass switch=False: the gated network to the end")
     p.add_argument("--stem", default="fashion-12k")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     data = data_mod.load_dataset(args.dataset, args.data_dir, max_train=args.max_train)
     kw = {k: v for k, v in (("target_weight", args.target_weight),
                             ("polarization_weight", args.polarization_weight)) if v is not None}
+    if args.keep_gated:
+        kw["switch"] = False
     rows = []
     for seed in args.seeds:
         final = None
@@ -126,7 +134,7 @@ def main(argv=None):
                 p.error("--arms: from-scratch needs one-pass before it")
             rows.append(arm(data, name == "one-pass", seed, args.epochs, args.batch, args.gate_c, args.target,
                             args.freeze_at, scratch=final if name == "from-scratch" else None, onepass_kw=kw,
-                            gate_betas=args.gate_betas))
+                            gate_betas=args.gate_betas, reset_at_switch=args.reset_at_switch))
             r = rows[-1]
             final = r.pop("final") or final
             print(f"{r['arm']} seed {seed}: accuracy {r['accuracy']:.4f}, MACs removed {r['macs_removed']:.4f}, "
@@ -149,8 +157,9 @@ def main(argv=None):
             f" ({args.max_train} training images)\n\nCommand: `{cmd}`  \n"
             f"{args.epochs} epochs, batch {args.batch}, AdamW lr 1e-3, weight decay 0.05, cosine; one pass at "
             f"{args.target:.0%} of MACs, gate lr {args.gate_c:g} / window, freeze at {args.freeze_at:g}"
-            f"{''.join(f', {k} {v:g}' for k, v in kw.items())}"
-            f"{f', gate betas {tuple(args.gate_betas)}' if args.gate_betas else ''}; seeds {args.seeds}; accuracy on the full "
+            f"{''.join(f', {k} {v}' for k, v in kw.items())}"
+            f"{f', gate betas {tuple(args.gate_betas)}' if args.gate_betas else ''}"
+            f"{', optimizer state cleared at the switch' if args.reset_at_switch else ''}; seeds {args.seeds}; accuracy on the full "
             f"test set. CPU, {torch.get_num_threads()} threads, the arms one after the other.\n\n" + "\n".join(lines) + "\n")
     _record.write(args.out, f"user-loop-adamw-{args.stem}", {"command": cmd, "rows": rows}, text)
     return rows

@@ -95,6 +95,11 @@ class PruneConfig:
     max_train: int | None = _opt(None, "use only the first N training images")
     max_test: int | None = _opt(None, "use only the first N test images")
     data_dir: str | None = _opt(None, "folder with the data set's files (nothing is downloaded)")
+    image_size: int | None = _opt(None, "folder: the side of the square images the model sees (default: the "
+                                        "first training image's larger side)")
+    workers: int = _opt(0, "folder: processes decoding images (0: in the training process)")
+    normalize: str | None = _opt(None, "folder: per-channel means then stds, comma-separated (default: computed "
+                                       "from 512 training images)")
     # the CLI's --device (default auto) is written by hand
     device: str = _opt("cpu", flag=None)
     # block (layer) gates of method polar: one gate per residual branch, with or without channel gates
@@ -116,7 +121,7 @@ class PruneConfig:
                       choices=fggp_mod.STARTS)
 
     #: fields that may differ between a run and the checkpoint it resumes from
-    RESUME_FREE = ("data_dir", "device")
+    RESUME_FREE = ("data_dir", "device", "workers")
 
     def validate(self) -> None:
         """ValueError naming the option (CLI spelling) whose value is out of its range; the checks run in this
@@ -202,9 +207,11 @@ class PruneConfig:
                                  f"{'' if name == 'score_init' else ' >= 0'}, got {v!r}")
 
     def _check_counts(self) -> None:
-        for name in ("max_train", "max_test", "round_to"):
+        for name in ("max_train", "max_test", "round_to", "image_size"):
             if getattr(self, name) is not None:
                 self._positive_int(name)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not 0 <= self.label_smoothing < 1:
@@ -219,6 +226,14 @@ class PruneConfig:
             raise ValueError(f"data-dir {self.data_dir!r} is not read by the digits data set (bundled with "
                              f"scikit-learn): drop --data-dir, or choose the data set that folder holds with "
                              f"--dataset ({', '.join(d for d in data_mod.DATASETS if d != 'digits')})")
+        if self.dataset != "folder":
+            for name, default in (("image_size", None), ("workers", 0), ("normalize", None)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name.replace('_', '-')} is read by --dataset folder only, not by "
+                                     f"{self.dataset}")
+        elif self.data_dir is None:
+            raise ValueError("dataset folder reads --data-dir DIR (DIR/train/<class>/<image>, "
+                             "DIR/val/<class>/<image>)")
         if self.reset_classifier and not self.init:
             raise ValueError("reset-classifier re-initialises the classifier of --init's weights: give --init")
         if not isinstance(self.freeze_gates_at, (int, float)) or not 0 < self.freeze_gates_at <= 1:

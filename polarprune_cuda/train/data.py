@@ -7,6 +7,8 @@
 * ``cifar10`` / ``cifar100``: the python-pickle batches in torchvision's layout
   (``cifar-10-batches-py/``, ``cifar-100-python/``) under ``--data-dir``.
   Nothing is downloaded.
+* ``folder``: your own images in torchvision's ImageFolder layout under ``--data-dir``, streamed from disk
+  (:mod:`~polarprune_cuda.train.folder`).
 
 Batches come from :func:`batches`: a seeded permutation per epoch and, for
 training, a seeded augmentation (random crop with zero padding, horizontal flip
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor
 from ..errors import DatasetNotFoundError
 
-DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "folder")
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
 
 
@@ -45,6 +47,9 @@ class ImageData:
     pad: int               # random-crop padding for augmentation (0: none)
     flip: bool             # random horizontal flips
     source: str            # where the files came from
+    #: what an input needs before the model sees it (mean, std per channel of values in [0, 1]; image_size,
+    #: channels, classes): train.folder.Preprocessing's fields
+    preprocessing: dict | None = None
 
     @property
     def in_channels(self) -> int:
@@ -64,10 +69,19 @@ class ImageData:
         return x.clone()
 
 
-def _normalise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+def _normalise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor, dict]:
+    """Both splits normalised with the training split's per-channel statistics, and those statistics."""
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return (train - mean) / std, (test - mean) / std
+    stats = {"mean": [round(float(v), 6) for v in mean.flatten()], "std": [round(float(v), 6) for v in std.flatten()]}
+    return (train - mean) / std, (test - mean) / std, stats
+
+
+def _prepared(data: ImageData, stats: dict) -> ImageData:
+    """``data`` with its preprocessing recorded (classes named by their index)."""
+    data.preprocessing = {**stats, "image_size": data.image_size, "channels": data.in_channels,
+                          "classes": [str(i) for i in range(data.num_classes)]}
+    return data
 
 
 def _limit(data: ImageData, max_train: int | None, max_test: int | None) -> ImageData:
@@ -75,6 +89,8 @@ def _limit(data: ImageData, max_train: int | None, max_test: int | None) -> Imag
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name.replace('_', '-')} must be a positive int (or left out for all images), "
                              f"got {v!r}")
+    if data is None:
+        return None
     if max_train:
         data.train_x, data.train_y = data.train_x[:max_train], data.train_y[:max_train]
     if max_test:
@@ -91,9 +107,9 @@ def load_digits() -> ImageData:
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
                                            stratify=bunch.target)
-    train_x, test_x = _normalise(images[idx_train], images[idx_test])
-    return ImageData("digits", train_x, labels[idx_train], test_x, labels[idx_test], 10, pad=1, flip=False,
-                     source="scikit-learn (bundled)")
+    train_x, test_x, stats = _normalise(images[idx_train], images[idx_test])
+    return _prepared(ImageData("digits", train_x, labels[idx_train], test_x, labels[idx_test], 10, pad=1,
+                               flip=False, source="scikit-learn (bundled)"), stats)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -143,9 +159,10 @@ def load_fashion_mnist(data_dir=None) -> ImageData:
             arrays = [_read_idx(f) for f in files]
             train = torch.from_numpy(arrays[0].astype(np.float32) / 255.0).unsqueeze(1)
             test = torch.from_numpy(arrays[2].astype(np.float32) / 255.0).unsqueeze(1)
-            train_x, test_x = _normalise(train, test)
-            return ImageData("fashion-mnist", train_x, torch.from_numpy(arrays[1].astype(np.int64)), test_x,
-                             torch.from_numpy(arrays[3].astype(np.int64)), 10, pad=2, flip=True, source=str(folder))
+            train_x, test_x, stats = _normalise(train, test)
+            return _prepared(ImageData("fashion-mnist", train_x, torch.from_numpy(arrays[1].astype(np.int64)),
+                                       test_x, torch.from_numpy(arrays[3].astype(np.int64)), 10, pad=2, flip=True,
+                                       source=str(folder)), stats)
     raise DatasetNotFoundError(
         "Fashion-MNIST not found. Looked for train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
         "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in: " + ", ".join(map(str, searched))
@@ -181,9 +198,9 @@ def load_cifar(name: str, data_dir=None) -> ImageData:
 
             train_x, train_y = stack(batches[:-1])
             test_x, test_y = stack(batches[-1:])
-            train_x, test_x = _normalise(train_x, test_x)
-            return ImageData(name, train_x, train_y, test_x, test_y, 10 if name == "cifar10" else 100,
-                             pad=4, flip=True, source=str(folder))
+            train_x, test_x, stats = _normalise(train_x, test_x)
+            return _prepared(ImageData(name, train_x, train_y, test_x, test_y, 10 if name == "cifar10" else 100,
+                                       pad=4, flip=True, source=str(folder)), stats)
     where = ", ".join(searched) if searched else "nowhere (no --data-dir given and POLARPRUNE_DATA unset)"
     raise DatasetNotFoundError(
         f"{name.upper()} not found. Looked in: {where}. This project downloads nothing: put the python version "
@@ -191,12 +208,21 @@ def load_cifar(name: str, data_dir=None) -> ImageData:
         "pass --data-dir FOLDER.")
 
 
-def load_dataset(name: str, data_dir=None, max_train: int | None = None, max_test: int | None = None) -> ImageData:
+def load_dataset(name: str, data_dir=None, max_train: int | None = None, max_test: int | None = None,
+                 **folder) -> ImageData:
     """Load a data set by name (see :data:`DATASETS`); an explicit ``data_dir`` must be a folder, and it is the
-    only place looked in."""
+    only place looked in. ``folder``: :class:`~polarprune_cuda.train.folder.FolderData`'s options (image_size,
+    workers, normalize, pin_memory) for the ``folder`` data set."""
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DatasetNotFoundError(f"data-dir {str(data_dir)!r} is not a folder (nothing is downloaded: give the "
                                    "folder that holds the data set's files)")
+    if name == "folder":
+        from .folder import FolderData
+
+        if data_dir is None:
+            raise ValueError("dataset folder reads --data-dir DIR (DIR/train/<class>/<image>, DIR/val/<class>/<image>)")
+        _limit(None, max_train, max_test)
+        return FolderData(data_dir, max_train=max_train, max_test=max_test, **folder)
     if name == "digits":
         data = load_digits()
     elif name == "fashion-mnist":
@@ -261,6 +287,21 @@ def _nchw(x: Tensor) -> Tensor:
     if x.stride() == tuple(reversed(want)):
         return x
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def train_batches(data, batch_size: int, seed: int, epoch: int):
+    """The epoch's training batches of ``data`` (in memory: :func:`batches`; a folder: its loader)."""
+    if isinstance(data, ImageData):
+        return batches(data.train_x, data.train_y, batch_size, seed=seed, epoch=epoch, pad=data.pad, flip=data.flip)
+    return data.train_batches(batch_size, seed, epoch)
+
+
+def test_set(data, rank: int = 0, world_size: int = 1) -> tuple:
+    """What :func:`~polarprune_cuda.train.loop.evaluate` takes for ``data``'s test images: the tensors
+    ``(x, y)``, or ``(this rank's batches, None)`` for a folder."""
+    if isinstance(data, ImageData):
+        return data.test_x, data.test_y
+    return data.test_batches(256, rank, world_size), None
 
 
 def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:

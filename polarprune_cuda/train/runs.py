@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -16,7 +17,7 @@ from torch import nn
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import rundir
-from .._io import save_tensors
+from .._io import save_tensors, write_text
 from ..gates.bank import find_bank
 from ..models import build_model
 from ..sparse import fggp as fggp_mod
@@ -26,6 +27,19 @@ from .checkpoint import Checkpointer
 from .config import PruneConfig
 from .loop import History, _fit, evaluate, training_cost
 from .weights import load_init
+
+
+def load_data(cfg: PruneConfig):
+    """The recipe's data set (a folder with its loader options: --image-size, --workers, --normalize)."""
+    folder = {} if cfg.dataset != "folder" else {
+        "image_size": cfg.image_size, "workers": cfg.workers, "normalize": cfg.normalize,
+        "pin_memory": str(cfg.device).startswith("cuda")}
+    return data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test, **folder)
+
+
+def _test(data, info: dist_mod.DistInfo) -> tuple:
+    """evaluate's test-set arguments for ``data`` on this rank."""
+    return data_mod.test_set(data, info.rank, info.world_size)
 
 
 def build(cfg: PruneConfig, data: data_mod.ImageData, notes: dict | None = None) -> nn.Module:
@@ -118,7 +132,7 @@ def _prologue(cfg: PruneConfig, out_dir, resume: bool, progress: bool, info: dis
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
+    data = load_data(cfg)
     if info.is_main:
         warn_unreachable(cfg, len(data.train_y))
     return fit, ev, out, start, data
@@ -137,22 +151,24 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
                  channels=cfg.channel_gates, ste=cfg.ste, init=cfg.score_init)
     history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=True, epochs=cfg.epochs,
                    lr=cfg.lr, label="prune", interrupt_after=interrupt_after, **fit)
-    gated_acc = evaluate(model, data.test_x, data.test_y, **ev)
+    gated_acc = evaluate(model, *_test(data, dist_info), **ev)
     small = extract(model, data.example_input(8).to(cfg.device))
-    pruned_acc = evaluate(small, data.test_x, data.test_y, **ev)
+    pruned_acc = evaluate(small, *_test(data, dist_info), **ev)
     finetuned_acc = None
     histories = [history]
     if cfg.finetune_epochs:
         histories.append(_fit(small, data, cfg, Checkpointer(out / "finetune.pt"), gated=False,
                               epochs=cfg.finetune_epochs, lr=cfg.lr * 0.1, label="finetune", **fit))
-        finetuned_acc = evaluate(small, data.test_x, data.test_y, **ev)
+        finetuned_acc = evaluate(small, *_test(data, dist_info), **ev)
     if info.is_main:
         save_pruned(small, out / "model")
+        if getattr(data, "preprocessing", None) is not None:   # what an input needs: beside the weights
+            write_text(out / "model" / "preprocessing.json", json.dumps(data.preprocessing, indent=1))
     base = None
     if baseline:
         base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False,
                          epochs=cfg.epochs + cfg.finetune_epochs, lr=cfg.lr, label="baseline", **fit)
-        base = {"accuracy": evaluate(dense, data.test_x, data.test_y, **ev),
+        base = {"accuracy": evaluate(dense, *_test(data, dist_info), **ev),
                 "test_accuracy": base_hist.test_accuracy, "training": training_cost(base_hist)}
     spec = small.polarprune_spec
     kept = sum(len(g["kept"]) for g in spec["groups"])
@@ -180,12 +196,12 @@ def run_dense(cfg: PruneConfig, out_dir, *, resume: bool = True, progress: bool 
     Checkpoints to ``out_dir/checkpoint.pt`` every epoch and continues from it when ``resume``."""
     cfg.validate()
     out = Path(out_dir)
-    data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
+    data = load_data(cfg)
     model = build(cfg, data)
     with _holding(out, dist_info):
         _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs, lr=cfg.lr,
              resume=resume, progress=progress, label="dense", dist_info=dist_info)
-    return evaluate(model, data.test_x, data.test_y, device=cfg.device, dist_info=dist_info, amp=cfg.amp,
+    return evaluate(model, *_test(data, dist_info), device=cfg.device, dist_info=dist_info, amp=cfg.amp,
                     channels_last=cfg.channels_last)
 
 
@@ -260,12 +276,12 @@ def _run_sparse(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, prog
         (out / "model").mkdir(exist_ok=True)
         save_tensors(state, out / "model" / "weights.pt")
         sizes = fggp_mod.save_sparse(state, out / "model" / "sparse.pt")
-    accuracy = evaluate(model, data.test_x, data.test_y, **ev)
+    accuracy = evaluate(model, *_test(data, dist_info), **ev)
     base = None
     if baseline:
         base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False, epochs=cfg.epochs,
                          lr=cfg.lr, label="baseline", **fit)
-        base = {"accuracy": evaluate(dense, data.test_x, data.test_y, **ev),
+        base = {"accuracy": evaluate(dense, *_test(data, dist_info), **ev),
                 "test_accuracy": base_hist.test_accuracy, "training": training_cost(base_hist)}
     return SparseResult(cfg, data, dense, model, pruner, history, accuracy, base, pruner.sparsity(), sizes,
                         time.perf_counter() - start, training_cost(history))

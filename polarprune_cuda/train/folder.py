@@ -1,0 +1,223 @@
+"""``--dataset folder``: your own images in torchvision's ImageFolder layout, streamed from disk.
+
+    DIR/train/<class>/<image>      the training images, one folder per class
+    DIR/val/<class>/<image>        the evaluation images (``DIR/test/`` is read where ``val/`` is missing)
+
+Images are decoded by a :class:`torch.utils.data.DataLoader` (``--workers`` processes, pinned memory on a GPU),
+one channel where the first training image is grey, else RGB. Training: a random resized crop to
+``--image-size`` (the first image's size by default; scale 0.25 to 1) and a horizontal flip; evaluation: a resize
+to ``image_size / 0.875`` and a center crop. Normalisation: ``--normalize MEAN...,STD...`` or computed once from
+up to :data:`STATS_IMAGES` training images; it travels with the model (:class:`Preprocessing`, in the report and
+the run's ``model/preprocessing.json``).
+
+The epoch's order is the in-memory sets' (a permutation seeded by the seed and the epoch, the same global
+batches under torchrun, each rank taking its slice), and every image's augmentation is drawn from a generator
+seeded by the seed, the epoch and the image's index: a run is the same with any number of workers and resumes
+exactly at an epoch boundary. An image that cannot be read stops the run with its path
+(:class:`~polarprune_cuda.errors.ImageReadError`); the checkpoint of the last epoch stays.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from ..errors import DatasetNotFoundError, ImageReadError
+
+#: file name endings read as images (torchvision's ImageFolder list)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: training images the normalisation is computed from where it is not given
+STATS_IMAGES = 512
+#: the smallest fraction of the image a training crop covers
+CROP_SCALE = (0.25, 1.0)
+
+
+@dataclass
+class Preprocessing:
+    """What an input needs before the model sees it: resize to ``image_size / 0.875``, center crop to
+    ``image_size``, ``channels`` (1: grey, 3: RGB), values in [0, 1], then ``(x - mean) / std`` per channel;
+    ``classes[i]`` is the name of output ``i``."""
+
+    mean: list
+    std: list
+    image_size: int
+    channels: int
+    classes: list
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _listing(root: Path, classes: list[str] | None) -> tuple[list[tuple[Path, int]], list[str]]:
+    if classes is None:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise DatasetNotFoundError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    else:
+        extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in classes)
+        if extra:
+            raise ValueError(f"{root} has classes the training folder lacks: {', '.join(extra[:5])}")
+    samples = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                samples.append((path, label))
+    if not samples:
+        raise DatasetNotFoundError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    return samples, classes
+
+
+def _open(path: Path, channels: int | None):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if channels is None:
+                channels = 1 if im.mode in ("L", "I", "I;16", "F", "1") else 3
+            return im.convert("L" if channels == 1 else "RGB"), channels
+    except Exception as exc:   # noqa: BLE001 - whatever PIL raises, the path is what the user needs
+        raise ImageReadError(f"image {path} cannot be read ({type(exc).__name__}: {exc}); remove or replace "
+                             f"it and resume (--resume)") from None
+
+
+class _Images(torch.utils.data.Dataset):
+    """The images of one split, transformed; training images with their own seeded augmentation."""
+
+    def __init__(self, samples, transform, channels: int, seed: int | None = None):
+        self.samples, self.transform, self.channels, self.seed = samples, transform, channels, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        image, _ = _open(path, self.channels)
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 100_003 + self.epoch) * 1_000_003 + i) % (2 ** 63))
+            return self.transform(image), label
+
+
+def parse_normalize(text: str | None, channels: int) -> tuple[list, list] | None:
+    """``"m1,...,s1,..."`` (one mean and one std per channel) as (mean, std); None for None."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"normalize must be comma-separated numbers (means, then stds), got {text!r}") from None
+    if len(values) != 2 * channels or not all(math.isfinite(v) for v in values) or min(values[channels:]) <= 0:
+        raise ValueError(f"normalize needs {channels} means and {channels} positive stds for {channels}-channel "
+                         f"images, got {text!r}")
+    return values[:channels], values[channels:]
+
+
+class FolderData:
+    """A data set read from an image folder (see the module's text); quacks like :class:`ImageData` where the
+    trainer needs it: ``train_y``/``test_y`` (the labels), ``num_classes``, ``in_channels``, ``image_size``,
+    :meth:`example_input`, :meth:`train_batches`, :meth:`test_batches`."""
+
+    name = "folder"
+    pad, flip = 0, False
+
+    def __init__(self, root, image_size: int | None = None, workers: int = 0, normalize: str | None = None,
+                 max_train: int | None = None, max_test: int | None = None, pin_memory: bool = False):
+        root = Path(root)
+        train_dir = root / "train"
+        test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+        if not train_dir.is_dir() or test_dir is None:
+            raise DatasetNotFoundError(
+                f"{root} is not an image folder: it needs {root}/train/<class>/<image> and {root}/val/<class>/<image> "
+                f"(or test/), torchvision's ImageFolder layout")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+        train, classes = _listing(train_dir, None)
+        test, _ = _listing(test_dir, classes)
+        if max_train:
+            train = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+                     [:max_train].sort().values.tolist()]
+        if max_test:
+            test = [test[i] for i in torch.randperm(len(test), generator=torch.Generator().manual_seed(1))
+                    [:max_test].sort().values.tolist()]
+        first, channels = _open(train[0][0], None)
+        size = image_size or max(first.size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"image-size must be a positive int, got {image_size!r}")
+        self.root, self.workers, self.pin_memory = root, workers, pin_memory
+        self.source = str(root)
+        self.num_classes = len(classes)
+        self.train_y = torch.tensor([label for _, label in train], dtype=torch.long)
+        self.test_y = torch.tensor([label for _, label in test], dtype=torch.long)
+        given = parse_normalize(normalize, channels)
+        mean, std = given if given is not None else self._stats(train, size, channels)
+        self.preprocessing = Preprocessing(mean, std, size, channels, classes).to_dict()
+        self._train = _Images(train, self._transform(True), channels, seed=0)
+        self._test = _Images(test, self._transform(False), channels)
+
+    # ----------------------------------------------------------------- transforms
+
+    def _transform(self, train: bool, normalize: bool = True):
+        from torchvision.transforms import v2
+
+        size = self.preprocessing["image_size"] if hasattr(self, "preprocessing") else self._size
+        steps = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]
+        if train:
+            steps += [v2.RandomResizedCrop(size, scale=CROP_SCALE, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            steps += [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
+        if normalize:
+            steps.append(v2.Normalize(self.preprocessing["mean"], self.preprocessing["std"]))
+        return v2.Compose(steps)
+
+    def _stats(self, train, size: int, channels: int) -> tuple[list, list]:
+        self._size = size
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:STATS_IMAGES].tolist()
+        images = _Images([train[i] for i in pick], self._transform(False, normalize=False), channels)
+        x = torch.stack([images[i][0] for i in range(len(images))])
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+    # ----------------------------------------------------------------- what the trainer reads
+
+    @property
+    def in_channels(self) -> int:
+        return self.preprocessing["channels"]
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing["image_size"]
+
+    def example_input(self, batch: int = 1) -> Tensor:
+        """The first ``batch`` training images as evaluation sees them."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        n = len(self._train)
+        plain = _Images(self._train.samples, self._transform(False), self.in_channels)
+        return torch.stack([plain[i % n][0] for i in range(batch)])
+
+    def _loader(self, dataset, batch_sampler):
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers,
+                                           pin_memory=self.pin_memory, persistent_workers=False)
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The epoch's global batches: the order and the augmentation seeded by (``seed``, ``epoch``)."""
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(self._train), generator=gen).tolist()
+        self._train.seed, self._train.epoch = seed, epoch
+        return iter(self._loader(self._train, [order[i:i + batch_size] for i in range(0, len(order), batch_size)]))
+
+    def test_batches(self, batch_size: int = 256, rank: int = 0, world_size: int = 1):
+        """The evaluation images in order (under torchrun: this rank's contiguous part)."""
+        idx = torch.tensor_split(torch.arange(len(self._test)), world_size)[rank].tolist()
+        return self._loader(self._test, [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)])
