@@ -14,7 +14,6 @@ from polarprune_cuda.train.folder import FolderData
 from helpers import without_clock
 
 Image = pytest.importorskip("PIL.Image")
-pytest.importorskip("torchvision")
 
 
 def _folder(root, train=16, val=6, size=12):
