@@ -134,7 +134,7 @@ def planned_files(cfg: PruneConfig, baseline: bool) -> list[str]:
         files.append("finetune.pt")
     if baseline:
         files.append("baseline.pt")
-    files += ["model/weights.pt", "model/weights.pt.sha256", "model/preprocessing.json"]
+    files += ["model/weights.pt", "model/weights.pt.sha256"]
     files += ["model/spec.json"] if cfg.method == "polar" else ["model/sparse.pt", "model/sparse.pt.sha256"]
     files += ["report.json", "report.md", *plot_names(cfg.method)]
     return files
@@ -318,8 +318,8 @@ def export(args) -> int:
     with rundir.locked(run) if owned else contextlib.nullcontext():   # not while a prune writes the folder
         model, sample_shape = load_run(run, model=args.model)
         x = torch.randn(args.batch, *sample_shape, generator=torch.Generator().manual_seed(0))
-        prep_src = run / "model" / "preprocessing.json"
-        prep = out.with_name(out.name + ".preprocessing.json") if prep_src.is_file() else None
+        preprocessing = model.polarprune_spec.get("preprocessing")   # checked by load_pruned
+        prep = out.with_name(out.name + ".preprocessing.json") if preprocessing is not None else None
         if inside:
             rundir.RunFolder(run).claim(out.name, *([prep.name] if prep is not None else []))
         if args.format == "pt2":
@@ -327,28 +327,10 @@ def export(args) -> int:
         else:
             export_onnx(model, x, out)
         if prep is not None:   # what an input needs before the model: beside the file that runs it
-            write_text(prep, json.dumps(_preprocessing(prep_src), indent=1))
+            write_text(prep, json.dumps(preprocessing, indent=1))
     print(f"polarprune: wrote {out} (checked against eager on a batch of {args.batch})"
           + (f" and {prep.name}" if prep is not None else ""))
     return 0
-
-
-def _preprocessing(path: Path) -> dict:
-    """A run's model/preprocessing.json, checked: mean and std lists of numbers, image size, channels, classes."""
-    if path.stat().st_size > MAX_REPORT_BYTES:
-        raise ValueError(f"{path} is larger than a preprocessing file can be")
-    try:
-        prep = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
-    ok = isinstance(prep, dict) and all(isinstance(prep.get(k), list) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in prep[k]) for k in ("mean", "std")) \
-        and all(isinstance(prep.get(k), int) and not isinstance(prep.get(k), bool) for k in ("image_size", "channels")) \
-        and isinstance(prep.get("classes"), list) and all(isinstance(c, str) for c in prep["classes"])
-    if not ok:
-        raise ValueError(f"{path} must hold mean, std (lists of numbers), image_size, channels (ints) and classes "
-                         f"(names)")
-    return {k: prep[k] for k in ("mean", "std", "image_size", "channels", "classes")}
 
 
 TRAIN_EXTRA = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}

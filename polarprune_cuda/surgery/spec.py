@@ -75,6 +75,8 @@ def spec_digest(spec: dict) -> str:
 SPEC_FIELDS = ("format", "library", "version", "torch", "input_shapes", "input_dtypes", "groups", "blocks",
                "removed_blocks", "shapes")
 GROUP_FIELDS = ("name", "root", "channels", "repeat", "kept")
+#: optional: what an input needs before the model sees it (save_pruned's ``preprocessing``)
+PREPROCESSING_FIELDS = ("mean", "std", "image_size", "channels", "classes")
 BLOCK_FIELDS = ("name", "closed", "shortcut", "act", "depth_saved")
 MAX_INPUT_DIMS = 8
 # a dotted module path: any characters but dots and white space between the dots (nn.Module allows '-' and
@@ -198,13 +200,28 @@ def _check_group(s: _Schema, g, f: str, seen_blocks: dict[str, bool]) -> None:
         s.fail(f"{f}.kept", f"the same channels in each of its {repeat} groups of {size}", kept)
 
 
+def _check_preprocessing(s: "_Schema", prep) -> None:
+    s.fields(prep, "preprocessing", PREPROCESSING_FIELDS)
+    channels = s.int_(prep["channels"], "preprocessing.channels", 1, 4096)
+    s.int_(prep["image_size"], "preprocessing.image_size", 1, 1_000_000)
+    for key in ("mean", "std"):
+        for j, v in enumerate(s.list_(prep[key], f"preprocessing.{key}", channels, channels)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or (key == "std" and v <= 0):
+                s.fail(f"preprocessing.{key}[{j}]", "a finite number" + (" > 0" if key == "std" else ""), v)
+    for j, c in enumerate(s.list_(prep["classes"], "preprocessing.classes", 0, 1_000_000)):
+        s.str_(c, f"preprocessing.classes[{j}]")
+
+
 def _check_spec(spec, where: str) -> dict:
     """Validate a parsed channel spec (without its 'sha256' field); ValueError naming the field."""
     s = _Schema(where)
     if not isinstance(spec, dict):
         raise ValueError(f"{where} must hold a JSON object (a polarprune_cuda channel spec), got a JSON "
                          f"{'array' if isinstance(spec, list) else type(spec).__name__}")
-    s.fields(spec, "", SPEC_FIELDS)
+    s.fields(spec, "", SPEC_FIELDS, optional=("preprocessing",))
+    if "preprocessing" in spec:
+        _check_preprocessing(s, spec["preprocessing"])
     if spec["library"] != "polarprune_cuda" or type(spec["format"]) is not int or spec["format"] != SPEC_FORMAT:
         raise ValueError(f"{where} is not a polarprune_cuda channel spec of format {SPEC_FORMAT} (fields 'library' "
                          f"{_show(spec['library'])}, 'format' {_show(spec['format'])})")
@@ -246,14 +263,18 @@ def _with_metadata(state: dict, weights_file) -> OrderedDict:
     return out
 
 
-def save_pruned(model: nn.Module, path) -> Path:
+def save_pruned(model: nn.Module, path, preprocessing: dict | None = None) -> Path:
     """Write ``path/spec.json`` (human-readable channel spec with its own ``sha256`` field), ``path/weights.pt``
-    (state_dict) and ``path/weights.pt.sha256`` (its digest, ``sha256sum -c`` format)."""
+    (state_dict) and ``path/weights.pt.sha256`` (its digest, ``sha256sum -c`` format). ``preprocessing``: what an
+    input needs before the model sees it (``mean``, ``std`` per channel of values in [0, 1], ``image_size``,
+    ``channels``, ``classes``), kept in the spec; :func:`load_pruned` gives it back in ``polarprune_spec``."""
     _check_model(model)
     spec = getattr(model, "polarprune_spec", None)
     if not isinstance(spec, dict):
         raise ValueError("model has no channel spec: save the model returned by pp.extract")
     spec = json.loads(json.dumps({k: v for k, v in spec.items() if k != "sha256"}))   # plain JSON values
+    if preprocessing is not None:
+        spec["preprocessing"] = json.loads(json.dumps(preprocessing))
     _check_spec(spec, "model.polarprune_spec")   # never write a spec that load_pruned refuses
     spec["sha256"] = spec_digest(spec)
     path = Path(path)

@@ -8,7 +8,7 @@ one channel where the first training image is grey, else RGB. Training: a random
 ``--image-size`` (the first image's size by default; scale 0.25 to 1) and a horizontal flip; evaluation: a resize
 to ``image_size / 0.875`` and a center crop. Normalisation: ``--normalize MEAN...,STD...`` or computed once from
 up to :data:`STATS_IMAGES` training images; it travels with the model (:class:`Preprocessing`, in the report and
-the run's ``model/preprocessing.json``).
+the spec of the saved model, ``model/spec.json``).
 
 The epoch's order is the in-memory sets' (a permutation seeded by the seed and the epoch, the same global
 batches under torchrun, each rank taking its slice), and every image's augmentation is drawn from a generator

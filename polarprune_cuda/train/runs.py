@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -17,7 +16,7 @@ from torch import nn
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import rundir
-from .._io import save_tensors, write_text
+from .._io import save_tensors
 from ..gates.bank import find_bank
 from ..models import build_model
 from ..sparse import fggp as fggp_mod
@@ -161,9 +160,7 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
                               epochs=cfg.finetune_epochs, lr=cfg.lr * 0.1, label="finetune", **fit))
         finetuned_acc = evaluate(small, *_test(data, dist_info), **ev)
     if info.is_main:
-        save_pruned(small, out / "model")
-        if getattr(data, "preprocessing", None) is not None:   # what an input needs: beside the weights
-            write_text(out / "model" / "preprocessing.json", json.dumps(data.preprocessing, indent=1))
+        save_pruned(small, out / "model", preprocessing=getattr(data, "preprocessing", None))
     base = None
     if baseline:
         base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False,

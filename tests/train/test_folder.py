@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import polarprune_cuda as pp
 from polarprune_cuda import cli
+from polarprune_cuda.models import build_model
 from polarprune_cuda.errors import ImageReadError
 from polarprune_cuda.train.folder import FolderData
 
@@ -60,8 +62,10 @@ def test_a_folder_run_meets_the_target_resumes_exactly_and_exports_its_preproces
     wa = torch.load(tmp_path / "a" / "model" / "weights.pt", weights_only=True)
     wb = torch.load(tmp_path / "b" / "model" / "weights.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    prep = json.loads((tmp_path / "a" / "model" / "preprocessing.json").read_text())
+    prep = json.loads((tmp_path / "a" / "model" / "spec.json").read_text())["preprocessing"]
     assert prep == a["data"]["preprocessing"]
+    assert pp.load_pruned(tmp_path / "a" / "model", lambda: build_model("resnet20", 3, 1)).polarprune_spec[
+        "preprocessing"] == prep
     assert prep["classes"] == ["bars", "blocks", "stripes"] and prep["channels"] == 1 and prep["image_size"] == 12
     assert 0 < prep["mean"][0] < 1 and 0 < prep["std"][0] < 1
     rc, cap = _run(["export", str(tmp_path / "a"), "--format", "pt2"], capsys)
@@ -108,3 +112,18 @@ def test_folder_options_are_checked(tmp_path, capsys):
     with pytest.raises(ValueError, match="normalize needs 1 means and 1 positive stds"):
         FolderData(root, normalize="0.5,0.5,0.5")
     assert FolderData(root, normalize="0.5,0.25").preprocessing["std"] == [0.25]
+
+
+def test_a_spec_with_bad_preprocessing_is_refused(tmp_path):
+    x = torch.randn(1, 1, 8, 8)
+    model = build_model("resnet20", 3, 1)
+    pp.attach_gates(model, x, min_channels=2)
+    small = pp.extract(model, x)
+    good = {"mean": [0.5], "std": [0.25], "image_size": 8, "channels": 1, "classes": ["a", "b", "c"]}
+    pp.save_pruned(small, tmp_path / "m", preprocessing=good)
+    assert pp.load_pruned(tmp_path / "m", lambda: build_model("resnet20", 3, 1)).polarprune_spec[
+        "preprocessing"] == good
+    with pytest.raises(ValueError, match=r"preprocessing\.std\[0\]' must be a finite number > 0"):
+        pp.save_pruned(small, tmp_path / "n", preprocessing={**good, "std": [0.0]})
+    with pytest.raises(ValueError, match=r"preprocessing\.mean' must be a list of 1 to 1 entries"):
+        pp.save_pruned(small, tmp_path / "n", preprocessing={**good, "mean": [0.5, 0.5]})
