@@ -62,7 +62,7 @@ def loader_rate(batches, n: int) -> float:
     t0 = time.perf_counter()
     count = 0
     for _ in range(n):
-        x, _ = next(it)
+        x = next(it)[0]
         count += len(x)
     return count / (time.perf_counter() - t0)
 
@@ -72,7 +72,7 @@ def train_steps(model, opt, batches, n: int) -> float:
     it = iter(batches)
     t0 = time.perf_counter()
     for _ in range(n):
-        x, y = next(it)
+        x, y = next(it)[:2]
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

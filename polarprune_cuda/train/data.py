@@ -289,11 +289,12 @@ def _nchw(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
-def train_batches(data, batch_size: int, seed: int, epoch: int):
-    """The epoch's training batches of ``data`` (in memory: :func:`batches`; a folder: its loader)."""
+def train_batches(data, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1):
+    """The epoch's training batches of ``data``: in memory, :func:`batches`' global batches ``(x, y)`` (each rank
+    slices its part); a folder, ``(x, y, global batch size)`` of this rank's part, decoded by its loader."""
     if isinstance(data, ImageData):
         return batches(data.train_x, data.train_y, batch_size, seed=seed, epoch=epoch, pad=data.pad, flip=data.flip)
-    return data.train_batches(batch_size, seed, epoch)
+    return data.train_batches(batch_size, seed, epoch, rank, world_size)
 
 
 def test_set(data, rank: int = 0, world_size: int = 1) -> tuple:

@@ -263,12 +263,32 @@ class FolderData:
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers,
                                            pin_memory=self.pin_memory, persistent_workers=False)
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """The epoch's global batches: the order and the augmentation seeded by (``seed``, ``epoch``)."""
+    def train_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                      world_size: int = 1) -> Iterator[tuple[Tensor | None, Tensor | None, int]]:
+        """The epoch's global batches, the order and the augmentation seeded by (``seed``, ``epoch``): for each,
+        ``(images, labels, global batch size)`` of this rank's slice of it (torchrun: the slice
+        :func:`~polarprune_cuda.train.distributed.shard` gives; ``(None, None, n)`` where a batch has fewer
+        images than ranks and every rank skips it). A rank decodes only its own slice."""
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(self._train), generator=gen).tolist()
         self._train.seed, self._train.epoch = seed, epoch
-        return iter(self._loader(self._train, [order[i:i + batch_size] for i in range(0, len(order), batch_size)]))
+        whole = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        parts = []
+        for b in whole:
+            if world_size == 1:
+                parts.append(b)
+            elif len(b) < world_size:
+                parts.append(None)
+            else:
+                bounds = torch.tensor_split(torch.arange(len(b)), world_size)[rank]
+                parts.append(b[int(bounds[0]):int(bounds[-1]) + 1])
+        loader = iter(self._loader(self._train, [p for p in parts if p is not None]))
+        for b, p in zip(whole, parts):
+            if p is None:
+                yield None, None, len(b)
+            else:
+                x, y = next(loader)
+                yield x, y, len(b)
 
     def test_batches(self, batch_size: int = 256, rank: int = 0, world_size: int = 1):
         """The evaluation images in order (under torchrun: this rank's contiguous part)."""

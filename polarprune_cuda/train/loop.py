@@ -487,15 +487,17 @@ def _train_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: i
     n_batches = macs = 0
     start, joules = time.perf_counter(), run.counter.read() if run.counter is not None else None
     log_every = max(1, run.steps_per_epoch // 10)
-    batch_iter = data_mod.train_batches(data, cfg.batch_size, cfg.seed, epoch)
-    for xb, yb in _progress(batch_iter, progress, total=run.steps_per_epoch, leave=False, unit="step",
-                            desc=f"epoch {epoch + 1}"):
-        part = dist_mod.shard(len(yb), info)
+    batch_iter = data_mod.train_batches(data, cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size)
+    for batch in _progress(batch_iter, progress, total=run.steps_per_epoch, leave=False, unit="step",
+                           desc=f"epoch {epoch + 1}"):
+        xb, yb = batch[:2]
+        whole = batch[2] if len(batch) == 3 else len(yb)   # a folder's batches come as this rank's part
+        part = dist_mod.shard(whole, info)
         if part is None:   # fewer samples than ranks: every rank skips it alike
             run.step += 1
             _recipe_step(run, cfg, info, device)
             continue
-        task, penalty, share = _train_step(run, xb, yb, part, cfg, info, device)
+        task, penalty, share = _train_step(run, xb, yb, part, cfg, info, device, whole, len(batch) == 3)
         macs += TRAIN_MACS_FACTOR * run.macs_per_sample * len(yb)
         if penalty is not None:
             total_pen += penalty
@@ -518,13 +520,16 @@ def _train_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: i
 
 
 def _train_step(run: _Fit, xb: torch.Tensor, yb: torch.Tensor, part: slice, cfg: PruneConfig,
-                info: dist_mod.DistInfo, device: torch.device) -> tuple:
-    """One optimizer step on this rank's slice of a batch (then the pruner, the dual ascent, the schedule);
-    returns (task loss, penalty or None, the slice's share of the batch)."""
+                info: dist_mod.DistInfo, device: torch.device, whole: int | None = None,
+                sliced: bool = False) -> tuple:
+    """One optimizer step on this rank's slice of a batch of ``whole`` samples (``sliced``: ``xb`` is the slice
+    already) (then the pruner, the dual ascent, the schedule); returns (task loss, penalty or None, the slice's
+    share of the batch)."""
     share = 1.0
     if info.enabled:   # this rank's slice; DDP averages, so weight by the slice's share
-        share = (part.stop - part.start) * info.world_size / len(yb)
-        xb, yb = xb[part], yb[part]
+        share = (part.stop - part.start) * info.world_size / (whole or len(yb))
+        if not sliced:
+            xb, yb = xb[part], yb[part]
     xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
     if cfg.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)

@@ -78,11 +78,11 @@ def test_the_batches_are_the_same_with_any_number_of_workers(tmp_path):
     got = {}
     for workers in (0, 2):
         data = FolderData(root, workers=workers, image_size=10)
-        got[workers] = [(x.clone(), y.clone()) for x, y in data.train_batches(7, seed=3, epoch=1)]
+        got[workers] = [(x.clone(), y.clone()) for x, y, _ in data.train_batches(7, seed=3, epoch=1)]
     assert len(got[0]) == 4 and got[0][0][0].shape == (7, 1, 10, 10)
     for (x0, y0), (x2, y2) in zip(got[0], got[2]):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
-    other = [x for x, _ in FolderData(root, image_size=10).train_batches(7, seed=3, epoch=2)]
+    other = [x for x, _, _ in FolderData(root, image_size=10).train_batches(7, seed=3, epoch=2)]
     assert not torch.equal(other[0], got[0][0][0])                   # another epoch, another order and crops
 
 
@@ -127,3 +127,31 @@ def test_a_spec_with_bad_preprocessing_is_refused(tmp_path):
         pp.save_pruned(small, tmp_path / "n", preprocessing={**good, "std": [0.0]})
     with pytest.raises(ValueError, match=r"preprocessing\.mean' must be a list of 1 to 1 entries"):
         pp.save_pruned(small, tmp_path / "n", preprocessing={**good, "mean": [0.5, 0.5]})
+
+
+def test_each_rank_decodes_its_slice_of_the_same_global_batches(tmp_path):
+    """Two ranks' slices, put together, are the one process's batches (the same images, crops and flips); a
+    global batch smaller than the ranks is skipped on both."""
+    data = FolderData(_folder(tmp_path / "shapes", train=3, val=1), image_size=10)   # 9 images: batches 4, 4, 1
+    one = list(data.train_batches(4, seed=5, epoch=0))
+    ranks = [list(data.train_batches(4, seed=5, epoch=0, rank=r, world_size=2)) for r in (0, 1)]
+    assert [n for _, _, n in one] == [4, 4, 1]
+    for i, (x, y, n) in enumerate(one[:2]):
+        (x0, y0, n0), (x1, y1, n1) = ranks[0][i], ranks[1][i]
+        assert n0 == n1 == n and len(y0) == len(y1) == 2
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    assert ranks[0][2] == (None, None, 1) and ranks[1][2] == (None, None, 1)
+
+
+def test_two_ranks_train_a_folder_alike(tmp_path):
+    """Under torchrun (two gloo processes) each rank decodes its slice; the ranks end with the same model and
+    history, bit for bit (exact by construction: gradients all-reduced, BatchNorm statistics over the global
+    batch, buffers broadcast)."""
+    from test_distributed import _assert_ranks_identical, _spawn
+
+    data = _folder(tmp_path / "shapes", train=6, val=2)
+    cfg = dict(dataset="folder", data_dir=str(data), model="resnet20", batch_size=8, epochs=2, warmup_epochs=0.0,
+               ramp_epochs=1.0, min_channels=2, seed=3, sync_bn=True)
+    ranks = _spawn(tmp_path, "ddp", cfg)
+    _assert_ranks_identical(ranks)
+    assert ranks[0]["history"]["epoch_step"] == [3, 6]
