@@ -300,13 +300,7 @@ def _ddp_worker(rank, world, port, out):
 
         with _quiet():
             pruner = OnePass(model, x, 0.5, 12, opt, sched, freeze_at=0.5, warmup=0.25, wrap=wrap)
-            for xb, yb in _batches(12, seed=10 + rank):     # every rank its own data
-                loss = F.cross_entropy(pruner.model(xb), yb) + pruner.penalty()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                pruner.step()
+            _run(pruner, opt, sched, _batches(12, seed=10 + rank))     # every rank its own data
         small = pruner.finish()
         torch.save({"state": dict(small.named_parameters()), "scores": pruner.bank.scores.detach().clone(),
                     "budget": pruner.budget, "wrapped": [m is pruner.gated for m in wrapped],
