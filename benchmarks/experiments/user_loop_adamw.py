@@ -36,9 +36,10 @@ from polarprune_cuda.train.onepass import FREEZE, WARMUP  # noqa: E402
 
 def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float, target: float,
         freeze_at: float = FREEZE, scratch: nn.Module | None = None, onepass_kw: dict | None = None,
-        gate_betas: tuple | None = None, reset_at_switch: bool = False) -> dict:
+        gate_betas: tuple | None = None, reset_at_switch: bool = False, tail: bool = False) -> dict:
     """One training run: dense (``one_pass`` False), the one pass, or ``scratch`` (an architecture, its weights
-    drawn anew from ``seed``) trained densely."""
+    drawn anew from ``seed``) trained densely; ``tail``: only the steps after the freeze (the schedule and the
+    data of the first ``freeze_at`` of the run skipped), as the one pass trains its extracted network."""
     t_arm = time.perf_counter()
     torch.manual_seed(seed)
     example = data.example_input(1)
@@ -66,6 +67,7 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
                             **(onepass_kw or {}))
     net = (lambda: pruner.model) if one_pass else (lambda: model)  # noqa: E731
     train_s = 0.0
+    skip = int(freeze_at * steps) if tail else 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for epoch in range(epochs):
@@ -73,6 +75,10 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
             net().train()
             for x, y in data_mod.batches(data.train_x, data.train_y, batch, seed=seed, epoch=epoch, pad=data.pad,
                                          flip=data.flip):
+                if skip:
+                    skip -= 1
+                    sched.step()
+                    continue
                 loss = F.cross_entropy(net()(x), y)
                 if one_pass:
                     loss = loss + pruner.penalty()
@@ -90,7 +96,8 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
     acc = evaluate(final, data.test_x, data.test_y)
     dense = pp.count(build_model("resnet20", data.num_classes, data.train_x.shape[1], False), example)
     got = pp.count(final, example)
-    return {"arm": "one-pass" if one_pass else ("from-scratch" if scratch is not None else "dense"), "seed": seed,
+    name = "one-pass" if one_pass else ("dense" if scratch is None else "from-scratch" + ("-tail" if tail else ""))
+    return {"arm": name, "seed": seed,
             "final": final if one_pass else None, "accuracy": acc,
             "macs_removed": 1 - got["macs"] / dense["macs"], "params_removed": 1 - got["params"] / dense["params"],
             "train_seconds": train_s, "arm_seconds": time.perf_counter() - t_arm, "steps": steps,
@@ -109,9 +116,11 @@ def main(argv=None):
     p.add_argument("--gate-c", type=float, default=64.0)
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--freeze-at", type=float, default=FREEZE, help="fraction of the run where the gates freeze")
-    p.add_argument("--arms", nargs="+", default=["dense", "one-pass"], choices=["dense", "one-pass", "from-scratch"],
+    p.add_argument("--arms", nargs="+", default=["dense", "one-pass"],
+                   choices=["dense", "one-pass", "from-scratch", "from-scratch-tail"],
                    help="from-scratch: the one pass's extracted architecture of the same seed, weights drawn anew, "
-                        "trained densely (needs one-pass before it)")
+                        "trained densely (needs one-pass before it); from-scratch-tail: the same for the steps after "
+                        "the freeze only")
     p.add_argument("--target-weight", type=float, default=None, help="OnePass target_weight (default its own)")
     p.add_argument("--polarization-weight", type=float, default=None, help="OnePass polarization_weight")
     p.add_argument("--gate-betas", type=float, nargs=2, default=None, help="the gate group's AdamW betas")
@@ -130,10 +139,11 @@ def main(argv=None):
     for seed in args.seeds:
         final = None
         for name in args.arms:
-            if name == "from-scratch" and final is None:
+            if name.startswith("from-scratch") and final is None:
                 p.error("--arms: from-scratch needs one-pass before it")
             rows.append(arm(data, name == "one-pass", seed, args.epochs, args.batch, args.gate_c, args.target,
-                            args.freeze_at, scratch=final if name == "from-scratch" else None, onepass_kw=kw,
+                            args.freeze_at, scratch=final if name.startswith("from-scratch") else None, onepass_kw=kw,
+                            tail=name == "from-scratch-tail",
                             gate_betas=args.gate_betas, reset_at_switch=args.reset_at_switch))
             r = rows[-1]
             final = r.pop("final") or final
