@@ -36,7 +36,8 @@ from polarprune_cuda.train.onepass import FREEZE, WARMUP  # noqa: E402
 
 def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float, target: float,
         freeze_at: float = FREEZE, scratch: nn.Module | None = None, onepass_kw: dict | None = None,
-        gate_betas: tuple | None = None, reset_at_switch: bool = False, tail: bool = False) -> dict:
+        gate_betas: tuple | None = None, reset_at_switch: bool = False, tail: bool = False,
+        ste: str = "identity") -> dict:
     """One training run: dense (``one_pass`` False), the one pass, or ``scratch`` (an architecture, its weights
     drawn anew from ``seed``) trained densely; ``tail``: only the steps after the freeze (the schedule and the
     data of the first ``freeze_at`` of the run skipped), as the one pass trains its extracted network."""
@@ -53,7 +54,7 @@ def arm(data, one_pass: bool, seed: int, epochs: int, batch: int, gate_c: float,
     steps = epochs * data_mod.num_batches(len(data.train_y), batch)
     pruner = None
     if one_pass:
-        pp.attach_gates(model, example, min_channels=4)
+        pp.attach_gates(model, example, min_channels=4, ste=ste)
         weights, scores = pp.split_parameters(model)
         window = int(freeze_at * steps) - int(round(WARMUP * steps))
         groups = [{"params": weights}, {"params": scores, "lr": gate_c / window, "weight_decay": 0.0,
@@ -126,6 +127,8 @@ def main(argv=None):
     p.add_argument("--gate-betas", type=float, nargs=2, default=None, help="the gate group's AdamW betas")
     p.add_argument("--reset-at-switch", action="store_true", help="clear the optimizer's state at the switch "
                    "instead of carrying it")
+    p.add_argument("--ste", default="identity", choices=["identity", "clipped", "sigmoid"], help="the gates' "
+                   "straight-through estimator")
     p.add_argument("--keep-gated", action="store_true", help="OnePass switch=False: the gated network to the end")
     p.add_argument("--stem", default="fashion-12k")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -144,7 +147,7 @@ def main(argv=None):
             rows.append(arm(data, name == "one-pass", seed, args.epochs, args.batch, args.gate_c, args.target,
                             args.freeze_at, scratch=final if name.startswith("from-scratch") else None, onepass_kw=kw,
                             tail=name == "from-scratch-tail",
-                            gate_betas=args.gate_betas, reset_at_switch=args.reset_at_switch))
+                            gate_betas=args.gate_betas, reset_at_switch=args.reset_at_switch, ste=args.ste))
             r = rows[-1]
             final = r.pop("final") or final
             print(f"{r['arm']} seed {seed}: accuracy {r['accuracy']:.4f}, MACs removed {r['macs_removed']:.4f}, "
@@ -169,7 +172,8 @@ def main(argv=None):
             f"{args.target:.0%} of MACs, gate lr {args.gate_c:g} / window, freeze at {args.freeze_at:g}"
             f"{''.join(f', {k} {v}' for k, v in kw.items())}"
             f"{f', gate betas {tuple(args.gate_betas)}' if args.gate_betas else ''}"
-            f"{', optimizer state cleared at the switch' if args.reset_at_switch else ''}; seeds {args.seeds}; accuracy on the full "
+            f"{', optimizer state cleared at the switch' if args.reset_at_switch else ''}"
+            f"{f', ste {args.ste}' if args.ste != 'identity' else ''}; seeds {args.seeds}; accuracy on the full "
             f"test set. CPU, {torch.get_num_threads()} threads, the arms one after the other.\n\n" + "\n".join(lines) + "\n")
     _record.write(args.out, f"user-loop-adamw-{args.stem}", {"command": cmd, "rows": rows}, text)
     return rows
