@@ -467,3 +467,37 @@ def test_an_oversized_report_is_refused_before_reading(run_copy, capsys):
         f.truncate(cli.MAX_REPORT_BYTES + 1)              # sparse file: no disk used
     rc, _, err = run(["export", str(run_copy)], capsys)
     assert rc == 2 and "more than a report can have" in one_error_line(err)
+
+
+class _RunsACommand:
+    """Pickles to a call of os.system: what a tampered CIFAR batch can hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar_batch_that_names_code_is_refused_without_running_it(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        payload = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]}
+        if name == "data_batch_3":
+            payload[b"labels"] = _RunsACommand(marker)
+        (folder / name).write_bytes(pickle.dumps(payload, protocol=2))
+    rc, _, err = run(["prune", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--epochs", "1",
+                      "--out", str(tmp_path / "o")], capsys)
+    assert rc != 0 and not marker.exists()
+    line = one_error_line(err)
+    assert "data_batch_3" in line and "system" in line and "refused without running it" in line
+    (folder / "data_batch_3").write_bytes(b"\x80\x02garbage")
+    rc, _, err = run(["prune", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--epochs", "1",
+                      "--out", str(tmp_path / "o")], capsys)
+    assert rc != 0 and "not a readable CIFAR batch" in one_error_line(err)

@@ -170,9 +170,48 @@ def load_fashion_mnist(data_dir=None) -> ImageData:
         "from the Fashion-MNIST release in a folder and pass --data-dir FOLDER.")
 
 
+#: what a CIFAR python batch may name when it is unpickled: numpy's array, scalar and dtype reconstruction (the
+#: module as numpy 1 and numpy 2 write it) and ``_codecs.encode`` (bytes, as protocol 2 writes them from Python 3);
+#: dicts, lists, ints and strings need no name
+CIFAR_GLOBALS = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                 for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype"),
+                                                          ("_codecs", "encode")}   # bytes in protocol 2
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles a data file without running anything: a name outside :data:`CIFAR_GLOBALS` is refused (a
+    pickle can name any callable, ``os.system`` included, and have it called)."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_GLOBALS:
+            raise ValueError(f"{self.path}: a CIFAR batch holds dicts, lists, bytes and numpy arrays, but this file "
+                             f"names {module}.{name}; refused without running it (the file is not a CIFAR batch, "
+                             f"or was tampered with)")
+        if name in ("_reconstruct", "scalar"):
+            try:
+                from numpy._core import multiarray
+            except ImportError:   # numpy 1
+                from numpy.core import multiarray
+            return getattr(multiarray, name)
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
+        return getattr(np, name)
+
+
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        try:
+            return _DataUnpickler(f, path).load()
+        except ValueError:
+            raise
+        except Exception as exc:   # noqa: BLE001 - a damaged file: say which
+            raise ValueError(f"{path}: not a readable CIFAR batch ({type(exc).__name__}: {exc})") from None
 
 
 def load_cifar(name: str, data_dir=None) -> ImageData:
