@@ -92,22 +92,24 @@ def export_onnx(model: nn.Module, example_inputs, path, dynamic_batch: bool = Tr
     shapes = None
     if dynamic_batch:
         shapes = tuple({0: torch.export.Dim("batch", min=1)} for _ in args)
-    tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad():
-        torch.onnx.export(model, args, str(tmp), dynamo=True, dynamic_shapes=shapes, external_data=False)
-    onnx.checker.check_model(str(tmp))
-    if check:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            ort = None
-        if ort is not None:
-            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), args)}
-            got = torch.from_numpy(session.run(None, feeds)[0])
-            with torch.no_grad():
-                _check(model(*args).cpu(), got, "ONNX model", 1e-4)
-    tmp.replace(path)
+
+    def write(tmp: str) -> None:   # a fresh, uniquely named file beside path (never a planted link), then renamed
+        with torch.no_grad():
+            torch.onnx.export(model, args, tmp, dynamo=True, dynamic_shapes=shapes, external_data=False)
+        onnx.checker.check_model(tmp)
+        if check:
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                ort = None
+            if ort is not None:
+                session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+                feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), args)}
+                got = torch.from_numpy(session.run(None, feeds)[0])
+                with torch.no_grad():
+                    _check(model(*args).cpu(), got, "ONNX model", 1e-4)
+
+    atomic_write(path, write)
     return path
 
 

@@ -57,6 +57,29 @@ def test_onnx_export_matches_eager(tmp_path):
         torch.testing.assert_close(torch.from_numpy(got), small(x3), rtol=1e-4, atol=1e-4)
 
 
+def test_onnx_export_writes_through_a_fresh_file(tmp_path, monkeypatch):
+    """A link planted at the old temporary name (model.onnx.tmp) is never written through; a failed export
+    leaves no temporary file."""
+    small, x = extracted("cifar_resnet20_blocks")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"keep")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "m.onnx.tmp").symlink_to(outside)
+    export_onnx(small, x, run / "m.onnx", check=False)
+    assert outside.read_bytes() == b"keep" and not (run / "m.onnx").is_symlink()
+    assert sorted(p.name for p in run.iterdir()) == ["m.onnx", "m.onnx.tmp"]
+    import onnx
+
+    def broken(*a, **k):
+        raise RuntimeError("checker failed")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    with pytest.raises(RuntimeError, match="checker failed"):
+        export_onnx(small, x, run / "n.onnx", check=False)
+    assert sorted(p.name for p in run.iterdir()) == ["m.onnx", "m.onnx.tmp"]
+
+
 def test_export_refuses_a_single_sample_for_a_dynamic_batch():
     with pytest.raises(ValueError, match="batch of at least 2"):
         export_program(pp.resnet20().eval(), torch.randn(1, 3, 32, 32))
