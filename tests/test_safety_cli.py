@@ -501,3 +501,48 @@ def test_a_cifar_batch_that_names_code_is_refused_without_running_it(tmp_path, c
     rc, _, err = run(["prune", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--epochs", "1",
                       "--out", str(tmp_path / "o")], capsys)
     assert rc != 0 and "not a readable CIFAR batch" in one_error_line(err)
+
+
+def test_a_hard_linked_lock_is_refused_and_its_outside_file_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    os.link(outside, out / rundir.LOCK_FILE)
+    rundir.RunFolder(out).claim("report.json")                       # a polarprune folder otherwise
+    rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", str(out), "--resume"], capsys)
+    assert rc != 0 and "hard link" in one_error_line(err)
+    assert outside.read_text() == "precious"
+
+
+def test_a_foreign_folder_is_refused_before_a_lock_is_made_and_without_walking_it(tmp_path, capsys, monkeypatch):
+    theirs = tmp_path / "theirs"
+    for i in range(50):
+        (theirs / f"d{i}").mkdir(parents=True)
+        (theirs / f"d{i}" / "f.txt").write_text("x")
+    walked = []
+    real_walk = os.walk
+
+    def counting_walk(*a, **k):
+        for item in real_walk(*a, **k):
+            walked.append(item[0])
+            yield item
+
+    monkeypatch.setattr(rundir.os, "walk", counting_walk)
+    rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", str(theirs)], capsys)
+    assert rc == 2 and "did not write" in one_error_line(err)
+    assert not (theirs / rundir.LOCK_FILE).exists()
+    assert len(walked) <= 5                                          # stops at the fourth file
+
+
+def test_a_manifest_that_lists_the_lock_does_not_get_it_removed(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", str(out)], capsys)
+    assert rc == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"] += [rundir.LOCK_FILE, "manifest.json"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with rundir.locked(out):
+        assert rundir.RunFolder(out).files() == manifest["files"][:-2]
+        rundir.RunFolder(out).clear()
+        assert (out / rundir.LOCK_FILE).exists()

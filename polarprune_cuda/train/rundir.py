@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -82,12 +83,31 @@ def _check_folder(path: Path) -> None:
         raise RunFolderError(f"out: {blocker} is a file, so {path} cannot be created; choose another --out")
 
 
+def _refuse_foreign(path: Path) -> None:
+    """A folder that holds anything and no manifest of polarprune's is refused before a lock is made in it, and
+    without walking it (``--out ~`` or ``/``)."""
+    if not path.is_dir() or RunFolder(path).owned():
+        return
+    found: list[str] = []
+    for root, dirs, names in os.walk(path, onerror=None):   # lazily: stops at the fourth file
+        dirs.sort()
+        rel = Path(root).relative_to(path)
+        found += [(rel / n).as_posix() for n in sorted(names) if not (rel == Path(".") and n == LOCK_FILE)]
+        if len(found) > 3:
+            break
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise RunFolderError(f"out: {path} holds files that polarprune did not write ({shown}); it never removes "
+                             "or replaces those, even with --overwrite: choose a new or empty --out")
+
+
 @contextlib.contextmanager
 def locked(path):
     """Hold the folder's exclusive lock (creating the folder) for the ``with`` block; RunFolderError naming the
     holder's pid when another process holds it. Re-entrant within one process."""
     path = Path(path)
     _check_folder(path)
+    _refuse_foreign(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -107,6 +127,11 @@ def locked(path):
                 raise RunFolderError(f"out: {lock_path} is a symbolic link; polarprune uses only real files in "
                                      "its folder: choose another --out") from None
             raise RunFolderError(f"out: cannot write in {path} ({exc.strerror or exc}); choose another --out") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:   # a hard link: its other names are outside files
+            os.close(fd)
+            raise RunFolderError(f"out: {lock_path} is not a file of polarprune's own (it has {st.st_nlink} names: "
+                                 "a hard link); remove it or choose another --out")
         if not _try_lock(fd):
             os.close(fd)
             raise RunFolderError(f"out: {path} is in use by another polarprune run (pid {_holder(lock_path)}); "
@@ -167,8 +192,10 @@ class RunFolder:
         return self.manifest() is not None
 
     def files(self) -> list[str]:
+        """The files the manifest lists; never the lock or the manifest itself (a manifest that lists them is
+        not followed there: the lock a run holds is not the run's output)."""
         data = self.manifest()
-        return list(data["files"]) if data else []
+        return [f for f in data["files"] if f not in (LOCK_FILE, MANIFEST)] if data else []
 
     def claim(self, *files: str) -> None:
         """Add ``files`` (paths relative to the folder) to the manifest, before writing them."""
