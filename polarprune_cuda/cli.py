@@ -321,7 +321,9 @@ def export(args) -> int:
         preprocessing = model.polarprune_spec.get("preprocessing")   # checked by load_pruned
         prep = out.with_name(out.name + ".preprocessing.json") if preprocessing is not None else None
         if inside:
-            rundir.RunFolder(run).claim(out.name, *([prep.name] if prep is not None else []))
+            names = [out.name, *([prep.name] if prep is not None else [])]
+            rundir.RunFolder(run).refuse_unlisted(names)
+            rundir.RunFolder(run).claim(*names)
         if args.format == "pt2":
             export_program(model, x, out)
         else:

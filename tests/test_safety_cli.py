@@ -546,3 +546,18 @@ def test_a_manifest_that_lists_the_lock_does_not_get_it_removed(tmp_path, capsys
         assert rundir.RunFolder(out).files() == manifest["files"][:-2]
         rundir.RunFolder(out).clear()
         assert (out / rundir.LOCK_FILE).exists()
+
+
+def test_a_users_own_file_at_a_planned_name_is_never_replaced(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", str(out)], capsys)
+    assert rc == 0, err
+    (out / "baseline.pt").write_bytes(b"mine")                       # the manifest does not list it
+    rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", str(out), "--overwrite", "--baseline"], capsys)
+    assert rc == 2 and "baseline.pt is not a file polarprune wrote" in one_error_line(err)
+    assert (out / "baseline.pt").read_bytes() == b"mine"
+    (out / "model.pt2").write_bytes(b"mine too")
+    rc, _, err = run(["export", str(out), "--format", "pt2"], capsys)
+    assert rc != 0 and "model.pt2 is not a file polarprune wrote" in one_error_line(err)
+    assert (out / "model.pt2").read_bytes() == b"mine too"
+    assert "model.pt2" not in rundir.RunFolder(out).files()

@@ -287,6 +287,15 @@ class RunFolder:
                                                   indent=1) + "\n")
         return removed
 
+    def refuse_unlisted(self, names) -> None:
+        """RunFolderError when a file about to be written (``names``, relative) exists and the manifest does not
+        list it: a user's own file there (their ``baseline.pt``, ``model.pt2``) is never replaced."""
+        listed = set(self.files())
+        mine = [n for n in names if n not in listed and (self.path / n).exists()]
+        if mine:
+            raise RunFolderError(f"out: {self.path / mine[0]} is not a file polarprune wrote (the manifest does "
+                                 "not list it); it is never replaced: move it, or choose another --out")
+
     # -------------------------------------------------------------- the command line's policy
     def prepare(self, *, resume: bool, overwrite: bool, planned: list[str]) -> str | None:
         """Apply the rules of a new run (call while holding :func:`locked`); returns a note for the user
@@ -301,6 +310,7 @@ class RunFolder:
                 raise RunFolderError(
                     f"out: {self.path} holds files that polarprune did not write ({shown}); it never removes or "
                     "replaces those, even with --overwrite: choose a new or empty --out")
+        self.refuse_unlisted(planned)
         links = self.links()
         if links:
             raise RunFolderError(f"out: {self.path} holds symbolic links ({', '.join(links[:3])}); polarprune "
