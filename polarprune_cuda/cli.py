@@ -171,7 +171,7 @@ def _prune(args, argv: list[str], cfg, info) -> int:
         refusal = note = None
         if info.is_main:   # rank 0 holds the folder for the whole run; its answer decides on every rank
             try:
-                stack.enter_context(rundir.locked(out))
+                stack.enter_context(rundir.locked(out, foreign_ok=False))
                 note = rundir.RunFolder(out).prepare(resume=args.resume, overwrite=args.overwrite,
                                                      planned=planned_files(cfg, args.baseline))
             except rundir.RunFolderError as exc:

@@ -156,6 +156,41 @@ def test_fashion_mnist_idx_loader(tmp_path, gz):
         data.load_dataset("fashion-mnist", tmp_path)
 
 
+@pytest.mark.parametrize("case,match", [
+    ("labels 2-D", "expected 1 dimensions"),
+    ("label 200", "label 200 is not a Fashion-MNIST class"),
+    ("10 labels for 30 images", "10 labels for the 30 images"),
+    ("zero images", r"images are \(n >= 1, 28, 28\)"),
+    ("short header", "the header is cut short"),
+    ("declares 4 GiB", "more than an IDX data set here may hold"),
+])
+def test_fashion_mnist_idx_contents_are_checked(tmp_path, case, match):
+    """Each file named with what is wrong; a small gzip file that declares 4 GiB is refused before it is read."""
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (30, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, 30),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (10, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, 10)}
+    if case == "labels 2-D":
+        arrays["train-labels-idx1-ubyte"] = rng.integers(0, 10, (30, 1))
+    elif case == "label 200":
+        arrays["train-labels-idx1-ubyte"][3] = 200
+    elif case == "10 labels for 30 images":
+        arrays["train-labels-idx1-ubyte"] = rng.integers(0, 10, 10)
+    elif case == "zero images":
+        arrays["t10k-images-idx3-ubyte"] = np.zeros((0, 28, 28))
+        arrays["t10k-labels-idx1-ubyte"] = np.zeros((0,))
+    for name, array in arrays.items():
+        _write_idx(tmp_path / name, array, gz=True)
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    if case == "short header":
+        bad.write_bytes(gzip.compress(struct.pack(">BBBB", 0, 0, 0x08, 3) + b"\x00\x00"))
+    elif case == "declares 4 GiB":
+        bad.write_bytes(gzip.compress(struct.pack(">BBBBIII", 0, 0, 0x08, 3, 1 << 22, 32, 32)))
+    with pytest.raises(ValueError, match=match):
+        data.load_dataset("fashion-mnist", tmp_path)
+
+
 def test_cifar_loader_reads_torchvision_layout(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

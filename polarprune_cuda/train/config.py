@@ -36,6 +36,13 @@ def _opt(default, help: str | None = None, choices=None, flag: str | None = ""):
     return field(default=default, metadata=meta)
 
 
+#: the largest learning rate, weight, decay, scale or epoch count a recipe takes: far above any useful value, far
+#: below what overflows a float32 step (1e308 passed a finiteness check and then crashed the run)
+NUMBER_MAX = 1e6
+#: the largest initial gate score in magnitude (sigmoid(100) is 1 in float32 already)
+SCORE_MAX = 100.0
+
+
 @dataclass
 class PruneConfig:
     """A one-pass pruning recipe (the CLI's options)."""
@@ -193,18 +200,18 @@ class PruneConfig:
             v = getattr(self, name)
             if v is None and name in ("warmup_epochs", "ramp_epochs"):
                 continue
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name.replace('_', '-')} must be a number >= 0, got {v!r}")
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v > NUMBER_MAX:
+                raise ValueError(f"{name.replace('_', '-')} must be a number in [0, {NUMBER_MAX:g}], got {v!r}")
         if self.target_control not in TARGET_CONTROLS:
             raise ValueError(f"target-control must be one of {', '.join(TARGET_CONTROLS)}, got {self.target_control!r}")
         if self.ste not in STE_MODES:
             raise ValueError(f"ste must be identity, clipped or sigmoid, got {self.ste!r}")
         for name in ("score_init", "dual_lr", "freeze_lr_scale"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or (name != "score_init" and v < 0):
-                raise ValueError(f"{name.replace('_', '-')} must be a finite number"
-                                 f"{'' if name == 'score_init' else ' >= 0'}, got {v!r}")
+            lo = -SCORE_MAX if name == "score_init" else 0
+            hi = SCORE_MAX if name == "score_init" else NUMBER_MAX
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise ValueError(f"{name.replace('_', '-')} must be a number in [{lo:g}, {hi:g}], got {v!r}")
 
     def _check_counts(self) -> None:
         for name in ("max_train", "max_test", "round_to", "image_size"):

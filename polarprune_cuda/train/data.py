@@ -112,23 +112,55 @@ def load_digits() -> ImageData:
                                flip=False, source="scikit-learn (bundled)"), stats)
 
 
-def _read_idx(path: Path) -> np.ndarray:
+#: the largest IDX body read (bytes): Fashion-MNIST's training images are 47 MB; a small gzip file must not
+#: expand into memory without bound
+IDX_MAX_BYTES = 1 << 30
+
+
+def _read_idx(path: Path, ndim_expected: int | None = None) -> np.ndarray:
+    """An unsigned-byte IDX file (optionally gzipped), checked: magic number, type, number of dimensions, and a
+    body of exactly the declared size, which is read only when it is at most :data:`IDX_MAX_BYTES`."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as exc:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise ValueError(f"{path} is not an IDX file (bad magic number)")
+            dtype_code, ndim = head[2], head[3]
+            if dtype_code != 0x08:
+                raise ValueError(f"{path}: only unsigned-byte IDX files are supported, got type 0x{dtype_code:02x}")
+            if ndim_expected is not None and ndim != ndim_expected:
+                raise ValueError(f"{path}: expected {ndim_expected} dimensions "
+                                 f"({'labels' if ndim_expected == 1 else 'images'}), the header says {ndim}")
+            raw = f.read(4 * ndim)
+            if len(raw) < 4 * ndim:
+                raise ValueError(f"{path}: the header is cut short ({len(raw) + 4} of {4 + 4 * ndim} bytes)")
+            dims = struct.unpack(f">{ndim}I", raw)
+            size = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            if size > IDX_MAX_BYTES:
+                raise ValueError(f"{path}: the header declares {size:,} values (shape {dims}), more than an IDX "
+                                 f"data set here may hold ({IDX_MAX_BYTES:,})")
+            data = f.read(size + 1)
+    except ValueError:
+        raise
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise ValueError(f"{path} is not an IDX file ({exc})") from exc
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
-    dtype_code, ndim = data[2], data[3]
-    if dtype_code != 0x08:
-        raise ValueError(f"{path}: only unsigned-byte IDX files are supported, got type 0x{dtype_code:02x}")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, found {body.size}")
-    return body.reshape(dims)
+    if len(data) != size:
+        raise ValueError(f"{path}: expected {size} values for shape {dims}, found "
+                         f"{'more' if len(data) > size else len(data)}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def _check_fashion(files, arrays) -> None:
+    """Images (n, 28, 28) with n >= 1, labels (n,) in [0, 9], as many labels as images: else the file named."""
+    for images, labels, fi, fl in ((arrays[0], arrays[1], files[0], files[1]), (arrays[2], arrays[3], files[2],
+                                                                                 files[3])):
+        if images.shape[0] == 0 or images.shape[1:] != (28, 28):
+            raise ValueError(f"{fi}: Fashion-MNIST images are (n >= 1, 28, 28), the file holds {images.shape}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"{fl}: {labels.shape[0]} labels for the {images.shape[0]} images of {fi.name}")
+        if labels.size and int(labels.max()) > 9:
+            raise ValueError(f"{fl}: label {int(labels.max())} is not a Fashion-MNIST class (0 to 9)")
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -156,7 +188,8 @@ def load_fashion_mnist(data_dir=None) -> ImageData:
     for folder in searched:
         files = [_find_idx(folder, s) for s in stems]
         if all(files):
-            arrays = [_read_idx(f) for f in files]
+            arrays = [_read_idx(f, 3 if i % 2 == 0 else 1) for i, f in enumerate(files)]
+            _check_fashion(files, arrays)
             train = torch.from_numpy(arrays[0].astype(np.float32) / 255.0).unsqueeze(1)
             test = torch.from_numpy(arrays[2].astype(np.float32) / 255.0).unsqueeze(1)
             train_x, test_x, stats = _normalise(train, test)

@@ -102,12 +102,14 @@ def _refuse_foreign(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def locked(path):
+def locked(path, foreign_ok: bool = True):
     """Hold the folder's exclusive lock (creating the folder) for the ``with`` block; RunFolderError naming the
-    holder's pid when another process holds it. Re-entrant within one process."""
+    holder's pid when another process holds it. Re-entrant within one process. ``foreign_ok=False`` (the
+    command line's ``--out``): a folder with files and no manifest is refused before a lock is made in it."""
     path = Path(path)
     _check_folder(path)
-    _refuse_foreign(path)
+    if not foreign_ok:
+        _refuse_foreign(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -229,9 +229,9 @@ def test_dual_control_resumes_bit_identically(tmp_path):
 @pytest.mark.parametrize("field, value, match", [
     ("target_control", "pid", "target-control must be one of penalty, dual"),
     ("ste", "hard", "ste must be identity, clipped or sigmoid"),
-    ("score_init", float("nan"), "score-init must be a finite number"),
-    ("dual_lr", -1.0, "dual-lr must be a finite number >= 0"),
-    ("freeze_lr_scale", -0.5, "freeze-lr-scale must be a finite number >= 0"),
+    ("score_init", float("nan"), "score-init must be a number in"),
+    ("dual_lr", -1.0, r"dual-lr must be a number in \[0, 1e\+06\]"),
+    ("freeze_lr_scale", -0.5, r"freeze-lr-scale must be a number in \[0, 1e\+06\]"),
 ])
 def test_recipe_lever_errors_name_the_option(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -249,5 +249,5 @@ def test_default_schedule_is_a_fraction_of_the_run():
     assert trainer.PruneConfig(epochs=12).schedule_epochs() == (1.0, 2.0)
     assert trainer.PruneConfig(epochs=6).schedule_epochs() == (0.5, 1.0)
     assert trainer.PruneConfig(epochs=6, warmup_epochs=2.0, ramp_epochs=0.0).schedule_epochs() == (2.0, 0.0)
-    with pytest.raises(ValueError, match="warmup-epochs must be a number >= 0"):
+    with pytest.raises(ValueError, match=r"warmup-epochs must be a number in \[0, 1e\+06\]"):
         trainer.PruneConfig(warmup_epochs=-1.0).validate()
