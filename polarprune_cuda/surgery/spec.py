@@ -196,7 +196,11 @@ def _check_group(s: _Schema, g, f: str, seen_blocks: dict[str, bool]) -> None:
             s.fail(f"{f}.kept", "sorted channel indices without repeats", kept)
         previous = k
     size = channels // repeat
-    if repeat > 1 and kept != [k + r * size for r in range(repeat) for k in kept if k < size]:
+    base = [k for k in kept if k < size]
+    # the length first: the expected list is built only when it is as long as 'kept' (a 7 KB spec declaring
+    # repeat = 2**32 must not build a list of 2**32 entries)
+    if repeat > 1 and (len(kept) != len(base) * repeat
+                       or kept != [k + r * size for r in range(repeat) for k in base]):
         s.fail(f"{f}.kept", f"the same channels in each of its {repeat} groups of {size}", kept)
 
 

@@ -215,6 +215,9 @@ def test_missing_key_is_named(saved, tmp_path, path, field):
     (lambda s: s["shapes"].update({"conv1.weight": [-1]}), r"'shapes\.conv1\.weight\[0\]' must be an int >= 0"),
     (lambda s: s.update(format=2), "not a polarprune_cuda channel spec of format 1"),
     (lambda s: s.update(extra=1), "unknown field 'extra'"),
+    # a group that declares 2**32 repeats is refused by its length, before the expected list is built
+    (lambda s: s["groups"][0].update(channels=2 ** 32, repeat=2 ** 32, kept=[0]),
+     r"'groups\[0\]\.kept' must be the same channels in each of its 4294967296 groups of 1"),
 ])
 def test_wrong_field_types_are_named(saved, tmp_path, edit, match):
     folder = _copy(saved, tmp_path)
