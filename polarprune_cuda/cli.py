@@ -167,6 +167,11 @@ def _prune(args, argv: list[str], cfg, info) -> int:
     from .train import distributed as dist_mod
 
     out = Path(args.out) if args.out else default_out(cfg)
+    try:   # the report names the folder: a path that is not text fails there, after the training (checked now)
+        str(out.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"out: {str(out)!r} is not valid UTF-8; the report and manifest name the folder: "
+                         "choose an --out whose name is text") from None
     with contextlib.ExitStack() as stack:
         refusal = note = None
         if info.is_main:   # rank 0 holds the folder for the whole run; its answer decides on every rank

@@ -565,3 +565,10 @@ def test_a_users_own_file_at_a_planned_name_is_never_replaced(tmp_path, capsys):
     assert rc != 0 and "model.pt2 is not a file polarprune wrote" in one_error_line(err)
     assert (out / "model.pt2").read_bytes() == b"mine too"
     assert "model.pt2" not in rundir.RunFolder(out).files()
+
+
+def test_an_out_that_is_not_text_is_refused_before_training(tmp_path, capsys):
+    out = os.fsdecode(bytes(tmp_path) + b"/run-\xff")                  # a byte that is not UTF-8
+    rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", out], capsys)
+    assert rc == 2 and "is not valid UTF-8" in one_error_line(err)
+    assert not any(tmp_path.iterdir())                                # nothing created, nothing trained
