@@ -15,6 +15,6 @@ MIN_CHANNELS = 4
 
 def default_cost(bank) -> str:
     """:data:`COST` where ``bank`` (a GateBank or None) has it registered, else ``"channels"``."""
-    if bank is not None and COST in bank.cost_kinds and COST in getattr(bank, "_costs", {}):
+    if bank is not None and COST in bank.cost_kinds:
         return COST
     return "channels"

@@ -179,7 +179,7 @@ def _shortfall(record, round_to, exhaustive: bool, achieved: float) -> str:
     return " and ".join(why) + f": the nearest achievable sparsity is {100 * achieved:.2f}%"
 
 
-def select_gates(model, target_sparsity: float, cost: str = "macs", min_channels: int | None = None,
+def select_gates(model, target_sparsity: float, cost: str = COST, min_channels: int | None = None,
                  round_to: int | None = None) -> tuple[Tensor, BudgetResult]:
     """The gate set that meets the target (without changing the model): a 0/1 float tensor over the bank's
     gates, and the :class:`BudgetResult` it would give. See :func:`meet_target`."""

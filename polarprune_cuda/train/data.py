@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from ..errors import DatasetNotFoundError
+from . import distributed as dist_mod
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "folder")
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
@@ -73,7 +74,8 @@ def _normalise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor, dict]:
     """Both splits normalised with the training split's per-channel statistics, and those statistics."""
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    stats = {"mean": [round(float(v), 6) for v in mean.flatten()], "std": [round(float(v), 6) for v in std.flatten()]}
+    stats = {"mean": [round(float(v), 6) for v in mean.flatten()],
+             "std": [round(float(v), 6) for v in std.flatten()]}
     return (train - mean) / std, (test - mean) / std, stats
 
 
@@ -84,13 +86,15 @@ def _prepared(data: ImageData, stats: dict) -> ImageData:
     return data
 
 
-def _limit(data: ImageData, max_train: int | None, max_test: int | None) -> ImageData:
+def _check_limits(max_train: int | None, max_test: int | None) -> None:
     for name, v in (("max_train", max_train), ("max_test", max_test)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name.replace('_', '-')} must be a positive int (or left out for all images), "
                              f"got {v!r}")
-    if data is None:
-        return None
+
+
+def _limit(data: ImageData, max_train: int | None, max_test: int | None) -> ImageData:
+    _check_limits(max_train, max_test)
     if max_train:
         data.train_x, data.train_y = data.train_x[:max_train], data.train_y[:max_train]
     if max_test:
@@ -292,8 +296,9 @@ def load_dataset(name: str, data_dir=None, max_train: int | None = None, max_tes
         from .folder import FolderData
 
         if data_dir is None:
-            raise ValueError("dataset folder reads --data-dir DIR (DIR/train/<class>/<image>, DIR/val/<class>/<image>)")
-        _limit(None, max_train, max_test)
+            raise ValueError("dataset folder reads --data-dir DIR (DIR/train/<class>/<image>, "
+                             "DIR/val/<class>/<image>)")
+        _check_limits(max_train, max_test)
         return FolderData(data_dir, max_train=max_train, max_test=max_test, **folder)
     if name == "digits":
         data = load_digits()
@@ -361,20 +366,21 @@ def _nchw(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
-def train_batches(data, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1):
+def train_batches(data, batch_size: int, seed: int, epoch: int, info: dist_mod.DistInfo = dist_mod.SINGLE):
     """The epoch's training batches of ``data``: in memory, :func:`batches`' global batches ``(x, y)`` (each rank
-    slices its part); a folder, ``(x, y, global batch size)`` of this rank's part, decoded by its loader."""
+    slices its part); a folder, ``(x, y, global batch size)`` of this rank's part (``info``: the rank's
+    ``DistInfo``), decoded by its loader."""
     if isinstance(data, ImageData):
         return batches(data.train_x, data.train_y, batch_size, seed=seed, epoch=epoch, pad=data.pad, flip=data.flip)
-    return data.train_batches(batch_size, seed, epoch, rank, world_size)
+    return data.train_batches(batch_size, seed, epoch, info)
 
 
-def test_set(data, rank: int = 0, world_size: int = 1) -> tuple:
+def test_set(data, info: dist_mod.DistInfo = dist_mod.SINGLE) -> tuple:
     """What :func:`~polarprune_cuda.train.loop.evaluate` takes for ``data``'s test images: the tensors
-    ``(x, y)``, or ``(this rank's batches, None)`` for a folder."""
+    ``(x, y)``, or ``(this rank's batches, None)`` for a folder (``info``: the rank's ``DistInfo``)."""
     if isinstance(data, ImageData):
         return data.test_x, data.test_y
-    return data.test_batches(256, rank, world_size), None
+    return data.test_batches(256, info), None
 
 
 def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:

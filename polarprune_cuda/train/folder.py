@@ -13,10 +13,11 @@ the spec of the saved model, ``model/spec.json``).
 The epoch's order is the in-memory sets' (a permutation seeded by the seed and the epoch, the same global
 batches under torchrun, each rank taking its slice), and every image's augmentation is drawn from a generator
 seeded by the seed, the epoch and the image's index: a run is the same with any number of workers and resumes
-exactly at an epoch boundary. (torchvision's transforms draw from the process's global generator; forking it
-per image cost 260 us of the 900 us an image took, so the crop and flip here take their own generator, and
-the geometry runs in PIL: about 140 us an image on this CPU, a 28x28 PNG decoded included.) An image that cannot be read stops the run with its path
-(:class:`~polarprune_cuda.errors.ImageReadError`); the checkpoint of the last epoch stays.
+exactly at an epoch boundary. (torchvision's transforms draw from the process's global generator, which
+would have to be forked for every image; the crop and flip here take their own generator and run in PIL.
+The loader's rate: benchmarks/results/folder-throughput-fashion-mnist.md.) An image that cannot be read
+stops the run with its path (:class:`~polarprune_cuda.errors.ImageReadError`); the checkpoint of the last
+epoch stays.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DatasetNotFoundError, ImageReadError
+from . import distributed as dist_mod
 
 #: file name endings read as images (torchvision's ImageFolder list)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -165,6 +167,16 @@ class _Images(torch.utils.data.Dataset):
         return self.transform(image, random.Random((self.seed * 100_003 + self.epoch) * 1_000_003 + i)), label
 
 
+def _stats(train, size: int, channels: int) -> tuple[list, list]:
+    """Per-channel mean and std of up to :data:`STATS_IMAGES` training images as evaluation sees them."""
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:STATS_IMAGES].tolist()
+    images = _Images([train[i] for i in pick], _Transform(size, False), channels)
+    x = torch.stack([images[i][0] for i in range(len(images))])
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
 def parse_normalize(text: str | None, channels: int) -> tuple[list, list] | None:
     """``"m1,...,s1,..."`` (one mean and one std per channel) as (mean, std); None for None."""
     if text is None:
@@ -216,27 +228,10 @@ class FolderData:
         self.train_y = torch.tensor([label for _, label in train], dtype=torch.long)
         self.test_y = torch.tensor([label for _, label in test], dtype=torch.long)
         given = parse_normalize(normalize, channels)
-        mean, std = given if given is not None else self._stats(train, size, channels)
+        mean, std = given if given is not None else _stats(train, size, channels)
         self.preprocessing = Preprocessing(mean, std, size, channels, classes).to_dict()
-        self._train = _Images(train, self._transform(True), channels, seed=0)
-        self._test = _Images(test, self._transform(False), channels)
-
-    # ----------------------------------------------------------------- transforms
-
-    def _transform(self, train: bool, normalize: bool = True) -> _Transform:
-        size = self.preprocessing["image_size"] if hasattr(self, "preprocessing") else self._size
-        if not normalize:
-            return _Transform(size, train)
-        return _Transform(size, train, self.preprocessing["mean"], self.preprocessing["std"])
-
-    def _stats(self, train, size: int, channels: int) -> tuple[list, list]:
-        self._size = size
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:STATS_IMAGES].tolist()
-        images = _Images([train[i] for i in pick], self._transform(False, normalize=False), channels)
-        x = torch.stack([images[i][0] for i in range(len(images))])
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
-        return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+        self._train = _Images(train, _Transform(size, True, mean, std), channels, seed=0)
+        self._test = _Images(test, _Transform(size, False, mean, std), channels)
 
     # ----------------------------------------------------------------- what the trainer reads
 
@@ -253,17 +248,17 @@ class FolderData:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         n = len(self._train)
-        plain = _Images(self._train.samples, self._transform(False), self.in_channels)
+        plain = _Images(self._train.samples, self._test.transform, self.in_channels)
         return torch.stack([plain[i % n][0] for i in range(batch)])
 
     def _loader(self, dataset, batch_sampler):
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers,
-                                           pin_memory=self.pin_memory, persistent_workers=False)
+                                           pin_memory=self.pin_memory)
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                      world_size: int = 1) -> Iterator[tuple[Tensor | None, Tensor | None, int]]:
+    def train_batches(self, batch_size: int, seed: int, epoch: int, info: dist_mod.DistInfo = dist_mod.SINGLE
+                      ) -> Iterator[tuple[Tensor | None, Tensor | None, int]]:
         """The epoch's global batches, the order and the augmentation seeded by (``seed``, ``epoch``): for each,
-        ``(images, labels, global batch size)`` of this rank's slice of it (torchrun: the slice
+        ``(images, labels, global batch size)`` of this rank's slice of it (the slice
         :func:`~polarprune_cuda.train.distributed.shard` gives; ``(None, None, n)`` where a batch has fewer
         images than ranks and every rank skips it). A rank decodes only its own slice."""
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -272,13 +267,8 @@ class FolderData:
         whole = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         parts = []
         for b in whole:
-            if world_size == 1:
-                parts.append(b)
-            elif len(b) < world_size:
-                parts.append(None)
-            else:
-                bounds = torch.tensor_split(torch.arange(len(b)), world_size)[rank]
-                parts.append(b[int(bounds[0]):int(bounds[-1]) + 1])
+            part = dist_mod.shard(len(b), info)
+            parts.append(None if part is None else b[part])
         loader = iter(self._loader(self._train, [p for p in parts if p is not None]))
         for b, p in zip(whole, parts):
             if p is None:
@@ -287,7 +277,7 @@ class FolderData:
                 x, y = next(loader)
                 yield x, y, len(b)
 
-    def test_batches(self, batch_size: int = 256, rank: int = 0, world_size: int = 1):
+    def test_batches(self, batch_size: int = 256, info: dist_mod.DistInfo = dist_mod.SINGLE):
         """The evaluation images in order (under torchrun: this rank's contiguous part)."""
-        idx = torch.tensor_split(torch.arange(len(self._test)), world_size)[rank].tolist()
+        idx = torch.tensor_split(torch.arange(len(self._test)), info.world_size)[info.rank].tolist()
         return self._loader(self._test, [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)])

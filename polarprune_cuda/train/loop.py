@@ -487,7 +487,7 @@ def _train_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: i
     n_batches = macs = 0
     start, joules = time.perf_counter(), run.counter.read() if run.counter is not None else None
     log_every = max(1, run.steps_per_epoch // 10)
-    batch_iter = data_mod.train_batches(data, cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size)
+    batch_iter = data_mod.train_batches(data, cfg.batch_size, cfg.seed, epoch, info)
     for batch in _progress(batch_iter, progress, total=run.steps_per_epoch, leave=False, unit="step",
                            desc=f"epoch {epoch + 1}"):
         xb, yb = batch[:2]
@@ -578,7 +578,7 @@ def _end_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: int
     history.epoch_step.append(run.step)
     history.train_loss.append(total_loss / max(n_batches, 1))
     history.penalty.append(float(total_pen) / max(n_batches, 1))
-    history.test_accuracy.append(evaluate(model, *data_mod.test_set(data, info.rank, info.world_size), device=device, dist_info=info,
+    history.test_accuracy.append(evaluate(model, *data_mod.test_set(data, info), device=device, dist_info=info,
                                           amp=cfg.amp, channels_last=cfg.channels_last))
     acc = f"{history.test_accuracy[-1]:.3f}"
     if run.gated:

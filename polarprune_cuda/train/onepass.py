@@ -154,8 +154,8 @@ class OnePass:
                  optimizer: torch.optim.Optimizer, scheduler=None, *, cost: str = COST, freeze_at: float = FREEZE,
                  warmup: float = WARMUP, ramp: float = RAMP, gate_lr: float | None = None, switch: bool = True,
                  target_weight: float = 20.0, polarization_weight: float = 0.1, polarization: str = "bimodal",
-                 min_channels: int = MIN_CHANNELS, round_to: int | None = None, ste: str = "identity", init: float = 1.0,
-                 wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None,
+                 min_channels: int = MIN_CHANNELS, round_to: int | None = None, ste: str = "identity",
+                 init: float = 1.0, wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None,
                  check_group: bool = True, hold_scores: bool = True):
         from ..surgery.attach import attach_gates
 
@@ -349,9 +349,9 @@ class OnePass:
 def carry_state(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module, maps: dict[str, Tensor],
                 carry: bool = True) -> None:
     """Point ``optimizer``'s groups at ``new``'s parameters (matched by name; a parameter ``new`` lacks, the gate
-    scores, leaves its group) and carry its per-parameter state (:func:`~polarprune_cuda.train.switch.carried_state`:
-    tensors of the parameter's shape gathered by ``maps``, anything else, such as step counts, copied). The optimizer object stays the same, so a scheduler built on it
-    keeps working."""
+    scores, leaves its group) and carry its per-parameter state (:func:`~polarprune_cuda.train.switch.
+    carried_state`: tensors of the parameter's shape gathered by ``maps``, anything else, such as step counts,
+    copied). The optimizer object stays the same, so a scheduler built on it keeps working."""
     names = {id(p): n for n, p in old.named_parameters()}
     new_params = dict(new.named_parameters())
     state = defaultdict(dict)

@@ -84,12 +84,12 @@ def _check_folder(path: Path) -> None:
 
 
 def _refuse_foreign(path: Path) -> None:
-    """A folder that holds anything and no manifest of polarprune's is refused before a lock is made in it, and
-    without walking it (``--out ~`` or ``/``)."""
+    """A folder that holds files and no manifest of polarprune's is refused (RunFolderError naming the first
+    ones); the walk stops at the fourth file, so ``--out ~`` or ``/`` is refused at once."""
     if not path.is_dir() or RunFolder(path).owned():
         return
     found: list[str] = []
-    for root, dirs, names in os.walk(path, onerror=None):   # lazily: stops at the fourth file
+    for root, dirs, names in os.walk(path):   # lazily: stops at the fourth file
         dirs.sort()
         rel = Path(root).relative_to(path)
         found += [(rel / n).as_posix() for n in sorted(names) if not (rel == Path(".") and n == LOCK_FILE)]
@@ -305,13 +305,7 @@ class RunFolder:
         if resume and overwrite:
             raise RunFolderError("resume and overwrite exclude each other: --resume continues the run in --out, "
                                  "--overwrite starts it over")
-        if not self.owned():
-            foreign = self.entries()
-            if foreign:
-                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-                raise RunFolderError(
-                    f"out: {self.path} holds files that polarprune did not write ({shown}); it never removes or "
-                    "replaces those, even with --overwrite: choose a new or empty --out")
+        _refuse_foreign(self.path)
         self.refuse_unlisted(planned)
         links = self.links()
         if links:

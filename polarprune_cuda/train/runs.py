@@ -36,11 +36,6 @@ def load_data(cfg: PruneConfig):
     return data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test, **folder)
 
 
-def _test(data, info: dist_mod.DistInfo) -> tuple:
-    """evaluate's test-set arguments for ``data`` on this rank."""
-    return data_mod.test_set(data, info.rank, info.world_size)
-
-
 def build(cfg: PruneConfig, data: data_mod.ImageData, notes: dict | None = None) -> nn.Module:
     """The dense model of the recipe (seeded), with ``--init`` weights if given (weights.load_init; what it did
     goes into ``notes["init"]``, for the report)."""
@@ -150,22 +145,22 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
                  channels=cfg.channel_gates, ste=cfg.ste, init=cfg.score_init)
     history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=True, epochs=cfg.epochs,
                    lr=cfg.lr, label="prune", interrupt_after=interrupt_after, **fit)
-    gated_acc = evaluate(model, *_test(data, dist_info), **ev)
+    gated_acc = evaluate(model, *data_mod.test_set(data, dist_info), **ev)
     small = extract(model, data.example_input(8).to(cfg.device))
-    pruned_acc = evaluate(small, *_test(data, dist_info), **ev)
+    pruned_acc = evaluate(small, *data_mod.test_set(data, dist_info), **ev)
     finetuned_acc = None
     histories = [history]
     if cfg.finetune_epochs:
         histories.append(_fit(small, data, cfg, Checkpointer(out / "finetune.pt"), gated=False,
                               epochs=cfg.finetune_epochs, lr=cfg.lr * 0.1, label="finetune", **fit))
-        finetuned_acc = evaluate(small, *_test(data, dist_info), **ev)
+        finetuned_acc = evaluate(small, *data_mod.test_set(data, dist_info), **ev)
     if info.is_main:
         save_pruned(small, out / "model", preprocessing=getattr(data, "preprocessing", None))
     base = None
     if baseline:
         base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False,
                          epochs=cfg.epochs + cfg.finetune_epochs, lr=cfg.lr, label="baseline", **fit)
-        base = {"accuracy": evaluate(dense, *_test(data, dist_info), **ev),
+        base = {"accuracy": evaluate(dense, *data_mod.test_set(data, dist_info), **ev),
                 "test_accuracy": base_hist.test_accuracy, "training": training_cost(base_hist)}
     spec = small.polarprune_spec
     kept = sum(len(g["kept"]) for g in spec["groups"])
@@ -198,7 +193,7 @@ def run_dense(cfg: PruneConfig, out_dir, *, resume: bool = True, progress: bool 
     with _holding(out, dist_info):
         _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs, lr=cfg.lr,
              resume=resume, progress=progress, label="dense", dist_info=dist_info)
-    return evaluate(model, *_test(data, dist_info), device=cfg.device, dist_info=dist_info, amp=cfg.amp,
+    return evaluate(model, *data_mod.test_set(data, dist_info), device=cfg.device, dist_info=dist_info, amp=cfg.amp,
                     channels_last=cfg.channels_last)
 
 
@@ -273,12 +268,12 @@ def _run_sparse(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, prog
         (out / "model").mkdir(exist_ok=True)
         save_tensors(state, out / "model" / "weights.pt")
         sizes = fggp_mod.save_sparse(state, out / "model" / "sparse.pt")
-    accuracy = evaluate(model, *_test(data, dist_info), **ev)
+    accuracy = evaluate(model, *data_mod.test_set(data, dist_info), **ev)
     base = None
     if baseline:
         base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False, epochs=cfg.epochs,
                          lr=cfg.lr, label="baseline", **fit)
-        base = {"accuracy": evaluate(dense, *_test(data, dist_info), **ev),
+        base = {"accuracy": evaluate(dense, *data_mod.test_set(data, dist_info), **ev),
                 "test_accuracy": base_hist.test_accuracy, "training": training_cost(base_hist)}
     return SparseResult(cfg, data, dense, model, pruner, history, accuracy, base, pruner.sparsity(), sizes,
                         time.perf_counter() - start, training_cost(history))

@@ -65,7 +65,7 @@ def classifier_name(model: nn.Module, num_classes: int) -> str | None:
             head = get()
         except Exception:   # noqa: BLE001 - a model's own method: any failure means "not known"
             head = None
-        if isinstance(head, nn.Module) and head in names and (isinstance(head, (nn.Linear, nn.Conv2d))):
+        if isinstance(head, (nn.Linear, nn.Conv2d)) and head in names:
             return names[head]
     last = None
     for name, m in model.named_modules():
@@ -81,7 +81,7 @@ def load_init(model: nn.Module, path, num_classes: int, reset_classifier: bool =
     state = read_state_dict(path)
     own = model.state_dict()
     head = classifier_name(model, num_classes)
-    head_keys = [k for k in own if head is not None and k.startswith(head + ".")] if head is not None else []
+    head_keys = [k for k in own if k.startswith(head + ".")] if head is not None else []
     reason = None
     if head_keys and reset_classifier:
         reason = "--reset-classifier"

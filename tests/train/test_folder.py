@@ -11,6 +11,7 @@ import polarprune_cuda as pp
 from polarprune_cuda import cli
 from polarprune_cuda.models import build_model
 from polarprune_cuda.errors import ImageReadError
+from polarprune_cuda.train.distributed import DistInfo
 from polarprune_cuda.train.folder import FolderData
 
 from helpers import without_clock
@@ -134,7 +135,7 @@ def test_each_rank_decodes_its_slice_of_the_same_global_batches(tmp_path):
     global batch smaller than the ranks is skipped on both."""
     data = FolderData(_folder(tmp_path / "shapes", train=3, val=1), image_size=10)   # 9 images: batches 4, 4, 1
     one = list(data.train_batches(4, seed=5, epoch=0))
-    ranks = [list(data.train_batches(4, seed=5, epoch=0, rank=r, world_size=2)) for r in (0, 1)]
+    ranks = [list(data.train_batches(4, seed=5, epoch=0, info=DistInfo(rank=r, world_size=2))) for r in (0, 1)]
     assert [n for _, _, n in one] == [4, 4, 1]
     for i, (x, y, n) in enumerate(one[:2]):
         (x0, y0, n0), (x1, y1, n1) = ranks[0][i], ranks[1][i]
