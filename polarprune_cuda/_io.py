@@ -7,6 +7,8 @@
   ``NAME.sha256`` file beside it (the format of ``sha256sum``, so
   ``sha256sum -c weights.pt.sha256`` checks it too); loading verifies the
   digest on the very bytes it then unpickles, with ``weights_only=True``.
+* :func:`check_archive`: a ``torch.save`` archive's records checked against
+  the file's size before ``torch.load`` expands them.
 * :func:`content_digest`: a digest of a nested structure of tensors, numbers
   and strings (a checkpoint), independent of how it was serialized.
 * :func:`remove_stale_temps`: temporary files that a killed process left.
@@ -18,6 +20,7 @@ import io
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -116,6 +119,46 @@ def read_verified(path) -> bytes:
     return data
 
 
+def check_archive(source, name) -> None:
+    """Refuse a ``torch.save`` archive (``source``: a path or the file's bytes) whose records could expand past
+    the file before ``torch.load`` reads them: ``torch.save`` stores its records uncompressed, so a compressed
+    record, or one that declares more bytes than the file holds, is not its work (a 4 MB file can declare
+    gigabytes). A file that is not a zip archive (the legacy format) holds its data in itself; it passes."""
+    f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    with f:
+        if not zipfile.is_zipfile(f):
+            return
+        size = f.seek(0, io.SEEK_END)
+        f.seek(0)
+        try:
+            infos = zipfile.ZipFile(f).infolist()
+        except Exception as exc:   # noqa: BLE001 - whatever zipfile makes of damaged bytes
+            raise IntegrityError(f"{name} is corrupt: a damaged archive ({type(exc).__name__}: {exc})") from None
+        total = 0
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise IntegrityError(f"{name}: record {info.filename!r} is compressed; torch.save never "
+                                     "compresses, and a compressed record can expand far past the file's size")
+            total += info.file_size
+            if info.file_size != info.compress_size or total > size:
+                raise IntegrityError(f"{name}: record {info.filename!r} declares {info.file_size} bytes, more "
+                                     f"than the file's {size} bytes hold")
+
+
+def load_failure(exc: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: what the file held, without torch's paragraphs
+    (nor its advice to load with ``weights_only=False``, which would run whatever code the file names)."""
+    text = str(exc)
+    if text.startswith("Weights only load failed"):
+        parts = [p.strip() for p in re.split(r"\n\s*\n", text)[1:]]
+        parts = [re.sub(r"^.*?WeightsUnpickler error:\s*", "", p, flags=re.S) for p in parts
+                 if p and not p.startswith("Check the documentation")]
+        core = "; ".join(" ".join(p.split()) for p in parts if p.strip())
+        return f"it holds something other than tensors and plain data ({core or 'unsupported content'})"
+    first = " ".join(text.strip().splitlines()[:1]) or type(exc).__name__
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
 def load_tensors(path, map_location="cpu", verify: bool = True):
     """``torch.load(weights_only=True)`` of a file written by :func:`save_tensors`, its digest checked first.
 
@@ -123,11 +166,11 @@ def load_tensors(path, map_location="cpu", verify: bool = True):
     """
     path = Path(path)
     data = read_verified(path) if verify else path.read_bytes()
+    check_archive(data, path)
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise IntegrityError(f"{path} cannot be read as tensors with torch.load(weights_only=True) "
-                             f"({type(exc).__name__}: {exc})") from None
+        raise IntegrityError(f"{path} cannot be read as tensors: {load_failure(exc)}") from None
 
 
 def _feed(h, obj) -> None:

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -232,14 +233,16 @@ def _field(obj, key: str, kind, where: str):
     return value
 
 
-def load_run(run, model: str | None = None) -> tuple:
+def load_run(run, model: str | None = None, batch: int = 1) -> tuple:
     """(extracted model, shape of one input sample) of a ``polarprune prune`` output folder.
 
     The dense model is rebuilt from a built-in name, or from ``model`` (a name or ``module:function`` that the
     caller passes): nothing in the folder decides which code runs. A run that used ``module:function`` is
-    refused unless ``model`` is given.
+    refused unless ``model`` is given. ``batch``: the batch the caller will run it on, checked against
+    MAX_INPUT_ELEMENTS before the model is built.
     """
     from .models import build_model, is_builtin
+    from .surgery.inputs import MAX_INPUT_ELEMENTS
     from .surgery.spec import load_pruned
 
     run = Path(run)
@@ -251,8 +254,8 @@ def load_run(run, model: str | None = None) -> tuple:
                          f"({MAX_REPORT_BYTES}): not a report of polarprune prune")
     try:
         report = json.loads(report_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{report_file} is not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{report_file} is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(report, dict):
         raise ValueError(f"{report_file} must hold a JSON object (a report of polarprune prune), got "
                          f"{type(report).__name__}")
@@ -278,19 +281,54 @@ def load_run(run, model: str | None = None) -> tuple:
     if not isinstance(model, str) or not model:
         raise TypeError(f"model must be a model name or module:function, got {model!r}")
     spec_file = run / "model" / "spec.json"
-    in_channels = _in_channels(spec_file)
+    spec = _read_spec_json(spec_file)
+    in_channels = _in_channels(spec, spec_file)
+    sample = spec["input_shapes"][0][1:]
+    if batch * math.prod(sample) > MAX_INPUT_ELEMENTS:
+        raise ValueError(f"batch: {batch} samples of shape {sample} are more than the {MAX_INPUT_ELEMENTS} "
+                         "elements export traces with; lower --batch (the exported batch dimension stays dynamic)")
+    _check_classes(spec, spec_file, report_file, lambda: build_model(model, num_classes, in_channels, small_input),
+                   num_classes)
     net = load_pruned(run / "model", lambda: build_model(model, num_classes, in_channels, small_input))
     return net.eval(), tuple(net.polarprune_spec["input_shapes"][0][1:])
 
 
-def _in_channels(spec_file: Path) -> int:
-    """The input channels recorded in a spec (load_pruned validates the rest of it)."""
+def _read_spec_json(spec_file: Path):
+    """A run's spec.json as JSON (load_pruned validates it; this reads what is needed before the model is built)."""
+    from .surgery.spec import MAX_SPEC_BYTES
+
     try:
-        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        size = spec_file.stat().st_size
     except FileNotFoundError:
         raise FileNotFoundError(f"{spec_file} not found: the run has no extracted model") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{spec_file} is not valid JSON ({exc})") from None
+    if size > MAX_SPEC_BYTES:
+        raise ValueError(f"{spec_file} has {size} bytes, more than a channel spec has ({MAX_SPEC_BYTES} at most)")
+    try:
+        return json.loads(spec_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{spec_file} is not valid JSON ({type(exc).__name__})") from None
+
+
+def _check_classes(spec, spec_file: Path, report_file: Path, build, num_classes: int) -> None:
+    """The report's class count against the spec's classifier, with the dense model built on the meta device
+    (no memory for its weights): a report naming 1,000,000 classes is refused before a model that size is made."""
+    from .train.weights import classifier_name
+
+    try:
+        with torch.device("meta"):
+            dense = build()
+    except Exception:   # noqa: BLE001 - a builder that cannot run on meta: load_pruned's checks still follow
+        return
+    head = classifier_name(dense, num_classes)
+    shapes = spec.get("shapes") if isinstance(spec, dict) else None
+    got = shapes.get(f"{head}.weight") if head is not None and isinstance(shapes, dict) else None
+    if isinstance(got, list) and got and got[0] != num_classes:
+        raise ValueError(f"{report_file} data: num_classes is {num_classes}, the spec's classifier {head!r} has "
+                         f"{got[0]} outputs ({spec_file.name}): the report and the spec disagree")
+
+
+def _in_channels(spec, spec_file: Path) -> int:
+    """The input channels recorded in a spec (load_pruned validates the rest of it)."""
     shapes = spec.get("input_shapes") if isinstance(spec, dict) else None
     first = shapes[0] if isinstance(shapes, list) and shapes else None
     if not (isinstance(first, list) and len(first) >= 2 and all(type(d) is int for d in first)
@@ -321,7 +359,7 @@ def export(args) -> int:
     owned = run.is_dir() and rundir.RunFolder(run).owned()
     inside = owned and out.resolve().parent == run.resolve()
     with rundir.locked(run) if owned else contextlib.nullcontext():   # not while a prune writes the folder
-        model, sample_shape = load_run(run, model=args.model)
+        model, sample_shape = load_run(run, model=args.model, batch=args.batch)
         x = torch.randn(args.batch, *sample_shape, generator=torch.Generator().manual_seed(0))
         preprocessing = model.polarprune_spec.get("preprocessing")   # checked by load_pruned
         prep = out.with_name(out.name + ".preprocessing.json") if preprocessing is not None else None

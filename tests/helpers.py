@@ -147,3 +147,11 @@ def gated_resnet20(seed=0, batch=2):
         bank = pp.find_bank(model)
         bank.scores.copy_(torch.randn(bank.scores.shape, dtype=torch.float64))
     return model, x
+
+
+def one_error_line(err: str) -> str:
+    """The refusal is exactly one 'polarprune: error:' line, no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("polarprune: warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("polarprune: error: "), err
+    return lines[0]

@@ -19,7 +19,7 @@ import torch
 from polarprune_cuda import _io, cli
 from polarprune_cuda.train import rundir, runs, trainer
 
-from helpers import without_clock
+from helpers import one_error_line, without_clock
 
 TINY = ["--dataset", "digits", "--model", "resnet20", "--max-train", "96", "--max-test", "48",
         "--batch-size", "32", "--latency-batch", "4", "--quiet", "--min-channels", "2"]
@@ -31,14 +31,6 @@ def run(argv, capsys):
     rc = cli.main(argv)
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
-
-
-def one_error_line(err: str) -> str:
-    """The refusal is exactly one 'polarprune: error:' line, no traceback."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("polarprune: warning: ")]
-    assert len(lines) == 1 and lines[0].startswith("polarprune: error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

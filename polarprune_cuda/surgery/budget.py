@@ -227,6 +227,20 @@ def select_gates(model, target_sparsity: float, cost: str = COST, min_channels: 
 
 
 @torch.no_grad()
+def budget_disagreement(model, budget: dict) -> str | None:
+    """Why ``budget`` (:meth:`BudgetResult.to_dict`, as a checkpoint holds it) is not what ``model``'s hard
+    gates give, or None: its total, achieved cost and achieved sparsity recomputed from the gates."""
+    bank, _ = _surgery(model)
+    cm = bank.cost_model(budget["cost"])
+    cost = float(cm.cost(bank.effective((bank.scores.detach() > 0).float())))
+    for name, got in (("total", cm.total), ("achieved_cost", cost), ("achieved_sparsity", 1.0 - cost / cm.total)):
+        want = budget[name]
+        if abs(want - got) > 1e-6 * max(1.0, abs(got)):
+            return f"its {name} is {want}, the gates it holds give {got}"
+    return None
+
+
+@torch.no_grad()
 def meet_target(model, target_sparsity: float, cost: str = COST, min_channels: int | None = None,
                 round_to: int | None = None) -> BudgetResult:
     """Set the model's gates to the set that meets ``target_sparsity`` of ``cost`` exactly; returns what it chose.

@@ -245,7 +245,12 @@ def _surviving_root(rec: GroupRecord, gone: list[BlockRecord]) -> str:
 
 def _verify(gated: nn.Module, small: nn.Module, inputs, spec_groups: list[dict]) -> None:
     """UnsupportedModelError unless ``small``'s eval outputs on ``inputs`` equal ``gated``'s (shapes, and values
-    to 1e-3 of the largest output); an extracted model that cannot run is refused naming the groups."""
+    to 1e-3 of the largest output); an extracted model that cannot run is refused naming the groups. Weights that
+    are not finite (a diverged training) are named as such first: no output comparison means anything then."""
+    for name, t in gated.named_parameters():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the model's weights are not finite ({name!r} holds NaN or inf): the training "
+                             "diverged (lower the learning rate) or the weights loaded were damaged")
     with eval_mode(gated, small), torch.no_grad():
         ref = gated(*inputs)
         try:
@@ -253,6 +258,9 @@ def _verify(gated: nn.Module, small: nn.Module, inputs, spec_groups: list[dict])
         except Exception as exc:
             raise UnsupportedModelError(f"the extracted model cannot run ({type(exc).__name__}: {exc}); "
                                         f"{_group_list(spec_groups)}") from exc
+    if any(a.is_floating_point() and not bool(torch.isfinite(a).all()) for a in flatten_outputs(ref)):
+        raise ValueError("the model's outputs are not finite (NaN or inf) though its weights are: they are too "
+                         "large, the training diverged (lower the learning rate)")
     for a, b in zip(flatten_outputs(ref), flatten_outputs(out)):
         if a.shape != b.shape:
             raise UnsupportedModelError(f"extracted model output shape {tuple(b.shape)} differs from the gated "

@@ -35,12 +35,18 @@ SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "weights.pt"
 MAX_INPUTS = 16                   # inputs a spec may list
 MAX_SPEC_BYTES = 64 * 2 ** 20     # size of a spec.json that load_pruned reads
+MAX_SPEC_DEPTH = 16               # nesting of a spec.json (its deepest field, preprocessing, is 4 levels)
 
 
 def _spec_input_shapes(shapes: list[list[int]]) -> list[list[int]]:
     """The input shapes a spec records: the example's, with the batch made smaller where an input has more
     than MAX_INPUT_ELEMENTS elements (load_pruned traces the model on inputs of these shapes)."""
     shapes = [[int(d) for d in s] for s in shapes]
+    for s in shapes:
+        if math.prod(s[1:]) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"example_inputs: one sample of shape {s[1:]} has {math.prod(s[1:])} elements, more than "
+                             f"a saved model is traced with when it loads ({MAX_INPUT_ELEMENTS}); prune with a smaller "
+                             "example input (the channels removed do not depend on its size)")
     if all(math.prod(s) <= MAX_INPUT_ELEMENTS for s in shapes):
         return shapes
     batch = min(MAX_INPUT_ELEMENTS // max(1, math.prod(s[1:])) for s in shapes)
@@ -293,6 +299,19 @@ def save_pruned(model: nn.Module, path, preprocessing: dict | None = None) -> Pa
     return path
 
 
+def _depth(obj) -> int:
+    """How deeply JSON data nests (without recursion: a file may nest thousands of levels)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
 def _read_spec(spec_file: Path, verify: bool) -> dict:
     """The parsed, digest-checked (with ``verify``) and schema-checked spec, without its 'sha256' field."""
     size = spec_file.stat().st_size
@@ -304,6 +323,8 @@ def _read_spec(spec_file: Path, verify: bool) -> dict:
         raise ValueError(f"{spec_file} is not valid JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(spec, dict):
         _check_spec(spec, str(spec_file))   # raises: not a JSON object
+    if _depth(spec) > MAX_SPEC_DEPTH:
+        raise ValueError(f"{spec_file} is nested more than {MAX_SPEC_DEPTH} levels deep; a channel spec is not")
     if verify:
         recorded = spec.get("sha256")
         if recorded is None:
@@ -367,7 +388,7 @@ def _rebuild(model: nn.Module, spec: dict) -> None:
     _check_roots(model, spec)
     inputs = _random_inputs(spec["input_shapes"], spec["input_dtypes"], device)
     try:
-        _check_fits(model, inputs)
+        dense_outputs = _check_fits(model, inputs)
     except ValueError as exc:
         raise ValueError(f"spec does not match the model: it cannot run on inputs of the spec's input_shapes "
                          f"{spec['input_shapes']} and input_dtypes {spec['input_dtypes']} "
@@ -379,10 +400,26 @@ def _rebuild(model: nn.Module, spec: dict) -> None:
                          f"({type(exc).__name__}: {exc})") from exc
     _check_shapes(model, spec)
     try:
-        _check_fits(model, inputs)
+        outputs = _check_fits(model, inputs)
     except ValueError as exc:
         raise ValueError(f"spec does not match the model: the model with the spec's channels removed cannot run "
                          f"({exc.__cause__.__class__.__name__}: {exc.__cause__})") from exc
+    if outputs != dense_outputs:
+        raise ValueError(f"spec does not match the model: it changes the model's outputs from {dense_outputs} to "
+                         f"{outputs}; pruning keeps a model's outputs (does the spec remove classifier outputs?)")
+
+
+def _check_values(state: dict, weights_file) -> None:
+    """Weights a model can hold: real (a complex tensor would lose its imaginary part in ``load_state_dict``),
+    finite, and BatchNorm running variances not negative (export and inference would produce NaN)."""
+    for key, t in state.items():
+        if t.is_complex():
+            raise ValueError(f"{weights_file}: {key!r} is {str(t.dtype).replace('torch.', '')}; a model's weights "
+                             "are real")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{weights_file}: {key!r} holds NaN or inf; the weights are not usable")
+        if key.endswith("running_var") and t.is_floating_point() and bool((t < 0).any()):
+            raise ValueError(f"{weights_file}: {key!r} holds negative values; a running variance never is")
 
 
 def load_pruned(path, factory: Callable[[], nn.Module], map_location="cpu", verify: bool = True) -> nn.Module:
@@ -416,6 +453,7 @@ def load_pruned(path, factory: Callable[[], nn.Module], map_location="cpu", veri
     extra = [k for k in state if k not in spec["shapes"]]
     if extra:
         raise ValueError(f"{weights_file} does not match {spec_file.name}: {extra[0]!r} is not in the spec")
+    _check_values(state, weights_file)
     state = _with_metadata(state, weights_file)
     model = factory()
     if not isinstance(model, nn.Module):

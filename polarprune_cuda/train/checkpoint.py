@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write, content_digest
-from ..errors import CheckpointError
+from .._io import atomic_write, check_archive, content_digest, load_failure
+from ..errors import CheckpointError, IntegrityError
 from .checkpoint_schema import (  # noqa: F401  re-exported: the constants and validate are this module's too
     BUDGET_FIELDS,
     CHECKPOINT_FORMAT,
@@ -90,10 +90,14 @@ class Checkpointer:
                 raise self._refuse(f"it has {size} bytes, more than a checkpoint of this model can have "
                                    f"({limit}); it is not this run's checkpoint")
         try:
+            check_archive(self.path, f"checkpoint {self.path}")
+        except IntegrityError as exc:
+            raise CheckpointError(f"{exc}; delete it or use another --out") from None
+        try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"checkpoint {self.path} is corrupt or not a polarprune checkpoint "
-                                  f"({type(exc).__name__}: {exc}); delete it or use another --out") from None
+                                  f"({load_failure(exc)}); delete it or use another --out") from None
         if not isinstance(state, dict) or not _same(state.get("format"), CHECKPOINT_FORMAT):
             got = ("it holds " + _show(state) if not isinstance(state, dict) else
                    "its field 'format' " + (f"is {_show(state['format'])}" if "format" in state else "is missing"))

@@ -80,6 +80,7 @@ def validate(state: dict, expected: Any, path) -> None:
             _check_switch(state, run)
         for name in FIELDS:
             _CHECKS[name](state[name], (name,), run)
+        _check_agreement(state, run)
     except _Invalid as bad:
         raise CheckpointError(f"checkpoint {path}: field {_where(bad.at)} {bad.why}; delete it or use another "
                               "--out") from None
@@ -117,7 +118,12 @@ def _span(lo, hi) -> str:
     return f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
 
 
+INT_MAX = 2 ** 63 - 1   # what an int field may hold: a count a run can reach (JSON, float and tensors take it)
+
+
 def _int(v, at, lo=0, hi=None) -> int:
+    if hi is None and _is_int(v) and v > INT_MAX:
+        hi = INT_MAX
     if not _is_int(v) or v < lo or (hi is not None and v > hi):
         raise _Invalid(at, f"must be an int {_span(lo, hi)}, got {_show(v)}")
     return v
@@ -416,7 +422,7 @@ def _check_history(v, at, run):
         "macs_trace": lambda x, a: [_ints(pair, a + (i,), 2, 0) for i, pair in enumerate(_list(x, a))],
         "switch_step": lambda x, a: _ints(x, a, len(_list(x, a)) if gated and len(x) <= 1 else 0, 0, total),
         "shrinks": lambda x, a: [_ints(pair, a + (i,), 2, 0) for i, pair in enumerate(_list(x, a))],
-        "energy": lambda x, a: _kind(x, a, dict, "a dict"),
+        "energy": lambda x, a: _plain(_kind(x, a, dict, "a dict"), a),
     }
     fields = tuple(ex.history_fields)
     required = tuple(f for f in fields if f not in COST_FIELDS)
@@ -424,6 +430,53 @@ def _check_history(v, at, run):
     for name in fields:   # a field the trainer has and these rules do not know: a list or dict, unchecked
         if name in v:
             rules.get(name, lambda x, a: _kind(x, a, (list, dict), "a list or a dict"))(v[name], at + (name,))
+
+
+def _plain(v, at, depth: int = 0, budget: list | None = None):
+    """Plain JSON data (what report.json takes): None, bools, ints within INT_MAX, finite floats, strings,
+    lists and string-keyed dicts of them, at most 8 deep and 10,000 items."""
+    budget = [10_000] if budget is None else budget
+    budget[0] -= 1
+    if depth > 8 or budget[0] < 0:
+        raise _Invalid(at, "is nested deeper or holds more than a run's record does")
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if _is_int(v):
+        return _int(v, at, -INT_MAX)
+    if isinstance(v, float):
+        return _real(v, at)
+    if isinstance(v, list):
+        for i, x in enumerate(v):
+            _plain(x, at + (i,), depth + 1, budget)
+        return v
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        for k, x in v.items():
+            _plain(x, at + (k,), depth + 1, budget)
+        return v
+    raise _Invalid(at, f"must be plain data (numbers, strings, lists, dicts), got {_show(v)}")
+
+
+def _check_agreement(state: dict, run) -> None:
+    """Fields that must agree with each other: the schedule's position is the steps of the epochs done (a
+    scheduler put back to step 0 would train other weights than the run it claims to continue), and each
+    group's learning rate is the schedule's at that position (an edited lr of 1e300 would train to inf)."""
+    steps = run.epoch * run.expected.steps_per_epoch
+    sched = state["scheduler"]
+    if sched["last_epoch"] != steps:
+        raise _Invalid(("scheduler", "last_epoch"), f"is {sched['last_epoch']}, and the {run.epoch} epochs done "
+                                                     f"are {steps} steps")
+    if sched["_step_count"] != steps + 1:
+        raise _Invalid(("scheduler", "_step_count"), f"is {sched['_step_count']}, and the {run.epoch} epochs "
+                                                      f"done make it {steps + 1}")
+    lambdas = getattr(run.scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    for i, (base, fn) in enumerate(zip(sched["base_lrs"], lambdas)):
+        want = base * fn(steps)
+        for at, got in ((("scheduler", "_last_lr", i), sched["_last_lr"][i]),
+                        (("optimizer", "param_groups", i, "lr"), state["optimizer"]["param_groups"][i]["lr"])):
+            if abs(got - want) > 1e-12 * max(1.0, abs(want)):
+                raise _Invalid(at, f"is {got}, and the schedule gives {want} after {steps} steps")
 
 
 def _check_epochs_done(v, at, n: int) -> None:

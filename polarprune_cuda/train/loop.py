@@ -33,8 +33,10 @@ from ..gates.bank import find_bank
 from ..sparse import fggp as fggp_mod
 from ..surgery import shrink as shrink_mod
 from ..surgery.extract import guard
+from ..surgery.budget import budget_disagreement
 from ..surgery.costs import count
 from ..surgery.spec import spec_digest
+from ..errors import CheckpointError
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, Expected
 from .config import AMP_MODES, PruneConfig
 from .onepass import OnePass
@@ -443,6 +445,7 @@ def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs
     if run.pruner is not None:
         run.pruner.load_state_dict(state["pruner"])
     run.history = History(**state["history"])
+    _check_budget(run, cfg, ckpt, shrunk=state.get("shrink") is not None and bool(state["shrink"]["removed"].any()))
     run.start_epoch = state["epoch"]
     torch.set_rng_state(state["rng"])
     if run.recipe is not None:   # the recipe at the checkpoint's step, on the networks restored
@@ -451,6 +454,22 @@ def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs
         rec.steps = run.start_epoch * run.steps_per_epoch
         rec.budget = dict(run.history.budget) if run.history.budget else None
         rec._gates_move(rec._moving(rec.steps))
+
+
+def _check_budget(run: _Fit, cfg: PruneConfig, ckpt: Checkpointer, shrunk: bool) -> None:
+    """A restored budget is the run's target and cost, and what the restored gates give (a budget edited into
+    a checkpoint would go into report.json); after a shrink removed gates, the target and cost only."""
+    budget = run.history.budget
+    if not budget:
+        return
+    why = None
+    if budget["target_sparsity"] != cfg.target_sparsity or budget["cost"] != cfg.cost:
+        why = (f"is for target {budget['target_sparsity']} of {budget['cost']!r}, the run's is "
+               f"{cfg.target_sparsity} of {cfg.cost!r}")
+    elif not shrunk:
+        why = budget_disagreement(run.gated_model or run.model, budget)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {ckpt.path}: field history.budget {why}; delete it or use another --out")
 
 
 def _rebuilder(run: _Fit, cfg: PruneConfig):

@@ -30,6 +30,7 @@ from ..errors import RunFolderError
 MANIFEST = "manifest.json"
 LOCK_FILE = ".polarprune.lock"
 MANIFEST_FORMAT = 1
+MAX_MANIFEST_BYTES = 16 * 2 ** 20   # a manifest lists file names: 16 MiB is over 100,000 of them
 LIBRARY = "polarprune_cuda"
 
 
@@ -86,8 +87,15 @@ def _check_folder(path: Path) -> None:
 def _refuse_foreign(path: Path) -> None:
     """A folder that holds files and no manifest of polarprune's is refused (RunFolderError naming the first
     ones); the walk stops at the fourth file, so ``--out ~`` or ``/`` is refused at once."""
-    if not path.is_dir() or RunFolder(path).owned():
+    if not path.is_dir():
         return
+    data, why = RunFolder(path)._manifest()
+    if data is not None:
+        return
+    if why is not None:
+        raise RunFolderError(f"out: {path / MANIFEST} is malformed ({why}), so which files of {path} polarprune "
+                             "wrote is unknown; it removes and replaces none of them: repair it, or choose a new "
+                             "or empty --out")
     found: list[str] = []
     for root, dirs, names in os.walk(path):   # lazily: stops at the fourth file
         dirs.sort()
@@ -179,16 +187,30 @@ class RunFolder:
 
     def manifest(self) -> dict | None:
         """The manifest, None when the folder has none (or one that is not polarprune's)."""
+        return self._manifest()[0]
+
+    def _manifest(self) -> tuple[dict | None, str | None]:
+        """(the manifest or None, why a manifest.json that is there is not one of polarprune's, or None). The
+        file is read only up to MAX_MANIFEST_BYTES."""
         try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+            st = self.manifest_path.lstat()
+        except OSError:
+            return None, None
+        if not stat.S_ISREG(st.st_mode):
+            return None, "it is not a regular file"
+        if st.st_size > MAX_MANIFEST_BYTES:
+            return None, f"it has {st.st_size} bytes, more than a manifest has ({MAX_MANIFEST_BYTES} at most)"
+        try:
+            with open(self.manifest_path, "rb") as f:
+                data = json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            return None, f"it is not valid JSON ({type(exc).__name__})"
         if not isinstance(data, dict) or data.get("library") != LIBRARY or data.get("format") != MANIFEST_FORMAT:
-            return None
+            return None, f"it is not a manifest of {LIBRARY} of format {MANIFEST_FORMAT}"
         files = data.get("files")
         if not isinstance(files, list) or not all(isinstance(f, str) and _relative_ok(f) for f in files):
-            return None
-        return data
+            return None, "its field 'files' must be a list of relative paths inside the folder"
+        return data, None
 
     def owned(self) -> bool:
         return self.manifest() is not None

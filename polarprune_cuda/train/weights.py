@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._io import check_archive, load_failure
+
 #: how many names an error lists before "and N more"
 SHOWN = 10
 
@@ -37,11 +39,12 @@ def read_state_dict(path) -> dict[str, Tensor]:
                                  "installed: pip install safetensors") from None
             state = load_file(str(path), device="cpu")
         else:
+            check_archive(path, f"init: {str(path)!r}")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except ValueError:
         raise
     except Exception as exc:
-        raise ValueError(f"init: cannot read weights from {str(path)!r} ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"init: cannot read weights from {str(path)!r}: {load_failure(exc)}") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -171,7 +171,8 @@ def test_huge_input_shapes_are_refused_before_any_allocation(saved, tmp_path, mo
     spec["input_shapes"] = [[1, 1, 100000, 100000]]
     _write(folder, spec)
     monkeypatch.setattr(pp.surgery.spec, "_random_inputs", lambda *a: pytest.fail("allocated inputs"))
-    with pytest.raises(ValueError, match=r"field 'input_shapes\[0\]' must be a shape of at most 16777216 elements"):
+    with pytest.raises(ValueError,
+                       match=rf"field 'input_shapes\[0\]' must be a shape of at most {MAX_INPUT_ELEMENTS} elements"):
         pp.load_pruned(folder, make)
 
 
@@ -179,6 +180,8 @@ def test_spec_input_shapes_are_kept_loadable():
     assert _spec_input_shapes([[2, 3, 32, 32]]) == [[2, 3, 32, 32]]
     big = _spec_input_shapes([[4096, 3, 64, 64]])
     assert big[0][1:] == [3, 64, 64] and 1 <= big[0][0] < 4096 and math.prod(big[0]) <= MAX_INPUT_ELEMENTS
+    with pytest.raises(ValueError, match="example_inputs: one sample of shape"):
+        _spec_input_shapes([[1, 3, 4096, 4096]])
 
 
 def test_spec_that_is_a_json_list_is_refused(saved, tmp_path):
@@ -261,6 +264,33 @@ def test_closed_block_with_another_activation_is_a_spec_mismatch(saved, tmp_path
 
 
 # ----------------------------------------------------------------------------- 3. factory
+
+def test_a_spec_that_prunes_the_classifier_is_refused(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    spec = _read(folder)
+    spec["groups"].append({"name": "fc", "root": "fc", "channels": 4, "repeat": 1, "kept": [0, 1]})
+    spec["shapes"]["fc.weight"][0] = spec["shapes"]["fc.bias"][0] = 2
+    _write(folder, spec)
+    state = _io.load_tensors(folder / "weights.pt")
+    state["fc.weight"], state["fc.bias"] = state["fc.weight"][:2].clone(), state["fc.bias"][:2].clone()
+    _io.save_tensors(state, folder / "weights.pt")
+    with pytest.raises(ValueError, match=r"it changes the model's outputs from \[\(2, 4\)\] to \[\(2, 2\)\]"):
+        pp.load_pruned(folder, make)
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("conv1.weight", lambda t: t.to(torch.complex64), "'conv1.weight' is complex64; a model's weights are real"),
+    ("conv1.weight", lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), "'conv1.weight' holds NaN or inf"),
+    ("bn1.running_var", lambda t: -t, "'bn1.running_var' holds negative values"),
+])
+def test_weights_no_model_can_hold_are_refused(saved, tmp_path, key, value, named):
+    folder = _copy(saved, tmp_path)
+    state = _io.load_tensors(folder / "weights.pt")
+    state[key] = value(state[key])
+    _io.save_tensors(state, folder / "weights.pt")
+    with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+        pp.load_pruned(folder, make)
+
 
 def test_factory_must_be_a_callable_returning_a_module(saved, tmp_path):
     folder = _copy(saved, tmp_path)
@@ -393,3 +423,17 @@ def test_tampered_files_are_refused_or_load_exactly(saved, tmp_path, data, mode)
     except (ValueError, TypeError):
         return
     _assert_same(model, saved)
+
+
+def test_a_deeply_nested_spec_is_refused_without_recursion(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    (folder / "spec.json").write_text('{"groups": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="not valid JSON: RecursionError"):
+        pp.load_pruned(folder, make)
+    spec, nested = _read(saved[0]), [0.5]
+    for _ in range(20):
+        nested = [nested]
+    spec["preprocessing"] = {"mean": nested}     # parses, and is deeper than any spec
+    _write(folder, spec)
+    with pytest.raises(ValueError, match="nested more than 16 levels deep"):
+        pp.load_pruned(folder, make)

@@ -462,3 +462,41 @@ def test_a_checkpoint_larger_than_the_model_allows_is_refused_before_loading(tmp
     with pytest.raises(ck.CheckpointError, match="more than a checkpoint of this model can have"):
         ck.Checkpointer(path).load({}, expected=expected)
     assert not loaded
+
+
+# ----------------------------------------------------------------------------- (6) fields that disagree
+
+def test_a_schedule_put_back_to_the_start_is_refused(runs, tmp_path, capsys):
+    def rewind(state):
+        state["scheduler"]["last_epoch"], state["scheduler"]["_step_count"] = 0, 1
+
+    folder = _edited(runs["polar-gated"], tmp_path, rewind)
+    rc, err = _resume(runs["polar-gated"], folder, capsys)
+    steps = runs["polar-gated"].expected.steps_per_epoch
+    _assert_refused(rc, err, "'last_epoch'", f"is 0, and the 1 epochs done are {steps} steps")
+
+
+@pytest.mark.parametrize("method", ["polar", "polar-gated"])
+@pytest.mark.parametrize("forge,named", [
+    (lambda b: b.update(achieved_cost=0.1 * b["total"], achieved_sparsity=0.9), "its achieved_cost is"),
+    (lambda b: b.update(total=2 * b["total"]), "its total is"),
+    (lambda b: b.update(target_sparsity=0.9), "is for target 0.9 of"),
+])
+def test_a_budget_the_gates_do_not_give_is_refused(runs, tmp_path, capsys, method, forge, named):
+    run = runs[method]
+    assert run.state["history"]["budget"], "the interrupted run's gates froze in its first epoch"
+    folder = _edited(run, tmp_path, lambda s: forge(s["history"]["budget"]))
+    rc, err = _resume(run, folder, capsys)
+    _assert_refused(rc, err, "field history.budget", named)
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda s: s["history"].__setitem__("epoch_macs", [10 ** 400]), "entry 'epoch_macs'[0] must be an int in [0, 9223372036854775807]"),
+    (lambda s: s["optimizer"]["param_groups"][0].__setitem__("lr", 1e300), "is 1e+300, and the schedule gives"),
+    (lambda s: s["history"].__setitem__("energy", {"dense": torch.ones(3)}), "must be plain data"),
+    (lambda s: s["history"].__setitem__("energy", {"x": [[[[[[[[[[1]]]]]]]]]]}), "nested deeper"),
+])
+def test_values_that_pass_their_type_and_then_overflow_are_refused(runs, tmp_path, capsys, edit, named):
+    folder = _edited(runs["polar-gated"], tmp_path, edit)
+    rc, err = _resume(runs["polar-gated"], folder, capsys)
+    _assert_refused(rc, err, named)
