@@ -5,7 +5,8 @@
 
 The loop is ordinary PyTorch; polarprune_cuda adds three calls: OnePass(...) once, pruner.penalty() in the loss,
 pruner.step() after the optimizer's step. At 30% of the run the gates freeze, the target is met exactly, and the
-rest of the run trains the extracted (smaller) network; finish() hands it back.
+rest of the run trains the extracted (smaller) network, its cosine schedule started again over the steps left;
+finish() hands it back.
 """
 import argparse
 

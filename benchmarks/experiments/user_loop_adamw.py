@@ -129,6 +129,8 @@ def main(argv=None):
                    "instead of carrying it")
     p.add_argument("--ste", default="identity", choices=["identity", "clipped", "sigmoid"], help="the gates' "
                    "straight-through estimator")
+    p.add_argument("--no-restart-schedule", action="store_true", help="OnePass restart_schedule=False: the "
+                   "cosine runs on through the freeze (every row of the record before the restart was measured so)")
     p.add_argument("--keep-gated", action="store_true", help="OnePass switch=False: the gated network to the end")
     p.add_argument("--stem", default="fashion-12k")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -138,6 +140,8 @@ def main(argv=None):
                             ("polarization_weight", args.polarization_weight)) if v is not None}
     if args.keep_gated:
         kw["switch"] = False
+    if args.no_restart_schedule:
+        kw["restart_schedule"] = False
     rows = []
     for seed in args.seeds:
         final = None
@@ -173,8 +177,9 @@ def main(argv=None):
             f"{''.join(f', {k} {v}' for k, v in kw.items())}"
             f"{f', gate betas {tuple(args.gate_betas)}' if args.gate_betas else ''}"
             f"{', optimizer state cleared at the switch' if args.reset_at_switch else ''}"
-            f"{f', ste {args.ste}' if args.ste != 'identity' else ''}; seeds {args.seeds}; accuracy on the full "
-            f"test set. CPU, {torch.get_num_threads()} threads, the arms one after the other.\n\n" + "\n".join(lines) + "\n")
+            f"{f', ste {args.ste}' if args.ste != 'identity' else ''}"
+            f", the schedule {'running on through' if args.no_restart_schedule else 'restarted at'} the freeze; "
+            f"seeds {args.seeds}; accuracy on the full test set. CPU, {torch.get_num_threads()} threads, the arms one after the other.\n\n" + "\n".join(lines) + "\n")
     _record.write(args.out, f"user-loop-adamw-{args.stem}", {"command": cmd, "rows": rows}, text)
     return rows
 

@@ -355,3 +355,51 @@ def test_the_cli_trainer_is_a_user_of_onepass(tmp_path, monkeypatch):
     rec = built[0]
     assert rec.switched and rec.steps == 8 and rec.freeze_step == 2
     assert res.history.budget == rec.budget and res.history.switch_step == [2]
+
+
+def _lambda_cosine(opt, total):
+    import math
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+
+
+@pytest.mark.parametrize("make", [lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS),
+                                  lambda opt: _lambda_cosine(opt, STEPS)], ids=["cosine", "lambda"])
+def test_the_schedule_restarts_at_the_freeze_and_resumes_bit_identically(make):
+    batches = _batches(STEPS)
+
+    def build():
+        model, x = _model()
+        opt = _optimizer("adamw", model, 8)
+        sched = make(opt)
+        return OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5), opt, sched
+
+    with _quiet():
+        whole, opt_w, sched_w = build()
+        _run(whole, opt_w, sched_w, batches, stop=12)            # the freeze: step 12 of 24
+        assert whole.switched and opt_w.param_groups[0]["lr"] == pytest.approx(1e-3, rel=1e-12)
+        _run(whole, opt_w, sched_w, batches, start=12, stop=18)   # half the steps left: the cosine's middle
+        assert opt_w.param_groups[0]["lr"] == pytest.approx(0.5e-3, rel=1e-9)
+        _run(whole, opt_w, sched_w, batches, start=18)
+        part, opt_p, sched_p = build()
+        _run(part, opt_p, sched_p, batches, stop=16)
+        saved = copy.deepcopy({"pruner": part.state_dict(), "optimizer": opt_p.state_dict(),
+                               "scheduler": sched_p.state_dict()})
+        again, opt_r, sched_r = build()
+        again.load_state_dict(saved["pruner"])
+        opt_r.load_state_dict(saved["optimizer"])
+        sched_r.load_state_dict(saved["scheduler"])
+        _run(again, opt_r, sched_r, batches, start=16)
+    assert opt_r.param_groups[0]["lr"] == opt_w.param_groups[0]["lr"]
+    for (n1, t1), (n2, t2) in zip(whole.model.state_dict().items(), again.model.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2), n1
+
+
+def test_a_schedule_that_cannot_restart_is_refused_by_name():
+    model, x = _model()
+    opt = _optimizer("adamw", model, 8)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 8)
+    with pytest.raises(ValueError, match="restart_schedule: OnePass restarts a LambdaLR or a CosineAnnealingLR at "
+                                         "the freeze, not a StepLR; pass restart_schedule=False"):
+        OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5)
+    with _quiet():
+        OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5, restart_schedule=False)
