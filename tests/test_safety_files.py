@@ -213,3 +213,39 @@ def test_weights_that_diverge_are_named_as_not_finite(tmp_path, capsys):
                       "--lr", "1e4", "--out", str(tmp_path / "o")], capsys)
     line = one_error_line(err)
     assert rc == 2 and "not finite" in line and "closed channels at zero" not in line
+
+
+def test_a_spec_declaring_four_billion_repeats_is_refused_under_a_memory_limit(run_copy):
+    from polarprune_cuda.surgery.spec import spec_digest
+
+    spec = json.loads((run_copy / "model" / "spec.json").read_text())
+    spec["groups"][0].update(channels=2 ** 32, repeat=2 ** 32, kept=[0])
+    spec["sha256"] = spec_digest(spec)
+    (run_copy / "model" / "spec.json").write_text(json.dumps(spec))
+    proc = run_limited(["export", str(run_copy), "--format", "pt2"])
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "4294967296 groups of 1" in line
+
+
+def test_a_gzipped_idx_file_that_expands_to_gigabytes_is_refused_under_a_memory_limit(tmp_path):
+    import gzip
+    import struct
+
+    def idx(name, shape, body: bytes):
+        header = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress(header + body))
+
+    idx("train-labels-idx1-ubyte", (30,), bytes(30))
+    idx("t10k-images-idx3-ubyte", (10, 28, 28), bytes(10 * 784))
+    idx("t10k-labels-idx1-ubyte", (10,), bytes(10))
+    # 2^22 images of 32x32 declared (4 GiB), and a body of 256 MiB of zeros that gzip holds in 250 KB
+    header = struct.pack(">BBBBIII", 0, 0, 0x08, 3, 1 << 22, 32, 32)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(header)
+        for _ in range(16):
+            f.write(bytes(1 << 24))
+    assert (tmp_path / "train-images-idx3-ubyte.gz").stat().st_size < 2 << 20
+    proc = run_limited(["prune", "--dataset", "fashion-mnist", "--model", "resnet20", "--data-dir", str(tmp_path),
+                        "--epochs", "1", "--quiet", "--out", str(tmp_path / "o")])
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "train-images-idx3-ubyte.gz" in line and "more than an IDX data set" in line
