@@ -78,9 +78,10 @@ def _sparsity(dense: dict, small: dict) -> dict:
     return {k: 1 - small[k] / dense[k] for k in ("params", "macs")}
 
 
-def _tp_prune(model, example, target_macs: float, ignored, steps: int = 30):
-    """Torch-Pruning, one shot: MetaPruner with group L2 magnitude, every group by one ratio; the ratio is
-    bisected so the pruned MACs come as close to ``target_macs`` as the channel granularity allows."""
+def _tp_prune(model, example, target_macs: float, ignored, steps: int = 30, global_pruning: bool = False):
+    """Torch-Pruning, one shot: MetaPruner with group L2 magnitude, every group by one ratio (``global_pruning``:
+    one threshold over all groups); the ratio is bisected so the pruned MACs come as close to ``target_macs`` as
+    the channel granularity allows."""
     import torch_pruning as tp
     from polarprune_cuda.surgery.costs import count
 
@@ -89,7 +90,7 @@ def _tp_prune(model, example, target_macs: float, ignored, steps: int = 30):
         names = {n for n, _ in model.named_modules()}
         ign = [m.get_submodule(n) for n in ignored if n in names]
         pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, ignored_layers=ign, global_pruning=False)
+                                      pruning_ratio=ratio, ignored_layers=ign, global_pruning=global_pruning)
         pruner.step()
         return m, count(m, example)["macs"]
 
@@ -189,21 +190,30 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
     return count(small, example)
 
 
-def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fraction: float,
-            finetune_lr_scale: float, onepass: dict | None) -> dict:
+def prepare(arm: str, cfg, out: Path) -> tuple:
+    """(the result an earlier run of this arm wrote, or None; then the data, one example input and the dense
+    network's counts, for an arm still to run in ``out``)."""
     from polarprune_cuda.surgery.costs import count
     from polarprune_cuda.train import data as data_mod, trainer
 
-    cfg = trainer.PruneConfig(**cfg_kwargs)
-    out = work / f"{arm}-seed{cfg.seed}"
-    done = out / "result.json"
-    cached = _cached(arm, cfg, done)
+    cached = _cached(arm, cfg, out / "result.json")
     if cached is not None:
-        return cached
+        return cached, None, None, None
     out.mkdir(parents=True, exist_ok=True)
     data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
     example = data.example_input(1).to(cfg.device)
-    dense_count = count(trainer.build(cfg, data), example)
+    return None, data, example, count(trainer.build(cfg, data), example)
+
+
+def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fraction: float,
+            finetune_lr_scale: float, onepass: dict | None) -> dict:
+    from polarprune_cuda.train import trainer
+
+    cfg = trainer.PruneConfig(**cfg_kwargs)
+    out = work / f"{arm}-seed{cfg.seed}"
+    cached, data, example, dense_count = prepare(arm, cfg, out)
+    if cached is not None:
+        return cached
     start = time.perf_counter()
     row: dict = {"arm": arm, "seed": cfg.seed}
     if arm == "dense":
@@ -222,7 +232,7 @@ def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fra
     row["dense"], row["pruned"] = dense_count, small_count
     row["sparsity"] = _sparsity(dense_count, small_count)
     row["config"] = cfg.to_dict()
-    done.write_text(json.dumps(row, indent=1))
+    (out / "result.json").write_text(json.dumps(row, indent=1))
     return row
 
 

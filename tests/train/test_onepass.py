@@ -121,32 +121,6 @@ def test_the_switch_equals_continuing_on_the_gated_model(kind):
     assert compared >= len(list(a.model.parameters()))
 
 
-def test_resume_across_the_switch_is_bit_identical():
-    batches = _batches(STEPS)
-
-    def build():
-        model, x = _model()
-        opt = _optimizer("adamw", model, 8)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
-        return OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5), opt, sched
-
-    with _quiet():
-        whole, opt_w, sched_w = build()
-        _run(whole, opt_w, sched_w, batches)
-        part, opt_p, sched_p = build()
-        _run(part, opt_p, sched_p, batches, stop=16)              # past the freeze (step 12): switched
-        saved = copy.deepcopy({"pruner": part.state_dict(), "optimizer": opt_p.state_dict(),
-                               "scheduler": sched_p.state_dict()})
-        again, opt_r, sched_r = build()
-        again.load_state_dict(saved["pruner"])
-        opt_r.load_state_dict(saved["optimizer"])
-        sched_r.load_state_dict(saved["scheduler"])
-        _run(again, opt_r, sched_r, batches, start=16)
-    assert part.switched and again.switched and again.steps == whole.steps == STEPS
-    for (n1, t1), (n2, t2) in zip(whole.model.state_dict().items(), again.model.state_dict().items()):
-        assert n1 == n2 and torch.equal(t1, t2), n1
-
-
 def test_the_gate_group_is_never_wrong_silently():
     model, x = _model()
     # AdamW over model.parameters(): the scores share the weights' group (the gates would barely move)
@@ -364,7 +338,9 @@ def _lambda_cosine(opt, total):
 
 @pytest.mark.parametrize("make", [lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS),
                                   lambda opt: _lambda_cosine(opt, STEPS)], ids=["cosine", "lambda"])
-def test_the_schedule_restarts_at_the_freeze_and_resumes_bit_identically(make):
+def test_resume_across_the_switch_is_bit_identical_and_the_schedule_restarts(make):
+    """The schedule starts again at the freeze (step 12 of 24: the base lr; 6 steps later the cosine's middle);
+    a run saved at step 16 and resumed ends with the uninterrupted run's weights, bit for bit."""
     batches = _batches(STEPS)
 
     def build():
@@ -375,13 +351,13 @@ def test_the_schedule_restarts_at_the_freeze_and_resumes_bit_identically(make):
 
     with _quiet():
         whole, opt_w, sched_w = build()
-        _run(whole, opt_w, sched_w, batches, stop=12)            # the freeze: step 12 of 24
+        _run(whole, opt_w, sched_w, batches, stop=12)
         assert whole.switched and opt_w.param_groups[0]["lr"] == pytest.approx(1e-3, rel=1e-12)
-        _run(whole, opt_w, sched_w, batches, start=12, stop=18)   # half the steps left: the cosine's middle
+        _run(whole, opt_w, sched_w, batches, start=12, stop=18)
         assert opt_w.param_groups[0]["lr"] == pytest.approx(0.5e-3, rel=1e-9)
         _run(whole, opt_w, sched_w, batches, start=18)
         part, opt_p, sched_p = build()
-        _run(part, opt_p, sched_p, batches, stop=16)
+        _run(part, opt_p, sched_p, batches, stop=16)              # past the freeze: switched
         saved = copy.deepcopy({"pruner": part.state_dict(), "optimizer": opt_p.state_dict(),
                                "scheduler": sched_p.state_dict()})
         again, opt_r, sched_r = build()
@@ -389,6 +365,7 @@ def test_the_schedule_restarts_at_the_freeze_and_resumes_bit_identically(make):
         opt_r.load_state_dict(saved["optimizer"])
         sched_r.load_state_dict(saved["scheduler"])
         _run(again, opt_r, sched_r, batches, start=16)
+    assert part.switched and again.switched and again.steps == whole.steps == STEPS
     assert opt_r.param_groups[0]["lr"] == opt_w.param_groups[0]["lr"]
     for (n1, t1), (n2, t2) in zip(whole.model.state_dict().items(), again.model.state_dict().items()):
         assert n1 == n2 and torch.equal(t1, t2), n1
