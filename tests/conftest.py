@@ -24,6 +24,16 @@ def _seed_and_clean_backend(monkeypatch):
     backends._reset()
 
 
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    """A copy of the test module's own ``finished`` run folder (each module that uses this defines one)."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(finished, dst)
+    return dst
+
+
 def pytest_addoption(parser):
     parser.addoption("--zoo", action="store_true",
                      help="run the whole model zoo (tests marked zoo; `make zoo`), not only its quick list")

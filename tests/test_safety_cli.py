@@ -45,13 +45,6 @@ def finished(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def run_copy(finished, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(finished, dst)
-    return dst
-
-
 # ----------------------------------------------------------------------------- 1. no code from a run folder
 
 MARKER_MODULE = """

@@ -4,7 +4,6 @@ limit (``resource.setrlimit``) in a child process, where a refusal, not an alloc
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -68,13 +67,6 @@ def finished(tmp_path_factory):
     assert cli.main(["prune", *TINY, "--epochs", "2", "--warmup-epochs", "0", "--ramp-epochs", "1",
                      "--out", str(out)]) == 0
     return out
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(finished, dst)
-    return dst
 
 
 def test_a_checkpoint_that_expands_is_refused_before_loading_under_a_memory_limit(run_copy):
