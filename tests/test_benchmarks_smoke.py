@@ -437,6 +437,7 @@ def test_equal_budget_arms_share_the_budget_and_resume(tmp_path):
     # Torch-Pruning's ratio is bisected to the one-pass MACs; from scratch is the same architecture
     assert abs(rows["train-prune-finetune"]["sparsity"]["macs"] - rows["one-pass"]["sparsity"]["macs"]) <= 0.02
     assert rows["from-scratch"]["pruned"] == rows["train-prune-finetune"]["pruned"]
+    assert rows["learned-from-scratch"]["pruned"] == rows["one-pass"]["pruned"]   # the learned architecture
     assert rows["train-prune-finetune"]["split"] == [2, 1]
     # every arm reports its training cost: the one pass computed fewer training MACs than dense (it trains the
     # extracted network after the freeze), the fine-tuned arm fewer than dense too
@@ -456,4 +457,13 @@ def test_equal_budget_arms_share_the_budget_and_resume(tmp_path):
     eb.update_readme([result], readme)
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
-    assert text.count("| digits") == 4 and "from-scratch" in text
+    assert text.count("| digits") == 5 and "from-scratch" in text
+    # equal training MACs: the from-scratch arms get the epochs the dense run's MACs pay for (new folders)
+    equal = eb.main(args + ["--arms", "one-pass", "train-prune-finetune", "from-scratch", "learned-from-scratch",
+                            "--equal-macs"])
+    eq = {r["arm"]: r for r in equal["rows"]}
+    for arm in ("from-scratch", "learned-from-scratch"):
+        want = int(3 * eq[arm]["dense"]["macs"] // eq[arm]["pruned"]["macs"])
+        assert eq[arm]["equal_macs"] and eq[arm]["epochs"] == want >= 5, (arm, eq[arm]["epochs"])
+    assert eq["one-pass"]["seconds"] == rows["one-pass"]["seconds"]          # read back
+    assert "Equal training MACs" in eb.markdown(equal)

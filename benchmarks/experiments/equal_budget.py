@@ -16,8 +16,14 @@ schedule, seeds and total epochs:
   importance, every group by one ratio, that ratio bisected so the MACs
   removed equal the one-pass model's of the same seed, then fine-tuned for the
   rest of the epochs at ``lr * finetune_lr_scale`` (default 0.1);
-- ``from-scratch``: the train-prune-finetune architecture, re-initialised
-  and trained for all the epochs.
+- ``from-scratch``: the train-prune-finetune architecture (uniform widths), re-initialised
+  and trained for all the epochs;
+- ``learned-from-scratch``: the one pass's extracted architecture (learned, non-uniform widths) of the same
+  seed, re-initialised and trained for all the epochs: does the learned architecture beat the uniform one at
+  the same MACs?
+
+``--equal-macs``: the two from-scratch arms get as many epochs as their MACs allow within the dense run's
+training MACs (``floor(epochs * dense MACs / their MACs)``), beside the other arms at equal epochs.
 
 Each arm of each seed is its own job under --work with its result in a JSON
 file, so an interrupted comparison resumes where it stopped. Results:
@@ -50,7 +56,8 @@ PRESETS = {
     # the full training set, 15 epochs (hours on a CPU)
     "fashion": {"dataset": "fashion-mnist", "epochs": 15, "batch_size": 128, "lr": 0.1, "max_train": None},
 }
-ARMS = ("dense", "one-pass", "train-prune-finetune", "from-scratch")
+ARMS = ("dense", "one-pass", "train-prune-finetune", "from-scratch", "learned-from-scratch")
+SCRATCH = ("from-scratch", "learned-from-scratch")
 #: PruneConfig fields only gated training reads
 GATE_FIELDS = {"gate_lr", "target_weight", "polarization_weight", "polarization", "warmup_epochs", "ramp_epochs",
                "freeze_gates_at", "score_init", "ste", "target_control", "dual_lr", "freeze_lr_scale",
@@ -151,7 +158,7 @@ def _one_pass(cfg, out: Path, row: dict, progress: bool) -> dict:
 
 
 def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, progress: bool, target_macs: float,
-            pretrain_fraction: float, finetune_lr_scale: float) -> dict:
+            pretrain_fraction: float, finetune_lr_scale: float, dense_macs: float | None = None) -> dict:
     """Torch-Pruning train-prune-finetune, or (from-scratch) the architecture it prunes to, trained anew."""
     import torch
     from polarprune_cuda.surgery.costs import count
@@ -181,10 +188,13 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
                                        epochs=ft_epochs, lr=cfg.lr * finetune_lr_scale, resume=True,
                                        progress=progress, label="finetune"))
         row["split"] = [pre_epochs, ft_epochs]
-    else:   # from-scratch: that architecture, fresh weights (the models' own init), all the epochs
+    else:   # from-scratch: that architecture, fresh weights (the models' own init), all the epochs (or, with
+        # dense_macs, as many as the dense run's training MACs pay for)
         _reinit(small, cfg.seed)
+        epochs = _scratch_epochs(cfg.epochs, dense_macs or 0.0, count(small, example)["macs"], dense_macs is not None)
+        row["epochs"] = epochs
         histories.append(loop._fit(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False,
-                                   epochs=cfg.epochs, lr=cfg.lr, resume=True, progress=progress, label="scratch"))
+                                   epochs=epochs, lr=cfg.lr, resume=True, progress=progress, label="scratch"))
     row["training"] = loop.training_cost(*histories)   # from-scratch: its own training (not the pre-training)
     row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y, **ev)
     return count(small, example)
@@ -205,12 +215,38 @@ def prepare(arm: str, cfg, out: Path) -> tuple:
     return None, data, example, count(trainer.build(cfg, data), example)
 
 
+def _learned_arm(cfg, data, example, work: Path, out: Path, row: dict, progress: bool, dense_macs: float,
+                 equal_macs: bool) -> dict:
+    """The one pass's extracted architecture of this seed (its saved spec), fresh weights, trained densely."""
+    from polarprune_cuda.surgery.costs import count
+    from polarprune_cuda.surgery.spec import load_pruned
+    from polarprune_cuda.train import loop, trainer
+
+    folder = work / f"one-pass-seed{cfg.seed}" / "run" / "model"
+    if not folder.is_dir():
+        raise SystemExit(f"arm learned-from-scratch needs {folder} (run arm one-pass of seed {cfg.seed} first)")
+    small = load_pruned(folder, lambda: trainer.build(cfg, data)).to(cfg.device)
+    _reinit(small, cfg.seed)
+    epochs = _scratch_epochs(cfg.epochs, dense_macs, count(small, example)["macs"], equal_macs)
+    history = loop._fit(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False, epochs=epochs,
+                        lr=cfg.lr, resume=True, progress=progress, label="scratch")
+    row["epochs"], row["training"] = epochs, loop.training_cost(history)
+    row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y, device=cfg.device)
+    return count(small, example)
+
+
+def _scratch_epochs(epochs: int, dense_macs: float, small_macs: float, equal_macs: bool) -> int:
+    """A from-scratch arm's epochs: the run's, or (``equal_macs``) as many as the dense run's MACs pay for."""
+    return int(epochs * dense_macs // small_macs) if equal_macs else epochs
+
+
 def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fraction: float,
-            finetune_lr_scale: float, onepass: dict | None) -> dict:
+            finetune_lr_scale: float, onepass: dict | None, equal_macs: bool = False) -> dict:
     from polarprune_cuda.train import trainer
 
     cfg = trainer.PruneConfig(**cfg_kwargs)
-    out = work / f"{arm}-seed{cfg.seed}"
+    equal_macs = equal_macs and arm in SCRATCH
+    out = work / f"{arm}{'-equal-macs' if equal_macs else ''}-seed{cfg.seed}"
     cached, data, example, dense_count = prepare(arm, cfg, out)
     if cached is not None:
         return cached
@@ -222,15 +258,18 @@ def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fra
         small_count = dense_count
     elif arm == "one-pass":
         small_count = _one_pass(cfg, out, row, progress)
+    elif arm == "learned-from-scratch":
+        small_count = _learned_arm(cfg, data, example, work, out, row, progress, dense_count["macs"], equal_macs)
     else:
         if onepass is None:
             raise SystemExit(f"arm {arm} needs the one-pass result of seed {cfg.seed} (its MACs set the budget)")
         target_macs = dense_count["macs"] * (1 - onepass["sparsity"]["macs"])
         small_count = _tp_arm(arm, cfg, data, example, work, out, row, progress, target_macs, pretrain_fraction,
-                              finetune_lr_scale)
+                              finetune_lr_scale, dense_count["macs"] if equal_macs else None)
     row["seconds"] = time.perf_counter() - start
     row["dense"], row["pruned"] = dense_count, small_count
     row["sparsity"] = _sparsity(dense_count, small_count)
+    row["equal_macs"] = equal_macs
     row["config"] = cfg.to_dict()
     (out / "result.json").write_text(json.dumps(row, indent=1))
     return row
@@ -295,6 +334,12 @@ def markdown(report: dict) -> str:
                      f"{100 * sm['params_removed_mean']:.1f}% | {sm['seconds_mean']:.0f} s | "
                      + (f"{sm['train_seconds_mean']:.0f} s | {sm['train_macs_mean']:.3g} |"
                         if "train_macs_mean" in sm else "- | - |"))
+    scratch = [r for r in rows if r.get("equal_macs")]
+    if scratch:
+        lines += ["", "Equal training MACs (`--equal-macs`): the from-scratch arms trained as many epochs as their "
+                  "MACs allow within the dense run's: " + "; ".join(
+                      f"{arm} {', '.join(str(r['epochs']) for r in scratch if r['arm'] == arm)}"
+                      for arm in SCRATCH if any(r["arm"] == arm for r in scratch)) + " epochs (per seed)."]
     if report.get("overrides"):
         lines += ["", "Recipe overrides: " + ", ".join(f"`{k}={v}`" for k, v in report["overrides"].items())]
     lines += ["", f"Machine: {report['machine']['cpu']}, {report['machine']['threads']} threads; train time is "
@@ -361,6 +406,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", default=None, help="folder of the runs (default runs/equal-budget-<preset>[-tag])")
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--equal-macs", action="store_true", help="the from-scratch arms train as many epochs as "
+                        "their MACs allow within the dense run's training MACs (not the run's epochs)")
     return parser
 
 
@@ -373,10 +420,11 @@ def _run_arms(args, common: dict, overrides: dict, work: Path) -> list[dict]:
             if arm not in args.arms:
                 continue
             kwargs = common | {"seed": seed} | (overrides if arm == "one-pass" else {})
-            if arm in ("train-prune-finetune", "from-scratch") and onepass is None:
+            if arm in ("train-prune-finetune", "from-scratch", "learned-from-scratch") and onepass is None:
                 path = work / f"one-pass-seed{seed}" / "result.json"
                 onepass = json.loads(path.read_text()) if path.is_file() else None
-            row = run_arm(arm, kwargs, work, not args.quiet, args.pretrain_fraction, args.finetune_lr_scale, onepass)
+            row = run_arm(arm, kwargs, work, not args.quiet, args.pretrain_fraction, args.finetune_lr_scale, onepass,
+                          args.equal_macs)
             if arm == "one-pass":
                 onepass = row
             rows.append(row)
