@@ -26,6 +26,7 @@ from .surgery import (
     predicted_depth,
     removed_blocks,
     save_pruned,
+    scores_from_magnitude,
 )
 
 from .train.loop import evaluate
@@ -59,6 +60,7 @@ __all__ = [
     "predicted_depth",
     "removed_blocks",
     "save_pruned",
+    "scores_from_magnitude",
     "resnet20",
     "resnet32",
     "resnet44",

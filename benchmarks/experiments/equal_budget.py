@@ -59,7 +59,7 @@ PRESETS = {
 ARMS = ("dense", "one-pass", "train-prune-finetune", "from-scratch", "learned-from-scratch")
 SCRATCH = ("from-scratch", "learned-from-scratch")
 #: PruneConfig fields only gated training reads
-GATE_FIELDS = {"gate_lr", "target_weight", "polarization_weight", "polarization", "warmup_epochs", "ramp_epochs",
+GATE_FIELDS = {"scores_from", "gate_lr", "target_weight", "polarization_weight", "polarization", "warmup_epochs", "ramp_epochs",
                "freeze_gates_at", "score_init", "ste", "target_control", "dual_lr", "freeze_lr_scale",
                "min_channels", "round_to", "blocks", "channel_gates", "finetune_epochs", "keep_gated", "shrink_every"}
 
@@ -137,9 +137,12 @@ def _cached(arm: str, cfg, done: Path) -> dict | None:
         return None
     row = json.loads(done.read_text())
     saved, now = row.get("config") or {}, cfg.to_dict()
-    # arms without gates do not read the gate recipe: a new gate default does not invalidate them
+    # arms without gates do not read the gate recipe: a new gate default does not invalidate them; an option
+    # added since the row was written, at its default, does not either
     ignore = set() if arm == "one-pass" else GATE_FIELDS
-    changed = sorted(k for k in now if k not in ignore and saved.get(k, object()) != now[k])
+    defaults = type(cfg)().to_dict()
+    changed = sorted(k for k in now if k not in ignore and saved.get(k, object()) != now[k]
+                     and not (k not in saved and now[k] == defaults[k]))
     if changed:
         raise SystemExit(f"{done} was written with other settings ({', '.join(changed)}); delete it or use "
                          "another --work")

@@ -122,6 +122,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=0.01, help="the learning rate from the pretrained weights")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="one-pass recipe overrides")
+    p.add_argument("--scores-from", default="auto", choices=["auto", "constant"], help="the one pass's initial "
+                   "gate scores: auto (what the CLI does with --init: ranked by the pretrained filters' L2 norms, "
+                   "polarprune_cuda.scores_from_magnitude), or constant (--score-init)")
     p.add_argument("--tag", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--work", default=None, help="folder of the runs (default runs/pretrained-start-<preset>)")
@@ -130,6 +133,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     preset = dict(eb.PRESETS[args.preset])
     overrides = eb._parse_set(args.set)
+    if args.scores_from == "constant":
+        overrides["scores_from"] = "constant"
     name = f"pretrained-start-{args.preset}" + (f"-{args.tag}" if args.tag else "")
     work = Path(args.work or eb.HERE.parents[1] / "runs" / f"pretrained-start-{args.preset}")
     base = {"dataset": preset["dataset"], "batch_size": preset["batch_size"], "max_train": preset["max_train"],
@@ -148,7 +153,10 @@ def main(argv=None) -> dict:
                     kw = {**base, "epochs": epochs, "lr": args.lr, "seed": seed, "target_sparsity": target,
                           **(overrides if arm == "one-pass" else {})}
                     target_macs = None if onepass is None else onepass["pruned"]["macs"]
-                    row = run_arm(arm, kw, init, work / name, not args.quiet, target_macs)
+                    # the Torch-Pruning arms do not read the one-pass overrides: one folder for every --tag
+                    where = work / (name if arm == "one-pass" else f"pretrained-start-{args.preset}"
+                                    + (f"-lr{args.lr:g}" if args.lr != 0.01 else ""))
+                    row = run_arm(arm, kw, init, where, not args.quiet, target_macs)
                     onepass = row if arm == "one-pass" else onepass
                     rows.append(row)
                     print(f"seed {seed}, target {target:g}, {epochs} epochs, {arm}: accuracy {row['accuracy']:.4f}, "

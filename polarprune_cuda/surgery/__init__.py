@@ -7,10 +7,10 @@ output flattening; ``blocks.py``: residual blocks, ClosedBlock, depth; ``budget.
 budget.
 """
 from ..errors import UnsupportedModelError
-from .attach import attach_gates
+from .attach import attach_gates, scores_from_magnitude
 from .costs import count
 from .extract import extract, kept_channels, predicted_count, predicted_depth, removed_blocks
 from .spec import load_pruned, save_pruned, spec_digest
 
 __all__ = ["UnsupportedModelError", "attach_gates", "count", "extract", "kept_channels", "load_pruned",
-           "predicted_count", "predicted_depth", "removed_blocks", "save_pruned", "spec_digest"]
+           "predicted_count", "predicted_depth", "removed_blocks", "save_pruned", "scores_from_magnitude", "spec_digest"]

@@ -285,3 +285,28 @@ def attach_gates(
         dense_depth=dense_depth,
     )
     return model
+
+
+@torch.no_grad()
+def scores_from_magnitude(model: nn.Module, low: float = 0.25, high: float = 2.0) -> None:
+    """Set the gate scores of a gated, pretrained model from its weights: within each channel group, the channels
+    ranked by the L2 norm of what produces them (every producer's filters), the scores spread from ``low`` to
+    ``high`` by rank. Every gate stays open (``low > 0``), so the model's outputs are unchanged; the penalty then
+    closes the weakest channels of each group first, and a freeze ranks them this way where the scores have not
+    moved. What it does for the one pass from a pretrained model:
+    benchmarks/results/pretrained-start-levers-fashion-12k.md."""
+    if not 0 < low < high:
+        raise ValueError(f"low and high must satisfy 0 < low < high (every gate open), got {low!r}, {high!r}")
+    bank, record = _surgery(model)
+    modules = dict(model.named_modules())
+    for group in record.groups:
+        if group.present is not None:
+            raise ValueError(f"group {group.name!r} lost channels to a shrink: rank the scores before any shrink")
+        norms = torch.zeros(group.channels, dtype=torch.float64)
+        for name in group.producers or [group.root]:
+            w = modules[name].weight.detach().double().cpu()
+            norms += w.reshape(w.shape[0], -1).pow(2).sum(1)[:group.channels]
+        norms = norms.view(group.repeat, group.size).sum(0)
+        ranks = norms.argsort(stable=True).argsort().double()
+        seg = bank.segment_scores(bank.names.index(group.name))
+        seg.copy_((low + (high - low) * ranks / max(group.size - 1, 1)).to(seg))

@@ -22,6 +22,7 @@ COSTS = ("channels", "params", "macs")
 #: autocast dtypes (None: float32)
 AMP_MODES = ("bf16", "fp16")
 #: default warm-up and ramp of the penalty, as fractions of the run (see the README's equal-budget section)
+SCORES_FROM = ("auto", "constant", "magnitude")
 WARMUP_FRACTION = 1 / 12
 RAMP_FRACTION = 1 / 6
 
@@ -75,6 +76,9 @@ class PruneConfig:
                                        "settle")
     # gate scores: initial value (p = sigmoid(score_init)), straight-through estimator
     score_init: float = _opt(1.0, "initial gate score (gate probability sigmoid(score-init))")
+    scores_from: str = _opt("auto", "initial gate scores: constant (--score-init), magnitude (ranked in each group by "
+                                    "the pretrained filters' L2 norms, from 0.25 to 2), auto: magnitude with --init",
+                            choices=SCORES_FROM)
     ste: str = _opt("identity", "straight-through estimator of the hard gates' gradient", choices=STE_MODES)
     # how the density follows the target: "penalty" (fixed-weight quadratic term) or "dual" (its target
     # shifted by a multiplier updated by dual ascent every step, so the soft density tracks the target)
@@ -251,6 +255,12 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def initial_scores(self) -> str:
+        """``constant`` or ``magnitude``: what --scores-from asks for, auto resolved (magnitude with --init)."""
+        if self.scores_from != "auto":
+            return self.scores_from
+        return "magnitude" if self.init else "constant"
 
     def schedule_epochs(self, epochs: int | None = None) -> tuple[float, float]:
         """(warm-up, ramp) in epochs for a run of ``epochs`` (default ``self.epochs``): the given values, or the

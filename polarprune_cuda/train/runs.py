@@ -21,7 +21,8 @@ from ..gates.bank import find_bank
 from ..models import build_model
 from ..sparse import fggp as fggp_mod
 from ..surgery.blocks import depth
-from ..surgery import attach_gates, count, extract, kept_channels, predicted_depth, save_pruned
+from ..surgery import (attach_gates, count, extract, kept_channels, predicted_depth, save_pruned,
+                       scores_from_magnitude)
 from .checkpoint import Checkpointer
 from .config import PruneConfig
 from .loop import History, _fit, evaluate, training_cost
@@ -143,6 +144,8 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
     model = build(cfg, data)
     attach_gates(model, example, min_channels=cfg.min_channels, round_to=cfg.round_to, blocks=cfg.blocks,
                  channels=cfg.channel_gates, ste=cfg.ste, init=cfg.score_init)
+    if cfg.initial_scores() == "magnitude" and cfg.channel_gates:
+        scores_from_magnitude(model)   # the pretrained weights rank the channels before the penalty acts
     history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=True, epochs=cfg.epochs,
                    lr=cfg.lr, label="prune", interrupt_after=interrupt_after, **fit)
     gated_acc = evaluate(model, *data_mod.test_set(data, dist_info), **ev)

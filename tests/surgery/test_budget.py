@@ -251,3 +251,28 @@ def test_default_schedule_is_a_fraction_of_the_run():
     assert trainer.PruneConfig(epochs=6, warmup_epochs=2.0, ramp_epochs=0.0).schedule_epochs() == (2.0, 0.0)
     with pytest.raises(ValueError, match=r"warmup-epochs must be a number in \[0, 1e\+06\]"):
         trainer.PruneConfig(warmup_epochs=-1.0).validate()
+
+
+def test_scores_from_magnitude_rank_each_group_by_its_filters_and_keep_the_outputs():
+    from polarprune_cuda.train.config import PruneConfig
+
+    torch.manual_seed(0)
+    model = pp.resnet20(num_classes=10, in_channels=1).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.mul_(torch.arange(1, 17, dtype=torch.float32).view(16, 1, 1, 1) ** 2)
+    pp.attach_gates(model, x, min_channels=2)
+    before = model(x)
+    pp.scores_from_magnitude(model)
+    bank = pp.find_bank(model)
+    seg = bank.segment_scores(bank.names.index("layer1.0.conv1"))
+    assert torch.equal(seg.argsort(), torch.arange(16))                   # the filters' order, by norm
+    assert seg.min().item() == 0.25 and seg.max().item() == 2.0
+    assert bool((bank.scores > 0).all())
+    torch.testing.assert_close(model(x), before)                          # every gate still open
+    with pytest.raises(ValueError, match="0 < low < high"):
+        pp.scores_from_magnitude(model, low=0.0)
+    # the CLI: magnitude scores where it starts from --init, constant ones otherwise, unless asked
+    assert PruneConfig(init="w.pt").initial_scores() == "magnitude"
+    assert PruneConfig().initial_scores() == "constant"
+    assert PruneConfig(init="w.pt", scores_from="constant").initial_scores() == "constant"
