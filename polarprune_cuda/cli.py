@@ -287,9 +287,11 @@ def load_run(run, model: str | None = None, batch: int = 1) -> tuple:
     if batch * math.prod(sample) > MAX_INPUT_ELEMENTS:
         raise ValueError(f"batch: {batch} samples of shape {sample} are more than the {MAX_INPUT_ELEMENTS} "
                          "elements export traces with; lower --batch (the exported batch dimension stays dynamic)")
-    _check_classes(spec, spec_file, report_file, lambda: build_model(model, num_classes, in_channels, small_input),
-                   num_classes)
-    net = load_pruned(run / "model", lambda: build_model(model, num_classes, in_channels, small_input))
+    def dense():
+        return build_model(model, num_classes, in_channels, small_input)
+
+    _check_classes(spec, spec_file, report_file, dense, num_classes)
+    net = load_pruned(run / "model", dense)
     return net.eval(), tuple(net.polarprune_spec["input_shapes"][0][1:])
 
 

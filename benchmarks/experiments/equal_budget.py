@@ -59,7 +59,8 @@ PRESETS = {
 ARMS = ("dense", "one-pass", "train-prune-finetune", "from-scratch", "learned-from-scratch")
 SCRATCH = ("from-scratch", "learned-from-scratch")
 #: PruneConfig fields only gated training reads
-GATE_FIELDS = {"scores_from", "gate_lr", "target_weight", "polarization_weight", "polarization", "warmup_epochs", "ramp_epochs",
+GATE_FIELDS = {"scores_from", "gate_lr", "target_weight", "polarization_weight", "polarization", "warmup_epochs",
+               "ramp_epochs",
                "freeze_gates_at", "score_init", "ste", "target_control", "dual_lr", "freeze_lr_scale",
                "min_channels", "round_to", "blocks", "channel_gates", "finetune_epochs", "keep_gated", "shrink_every"}
 

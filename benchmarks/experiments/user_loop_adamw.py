@@ -179,7 +179,8 @@ def main(argv=None):
             f"{', optimizer state cleared at the switch' if args.reset_at_switch else ''}"
             f"{f', ste {args.ste}' if args.ste != 'identity' else ''}"
             f", the schedule {'running on through' if args.no_restart_schedule else 'restarted at'} the freeze; "
-            f"seeds {args.seeds}; accuracy on the full test set. CPU, {torch.get_num_threads()} threads, the arms one after the other.\n\n" + "\n".join(lines) + "\n")
+            f"seeds {args.seeds}; accuracy on the full test set. CPU, {torch.get_num_threads()} threads, the arms "
+            "one after the other.\n\n" + "\n".join(lines) + "\n")
     _record.write(args.out, f"user-loop-adamw-{args.stem}", {"command": cmd, "rows": rows}, text)
     return rows
 

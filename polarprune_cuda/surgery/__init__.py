@@ -13,4 +13,5 @@ from .extract import extract, kept_channels, predicted_count, predicted_depth, r
 from .spec import load_pruned, save_pruned, spec_digest
 
 __all__ = ["UnsupportedModelError", "attach_gates", "count", "extract", "kept_channels", "load_pruned",
-           "predicted_count", "predicted_depth", "removed_blocks", "save_pruned", "scores_from_magnitude", "spec_digest"]
+           "predicted_count", "predicted_depth", "removed_blocks", "save_pruned", "scores_from_magnitude",
+           "spec_digest"]

@@ -245,12 +245,9 @@ def _surviving_root(rec: GroupRecord, gone: list[BlockRecord]) -> str:
 
 def _verify(gated: nn.Module, small: nn.Module, inputs, spec_groups: list[dict]) -> None:
     """UnsupportedModelError unless ``small``'s eval outputs on ``inputs`` equal ``gated``'s (shapes, and values
-    to 1e-3 of the largest output); an extracted model that cannot run is refused naming the groups. Weights that
-    are not finite (a diverged training) are named as such first: no output comparison means anything then."""
-    for name, t in gated.named_parameters():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"the model's weights are not finite ({name!r} holds NaN or inf): the training "
-                             "diverged (lower the learning rate) or the weights loaded were damaged")
+    to 1e-3 of the largest output); an extracted model that cannot run is refused naming the groups. Outputs
+    that are not finite (finite weights too large: a diverged training) are named as such first: no output
+    comparison means anything then (non-finite weights were refused before, by _check_finite_model)."""
     with eval_mode(gated, small), torch.no_grad():
         ref = gated(*inputs)
         try:

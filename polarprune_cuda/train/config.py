@@ -21,8 +21,9 @@ TARGET_CONTROLS = ("penalty", "dual")
 COSTS = ("channels", "params", "macs")
 #: autocast dtypes (None: float32)
 AMP_MODES = ("bf16", "fp16")
-#: default warm-up and ramp of the penalty, as fractions of the run (see the README's equal-budget section)
+#: where the initial gate scores come from (auto: the pretrained weights' ranks with --init, else constant)
 SCORES_FROM = ("auto", "constant", "magnitude")
+#: default warm-up and ramp of the penalty, as fractions of the run (see the README's equal-budget section)
 WARMUP_FRACTION = 1 / 12
 RAMP_FRACTION = 1 / 6
 

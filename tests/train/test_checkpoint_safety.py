@@ -491,7 +491,8 @@ def test_a_budget_the_gates_do_not_give_is_refused(runs, tmp_path, capsys, metho
 
 
 @pytest.mark.parametrize("edit,named", [
-    (lambda s: s["history"].__setitem__("epoch_macs", [10 ** 400]), "entry 'epoch_macs'[0] must be an int in [0, 9223372036854775807]"),
+    (lambda s: s["history"].__setitem__("epoch_macs", [10 ** 400]),
+     "entry 'epoch_macs'[0] must be an int in [0, 9223372036854775807]"),
     (lambda s: s["optimizer"]["param_groups"][0].__setitem__("lr", 1e300), "is 1e+300, and the schedule gives"),
     (lambda s: s["history"].__setitem__("energy", {"dense": torch.ones(3)}), "must be plain data"),
     (lambda s: s["history"].__setitem__("energy", {"x": [[[[[[[[[[1]]]]]]]]]]}), "nested deeper"),
