@@ -467,3 +467,26 @@ def test_equal_budget_arms_share_the_budget_and_resume(tmp_path):
         assert eq[arm]["equal_macs"] and eq[arm]["epochs"] == want >= 5, (arm, eq[arm]["epochs"])
     assert eq["one-pass"]["seconds"] == rows["one-pass"]["seconds"]          # read back
     assert "Equal training MACs" in eb.markdown(equal)
+
+
+def test_pretrained_start_and_its_score_criteria_run(tmp_path):
+    """The dense network trained once per seed; the one pass and Torch-Pruning's arm from its weights, at the
+    one pass's MACs; another ranking criterion (score_criteria.py) reuses the same dense network."""
+    ps = _load("experiments/pretrained_start")
+    sc = _load("experiments/score_criteria")
+    args = ["--preset", "digits", "--epochs", "1", "--max-train", "96", "--seeds", "0", "--targets", "0.5",
+            "--finetune-epochs", "1", "--quiet", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
+    report = ps.main(args + ["--arms", "one-pass", "tp-uniform"])
+    rows = {r["arm"]: r for r in report["rows"]}
+    assert abs(rows["one-pass"]["sparsity"]["macs"] - 0.5) <= 0.005
+    assert abs(rows["tp-uniform"]["sparsity"]["macs"] - rows["one-pass"]["sparsity"]["macs"]) <= 0.05
+    assert (tmp_path / "pretrained-start-digits.md").is_file()
+    dense = (tmp_path / "work" / "dense-seed0" / "result.json").read_text()
+    from polarprune_cuda.train import runs
+
+    before = runs.scores_from_magnitude
+    sc.main(["--criterion", "taylor-global", *args, "--arms", "one-pass", "--tag", "taylor"])
+    assert runs.scores_from_magnitude is before is pp.scores_from_magnitude           # put back
+    assert (tmp_path / "work" / "dense-seed0" / "result.json").read_text() == dense      # not trained again
+    taylor = json.loads((tmp_path / "pretrained-start-digits-taylor.json").read_text())
+    assert abs(taylor["rows"][0]["sparsity"]["macs"] - 0.5) <= 0.005

@@ -119,12 +119,14 @@ def main(argv=None) -> dict:
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7], help="fractions of the MACs to remove")
     p.add_argument("--finetune-epochs", type=int, nargs="+", default=[2], help="epochs every arm trains from the "
                    "pretrained weights (default a third of the preset's)")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs of the dense pre-training")
+    p.add_argument("--max-train", type=int, default=None, help="override the preset's training images")
     p.add_argument("--lr", type=float, default=0.01, help="the learning rate from the pretrained weights")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="one-pass recipe overrides")
     p.add_argument("--scores-from", default="auto", choices=["auto", "constant"], help="the one pass's initial "
-                   "gate scores: auto (what the CLI does with --init: ranked by the pretrained filters' L2 norms, "
-                   "polarprune_cuda.scores_from_magnitude), or constant (--score-init)")
+                   "gate scores: auto (what the CLI does with --init: ranked within each group by the group's L2 "
+                   "magnitude, polarprune_cuda.scores_from_magnitude), or constant (--score-init)")
     p.add_argument("--tag", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--work", default=None, help="folder of the runs (default runs/pretrained-start-<preset>)")
@@ -132,6 +134,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     preset = dict(eb.PRESETS[args.preset])
+    preset.update({k: v for k, v in (("epochs", args.epochs), ("max_train", args.max_train)) if v is not None})
     overrides = eb._parse_set(args.set)
     if args.scores_from == "constant":
         overrides["scores_from"] = "constant"

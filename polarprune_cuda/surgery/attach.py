@@ -37,6 +37,9 @@ class GroupRecord:
     repeat: int = 1           # the segment's gates tile this many times (grouped convolutions)
     gated: list[str] = field(default_factory=list)   # modules gated in place
     producers: list[str] = field(default_factory=list)   # layers whose output channels are the group
+    # every layer the group's channels pass: ("out" | "in", module name, its channel indices, the group's indices
+    # of them); "out" for BatchNorms and producers, "in" for the consumers' input channels
+    members: list[tuple[str, str, list[int], list[int]]] = field(default_factory=list)
     # the original channels the layers still hold, in their order, after shrink.remove_gates (None: all)
     present: list[int] | None = None
 
@@ -131,7 +134,10 @@ def _gate_groups(bank: GateBank, plans: list[_Plan], names, init: float) -> list
         size = plan.channels // plan.repeat
         index = bank.add_segment(plan.root, torch.full((size,), float(init)))
         rec = GroupRecord(plan.root, plan.root, plan.channels, plan.repeat,
-                          producers=[names[m] for m in plan.producers])
+                          producers=[names[m] for m in plan.producers],
+                          members=[(role, names[m], list(idxs), list(root_idxs))
+                                   for role, side in (("out", plan.outputs), ("in", plan.inputs))
+                                   for m, idxs, root_idxs in side])
         for module in plan.bns + plan.weight_gated:
             gate_in_place(module, bank, index, plan.repeat)
             rec.gated.append(names[module])
@@ -287,13 +293,27 @@ def attach_gates(
     return model
 
 
+def _channel_energy(module: nn.Module, role: str) -> torch.Tensor:
+    """Per channel of ``module`` on the group's side (``role``): the sum of squares of every weight that touches
+    it (an output channel's filter, a BatchNorm's scale, or an input channel's column in every filter that reads
+    it, grouped convolutions included)."""
+    w = module.weight.detach().double().cpu()
+    if role == "out" or isinstance(module, nn.BatchNorm2d):
+        return w.reshape(w.shape[0], -1).pow(2).sum(1)
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        per_group = w.view(module.groups, w.shape[0] // module.groups, w.shape[1], -1).pow(2).sum((1, 3))
+        return per_group.reshape(-1)          # input channel g * (C_in / groups) + k
+    return w.reshape(w.shape[0], w.shape[1], -1).pow(2).sum((0, 2))
+
+
 @torch.no_grad()
 def scores_from_magnitude(model: nn.Module, low: float = 0.25, high: float = 2.0) -> None:
     """Set the gate scores of a gated, pretrained model from its weights: within each channel group, the channels
-    ranked by the L2 norm of what produces them (every producer's filters), the scores spread from ``low`` to
-    ``high`` by rank. Every gate stays open (``low > 0``), so the model's outputs are unchanged; the penalty then
-    closes the weakest channels of each group first, and a freeze ranks them this way where the scores have not
-    moved. What it does for the one pass from a pretrained model:
+    ranked by the L2 norm of the group's weights that touch them (the producers' filters, the BatchNorms' scales,
+    the consumers' input columns: Torch-Pruning's group L2 magnitude), the scores spread from ``low`` to ``high``
+    by rank. Every gate stays open (``low > 0``), so the model's outputs are unchanged; the penalty then closes
+    the weakest channels of each group first, and a freeze ranks them this way where the scores have not moved.
+    What it does for the one pass from a pretrained model:
     benchmarks/results/pretrained-start-levers-fashion-12k.md."""
     if not 0 < low < high:
         raise ValueError(f"low and high must satisfy 0 < low < high (every gate open), got {low!r}, {high!r}")
@@ -303,9 +323,9 @@ def scores_from_magnitude(model: nn.Module, low: float = 0.25, high: float = 2.0
         if group.present is not None:
             raise ValueError(f"group {group.name!r} lost channels to a shrink: rank the scores before any shrink")
         norms = torch.zeros(group.channels, dtype=torch.float64)
-        for name in group.producers or [group.root]:
-            w = modules[name].weight.detach().double().cpu()
-            norms += w.reshape(w.shape[0], -1).pow(2).sum(1)[:group.channels]
+        for role, name, idxs, root_idxs in group.members:
+            energy = _channel_energy(modules[name], role)
+            norms.index_add_(0, torch.tensor(root_idxs), energy[torch.tensor(idxs)])
         norms = norms.view(group.repeat, group.size).sum(0)
         ranks = norms.argsort(stable=True).argsort().double()
         seg = bank.segment_scores(bank.names.index(group.name))

@@ -276,3 +276,48 @@ def test_scores_from_magnitude_rank_each_group_by_its_filters_and_keep_the_outpu
     assert PruneConfig(init="w.pt").initial_scores() == "magnitude"
     assert PruneConfig().initial_scores() == "constant"
     assert PruneConfig(init="w.pt", scores_from="constant").initial_scores() == "constant"
+
+
+def test_scores_from_magnitude_rank_as_torch_pruning_group_l2():
+    """Within every group, the scores' order is Torch-Pruning's GroupMagnitudeImportance(p=2) order on the same
+    weights: producers, BatchNorms and the consumers' input columns (classifier included) all count."""
+    import copy
+
+    import torch_pruning as tp
+
+    torch.manual_seed(0)
+    dense = pp.resnet20(num_classes=10, in_channels=1).eval()
+    with torch.no_grad():
+        for m in dense.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 2.0)
+    x = torch.randn(2, 1, 8, 8)
+    model = copy.deepcopy(dense)
+    pp.attach_gates(model, x, min_channels=2)
+    pp.scores_from_magnitude(model)
+    bank = pp.find_bank(model)
+    graph = tp.DependencyGraph().build_dependency(dense, example_inputs=x)
+    imp = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+    modules = dict(dense.named_modules())
+    checked = 0
+    for name in bank.names:
+        root = modules[name]
+        group = graph.get_pruning_group(root, tp.prune_conv_out_channels, idxs=list(range(root.out_channels)))
+        want = imp(group).double().argsort(stable=True)
+        got = bank.segment_scores(bank.names.index(name)).detach().argsort(stable=True)
+        assert torch.equal(got, want), name
+        checked += 1
+    assert checked == 12            # every group of ResNet-20 (residual groups with their shortcuts included)
+
+
+def test_channel_energy_of_a_grouped_consumer_counts_only_the_filters_that_read_each_input():
+    from polarprune_cuda.surgery.attach import _channel_energy
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 4, 3, groups=2)          # inputs 0-2 feed outputs 0-1, inputs 3-5 outputs 2-3
+    energy = _channel_energy(conv, "in")
+    w = conv.weight.detach().double()
+    for i in range(6):
+        g, k = divmod(i, 3)
+        assert energy[i].item() == pytest.approx(w[2 * g:2 * g + 2, k].pow(2).sum().item(), rel=1e-12)
+    assert torch.allclose(_channel_energy(conv, "out"), w.pow(2).sum((1, 2, 3)))
