@@ -2,6 +2,7 @@
 from .pt and .safetensors with the classifier re-initialised, options the data set does not read refused."""
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -73,10 +74,16 @@ def test_init_with_another_class_count_resets_the_classifier(tmp_path, capsys, s
     assert note["classifier_reset"] == ["fc.weight", "fc.bias"] and "1000" in note["reason"]
     assert torch.equal(model.conv1.weight, pretrained.conv1.weight)
     assert model.fc.weight.shape == (10, 64)
-    rc, cap = _run(["prune", *TINY, "--init", str(path), "--out", str(tmp_path / "o")], capsys)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, cap = _run(["prune", *TINY, "--init", str(path), "--out", str(tmp_path / "o")], capsys)
     assert rc == 0, cap.err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["init"]["classifier_reset"] == ["fc.weight", "fc.bias"]
+    # --init's default: the gates freeze at once on the pretrained ranking, the switch at the first step, and
+    # no warning that they barely trained (that is what was asked for)
+    assert report["training"]["run"]["switch_step"] == 0
+    assert not [w for w in caught if "barely trained" in str(w.message) or "never train" in str(w.message)]
     assert "re-initialised" in (tmp_path / "o" / "report.md").read_text()
 
 

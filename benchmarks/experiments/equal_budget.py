@@ -137,7 +137,11 @@ def _cached(arm: str, cfg, done: Path) -> dict | None:
     if not done.is_file():
         return None
     row = json.loads(done.read_text())
-    saved, now = row.get("config") or {}, cfg.to_dict()
+    saved, now = dict(row.get("config") or {}), cfg.to_dict()
+    # an unset freeze is its default: rows written when the default was a number compare by that number
+    now["freeze_gates_at"] = cfg.freeze_fraction()
+    if saved.get("freeze_gates_at", 0) is None:
+        saved["freeze_gates_at"] = type(cfg)(init=saved.get("init")).freeze_fraction()
     # arms without gates do not read the gate recipe: a new gate default does not invalidate them; an option
     # added since the row was written, at its default, does not either
     ignore = set() if arm == "one-pass" else GATE_FIELDS

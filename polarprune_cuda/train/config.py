@@ -26,6 +26,10 @@ SCORES_FROM = ("auto", "constant", "magnitude")
 #: default warm-up and ramp of the penalty, as fractions of the run (see the README's equal-budget section)
 WARMUP_FRACTION = 1 / 12
 RAMP_FRACTION = 1 / 6
+#: default freeze: a fraction of the run from scratch; with --init the gates freeze at once (no warm-up), on the
+#: pretrained weights' ranking (benchmarks/results/pretrained-start-levers-fashion-12k.md)
+FREEZE_FRACTION = 0.3
+INIT_FREEZE_FRACTION = 0.01
 
 
 def _opt(default, help: str | None = None, choices=None, flag: str | None = ""):
@@ -69,12 +73,13 @@ class PruneConfig:
     polarization_weight: float = _opt(0.1, "weight of the polarization term")
     polarization: str = _opt("bimodal", "form of the polarization term", choices=POLAR_FORMS)
     # None: a fraction of the run (WARMUP_FRACTION, RAMP_FRACTION), so every run length gets the same recipe
-    warmup_epochs: float | None = _opt(None, "epochs without the penalty at the start; None (unset): "
-                                             f"{100 * WARMUP_FRACTION:.0f}% of --epochs")
+    warmup_epochs: float | None = _opt(None, "epochs without the penalty at the start; unset: "
+                                             f"{100 * WARMUP_FRACTION:.0f}% of --epochs, 0 with --init")
     ramp_epochs: float | None = _opt(None, "epochs over which the penalty weight ramps to its full value; None "
                                            f"(unset): {100 * RAMP_FRACTION:.0f}% of --epochs")
-    freeze_gates_at: float = _opt(0.3, "fraction of training after which the gates stop moving and the weights "
-                                       "settle")
+    freeze_gates_at: float | None = _opt(None, "fraction of training after which the gates stop moving and the "
+                                               f"weights settle; unset: {FREEZE_FRACTION:g}, {INIT_FREEZE_FRACTION:g} "
+                                               "with --init (the pretrained weights' ranking decides at once)")
     # gate scores: initial value (p = sigmoid(score_init)), straight-through estimator
     score_init: float = _opt(1.0, "initial gate score (gate probability sigmoid(score-init))")
     scores_from: str = _opt("auto", "initial gate scores: constant (--score-init), magnitude (ranked in each group by "
@@ -248,7 +253,8 @@ class PruneConfig:
                              "DIR/val/<class>/<image>)")
         if self.reset_classifier and not self.init:
             raise ValueError("reset-classifier re-initialises the classifier of --init's weights: give --init")
-        if not isinstance(self.freeze_gates_at, (int, float)) or not 0 < self.freeze_gates_at <= 1:
+        if self.freeze_gates_at is not None and (isinstance(self.freeze_gates_at, bool) or not isinstance(
+                self.freeze_gates_at, (int, float)) or not 0 < self.freeze_gates_at <= 1):
             raise ValueError(f"freeze-gates-at must be in (0, 1], got {self.freeze_gates_at!r}")
         if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) \
                 or self.finetune_epochs < 0:
@@ -263,10 +269,23 @@ class PruneConfig:
             return self.scores_from
         return "magnitude" if self.init else "constant"
 
+    def freeze_fraction(self) -> float:
+        """The fraction of the run after which the gates freeze: the given value, or the default (from scratch,
+        or with --init)."""
+        if self.freeze_gates_at is not None:
+            return float(self.freeze_gates_at)
+        return INIT_FREEZE_FRACTION if self.init else FREEZE_FRACTION
+
+    def ranked_freeze(self) -> bool:
+        """True where the gates freeze at once by default (--init, no freeze or warm-up given): the pretrained
+        ranking decides, so scores that barely trained are what was asked for, not a warning."""
+        return bool(self.init) and self.freeze_gates_at is None and self.warmup_epochs is None
+
     def schedule_epochs(self, epochs: int | None = None) -> tuple[float, float]:
         """(warm-up, ramp) in epochs for a run of ``epochs`` (default ``self.epochs``): the given values, or the
-        default fractions of the run where they are None."""
+        defaults where they are None (a fraction of the run; no warm-up with --init)."""
         epochs = self.epochs if epochs is None else epochs
-        warmup = WARMUP_FRACTION * epochs if self.warmup_epochs is None else self.warmup_epochs
+        default_warmup = 0.0 if self.init else WARMUP_FRACTION * epochs
+        warmup = default_warmup if self.warmup_epochs is None else self.warmup_epochs
         ramp_ = RAMP_FRACTION * epochs if self.ramp_epochs is None else self.ramp_epochs
         return float(warmup), float(ramp_)

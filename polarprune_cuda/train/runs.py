@@ -104,15 +104,17 @@ def warn_unreachable(cfg: PruneConfig, n_train: int) -> list[str]:
                      "epoch is one step")
     if cfg.method == "polar":
         total = steps * cfg.epochs
-        freeze = int(cfg.freeze_gates_at * total)
+        freeze = int(cfg.freeze_fraction() * total)
         warmup, _ = cfg.schedule_epochs()
         warmup_steps = int(round(warmup * steps))
-        if freeze == 0:
-            found.append(f"freeze-gates-at {cfg.freeze_gates_at:g} of {total} steps freezes the gates at step 0: "
+        if cfg.ranked_freeze():
+            pass   # --init's default: the pretrained ranking decides at once, as asked
+        elif freeze == 0:
+            found.append(f"freeze-gates-at {cfg.freeze_fraction():g} of {total} steps freezes the gates at step 0: "
                          "they never train; the budget still meets the target, by the initial scores alone")
         elif warmup_steps >= freeze:
             found.append(f"warmup-epochs {warmup:.3g} reaches past the step where the gates freeze (step {freeze} of "
-                         f"{total}, freeze-gates-at {cfg.freeze_gates_at:g}): the penalty never acts and the gates "
+                         f"{total}, freeze-gates-at {cfg.freeze_fraction():g}): the penalty never acts and the gates "
                          "never train; the budget still meets the target, by the initial scores alone")
     for msg in found:
         warnings.warn(msg, stacklevel=3)

@@ -276,6 +276,16 @@ def test_scores_from_magnitude_rank_each_group_by_its_filters_and_keep_the_outpu
     assert PruneConfig(init="w.pt").initial_scores() == "magnitude"
     assert PruneConfig().initial_scores() == "constant"
     assert PruneConfig(init="w.pt", scores_from="constant").initial_scores() == "constant"
+    # and with --init the gates freeze at once (no warm-up) unless a freeze or a warm-up is given
+    init = PruneConfig(init="w.pt", epochs=6)
+    assert init.freeze_fraction() == 0.01 and init.schedule_epochs()[0] == 0.0 and init.ranked_freeze()
+    scratch = PruneConfig(epochs=6)
+    assert scratch.freeze_fraction() == 0.3 and scratch.schedule_epochs()[0] == 0.5 and not scratch.ranked_freeze()
+    given = PruneConfig(init="w.pt", epochs=6, freeze_gates_at=0.3)
+    assert given.freeze_fraction() == 0.3 and not given.ranked_freeze()
+    assert not PruneConfig(init="w.pt", warmup_epochs=1.0).ranked_freeze()
+    with pytest.raises(ValueError, match="freeze-gates-at"):
+        PruneConfig(freeze_gates_at=True).validate()
 
 
 def test_scores_from_magnitude_rank_as_torch_pruning_group_l2():
