@@ -1,5 +1,5 @@
 // Codes of the string arguments of the ops, as the kernels see them. The one table is Python's
-// (polarprune_cuda/ops/common.py: STE_CODES, POLAR_CODES); tests/test_op_schemas.py parses this
+// (polarprune_cuda/ops/common.py: STE_CODES, POLAR_CODES); tests/ops/test_op_schemas.py parses this
 // file and fails when the two disagree, so edit both together.
 #pragma once
 #include <c10/util/Exception.h>

@@ -1,7 +1,7 @@
 // Registers the CUDA kernels (csrc/<op>.cu) as the polarprune_C ops. The public op schemas
 // (polarprune::*) are defined in Python (polarprune_cuda/ops/<op>.py); their implementation
 // calls these ops when the backend registry picks the extension. The schemas below must be
-// the same (names, argument names and types, returns): tests/test_op_schemas.py checks it.
+// the same (names, argument names and types, returns): tests/ops/test_op_schemas.py checks it.
 #include <cuda_runtime_api.h>
 #include <torch/extension.h>
 #include <torch/library.h>

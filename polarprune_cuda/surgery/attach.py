@@ -211,7 +211,6 @@ def attach_gates(
     channels: bool = True,
     on_unsupported: str = "raise",
 ) -> nn.Module:
-    # Long by its docstring (the public API's reference); the body is about 40 lines of named steps.
     """Gate every prunable channel group (and, with ``blocks``, every residual block) of ``model`` in place.
 
     Args:

@@ -1,10 +1,12 @@
 """The application layer: recipes, the training loop, checkpoints, run folders, data, reports, torchrun.
 
 ``onepass.py``: OnePass, the one-pass recipe in a user's own loop (any optimizer of torch.optim);
-``switch.py``: moving training to the extracted network; ``config.py``: PruneConfig (the recipe, its checks and the names its options choose from); ``optim.py``: the
-optimizer and the schedules; ``loop.py``: the training loop (_fit), evaluate, History; ``runs.py``: the run
-drivers (run_prune, run_sparse, run_dense); ``trainer.py``: the public face, re-exporting those;
-``checkpoint.py``: verified, validated checkpoints; ``rundir.py``: manifest and lock of an output folder;
-``distributed.py``: torchrun; ``data.py``: the offline data sets; ``report.py`` and ``energy.py``: what a run
-measures and writes.
+``switch.py``: moving training to the extracted network; ``config.py``: PruneConfig (the recipe, its checks
+and the names its options choose from); ``optim.py``: the optimizer and the schedules; ``loop.py``: the
+training loop (_fit), evaluate, History; ``runs.py``: the run drivers (run_prune, run_sparse, run_dense);
+``trainer.py``: the public face, re-exporting those; ``checkpoint.py``: verified checkpoints;
+``checkpoint_schema.py``: the field-by-field check of a loaded checkpoint; ``rundir.py``: manifest and lock of
+an output folder; ``distributed.py``: torchrun; ``data.py``: the offline data sets; ``folder.py``: image
+folders streamed from disk; ``weights.py``: ``--init`` weights; ``report.py``, ``plots.py`` and ``energy.py``:
+what a run measures, writes and draws.
 """

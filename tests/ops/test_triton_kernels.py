@@ -209,7 +209,7 @@ def test_gate_bank_kernels(form, ste, n):
                                rtol=1e-5, atol=1e-6)
 
 
-# ------------------------------------------------------------------ issue 22: NaN, float64, views, grid paths
+# ------------------------------------------------------------------ NaN, float64, views, grid paths
 from polarprune_cuda.kernels import _grids as G  # noqa: E402
 
 
