@@ -25,8 +25,25 @@ MAX_REPORT_BYTES = 64 * 2 ** 20
 MAX_BATCH = 4096   # --latency-batch and export --batch: one example batch, allocated whole
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the rules of every other failure: one ``polarprune: error: ...`` line, exit code 2, and no
+    abbreviated options (``--epoch`` is not ``--epochs``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    #: the command being parsed (set by main): the root parser's errors name its help too
+    command: str | None = None
+
+    def error(self, message: str):
+        command = self.prog.split(" ", 1)[-1] if " " in self.prog else (self.command or "")
+        hint = f" (polarprune {command} --help lists the options)" if command else " (polarprune --help)"
+        self.exit(2, f"polarprune: error: {message}{hint}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="polarprune", description="One-pass structured pruning for PyTorch CNNs.")
+    parser = _Parser(prog="polarprune", description="One-pass structured pruning for PyTorch CNNs.")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("prune", help="train once with gates, extract the pruned network, write a report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -37,17 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-only", action="store_true", help="gate residual blocks only, no channel gates")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--baseline", action="store_true", help="also train the dense model with the same recipe")
-    p.add_argument("--latency-batch", type=int, default=32)
+    p.add_argument("--latency-batch", type=int, default=32, help="batch of the CPU/GPU latency measured in the report")
     p.add_argument("--out", default=None, help="output folder (default runs/MODEL-DATASET-pSPARSITY)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--interrupt-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
-    sub.add_parser("info", help="print the backends and versions")
+    i = sub.add_parser("info", help="print the versions and which backend runs the gate ops where")
+    i.add_argument("--json", action="store_true", help="the same as JSON")
     e = sub.add_parser("export", help="export a run's extracted model with torch.export (.pt2) or to ONNX",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("run", help="output folder of polarprune prune (holds report.json and model/)")
-    e.add_argument("--format", default="pt2", choices=("pt2", "onnx"))
+    e.add_argument("--format", default="pt2", choices=("pt2", "onnx"),
+                   help="pt2: torch.export (the batch dimension dynamic); onnx: the dynamo exporter")
     e.add_argument("--out", default=None, help="file to write (default RUN/model.pt2 or RUN/model.onnx)")
     e.add_argument("--batch", type=int, default=2, help="batch of the example input (dim 0 stays dynamic)")
     e.add_argument("--model", default=None,
@@ -74,9 +93,7 @@ def _recipe_options(p: argparse.ArgumentParser) -> None:
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         kind = _option_type(hints[f.name])
         kwargs = {"dest": f.name, "default": f.default}
-        help_ = f.metadata.get("help")
-        if help_ is not None:
-            kwargs["help"] = help_.replace("%", "%%")
+        kwargs["help"] = (f.metadata.get("help") or "").replace("%", "%%")   # "" still shows the default
         if kind is bool:
             if f.default is not False:
                 raise TypeError(f"PruneConfig.{f.name}: a bool option is a store_true flag and defaults to False")
@@ -402,9 +419,33 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"polarprune: warning: {message}", file=sys.stderr if file is None else file)
 
 
+def info_text(found: dict) -> str:
+    """``polarprune info`` for a reader: the versions, then one line per backend saying whether it can run here
+    and why (an installed CUDA extension on a machine without a GPU is said to be that, not "available")."""
+    b = found["backends"]
+    gpu = b["cuda_device_available"]
+    lines = [f"{k:16} {v}" for k, v in found["versions"].items()]
+    lines += ["", f"CUDA device      {'yes' if gpu else 'none on this machine (CPU tensors use the torch backend)'}",
+              f"forced backend   {b['forced'] or '-'} (POLARPRUNE_BACKEND)", "", "backend  runs here  why"]
+    for name, entry in b["backends"].items():
+        if name == "torch":
+            state = "yes"
+        elif not entry["available"]:
+            state = "no"
+        else:
+            state = "yes" if gpu else "no GPU"
+        reason = entry["reason"] + ("; installed, but there is no CUDA device to run it"
+                                    if state == "no GPU" else "")
+        lines.append(f"{name:8} {state:10} {reason}")
+    lines += ["", "the gate ops run on: " + ", ".join(f"{dev} tensors -> {name}" for dev, name in b["selected"].items()
+                                                    if dev == "cpu" or gpu)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
+    parser.command = argv[0] if argv and argv[0] in ("prune", "export", "info") else None
     args = parser.parse_args(argv or ["prune"])
     if args.command is None:
         args = parser.parse_args(["prune"])
@@ -412,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         from .ops.backends import backend_info
         from .train.report import versions
 
-        print(json.dumps({"versions": versions(), "backends": backend_info()}, indent=1))
+        found = {"versions": versions(), "backends": backend_info()}
+        print(json.dumps(found, indent=1) if args.json else info_text(found))
         return 0
     command = {"prune": lambda: prune(args, argv), "export": lambda: export(args)}.get(args.command)
     if command is None:

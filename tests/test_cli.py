@@ -214,9 +214,55 @@ def test_batches_are_seeded_per_epoch_and_augment_keeps_shape():
 
 
 def test_module_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "polarprune_cuda", "info"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "polarprune_cuda", "info", "--json"], capture_output=True, text=True,
+                         check=True)
     info = json.loads(out.stdout)
     assert info["backends"]["backends"]["torch"]["available"]
+
+
+def test_info_is_a_readable_table_that_says_what_an_installed_extension_without_a_gpu_means(capsys, monkeypatch):
+    found = {"versions": {"polarprune_cuda": "0.1.0", "torch": "2.x"},
+             "backends": {"forced": None, "torch": "2.x", "torch_cuda": "13.0", "cuda_device_available": False,
+                          "selected": {"cpu": "torch", "cuda": "cuda"},
+                          "backends": {"cuda": {"available": True, "reason": "compiled extension", "version": "13.0",
+                                                "ops": []},
+                                       "triton": {"available": False, "reason": "no CUDA device", "version": "3",
+                                                  "ops": []},
+                                       "torch": {"available": True, "reason": "reference", "version": "2.x",
+                                                 "ops": []}}}}
+    text = cli.info_text(found)
+    assert "{" not in text and "backend  runs here" in text
+    cuda = next(line for line in text.splitlines() if line.startswith("cuda "))
+    assert "no GPU" in cuda and "no CUDA device to run it" in cuda        # not "available": true
+    assert "cpu tensors -> torch" in text and "cuda tensors" not in text
+    found["backends"]["cuda_device_available"] = True
+    gpu = cli.info_text(found)
+    assert next(line for line in gpu.splitlines() if line.startswith("cuda ")).split()[1] == "yes"
+    assert "cuda tensors -> cuda" in gpu
+    rc = cli.main(["info"])
+    assert rc == 0 and "backend  runs here" in capsys.readouterr().out
+
+
+def test_help_shows_every_default_and_argparse_errors_are_one_line(capsys):
+    parser = cli._parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name in ("prune", "export"):
+        p = sub.choices[name]
+        for action in p._actions:
+            if not action.option_strings or action.default in (None, False, "==SUPPRESS==") \
+                    or action.help == "==SUPPRESS==":
+                continue
+            flag = action.option_strings[-1]
+            after = " ".join(p._get_formatter()._format_action(action).split())   # this option's help, joined
+            assert f"(default: {action.default})" in after, (name, flag)
+    for argv, needle in ((["prune", "--dataset", "mnist"], "invalid choice: 'mnist'"),
+                         (["prune", "--epoch", "1"], "unrecognized arguments: --epoch 1"),   # no abbreviations
+                         (["export"], "required: run")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("polarprune: error: ") and needle in err and "--help" in err
 
 
 # ----------------------------------------------------------------------------- --method fggp / gmp / annealed

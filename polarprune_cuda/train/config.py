@@ -23,7 +23,7 @@ COSTS = ("channels", "params", "macs")
 AMP_MODES = ("bf16", "fp16")
 #: where the initial gate scores come from (auto: the pretrained weights' ranks with --init, else constant)
 SCORES_FROM = ("auto", "constant", "magnitude")
-#: default warm-up and ramp of the penalty, as fractions of the run (see the README's equal-budget section)
+#: default warm-up and ramp of the penalty, as fractions of the run (docs/results.md, equal training budget)
 WARMUP_FRACTION = 1 / 12
 RAMP_FRACTION = 1 / 6
 #: default freeze: a fraction of the run from scratch; with --init the gates freeze at once (no warm-up), on the
@@ -55,19 +55,20 @@ class PruneConfig:
 
     model: str = _opt("resnet20", "resnet20/32/44/56/110 (CIFAR-style), resnet18/34/50 (torchvision) or "
                                   "module:function")
-    dataset: str = _opt("digits", choices=data_mod.DATASETS)
+    dataset: str = _opt("digits", "data set: digits (bundled), fashion-mnist, cifar10, cifar100 (files under "
+                                  "--data-dir), folder (your images)", choices=data_mod.DATASETS)
     method: str = _opt("polar", "polar: one-pass channel pruning with gates (a smaller, faster network); fggp, "
                                 "gmp, annealed: gradual unstructured weight pruning (zeros, a smaller sparse copy)",
                        choices=METHODS)
     target_sparsity: float = _opt(0.5, "fraction of the cost to remove, in [0, 1) (unstructured methods: of the "
                                        "weights, in (0, 1))")
     cost: str = _opt(COST, "what the target sparsity is a fraction of", choices=COSTS)
-    epochs: int = _opt(40)
+    epochs: int = _opt(40, "training epochs, the whole one pass")
     batch_size: int = _opt(64, "the global batch (under torchrun: split over the processes)")
     lr: float = _opt(0.1, "weights' learning rate (cosine decay)")
-    momentum: float = _opt(0.9)
-    weight_decay: float = _opt(5e-4)
-    label_smoothing: float = _opt(0.0)
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "weight decay of the weights (never of the gate scores)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
     gate_lr: float = _opt(0.1, "gate scores' learning rate, times n_gates / target_weight")
     target_weight: float = _opt(20.0, "weight of the quadratic density term")
     polarization_weight: float = _opt(0.1, "weight of the polarization term")
@@ -104,7 +105,7 @@ class PruneConfig:
     min_channels: int = _opt(MIN_CHANNELS, "fewest channels a gated group keeps")
     round_to: int | None = _opt(None, "round every group's kept channels to a multiple of this")
     finetune_epochs: int = _opt(0, "optional fine-tuning of the extracted model")
-    seed: int = _opt(0)
+    seed: int = _opt(0, "seed of the weights, the data order and the augmentation")
     small_input: bool = _opt(False, "3x3 stride-1 stem for torchvision ResNets")
     init: str | None = _opt(None, "pretrained dense weights to start from: a state_dict in .pt, .pth or "
                                   ".safetensors; a classifier of another class count is re-initialised")
