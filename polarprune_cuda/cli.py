@@ -216,6 +216,11 @@ def _train_and_report(args, argv, cfg, info, out: Path) -> int:
         dist_mod.barrier(info)
         result = run_prune(cfg, out, resume=args.resume, baseline=args.baseline, progress=not args.quiet,
                            interrupt_after=args.interrupt_after_epoch, dist_info=info)
+    except Exception as exc:   # said where main() prints the one line: what the failed run left in its folder
+        if info.is_main and not (out / "checkpoint.pt").is_file():
+            exc.polarprune_left = (f"; nothing was trained: {out} holds only this run's manifest and lock, and "
+                                   "the same command starts over there")
+        raise
     except KeyboardInterrupt:
         if info.is_main:
             if (out / "checkpoint.pt").is_file():
@@ -471,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("POLARPRUNE_DEBUG"):
             raise
         if os.environ.get("RANK", "0") == "0":   # under torchrun every rank fails alike: rank 0 says it
-            print(f"polarprune: error: {_message(exc)}", file=sys.stderr)
+            print(f"polarprune: error: {_message(exc)}{getattr(exc, 'polarprune_left', '')}", file=sys.stderr)
         return 2
     finally:
         warnings.showwarning = shown

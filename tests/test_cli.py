@@ -1,7 +1,9 @@
 """The main job end to end through the command line: tiny runs on real data."""
 import gzip
+import hashlib
 import json
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -37,6 +39,11 @@ def test_tiny_run_writes_report_model_and_plots(tmp_path, capsys):
     for name in ("gates.png", "density.png", "accuracy.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "model" / "spec.json").is_file() and (out / "model" / "weights.pt").is_file()
+    # the digest file checks as the docs say: `cd RUN/model && sha256sum -c weights.pt.sha256`
+    digest, name = (out / "model" / "weights.pt.sha256").read_text().split()
+    assert name == "weights.pt" and digest == hashlib.sha256((out / "model" / "weights.pt").read_bytes()).hexdigest()
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "-c", "weights.pt.sha256"], cwd=out / "model", check=True, capture_output=True)
     md = (out / "report.md").read_text()
     assert "achieved" in md and "polarprune prune" in md
     assert "achieved macs sparsity" in cap.out and "dense" in cap.out
@@ -110,6 +117,11 @@ def test_missing_dataset_says_where_it_looked(tmp_path, capsys, monkeypatch):
                   capsys)
     assert rc == 2
     assert "CIFAR10 not found" in cap.err and str(tmp_path) in cap.err and "--data-dir" in cap.err
+    # one line that also says what the failed run left behind, and the same command then starts over there
+    assert len(cap.err.strip().splitlines()) == 1 and "holds only this run's manifest and lock" in cap.err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".polarprune.lock", "manifest.json"]
+    rc, cap = run(["prune", *TINY, "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, cap.err
     monkeypatch.setattr(data, "FASHION_MNIST_DIRS", ())
     monkeypatch.delenv("POLARPRUNE_DATA", raising=False)
     with pytest.raises(data.DatasetNotFoundError, match=f"Looked for .* in: {tmp_path}.*apt-get install "
