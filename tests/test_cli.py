@@ -377,3 +377,27 @@ def test_block_gating_run_lists_removed_blocks(tmp_path, capsys, flag):
 def test_block_options_are_checked(tmp_path, capsys):
     rc, cap = run(["prune", *TINY, "--method", "fggp", "--blocks", "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and "blocks applies to method polar only" in cap.err
+
+
+def test_plots_mark_the_freeze_label_the_extracted_network_and_keep_a_log_scale():
+    """gates.png: a logarithmic colour scale (the first epoch's spike does not blacken the rest) and the epoch
+    from which the gates no longer change; accuracy.png: epochs after the switch are the extracted network's."""
+    from matplotlib.colors import LogNorm
+
+    from polarprune_cuda.train import plots
+
+    hist = {"epoch": [1, 2, 3, 4], "test_accuracy": [0.5, 0.6, 0.7, 0.8], "epoch_step": [10, 20, 30, 40],
+            "switch_step": [12], "histogram": [[10] + [0] * 19, [5] + [0] * 18 + [5], [4] + [0] * 18 + [6],
+                                              [4] + [0] * 18 + [6]]}
+    report = {"history": hist, "config": {"epochs": 4, "freeze_gates_at": 0.3}}
+    assert plots._frozen_from(report) == 2                    # epoch 2 ends (step 20) after the switch (step 12)
+    segments = plots.accuracy_segments(hist, "gated model", 2)
+    assert [name for name, _, _ in segments] == ["gated model", "extracted network (training)"]
+    assert segments[0][1] == [1] and segments[1][1] == [1, 2, 3, 4]     # joined at epoch 1
+    kept = dict(hist, switch_step=[])                          # --keep-gated: the freeze from the recipe
+    assert plots._frozen_from({"history": kept, "config": {"epochs": 4, "freeze_gates_at": 0.3}}) == 2
+    assert plots.accuracy_segments(kept, "gated model", 2)[1][0] == "gated model, gates frozen"
+    assert plots.accuracy_segments(hist, "gated model", None) == [("gated model", [1, 2, 3, 4], [50, 60, 70, 80])]
+    image, norm = plots.gate_image(hist)
+    assert isinstance(norm, LogNorm) and image.shape == (20, 4)
+    assert torch.isnan(image[1:19]).all() and image[0, 0] == 1.0 and image[19, 1] == 0.5
