@@ -401,3 +401,48 @@ def test_plots_mark_the_freeze_label_the_extracted_network_and_keep_a_log_scale(
     image, norm = plots.gate_image(hist)
     assert isinstance(norm, LogNorm) and image.shape == (20, 4)
     assert torch.isnan(image[1:19]).all() and image[0, 0] == 1.0 and image[19, 1] == 0.5
+
+
+def test_latency_speedup_is_the_rounds_median_with_its_spread_and_says_when_it_is_unreliable():
+    """The report's latency speedup: per-round ratios (dense / pruned, interleaved), measured until their
+    spread is within 10% of the median or the time is up; a spread that covers 1.0x is flagged, not reported
+    as a speedup."""
+    from polarprune_cuda.train import report as report_mod
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    def timed(clock, durations):
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.calls = 0
+
+            def forward(self, x):
+                clock.now += durations(self.calls)
+                self.calls += 1
+                return x
+        return Net()
+
+    x = torch.zeros(1)
+    clock = Clock()       # steady: 2.0 against 1.0 every round: stable after the first 30 rounds, 2x, reliable
+    lat = report_mod.latency_side_by_side({"dense": timed(clock, lambda i: 2.0), "pruned": timed(clock, lambda i: 1.0)},
+                                          x, warmup=0, max_seconds=1e9, clock=clock)
+    assert lat["dense"]["rounds"] == 30 and lat["speedup_rounds"] == {"median": 2.0, "q1": 2.0, "q3": 2.0,
+                                                                     "reliable": True}
+    clock = Clock()       # noisy: the pruned model 0.6 or 1.6 by turns against 1.0: measured to the cap, unreliable
+    lat = report_mod.latency_side_by_side({"dense": timed(clock, lambda i: 1.0),
+                                           "pruned": timed(clock, lambda i: 0.6 if i % 2 else 1.6)},
+                                          x, warmup=0, max_seconds=1e9, max_rounds=80, clock=clock)
+    sr = lat["speedup_rounds"]
+    assert lat["dense"]["rounds"] == 80 and sr["q1"] < 1.0 < sr["q3"] and not sr["reliable"]
+    text = report_mod.speedup_text({"speedup": sr["median"], "speedup_rounds": sr})
+    assert "unreliable: the spread covers 1.0x" in text
+    clock = Clock()       # the same noise under a time budget: measuring stops when it is spent
+    lat = report_mod.latency_side_by_side({"dense": timed(clock, lambda i: 1.0),
+                                           "pruned": timed(clock, lambda i: 0.6 if i % 2 else 1.6)},
+                                          x, warmup=0, max_seconds=100.0, clock=clock)
+    assert 45 <= lat["dense"]["rounds"] <= 50          # a round costs 2.1 on average: 100 buys about 48

@@ -23,12 +23,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: the latency measurement: at least MIN_ROUNDS interleaved rounds, then more until the rounds' speedups (the
+#: dense time over the pruned time of the same round) have a spread (interquartile range) within STABLE of their
+#: median, or until MAX_SECONDS of measuring; a spread that still covers 1.0x is reported as unreliable
+MIN_ROUNDS, MAX_ROUNDS, MAX_SECONDS, STABLE = 30, 300, 10.0, 0.1
+
+
 @torch.no_grad()
-def latency_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 30,
-                         warmup: int = 3) -> dict[str, dict]:
-    """Median and spread of one forward pass per model, the models interleaved round by round."""
+def latency_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = MIN_ROUNDS,
+                         warmup: int = 3, max_seconds: float = MAX_SECONDS, max_rounds: int = MAX_ROUNDS,
+                         clock=time.perf_counter) -> dict[str, dict]:
+    """Median and quartiles of one forward pass per model, the models interleaved round by round (the order
+    rotating, so neither always runs first). With a ``dense`` and a ``pruned`` model, also the speedup: the median
+    of the per-round ratios with its quartiles, measured until stable (module constants) and flagged unreliable
+    where the quartiles cover 1.0x."""
     times = {name: [] for name in models}
     modes = {name: m.training for name, m in models.items()}
+    names = list(models)
+    paired = {"dense", "pruned"} <= set(models)
     try:
         for m in models.values():
             m.eval()
@@ -36,12 +48,21 @@ def latency_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, rounds: 
             for m in models.values():
                 m(x)
         _sync(x.device)
-        for _ in range(rounds):
-            for name, m in models.items():
-                t0 = time.perf_counter()
-                m(x)
+        start = clock()
+        k = 0
+        while True:
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                t0 = clock()
+                models[name](x)
                 _sync(x.device)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
+            k += 1
+            if k < rounds:
+                continue
+            if not paired or k >= max_rounds or clock() - start >= max_seconds:
+                break
+            if _ratio_spread(times)[3] <= STABLE:
+                break
     finally:
         for name, m in models.items():
             m.train(modes[name])
@@ -50,7 +71,28 @@ def latency_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, rounds: 
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
         out[name] = {"median_ms": statistics.median(ts) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
                      "rounds": len(ts)}
+    if paired:
+        median, q1, q3, _ = _ratio_spread(times)
+        out["speedup_rounds"] = {"median": median, "q1": q1, "q3": q3, "reliable": not q1 <= 1.0 <= q3}
     return out
+
+
+def _ratio_spread(times: dict[str, list[float]]) -> tuple[float, float, float, float]:
+    """(median, first quartile, third quartile, interquartile range over the median) of the per-round
+    speedups dense / pruned."""
+    ratios = [d / p for d, p in zip(times["dense"], times["pruned"]) if p > 0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    return median, q1, q3, (q3 - q1) / median
+
+
+def speedup_text(lat: dict) -> str:
+    """The latency speedup as the report says it: the median with its spread over the rounds, and a warning
+    where that spread covers 1.0x (the two models are not told apart on this machine)."""
+    sr = lat.get("speedup_rounds")
+    if sr is None:
+        return f"{lat['speedup']:.2f}x"
+    text = f"{lat['speedup']:.2f}x (rounds' quartiles {sr['q1']:.2f}-{sr['q3']:.2f}x)"
+    return text if sr["reliable"] else text + ", unreliable: the spread covers 1.0x"
 
 
 @torch.no_grad()
@@ -114,7 +156,8 @@ def build_report(result, command: list[str], latency: dict, energy: dict, latenc
         "params": 1 - pruned["params"] / dense["params"],
         "macs": 1 - pruned["macs"] / dense["macs"],
     }
-    speedup = latency["dense"]["median_ms"] / latency["pruned"]["median_ms"]
+    rounds = latency.get("speedup_rounds")
+    speedup = rounds["median"] if rounds else latency["dense"]["median_ms"] / latency["pruned"]["median_ms"]
     report = {
         "format": REPORT_FORMAT,
         "method": "polar",
@@ -267,8 +310,8 @@ def markdown(report: dict) -> str:
     acc = report["accuracy"]
     lines += [
         "",
-        f"Latency speedup {lat['speedup']:.2f}x for a MACs ratio of {lat['macs_ratio']:.2f}x, measured side by "
-        f"side in one run ({lat['dense']['rounds']} interleaved rounds, "
+        f"Latency speedup {speedup_text(lat)} for a MACs ratio of {lat['macs_ratio']:.2f}x, measured side by "
+        f"side in one run ({lat['dense']['rounds']} interleaved rounds, the median of the rounds' ratios, "
         f"{lat['threads']} threads).",
         f"The pruned accuracy is measured on the extracted model; the gated model at the end of training had "
         f"{100 * acc['gated']:.2f}%.",
@@ -314,7 +357,7 @@ def print_table(report: dict, stream=None) -> None:
         return
     _print_rows([("", "dense", "pruned")] + summary_rows(report), stream)
     print(f"achieved {report['cost']} sparsity {100 * report['achieved_sparsity']:.1f}% "
-          f"(target {100 * report['target_sparsity']:.1f}%), latency speedup {report['latency']['speedup']:.2f}x",
+          f"(target {100 * report['target_sparsity']:.1f}%), latency speedup {speedup_text(report['latency'])}",
           file=stream)
     reason = (report.get("budget") or {}).get("reason")
     if reason:
@@ -353,7 +396,8 @@ def build_sparse_report(result, command: list[str], latency: dict, energy: dict,
                      "baseline": None if result.baseline is None else result.baseline["accuracy"]},
         "latency": {"device": str(next(result.pruned_model.parameters()).device), "batch": latency_batch,
                     "threads": torch.get_num_threads(), **latency,
-                    "speedup": latency["dense"]["median_ms"] / latency["pruned"]["median_ms"]},
+                    "speedup": (latency["speedup_rounds"]["median"] if "speedup_rounds" in latency
+                                else latency["dense"]["median_ms"] / latency["pruned"]["median_ms"])},
         "energy": energy,
         "history": {k: v for k, v in vars(result.history).items()},
         "mask_updates": p.updates,
