@@ -58,12 +58,12 @@ test: setup
 zoo: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/surgery/test_zoo.py --zoo $(PYTEST_ARGS)
 
-# CPU benchmark suites -> benchmarks/results/<device>-<date>.{json,md,png} and the README table
+# CPU benchmark suites -> benchmarks/results/<device>-<date>.{json,md,png} and the results block of benchmarks/README.md
 bench: setup
 	$(BIN)/python benchmarks/run.py --keep-raw
 
 # wheels that the GPU machine lacks (it has no network; Python 3.12 there): torch-pruning, into .whl/ (ignored by
-# git). The device command carries it: `benchmarks/gpu_first.sh $$OUT` with carry [".whl"] (README, Benchmarks).
+# git). The device command carries it: `benchmarks/gpu_first.sh $$OUT` with carry [".whl"] (benchmarks/README.md).
 GPU_WHEELS := torch-pruning==1.6.1
 gpu-wheels:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

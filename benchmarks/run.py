@@ -1,4 +1,5 @@
-"""Run the benchmark suites and write the results: JSON, a Markdown table, a PNG plot, the README table.
+"""Run the benchmark suites and write the results: JSON, a Markdown table, a PNG plot, the results block of
+benchmarks/README.md.
 
     .venv/bin/python benchmarks/run.py                    # what `make bench` runs (CPU: about 3 minutes)
     .venv/bin/python benchmarks/run.py --out /tmp/res     # results elsewhere (the GPU script does this)
@@ -13,7 +14,7 @@ is then summarised into <out>/<device>-<date>.json, .md and .png, where
 <device> is the GPU's or CPU's name. Headline figures are ratios between
 variants measured in the same run; absolute times are only meaningful with
 the device name beside them. With the default output folder the table
-between the bench-table markers of README.md is replaced.
+between the bench-table markers of benchmarks/README.md is replaced.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import common  # noqa: E402
 from common import device_slug  # noqa: E402
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-README = ROOT / "README.md"
+README = ROOT / "benchmarks" / "README.md"   # the page holding the latest results block
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 FORMAT = 1
 GOALS = {"training_slowdown": 0.03, "speedup_over_macs_ratio": 0.85}
@@ -353,11 +354,11 @@ def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width) or [""]
 
 
-def update_readme(res: dict, stem: str, readme: Path = README) -> bool:
+def update_readme(res: dict, stem: str, readme: Path = README, out: Path = RESULTS) -> bool:
     text = readme.read_text()
     if START not in text or END not in text:
         return False
-    rel = f"benchmarks/results/{stem}"
+    rel = os.path.relpath(Path(out).resolve() / stem, readme.resolve().parent)
     failed = ([f"Failed in this run ({len(res['failed'])}; their rows are missing):", "", *failed_lines(res), ""]
               if res.get("failed") else [])
     block = "\n".join([START, "", tables(res), "Goals (figures, not assertions):", "", *goal_lines(res), "", *failed,
@@ -375,7 +376,7 @@ def write(res: dict, out: Path, readme: Path | None) -> Path:
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     (out / f"{stem}.md").write_text(markdown(res, stem))
     plot(res, out / f"{stem}.png")
-    if readme is not None and not update_readme(res, stem, readme):
+    if readme is not None and not update_readme(res, stem, readme, out):
         print(f"warning: {readme} has no {START} ... {END} block; README not updated", file=sys.stderr)
     print(tables(res))
     print("\n".join(goal_lines(res)))
@@ -392,7 +393,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--from-json", type=Path, default=None,
                         help="summarise this pytest-benchmark JSON instead of running the suites")
     parser.add_argument("--readme", type=Path, default=None,
-                        help="README to update (default: README.md when --out is not given, else none)")
+                        help="page to update (default: benchmarks/README.md when --out is not given, else none)")
     parser.add_argument("--no-readme", action="store_true", help="do not touch any README")
     parser.add_argument("--suites", type=Path, default=MICRO,
                         help="folder of the pytest-benchmark suites (default benchmarks/micro)")

@@ -359,7 +359,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-README = HERE.parents[1] / "README.md"
+README = HERE.parents[1] / "docs" / "results.md"   # the page holding the equal-budget table
 START, END = "<!-- equal-budget:start -->", "<!-- equal-budget:end -->"
 
 
@@ -395,7 +395,7 @@ def update_readme(paths: list[Path], readme: Path = README) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", nargs="*", default=None, metavar="RESULT",
-                        help="only rewrite the README's equal-budget table from these result files (stems under "
+                        help="only rewrite the equal-budget table of docs/results.md from these result files (stems under "
                              "benchmarks/results, e.g. equal-budget-digits) and exit")
     parser.add_argument("--preset", default="digits", choices=sorted(PRESETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

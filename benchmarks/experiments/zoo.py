@@ -304,7 +304,7 @@ def _run_all(models: list[str], timeout: float, with_tp: bool, jobs: int, work: 
         return list(pool.map(one, models))
 
 
-README = HERE.parents[1] / "README.md"
+README = HERE.parents[1] / "docs" / "results.md"   # the page holding the zoo summary
 START, END = "<!-- zoo-summary:start -->", "<!-- zoo-summary:end -->"
 
 
@@ -321,8 +321,9 @@ def _kind(reason: str) -> str:
     return "other: " + _short(reason)[:80]
 
 
-def summary(res: dict, stem: str) -> str:
-    """The README block: counts, the refusals by kind, Torch-Pruning alone, and where the table is."""
+def summary(res: dict, stem: str, link: str | None = None) -> str:
+    """The results page's block: counts, the refusals by kind, Torch-Pruning alone, and where the table is
+    (``link``: the table's path relative to the page; default from the repository root)."""
     rows = res["rows"]
     n, exact = len(rows), [r for r in rows if r["result"] == "exact"]
     whole = sum(1 for r in exact if not r.get("skipped"))
@@ -348,7 +349,7 @@ def summary(res: dict, stem: str) -> str:
     lines += ["", "Torch-Pruning alone on the same models: "
               + ", ".join(f"{v} {k}" for k, v in sorted(tp.items(), key=lambda kv: -kv[1])) + ".",
               f"Every model with its result, reason and time: [benchmarks/results/{stem}.md]"
-              f"(benchmarks/results/{stem}.md) (JSON beside it)."]
+              f"({link or f'benchmarks/results/{stem}.md'}) (JSON beside it)."]
     return "\n".join(lines)
 
 
@@ -359,7 +360,8 @@ def update_readme(path: Path, readme: Path = README) -> None:
         raise SystemExit(f"{readme} has no {START} ... {END} block")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{summary(res, path.stem)}\n{END}{tail}")
+    link = os.path.relpath(RESULTS / f"{path.stem}.md", readme.resolve().parent)
+    readme.write_text(f"{head}{START}\n{summary(res, path.stem, link)}\n{END}{tail}")
 
 
 def main(argv=None) -> dict:
@@ -376,7 +378,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--tp-only", default=None, help=argparse.SUPPRESS)   # child: Torch-Pruning alone
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--readme", default=None, metavar="RESULT",
-                        help="only rewrite the README's zoo summary from this result (a stem under benchmarks/results)")
+                        help="only rewrite the zoo summary of docs/results.md from this result (a stem under "
+                             "benchmarks/results)")
     args = parser.parse_args(argv)
     if args.readme:
         update_readme(RESULTS / (args.readme if args.readme.endswith(".json") else args.readme + ".json"))
