@@ -5,34 +5,16 @@ that drives every gate to 0 or 1 and the network to a target sparsity, and
 extract a smaller gate-free network; optionally gate whole residual blocks too.
 """
 from . import errors, ops
-from .ops import functional, reference
-from .ops.backends import BackendUnavailableError, backend_info
-from .surgery.blocks import ClosedBlock, depth
-from .gates.modules import ChannelGate, GatedBatchNorm2d, GatedConv2d, GatedLinear, gate_modules
-from .gates.bank import GateBank, NonFiniteGateError, bind_gates, find_bank
-from .ops.cost import CostModel
-from .sparse.fggp import FGGP, GMP, AnnealedPruner
-from .gates.loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
+from .errors import UnsupportedModelError
+from .gates import (ChannelGate, GateBank, GatedBatchNorm2d, GatedConv2d, GatedLinear, NonFiniteGateError,
+                    PenaltyValue, PolarizationLoss, bind_gates, find_bank, gate_modules, gate_stats, ramp)
 from .models import resnet20, resnet32, resnet44, resnet56, resnet110
-from .surgery.budget import BudgetResult, meet_target
-from .surgery import (
-    UnsupportedModelError,
-    attach_gates,
-    count,
-    extract,
-    kept_channels,
-    load_pruned,
-    predicted_count,
-    predicted_depth,
-    removed_blocks,
-    save_pruned,
-    scores_from_magnitude,
-)
-
-from .train.loop import evaluate
-from .train.onepass import OnePass
-from .train.optim import split_parameters
-
+from .ops import BackendUnavailableError, CostModel, backend_info, functional, reference
+from .sparse import FGGP, GMP, AnnealedPruner
+from .surgery import (BudgetResult, ClosedBlock, attach_gates, count, depth, extract, kept_channels, load_pruned,
+                      meet_target, predicted_count, predicted_depth, removed_blocks, save_pruned,
+                      scores_from_magnitude)
+from .train import OnePass, evaluate, split_parameters
 from ._version import __version__
 
 __all__ = [

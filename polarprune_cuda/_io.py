@@ -28,7 +28,7 @@ import torch
 from .errors import IntegrityError
 
 DIGEST_SUFFIX = ".sha256"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{4,}\.tmp$")
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{4,}\.tmp$")
 
 
 
@@ -224,7 +224,7 @@ def remove_stale_temps(folder, names) -> list[Path]:
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
-        m = _TEMP.match(entry.name)
+        m = TEMP_NAME.match(entry.name)
         if m and m.group("name") in names and entry.is_file() and not entry.is_symlink():
             entry.unlink(missing_ok=True)
             removed.append(entry)

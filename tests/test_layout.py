@@ -136,3 +136,47 @@ def test_core_install_requires_only_torch_torch_pruning_numpy():
     assert "install_requires" not in text and "packages=" not in text
     assert meta["build-system"]["build-backend"] == "setuptools.build_meta"
     assert meta["tool"]["setuptools"]["package-dir"]["polarprune_cuda.kernels"] == "kernels"
+
+
+def _internal_import(node: ast.ImportFrom) -> bool:
+    return node.module != "__future__" and bool(node.level or (node.module or "").startswith("polarprune_cuda"))
+
+
+def test_no_module_uses_another_modules_private_names():
+    """A leading underscore means private to its file: no module imports one from another module of the package,
+    nor reads one through a module it imported (``shrink_mod._removed``). What is shared has a public name."""
+    bad = []
+    for module, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and _internal_import(node):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        bad.append(f"{module} imports {a.name} from {node.module or '.'}")
+                    aliases.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname or a.name for a in node.names if a.name.startswith("polarprune_cuda")}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                bad.append(f"{module} reads {node.value.id}.{node.attr}")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_the_top_level_imports_only_the_subpackages_faces():
+    """``polarprune_cuda/__init__.py`` takes its names from each subpackage's ``__init__`` (its face) or from a
+    top-level module, never from a file inside a subpackage."""
+    subpackages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    top_modules = {p.stem for p in PKG.glob("*.py")}
+    bad = []
+    for node in ast.parse((PKG / "__init__.py").read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [a.name for a in node.names] if node.module is None else [node.module]
+            bad += [n for n in names if n not in subpackages | top_modules]
+    assert not bad, bad
+    for name in subpackages - {"kernels"}:
+        face = ast.parse((PKG / name / "__init__.py").read_text())
+        exported = [n for n in face.body if isinstance(n, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+        assert exported, f"{name}/__init__.py has no __all__: a subpackage's face lists its public names"

@@ -179,7 +179,7 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
     model = trainer.build(cfg, data)
     histories = []
     if arm == "train-prune-finetune":
-        histories.append(loop._fit(model, data, cfg, trainer.Checkpointer(pre_ckpt), gated=False, epochs=pre_epochs,
+        histories.append(loop.fit_loop(model, data, cfg, trainer.Checkpointer(pre_ckpt), gated=False, epochs=pre_epochs,
                                    lr=cfg.lr, resume=True, progress=progress, label="pretrain"))
         row["pretrained_accuracy"] = trainer.evaluate(model, data.test_x, data.test_y, **ev)
     else:   # the same pruned architecture: the same pruning of the same pre-trained weights (deterministic)
@@ -192,7 +192,7 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
     row["pruning_ratio"] = ratio
     if arm == "train-prune-finetune":
         if ft_epochs:
-            histories.append(loop._fit(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
+            histories.append(loop.fit_loop(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
                                        epochs=ft_epochs, lr=cfg.lr * finetune_lr_scale, resume=True,
                                        progress=progress, label="finetune"))
         row["split"] = [pre_epochs, ft_epochs]
@@ -201,7 +201,7 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
         _reinit(small, cfg.seed)
         epochs = _scratch_epochs(cfg.epochs, dense_macs or 0.0, count(small, example)["macs"], dense_macs is not None)
         row["epochs"] = epochs
-        histories.append(loop._fit(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False,
+        histories.append(loop.fit_loop(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False,
                                    epochs=epochs, lr=cfg.lr, resume=True, progress=progress, label="scratch"))
     row["training"] = loop.training_cost(*histories)   # from-scratch: its own training (not the pre-training)
     row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y, **ev)
@@ -236,7 +236,7 @@ def _learned_arm(cfg, data, example, work: Path, out: Path, row: dict, progress:
     small = load_pruned(folder, lambda: trainer.build(cfg, data)).to(cfg.device)
     _reinit(small, cfg.seed)
     epochs = _scratch_epochs(cfg.epochs, dense_macs, count(small, example)["macs"], equal_macs)
-    history = loop._fit(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False, epochs=epochs,
+    history = loop.fit_loop(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False, epochs=epochs,
                         lr=cfg.lr, resume=True, progress=progress, label="scratch")
     row["epochs"], row["training"] = epochs, loop.training_cost(history)
     row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y, device=cfg.device)

@@ -75,7 +75,7 @@ def run_arm(arm: str, cfg_kwargs: dict, init: Path, work: Path, progress: bool, 
         small.train()
         row["pruning_ratio"] = ratio
         row["pruned_accuracy_before_finetune"] = trainer.evaluate(small, data.test_x, data.test_y)
-        history = loop._fit(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
+        history = loop.fit_loop(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
                             epochs=cfg.epochs, lr=cfg.lr, resume=True, progress=progress, label="finetune")
         row["training"] = loop.training_cost(history)
         row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y)

@@ -46,9 +46,9 @@ def _rank_scores(ranks: torch.Tensor, n: int, low: float, high: float) -> torch.
 
 def _taylor(model, data) -> list[torch.Tensor]:
     """Per group, per gate: sum over batches of (dL/dgate)^2, dL/dgate read from the group's BatchNorms."""
-    from polarprune_cuda.surgery.attach import _surgery
+    from polarprune_cuda.surgery.attach import surgery_of
 
-    _, record = _surgery(model)
+    _, record = surgery_of(model)
     modules = dict(model.named_modules())
     was = model.training
     model.eval()
@@ -74,9 +74,9 @@ def _taylor(model, data) -> list[torch.Tensor]:
 def _tp_group(model, data) -> list[torch.Tensor]:
     import torch_pruning as tp
     from polarprune_cuda.models import resnet20
-    from polarprune_cuda.surgery.attach import _surgery
+    from polarprune_cuda.surgery.attach import surgery_of
 
-    _, record = _surgery(model)
+    _, record = surgery_of(model)
     dense = resnet20(num_classes=int(data.train_y.max()) + 1, in_channels=data.train_x.shape[1])
     missing, _ = dense.load_state_dict({k: v for k, v in model.state_dict().items() if "polarprune_bank" not in k},
                                        strict=False)
@@ -92,9 +92,9 @@ def _tp_group(model, data) -> list[torch.Tensor]:
 
 def scores_by(criterion: str):
     def rank(model, low: float = 0.25, high: float = 2.0) -> None:
-        from polarprune_cuda.surgery.attach import _surgery
+        from polarprune_cuda.surgery.attach import surgery_of
 
-        bank, record = _surgery(model)
+        bank, record = surgery_of(model)
         data = _seen["data"]
         imp = _taylor(model, data) if criterion.startswith("taylor") else _tp_group(model, data)
         if criterion == "taylor-global":

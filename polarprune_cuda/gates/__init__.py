@@ -5,3 +5,9 @@
 params and MACs, are the op layer's ``ops/cost.py``);
 ``loss.py``: PolarizationLoss and gate statistics. Uses the op layer only.
 """
+from .bank import GateBank, NonFiniteGateError, bind_gates, find_bank
+from .loss import PenaltyValue, PolarizationLoss, gate_stats, ramp
+from .modules import ChannelGate, GatedBatchNorm2d, GatedConv2d, GatedLinear, gate_modules
+
+__all__ = ["ChannelGate", "GateBank", "GatedBatchNorm2d", "GatedConv2d", "GatedLinear", "NonFiniteGateError",
+           "PenaltyValue", "PolarizationLoss", "bind_gates", "find_bank", "gate_modules", "gate_stats", "ramp"]

@@ -10,6 +10,10 @@ polarization codes, argument checks); ``core.py`` gathers them (``ALL_OPS``);
 why a backend is missing; ``functional.py`` is the checked public API over
 them. Nothing here knows about gates or models.
 """
+from . import functional, reference
+from .backends import BackendUnavailableError, backend_info
 from .core import ALL_OPS, binary_gate, channel_gate, gate_bank, gate_penalty, gated_affine
+from .cost import CostModel
 
-__all__ = ["ALL_OPS", "binary_gate", "channel_gate", "gate_bank", "gate_penalty", "gated_affine"]
+__all__ = ["ALL_OPS", "BackendUnavailableError", "CostModel", "backend_info", "binary_gate", "channel_gate",
+           "functional", "gate_bank", "gate_penalty", "gated_affine", "reference"]

@@ -13,9 +13,9 @@ checks that they agree.
 """
 from __future__ import annotations
 
-# the raw ops (_name) are re-exported for tests and opcheck; ALL_OPS is the way to reach them by name
-from .binary_gate import _binary_gate, _binary_gate_backward, binary_gate  # noqa: F401
-from .channel_gate import _channel_gate, _channel_gate_backward, channel_gate  # noqa: F401
+# the raw ops are reached by name through ALL_OPS (opcheck, registration tests)
+from .binary_gate import binary_gate
+from .channel_gate import channel_gate
 from .common import (
     DEFINED,
     NAMESPACE,
@@ -31,9 +31,9 @@ from .common import (
     check_ste,
     check_tau,
 )
-from .gate_bank import _gate_bank, _gate_bank_backward, gate_bank  # noqa: F401
-from .gate_penalty import _gate_penalty, gate_penalty  # noqa: F401
-from .gated_affine import _gated_affine, _gated_affine_backward, check_affine, gated_affine  # noqa: F401
+from .gate_bank import gate_bank
+from .gate_penalty import gate_penalty
+from .gated_affine import check_affine, gated_affine
 
 _missing = [name for name in OPS if name not in DEFINED]
 if _missing:

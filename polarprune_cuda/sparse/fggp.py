@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .gradual import (FIRST_UPDATE_WEIGHTS, STARTS, STATE_FORMAT, GradualPruner,  # noqa: F401
-                      _check_fraction, cubic_density, erk_densities)
+                      check_fraction, cubic_density, erk_densities)
 
 
 class FGGP(GradualPruner):
@@ -57,7 +57,7 @@ class FGGP(GradualPruner):
     def __init__(self, model: nn.Module, target_sparsity: float, total_steps: int, update_every: int = 2000,
                  select_ratio: float = 0.5, start: str = "dense", seed: int = 0, end_fraction: float = 0.8,
                  prune_first_conv: bool = False, first_update_weights: str = "forward"):
-        self.select_ratio = _check_fraction(select_ratio, "select_ratio")
+        self.select_ratio = check_fraction(select_ratio, "select_ratio")
         super().__init__(model, target_sparsity, total_steps, update_every, start, seed, end_fraction,
                          prune_first_conv, first_update_weights)
 

@@ -19,7 +19,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _check_fraction(value, name: str) -> float:
+def check_fraction(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0 < value < 1:
         raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
@@ -106,10 +106,10 @@ class GradualPruner:
                  first_update_weights: str = "forward"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.target_sparsity = _check_fraction(target_sparsity, "target_sparsity")
+        self.target_sparsity = check_fraction(target_sparsity, "target_sparsity")
         self.total_steps = _check_positive_int(total_steps, "total_steps")
         self.update_every = _check_positive_int(update_every, "update_every")
-        self.end_fraction = _check_fraction(end_fraction, "end_fraction")
+        self.end_fraction = check_fraction(end_fraction, "end_fraction")
         if start not in STARTS:
             raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
         if not isinstance(prune_first_conv, bool):

@@ -8,10 +8,12 @@ budget.
 """
 from ..errors import UnsupportedModelError
 from .attach import attach_gates, scores_from_magnitude
+from .blocks import ClosedBlock, depth
+from .budget import BudgetResult, meet_target, select_gates
 from .costs import count
 from .extract import extract, kept_channels, predicted_count, predicted_depth, removed_blocks
 from .spec import load_pruned, save_pruned, spec_digest
 
-__all__ = ["UnsupportedModelError", "attach_gates", "count", "extract", "kept_channels", "load_pruned",
-           "predicted_count", "predicted_depth", "removed_blocks", "save_pruned", "scores_from_magnitude",
-           "spec_digest"]
+__all__ = ["BudgetResult", "ClosedBlock", "UnsupportedModelError", "attach_gates", "count", "depth", "extract",
+           "kept_channels", "load_pruned", "meet_target", "predicted_count", "predicted_depth", "removed_blocks",
+           "save_pruned", "scores_from_magnitude", "select_gates", "spec_digest"]

@@ -22,9 +22,9 @@ from ..errors import UnsupportedModelError
 from ..gates.bank import GateBank, find_bank, install_bank
 from ..gates.modules import GateMixin, gate_in_place, gate_modules
 from .blocks import BlockRecord, depth, prepare_blocks
-from .costs import _block_exactness, _channel_cost, _cost_models, _io_shapes, count
-from .inputs import _as_inputs, _check_model, _check_placement, _dtype_name, _model_device
-from .tp import ON_UNSUPPORTED, Refusal, _Plan, channel_plans
+from .costs import block_exactness, channel_cost_model, cost_models, io_shapes, count
+from .inputs import as_inputs, check_model_arg, check_placement, dtype_name, model_device
+from .tp import ON_UNSUPPORTED, Refusal, Plan, channel_plans
 
 
 @dataclass
@@ -62,7 +62,7 @@ class SurgeryRecord:
     dense_depth: int | None = None
 
 
-def _check_guard_args(min_channels, round_to, none_means: str | None = None) -> None:
+def check_guard_args(min_channels, round_to, none_means: str | None = None) -> None:
     """Validate ``min_channels`` and ``round_to`` (the one place for attach_gates, extract, kept_channels and
     predicted_count). With ``none_means``, None is allowed for both and means that."""
     if not (none_means is not None and min_channels is None):
@@ -74,9 +74,9 @@ def _check_guard_args(min_channels, round_to, none_means: str | None = None) -> 
         raise ValueError(f"round_to must be None{alt} or an int >= 1, got {round_to!r}")
 
 
-def _surgery(model) -> tuple[GateBank, SurgeryRecord]:
+def surgery_of(model) -> tuple[GateBank, SurgeryRecord]:
     """The bank of ``model`` and its record; ValueError unless attach_gates gated it."""
-    _check_model(model)
+    check_model_arg(model)
     bank = find_bank(model)
     record = bank.surgery if bank is not None else None
     if record is None:
@@ -124,7 +124,7 @@ def _ignored_modules(model: nn.Module, names: dict[nn.Module, str], ignored_laye
     return ignored
 
 
-def _gate_groups(bank: GateBank, plans: list[_Plan], names, init: float) -> list[GroupRecord]:
+def _gate_groups(bank: GateBank, plans: list[Plan], names, init: float) -> list[GroupRecord]:
     """One bank segment per channel group; its BatchNorms and weight-gated producers gated in place. A
     BatchNorm whose channels come from several groups (after a concatenation) reads each channel's gate
     from its group's segment (channels of no gated group keep gate 1)."""
@@ -187,10 +187,10 @@ def _gate_blocks(model: nn.Module, bank: GateBank, block_records: list[BlockReco
 def _register_costs(model, bank: GateBank, all_plans, plans, block_records, names, spatial) -> None:
     """The exact ``params`` and ``macs`` cost models and, with blocks, the ``channels`` one, on the bank."""
     block_terms = [(b.segment, {model.get_submodule(n) for n in b.branch}, set(b.internal)) for b in block_records]
-    for kind, cm in _cost_models(model, plans, bank.sizes, spatial, block_terms).items():
+    for kind, cm in cost_models(model, plans, bank.sizes, spatial, block_terms).items():
         bank.set_cost(kind, cm)
     if block_records:
-        channel_cost = _channel_cost(bank, all_plans, plans, block_records, names)
+        channel_cost = channel_cost_model(bank, all_plans, plans, block_records, names)
         if channel_cost is None:
             bank.unavailable["channels"] = ("the gated blocks have no channels of their own (no channel gates, "
                                             "no channels inside the branches): use cost 'params' or 'macs'")
@@ -244,10 +244,10 @@ def attach_gates(
     branch costs, and channel gates inside a closed branch stop counting. State-
     dict keys of the original parameters do not change.
     """
-    _check_model(model)
-    inputs = _as_inputs(example_inputs)
-    _check_placement(model, inputs)
-    _check_guard_args(min_channels, round_to)
+    check_model_arg(model)
+    inputs = as_inputs(example_inputs)
+    check_placement(model, inputs)
+    check_guard_args(min_channels, round_to)
     if on_unsupported not in ON_UNSUPPORTED:
         raise ValueError(f"on_unsupported must be one of {', '.join(map(repr, ON_UNSUPPORTED))}, "
                          f"got {on_unsupported!r}")
@@ -255,7 +255,7 @@ def attach_gates(
     names = {m: n for n, m in model.named_modules()}
     ignored = _ignored_modules(model, names, ignored_layers)
     bank = GateBank(ste=ste, tau=tau)   # validates ste/tau before any change to the model
-    spatial = _io_shapes(model, inputs)  # runs the model once: example_inputs that do not fit raise here
+    spatial = io_shapes(model, inputs)  # runs the model once: example_inputs that do not fit raise here
 
     block_records = prepare_blocks(model, names, inputs, blocks) if blocks is not False else []
     if blocks is not False and not block_records:
@@ -270,19 +270,19 @@ def attach_gates(
             listing = "\n".join(f"  - {r}" for r in refused)
             raise UnsupportedModelError(f"no channel group of the model can be gated:\n{listing}")
         raise UnsupportedModelError("no prunable channel group found (every group is ignored or is the classifier)")
-    block_records = _block_exactness(block_records, plans, names, blocks is True)
+    block_records = block_exactness(block_records, plans, names, blocks is True)
     dense = count(model, inputs)
     dense_depth = depth(model, inputs) if block_records else None
 
     records = _gate_groups(bank, plans, names, init)
     _gate_blocks(model, bank, block_records, init)
-    bank.to(_model_device(model))
+    bank.to(model_device(model))
     install_bank(model, bank)
     _register_costs(model, bank, all_plans, plans, block_records, names, spatial)
     bank.surgery = SurgeryRecord(
         groups=records,
         input_shapes=[list(t.shape) for t in inputs],
-        input_dtypes=[_dtype_name(t.dtype) for t in inputs],
+        input_dtypes=[dtype_name(t.dtype) for t in inputs],
         min_channels=min_channels,
         round_to=round_to,
         dense=dense,
@@ -316,7 +316,7 @@ def scores_from_magnitude(model: nn.Module, low: float = 0.25, high: float = 2.0
     benchmarks/results/pretrained-start-levers-fashion-12k.md."""
     if not 0 < low < high:
         raise ValueError(f"low and high must satisfy 0 < low < high (every gate open), got {low!r}, {high!r}")
-    bank, record = _surgery(model)
+    bank, record = surgery_of(model)
     modules = dict(model.named_modules())
     for group in record.groups:
         if group.present is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .inputs import _tensor_tuple, eval_mode, flatten_outputs
+from .inputs import tensor_tuple, eval_mode, flatten_outputs
 
 SHORTCUT_ATTRS = ("downsample", "shortcut")
 ACT_ATTRS = ("relu", "act", "activation")
@@ -268,7 +268,7 @@ def depth(model: nn.Module, example_inputs) -> int:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    inputs = _tensor_tuple(example_inputs)
+    inputs = tensor_tuple(example_inputs)
     if inputs is None:
         raise TypeError("example_inputs must be a tensor (or a tuple of tensors) shaped like one batch of input")
     inputs = tuple(t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in inputs)

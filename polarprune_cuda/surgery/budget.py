@@ -39,9 +39,9 @@ from torch import Tensor
 
 from ..defaults import COST
 from ..gates.bank import GateBank
-from .attach import _surgery
+from .attach import surgery_of
 from .extract import guard
-from .shrink import _removed
+from .shrink import removed_in
 
 #: the promise: achieved sparsity within this many fractions of the target (0.5 percentage points)
 TOLERANCE = 0.005
@@ -90,7 +90,7 @@ def _units(bank: GateBank, record, scores: list[Tensor], min_channels: int, roun
     offsets = bank.offsets
     forced: list[int] = []
     units: list[tuple[float, list[int]]] = []
-    removed = _removed(bank, record)
+    removed = removed_in(bank, record)
     for k, (rec, s) in enumerate(zip(record.groups, scores)):
         order = torch.argsort(s, descending=True, stable=True).tolist()
         gone = removed[offsets[k]:offsets[k] + rec.size]
@@ -184,7 +184,7 @@ def select_gates(model, target_sparsity: float, cost: str = COST, min_channels: 
     """The gate set that meets the target (without changing the model): a 0/1 float tensor over the bank's
     gates, and the :class:`BudgetResult` it would give. See :func:`meet_target`."""
     target = _check_target(target_sparsity)
-    bank, record = _surgery(model)
+    bank, record = surgery_of(model)
     bank.check_finite()
     cm = bank.cost_model(cost)
     min_channels = record.min_channels if min_channels is None else min_channels
@@ -230,7 +230,7 @@ def select_gates(model, target_sparsity: float, cost: str = COST, min_channels: 
 def budget_disagreement(model, budget: dict) -> str | None:
     """Why ``budget`` (:meth:`BudgetResult.to_dict`, as a checkpoint holds it) is not what ``model``'s hard
     gates give, or None: its total, achieved cost and achieved sparsity recomputed from the gates."""
-    bank, _ = _surgery(model)
+    bank, _ = surgery_of(model)
     cm = bank.cost_model(budget["cost"])
     cost = float(cm.cost(bank.effective((bank.scores.detach() > 0).float())))
     for name, got in (("total", cm.total), ("achieved_cost", cost), ("achieved_sparsity", 1.0 - cost / cm.total)):
@@ -261,7 +261,7 @@ def meet_target(model, target_sparsity: float, cost: str = COST, min_channels: i
     exactly the final architecture). Deterministic: the same scores give the
     same choice on every rank.
     """
-    bank, _ = _surgery(model)
+    bank, _ = surgery_of(model)
     chosen, result = select_gates(model, target_sparsity, cost, min_channels, round_to)
     s = bank.scores.detach()
     keep = chosen.to(s.device).bool()

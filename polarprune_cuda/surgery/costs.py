@@ -1,10 +1,10 @@
 """Costs: :func:`count` (params and MACs of a model) and the exact cost models of a gated model
 (params, MACs and channels as functions of the gates).
 
-:func:`_cost_models` builds the ``params`` and ``macs`` :class:`~polarprune_cuda.ops.cost.CostModel` s
+:func:`cost_models` builds the ``params`` and ``macs`` :class:`~polarprune_cuda.ops.cost.CostModel` s
 (constant, linear and bilinear terms; a branch module's terms are multiplied by its block gate),
-:func:`_channel_cost` the ``channels`` model with block gates, :func:`_block_exactness` drops the
-blocks whose cost one gate per segment cannot express, and :func:`_io_shapes` measures the output
+:func:`channel_cost_model` the ``channels`` model with block gates, :func:`block_exactness` drops the
+blocks whose cost one gate per segment cannot express, and :func:`io_shapes` measures the output
 positions per sample that MACs scale with.
 """
 from __future__ import annotations
@@ -19,14 +19,14 @@ from ..errors import UnsupportedModelError
 from ..gates.bank import GateBank, find_bank
 from ..ops.cost import CostModel
 from .blocks import BlockRecord
-from .inputs import _as_inputs, _check_model, _run_on, _score_ids, eval_mode
-from .tp import _Plan
+from .inputs import as_inputs, check_model_arg, run_on, score_ids, eval_mode
+from .tp import Plan
 
 #: (block gate segment, channel segments inside its branch) of a branch module; None outside every branch
 Block = tuple[int, set[int]] | None
 
 
-def _io_shapes(model: nn.Module, inputs) -> dict[nn.Module, int]:
+def io_shapes(model: nn.Module, inputs) -> dict[nn.Module, int]:
     """Per conv/linear: output elements per sample / output channels (the positions its MACs repeat over)."""
     spatial: dict[nn.Module, int] = {}
 
@@ -38,7 +38,7 @@ def _io_shapes(model: nn.Module, inputs) -> dict[nn.Module, int]:
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         with eval_mode(model), torch.no_grad():
-            _run_on(model, inputs)
+            run_on(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -50,12 +50,12 @@ def count(model: nn.Module, example_inputs) -> dict[str, int]:
 
     Gate scores are not counted: they disappear at extraction.
     """
-    _check_model(model)
-    inputs = _as_inputs(example_inputs)
-    skip = _score_ids(model)
+    check_model_arg(model)
+    inputs = as_inputs(example_inputs)
+    skip = score_ids(model)
     params = sum(p.numel() for p in model.parameters() if id(p) not in skip)
     macs = 0
-    for m, positions in _io_shapes(model, inputs).items():
+    for m, positions in io_shapes(model, inputs).items():
         if isinstance(m, nn.Conv2d):
             k = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
             macs += positions * m.out_channels * k
@@ -83,10 +83,10 @@ def _lin(terms: _Terms, block: Block, a: int, c: float) -> None:
 
 
 def _pair(terms: _Terms, block: Block, a: int, b: int, c: float) -> None:
-    """Add ``c * g_a * g_b`` (a third gate, the block's, is refused earlier, in _block_exactness)."""
+    """Add ``c * g_a * g_b`` (a third gate, the block's, is refused earlier, in block_exactness)."""
     if block is not None and a not in block[1] and b not in block[1]:
         raise UnsupportedModelError("a branch layer maps gated channels outside its block to gated channels "
-                                    "outside its block")   # refused earlier, in _block_exactness
+                                    "outside its block")   # refused earlier, in block_exactness
     terms.pairs[(a, b)] = terms.pairs.get((a, b), 0.0) + c
 
 
@@ -116,7 +116,7 @@ def _add_linear(terms: _Terms, block: Block, coef: float, items, f) -> None:
     _fixed(terms, block, coef * f)
 
 
-def _segment_shares(plans: list[_Plan], sizes: list[int]):
+def _segment_shares(plans: list[Plan], sizes: list[int]):
     """Per module, the segments of its output and of its input channels as (segment, share of the segment's
     gates), and how many of its output and input channels the segments cover."""
     outs: dict[nn.Module, list[tuple[int, float]]] = {}
@@ -162,7 +162,7 @@ def _add_module(m: nn.Module, params: _Terms, macs: _Terms, block: Block, shares
     return True
 
 
-def _cost_models(model, plans: list[_Plan], sizes: list[int], spatial,
+def cost_models(model, plans: list[Plan], sizes: list[int], spatial,
                  blocks: list[tuple[int, set, set[int]]] = ()) -> dict[str, CostModel]:
     """Exact params and MACs as functions of the gates (see cost.py).
 
@@ -185,19 +185,19 @@ def _cost_models(model, plans: list[_Plan], sizes: list[int], spatial,
             continue
         if _add_module(m, params, macs, block_of_module.get(id(m)), shares, spatial.get(m, 0)):
             counted.update(id(p) for p in m.parameters(recurse=False))
-    skip = counted | _score_ids(model)
+    skip = counted | score_ids(model)
     params.const += sum(p.numel() for p in model.parameters() if id(p) not in skip)
     n = sum(sizes)
     return {kind: CostModel.from_terms(n, sizes, t.linear, t.pairs, t.const)
             for kind, t in (("params", params), ("macs", macs))}
 
 
-def _group_modules(plan: _Plan, names) -> set[str]:
+def _group_modules(plan: Plan, names) -> set[str]:
     """Names of every module of a group (its producers, BatchNorms and consumers)."""
     return {names[m] for m, _, _ in plan.outputs + plan.inputs}
 
 
-def _block_exactness(block_records: list[BlockRecord], plans: list[_Plan], names, auto: bool) -> list[BlockRecord]:
+def block_exactness(block_records: list[BlockRecord], plans: list[Plan], names, auto: bool) -> list[BlockRecord]:
     """Find each block's inside channel segments; drop blocks whose cost is not exact with one gate per segment.
 
     A segment is inside a block when every module of its group is in the
@@ -235,7 +235,7 @@ def _block_exactness(block_records: list[BlockRecord], plans: list[_Plan], names
     return kept
 
 
-def _channel_cost(bank: GateBank, all_plans, plans, block_records, names) -> CostModel | None:
+def channel_cost_model(bank: GateBank, all_plans, plans, block_records, names) -> CostModel | None:
     """``channels`` cost with block gates: each channel gate costs 1; a block gate costs the channels of
     its branch that no channel gate covers (with channel gates on, those inside the branch count
     through ``p_j * p_block`` already)."""

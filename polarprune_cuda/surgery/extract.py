@@ -17,17 +17,17 @@ from torch import Tensor, nn
 from ..errors import UnsupportedModelError
 from ..gates.bank import GateBank, remove_bank
 from ..gates.modules import GateMixin, fold_in_place
-from .attach import GroupRecord, SurgeryRecord, _check_guard_args, _surgery
+from .attach import GroupRecord, SurgeryRecord, check_guard_args, surgery_of
 from .blocks import BlockRecord, close_blocks
-from .inputs import (_as_inputs, _check_fits, _model_device, _random_inputs, _score_ids, eval_mode, flatten_outputs,
+from .inputs import (as_inputs, check_fits, model_device, random_inputs, score_ids, eval_mode, flatten_outputs,
                      index_maps_of, index_probe)
-from .spec import _spec
-from .tp import _remove_channels
+from .spec import build_spec
+from .tp import remove_channels
 
 
 def _check_finite_model(model: nn.Module) -> None:
     """ValueError naming the first floating parameter or buffer (gate scores aside) that holds NaN or inf."""
-    skip = _score_ids(model)
+    skip = score_ids(model)
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
             if id(t) in skip or not (t.is_floating_point() or t.is_complex()):
@@ -52,8 +52,8 @@ def kept_channels(model, min_channels: int | None = None, round_to: int | None =
     A block gate's segment (one gate) says whether the block's branch is kept.
     Channels inside a removed branch go with it, whatever their mask says.
     """
-    bank, record = _surgery(model)
-    _check_guard_args(min_channels, round_to, none_means="the value given to attach_gates")
+    bank, record = surgery_of(model)
+    check_guard_args(min_channels, round_to, none_means="the value given to attach_gates")
     bank.check_finite()
     min_channels = record.min_channels if min_channels is None else min_channels
     round_to = record.round_to if round_to is None else round_to
@@ -83,14 +83,14 @@ def _inside_closed_block(bank: GateBank, segment: int, chunks) -> bool:
 
 def removed_blocks(model) -> list[str]:
     """Names of the blocks whose gate is closed: extraction replaces them by their shortcut."""
-    bank, record = _surgery(model)
+    bank, record = surgery_of(model)
     chunks = bank.scores.detach().float().cpu().split(bank.sizes)
     return [b.name for b in record.blocks if not bool(chunks[b.segment][0] > 0)]
 
 
 def predicted_count(model, min_channels: int | None = None, round_to: int | None = None) -> dict[str, int]:
     """Params and MACs the extracted model will have, from the gates (cost models of attach_gates)."""
-    bank, _ = _surgery(model)
+    bank, _ = surgery_of(model)
     keep = torch.cat(kept_channels(model, min_channels, round_to, warn=False)).float().to(bank.scores.device)
     keep = bank.effective(keep)
     return {kind: int(round(float(bank.cost_model(kind).cost(keep)))) for kind in ("params", "macs")}
@@ -99,7 +99,7 @@ def predicted_count(model, min_channels: int | None = None, round_to: int | None
 def predicted_depth(model) -> int:
     """Depth (see :func:`~polarprune_cuda.depth`) the extracted model will have: the dense depth less what
     each removed block's branch adds to the longest path (exact for blocks in sequence, as in ResNets)."""
-    bank, record = _surgery(model)
+    bank, record = surgery_of(model)
     if record.dense_depth is None:
         raise ValueError("model was gated without blocks: its depth does not change (use pp.depth on the model)")
     closed = set(removed_blocks(model))
@@ -150,20 +150,20 @@ def extract(model: nn.Module, example_inputs=None, min_channels: int | None = No
     Refused up front: ``example_inputs`` the model cannot run on, and NaN or inf in any
     parameter or buffer of the model (ValueError naming it).
     """
-    bank, record = _surgery(model)
+    bank, record = surgery_of(model)
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be True or False, got {verify!r}")
     masks = kept_channels(model, min_channels, round_to)
     _check_finite_model(model)
-    device = _model_device(model)
+    device = model_device(model)
     if example_inputs is None:
-        inputs = _random_inputs(record.input_shapes, record.input_dtypes, device)
+        inputs = random_inputs(record.input_shapes, record.input_dtypes, device)
     else:
-        inputs = _as_inputs(example_inputs)
-        _check_fits(model, inputs)
+        inputs = as_inputs(example_inputs)
+        check_fits(model, inputs)
     small, spec_groups, block_specs = _take(model, record, masks, device)
     small.train(model.training)
-    small.polarprune_spec = _spec(small, record, spec_groups, block_specs)
+    small.polarprune_spec = build_spec(small, record, spec_groups, block_specs)
     if verify:
         _verify(model, small, inputs, spec_groups)
     return small
@@ -178,12 +178,12 @@ def _take(model: nn.Module, record: SurgeryRecord, masks: list[Tensor], device,
     small = _folded_copy(model)
     block_specs = [b.to_spec(b.name in closed) for b in record.blocks]
     spec_groups = _group_specs(record, masks, [b for b in record.blocks if b.name in closed])
-    inputs = _random_inputs(record.input_shapes, record.input_dtypes, device)
+    inputs = random_inputs(record.input_shapes, record.input_dtypes, device)
     if dtype is not None:
         inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
     try:
         close_blocks(small, block_specs)
-        _remove_channels(small, _now(record, spec_groups), inputs)
+        remove_channels(small, _now(record, spec_groups), inputs)
     except UnsupportedModelError:
         raise
     except Exception as exc:   # Torch-Pruning's channel removal on a model it cannot follow
@@ -219,10 +219,10 @@ def index_maps(model: nn.Module, min_channels: int | None = None, round_to: int 
     (plus one): channel removal only selects elements, so the values that arrive are the indices. Used to
     carry per-element state (momentum buffers) from the gated to the extracted model and back.
     """
-    bank, record = _surgery(model)
+    bank, record = surgery_of(model)
     masks = kept_channels(model, min_channels, round_to, warn=False)
     probe, _ = index_probe(model)
-    small, _, _ = _take(probe, record, masks, _model_device(model), dtype=torch.float64)
+    small, _, _ = _take(probe, record, masks, model_device(model), dtype=torch.float64)
     return index_maps_of(small, "extraction")
 
 

@@ -1,11 +1,11 @@
 """Example inputs and running a model on them, the one place surgery/ (blocks.py included) does it.
 
-* :func:`_as_inputs`: ``example_inputs`` normalised and checked (a tuple of
-  finite, non-empty tensors of an allowed dtype); :func:`_tensor_tuple` is its
+* :func:`as_inputs`: ``example_inputs`` normalised and checked (a tuple of
+  finite, non-empty tensors of an allowed dtype); :func:`tensor_tuple` is its
   structural part.
-* :func:`_random_inputs`: the seeded stand-in batch of recorded shapes and dtypes.
+* :func:`random_inputs`: the seeded stand-in batch of recorded shapes and dtypes.
 * :func:`eval_mode`: run a body with models in eval mode, their training mode restored.
-* :func:`_run_on` / :func:`_check_fits`: one forward pass, a failure naming example_inputs.
+* :func:`run_on` / :func:`check_fits`: one forward pass, a failure naming example_inputs.
 * :func:`flatten_outputs`: the tensors of a model output (tensor, tuple, list, dict, nested).
 """
 from __future__ import annotations
@@ -32,16 +32,16 @@ INPUT_DTYPES = {
 MAX_INPUT_ELEMENTS = 2 ** 22
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _check_model(model) -> None:
+def check_model_arg(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
-def _score_ids(model: nn.Module) -> set[int]:
+def score_ids(model: nn.Module) -> set[int]:
     """ids of the gate scores of ``model``'s bank (empty without one): they are not weights of the model."""
     bank = find_bank(model)
     return {id(bank.scores)} if bank is not None else set()
@@ -52,7 +52,7 @@ def index_probe(model: nn.Module) -> tuple[nn.Module, set[int]]:
     flat index plus one, and the ids of the copy's scores. Channel removal only selects elements, so what a
     removal run on the probe leaves are indices (:func:`index_maps_of` reads them back)."""
     probe = copy.deepcopy(model).double()
-    skip = _score_ids(probe)
+    skip = score_ids(probe)
     with torch.no_grad():
         for t in [*probe.parameters(), *probe.buffers()]:
             if t.is_floating_point() and id(t) not in skip:
@@ -76,13 +76,13 @@ def index_maps_of(module: nn.Module, what: str, exclude: frozenset | set = froze
     return maps
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     return torch.device("cpu")
 
 
-def _tensor_tuple(example_inputs) -> tuple[Tensor, ...] | None:
+def tensor_tuple(example_inputs) -> tuple[Tensor, ...] | None:
     """``example_inputs`` (a tensor, or a non-empty tuple or list of tensors) as a tuple; None for anything else."""
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
@@ -92,9 +92,9 @@ def _tensor_tuple(example_inputs) -> tuple[Tensor, ...] | None:
     return None
 
 
-def _as_inputs(example_inputs) -> tuple[Tensor, ...]:
+def as_inputs(example_inputs) -> tuple[Tensor, ...]:
     """``example_inputs`` as a tuple of tensors, each non-empty (batch >= 1), of a supported dtype, finite."""
-    inputs = _tensor_tuple(example_inputs)
+    inputs = tensor_tuple(example_inputs)
     if inputs is None:
         raise TypeError("example_inputs must be a tensor (or a tuple of tensors) shaped like one batch of model "
                         f"input, e.g. torch.randn(1, 3, 224, 224); got {type(example_inputs).__name__}")
@@ -102,7 +102,7 @@ def _as_inputs(example_inputs) -> tuple[Tensor, ...]:
         if t.dim() == 0 or t.numel() == 0:
             raise ValueError(f"example_inputs must be one batch of at least one sample, e.g. torch.randn(1, 3, 224, "
                              f"224); got a tensor of shape {tuple(t.shape)}")
-        if _dtype_name(t.dtype) not in INPUT_DTYPES:
+        if dtype_name(t.dtype) not in INPUT_DTYPES:
             raise ValueError(f"example_inputs have dtype {t.dtype}, which is not supported; use one of "
                              f"{', '.join(INPUT_DTYPES)}")
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
@@ -110,7 +110,7 @@ def _as_inputs(example_inputs) -> tuple[Tensor, ...]:
     return inputs
 
 
-def _random_inputs(shapes: list[list[int]], dtypes: list[str], device) -> tuple[Tensor, ...]:
+def random_inputs(shapes: list[list[int]], dtypes: list[str], device) -> tuple[Tensor, ...]:
     """A seeded batch of the recorded input ``shapes`` and ``dtypes`` (floating: randn; others: zeros)."""
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -149,7 +149,7 @@ def _first_weight(model: nn.Module) -> Tensor | None:
     return None
 
 
-def _check_placement(model: nn.Module, inputs) -> None:
+def check_placement(model: nn.Module, inputs) -> None:
     """ValueError when example_inputs are on another device than the model's parameters, or (floating) of
     another dtype: checked before anything runs the model."""
     weight = _first_weight(model)
@@ -160,8 +160,8 @@ def _check_placement(model: nn.Module, inputs) -> None:
             raise ValueError(f"example_inputs are on {t.device} but the model's parameters are on {weight.device}; "
                              f"pass example_inputs.to({str(weight.device)!r})")
         if t.is_floating_point() and t.dtype != weight.dtype:
-            raise ValueError(f"example_inputs have dtype {_dtype_name(t.dtype)} but the model's parameters "
-                             f"{_dtype_name(weight.dtype)}; pass example_inputs.to(torch.{_dtype_name(weight.dtype)})")
+            raise ValueError(f"example_inputs have dtype {dtype_name(t.dtype)} but the model's parameters "
+                             f"{dtype_name(weight.dtype)}; pass example_inputs.to(torch.{dtype_name(weight.dtype)})")
 
 
 def _first_layer(model: nn.Module, inputs) -> nn.Module | None:
@@ -200,13 +200,13 @@ def _diagnose(model: nn.Module, inputs) -> str | None:
     return None
 
 
-def _run_on(model: nn.Module, inputs):
+def run_on(model: nn.Module, inputs):
     """``model(*inputs)``; any error of the user's forward becomes ValueError naming example_inputs (and, where
     it can tell, the shape the model's first layer wants)."""
     try:
         return model(*inputs)
     except Exception as exc:
-        shapes = ", ".join(f"{tuple(t.shape)} {_dtype_name(t.dtype)}" for t in inputs)
+        shapes = ", ".join(f"{tuple(t.shape)} {dtype_name(t.dtype)}" for t in inputs)
         diagnosis = _diagnose(model, inputs)
         if diagnosis is not None:
             raise ValueError(diagnosis) from exc
@@ -214,11 +214,11 @@ def _run_on(model: nn.Module, inputs):
                          f"{shapes})") from exc
 
 
-def _check_fits(model: nn.Module, inputs) -> list[tuple[int, ...]]:
+def check_fits(model: nn.Module, inputs) -> list[tuple[int, ...]]:
     """Run ``model`` once in eval mode on ``inputs`` (ValueError if it cannot); training mode is restored.
     Returns the shapes of the output's tensors."""
     with eval_mode(model), torch.no_grad():
-        return [tuple(t.shape) for t in flatten_outputs(_run_on(model, inputs))]
+        return [tuple(t.shape) for t in flatten_outputs(run_on(model, inputs))]
 
 
 def flatten_outputs(out) -> list[Tensor]:

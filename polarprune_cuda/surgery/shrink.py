@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from ..gates.bank import install_bank, remove_bank
 from ..gates.modules import GateMixin
-from .attach import SurgeryRecord, _surgery
-from .inputs import _model_device, _random_inputs, index_maps_of, index_probe
-from .tp import _remove_channels
+from .attach import SurgeryRecord, surgery_of
+from .inputs import model_device, random_inputs, index_maps_of, index_probe
+from .tp import remove_channels
 
 #: the score a removed gate is pinned at: sigmoid(-20) ~ 2e-9, so the soft density the penalty sees counts it 0
 PINNED_SCORE = 20.0
@@ -31,7 +31,7 @@ PINNED_SCORE = 20.0
 
 def check_shrinkable(model: nn.Module) -> None:
     """ValueError naming why the gated ``model`` cannot shrink while training (block gates, round_to)."""
-    _, record = _surgery(model)
+    _, record = surgery_of(model)
     if record.blocks:
         raise ValueError("shrink-every does not apply to models with block gates (--blocks)")
     if record.round_to:
@@ -41,10 +41,10 @@ def check_shrinkable(model: nn.Module) -> None:
 
 def removed_gates(model: nn.Module) -> Tensor:
     """Per bank gate (flat), True where its channels were removed (:func:`remove_gates`)."""
-    return _removed(*_surgery(model))
+    return removed_in(*surgery_of(model))
 
 
-def _removed(bank, record: SurgeryRecord) -> Tensor:
+def removed_in(bank, record: SurgeryRecord) -> Tensor:
     out = torch.zeros(bank.scores.numel(), dtype=torch.bool)
     for rec, offset in zip(record.groups, bank.offsets):
         if rec.present is not None:
@@ -60,7 +60,7 @@ def _current(rec) -> list[int]:
 
 
 def _plan(bank, record: SurgeryRecord, gates: Tensor) -> list[dict]:
-    """Per group, what :func:`~polarprune_cuda.surgery.tp._remove_channels` takes, in the current numbering:
+    """Per group, what :func:`~polarprune_cuda.surgery.tp.remove_channels` takes, in the current numbering:
     ``channels`` present now, ``kept`` the positions that stay; ``present`` the original channels after."""
     plan = []
     for rec, offset in zip(record.groups, bank.offsets):
@@ -84,17 +84,17 @@ def _flat_index(module: GateMixin, bank) -> Tensor:
 def _remove(model: nn.Module, plan: list[dict], dtype: torch.dtype | None = None) -> None:
     """Remove the planned channels from the gated ``model`` in place: Torch-Pruning works on it with its gate
     modules of their plain classes and without the bank; both come back after."""
-    bank, record = _surgery(model)
+    bank, record = surgery_of(model)
     gated = [m for m in model.modules() if isinstance(m, GateMixin)]
     classes = [type(m) for m in gated]
-    inputs = _random_inputs(record.input_shapes, record.input_dtypes, _model_device(model))
+    inputs = random_inputs(record.input_shapes, record.input_dtypes, model_device(model))
     if dtype is not None:
         inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
     remove_bank(model)
     try:
         for m in gated:
             m.__class__ = m.plain_class
-        _remove_channels(model, [g for g in plan if len(g["kept"]) < g["channels"]], inputs)
+        remove_channels(model, [g for g in plan if len(g["kept"]) < g["channels"]], inputs)
     finally:
         for m, cls in zip(gated, classes):
             m.__class__ = cls
@@ -111,7 +111,7 @@ def remove_gates(model: nn.Module, gates: Tensor) -> tuple[nn.Module, dict[str, 
     The maps come from the same removal on a float64 copy whose every element holds its own flat index (plus
     one), as :func:`~polarprune_cuda.surgery.extract.index_maps` finds an extraction's.
     """
-    bank, record = _surgery(model)
+    bank, record = surgery_of(model)
     check_shrinkable(model)
     gates = gates.detach().to(torch.bool).cpu()
     if gates.shape != bank.scores.shape:
@@ -126,7 +126,7 @@ def remove_gates(model: nn.Module, gates: Tensor) -> tuple[nn.Module, dict[str, 
     small = copy.deepcopy(model)
     old_index = {name: _flat_index(m, bank) for name, m in model.named_modules() if isinstance(m, GateMixin)}
     _remove(small, plan)
-    new_bank, _ = _surgery(small)
+    new_bank, _ = surgery_of(small)
     for name, m in small.named_modules():
         if isinstance(m, GateMixin):
             m.register_buffer("_pp_gate_index", old_index[name][rows[name]].to(new_bank.scores.device),
@@ -147,7 +147,7 @@ def _rows(weight_map: Tensor, old_shape: tuple) -> Tensor:
 def pin(model: nn.Module) -> Tensor:
     """Pin the removed gates of ``model`` closed: scores at most ``-PINNED_SCORE``, gradients zero; returns the
     removed gates' mask."""
-    bank, _ = _surgery(model)
+    bank, _ = surgery_of(model)
     removed = removed_gates(model).to(bank.scores.device)
     with torch.no_grad():
         bank.scores[removed] = torch.minimum(bank.scores[removed],

@@ -1,6 +1,6 @@
 """The channel spec of an extracted model, and saving and loading a pruned model by it.
 
-* :func:`_spec` writes the spec (format, versions, input shapes and dtypes, each group's kept
+* :func:`build_spec` writes the spec (format, versions, input shapes and dtypes, each group's kept
   channels, each block's state, the state-dict shapes); :func:`spec_digest` is its self-digest
   (field ``sha256``: SHA-256 of ``json.dumps`` of the other fields with ``sort_keys=True``).
 * :func:`_check_spec` is its schema (types, ranges, an allow-list of dtypes, at most
@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from .._io import IntegrityError, load_tensors, save_tensors, write_text
 from .blocks import close_blocks
-from .inputs import INPUT_DTYPES, MAX_INPUT_ELEMENTS, _check_fits, _check_model, _model_device, _random_inputs
-from .tp import _remove_channels
+from .inputs import INPUT_DTYPES, MAX_INPUT_ELEMENTS, check_fits, check_model_arg, model_device, random_inputs
+from .tp import remove_channels
 
 if TYPE_CHECKING:
     from .attach import SurgeryRecord
@@ -53,7 +53,7 @@ def _spec_input_shapes(shapes: list[list[int]]) -> list[list[int]]:
     return [[max(1, min(s[0], batch)), *s[1:]] for s in shapes]
 
 
-def _spec(model: nn.Module, record: "SurgeryRecord", groups: list[dict], blocks: list[dict]) -> dict:
+def build_spec(model: nn.Module, record: "SurgeryRecord", groups: list[dict], blocks: list[dict]) -> dict:
     from .._version import __version__
 
     return {
@@ -278,7 +278,7 @@ def save_pruned(model: nn.Module, path, preprocessing: dict | None = None) -> Pa
     (state_dict) and ``path/weights.pt.sha256`` (its digest, ``sha256sum -c`` format). ``preprocessing``: what an
     input needs before the model sees it (``mean``, ``std`` per channel of values in [0, 1], ``image_size``,
     ``channels``, ``classes``), kept in the spec; :func:`load_pruned` gives it back in ``polarprune_spec``."""
-    _check_model(model)
+    check_model_arg(model)
     spec = getattr(model, "polarprune_spec", None)
     if not isinstance(spec, dict):
         raise ValueError("model has no channel spec: save the model returned by pp.extract")
@@ -383,24 +383,24 @@ def _check_shapes(model: nn.Module, spec: dict) -> None:
 
 def _rebuild(model: nn.Module, spec: dict) -> None:
     """Apply a schema-checked spec to the dense ``model`` in place; ValueError 'spec does not match the model'."""
-    device = _model_device(model)
+    device = model_device(model)
     close_blocks(model, spec["blocks"], strict=True)
     _check_roots(model, spec)
-    inputs = _random_inputs(spec["input_shapes"], spec["input_dtypes"], device)
+    inputs = random_inputs(spec["input_shapes"], spec["input_dtypes"], device)
     try:
-        dense_outputs = _check_fits(model, inputs)
+        dense_outputs = check_fits(model, inputs)
     except ValueError as exc:
         raise ValueError(f"spec does not match the model: it cannot run on inputs of the spec's input_shapes "
                          f"{spec['input_shapes']} and input_dtypes {spec['input_dtypes']} "
                          f"({exc.__cause__.__class__.__name__}: {exc.__cause__})") from exc
     try:
-        _remove_channels(model, spec["groups"], inputs)
+        remove_channels(model, spec["groups"], inputs)
     except Exception as exc:
         raise ValueError(f"spec does not match the model: removing the spec's channels failed "
                          f"({type(exc).__name__}: {exc})") from exc
     _check_shapes(model, spec)
     try:
-        outputs = _check_fits(model, inputs)
+        outputs = check_fits(model, inputs)
     except ValueError as exc:
         raise ValueError(f"spec does not match the model: the model with the spec's channels removed cannot run "
                          f"({exc.__cause__.__class__.__name__}: {exc.__cause__})") from exc

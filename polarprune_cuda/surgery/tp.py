@@ -2,10 +2,10 @@
 
 * :func:`_build_graph`: Torch-Pruning's ``DependencyGraph`` of a model (tracing errors become
   :class:`~polarprune_cuda.errors.UnsupportedModelError`).
-* :func:`channel_plans`: the coupled channel groups that can be gated, as :class:`_Plan` s (which
+* :func:`channel_plans`: the coupled channel groups that can be gated, as :class:`Plan` s (which
   modules are BatchNorms, producers, consumers of the group; which producers are gated through
   their weights), in module order.
-* :func:`_remove_channels`: physical channel removal with Torch-Pruning's group pruning.
+* :func:`remove_channels`: physical channel removal with Torch-Pruning's group pruning.
 * :func:`_exact_splits`: every call into Torch-Pruning runs with :mod:`.tp_mappings`' exact split and
   concat index mappings and a revisit test that ends (:func:`_covered`).
 """
@@ -100,7 +100,7 @@ def _lcm(a: int, b: int) -> int:
     return a * b // math.gcd(a, b)
 
 
-class _Plan:
+class Plan:
     """Roles of the modules of one group (computed from a Torch-Pruning group)."""
 
     def __init__(self, graph, group, names: dict[nn.Module, str]):
@@ -363,7 +363,7 @@ def _progress(total: int):
 
 
 def channel_plans(model: nn.Module, inputs, names: dict[nn.Module, str],
-                  ignored: list[nn.Module]) -> tuple[list[_Plan], list[Refusal]]:
+                  ignored: list[nn.Module]) -> tuple[list[Plan], list[Refusal]]:
     """The gateable channel groups of ``model`` (not ``ignored``, not the classifier), in module order, and
     every group that cannot be gated with the reason (one pass over all the groups)."""
     graph = _build_graph(model, inputs)
@@ -373,7 +373,7 @@ def channel_plans(model: nn.Module, inputs, names: dict[nn.Module, str],
     for group in groups:
         try:
             with _exact_splits():
-                plans.append(_Plan(graph, group, names))
+                plans.append(Plan(graph, group, names))
         except UnsupportedModelError as exc:
             root = group[0].dep.target.module
             refused.append(Refusal(names.get(root, str(root)), str(exc)))
@@ -382,7 +382,7 @@ def channel_plans(model: nn.Module, inputs, names: dict[nn.Module, str],
     return plans, sorted(refused, key=lambda r: order.get(r.root, len(order)))
 
 
-def _remove_channels(model: nn.Module, groups: list[dict], inputs) -> None:
+def remove_channels(model: nn.Module, groups: list[dict], inputs) -> None:
     """Remove every channel a group does not keep, with Torch-Pruning's group pruning (in place)."""
     graph = _build_graph(model, inputs)
     for group in groups:

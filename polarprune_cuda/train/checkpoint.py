@@ -25,8 +25,8 @@ from .checkpoint_schema import (  # noqa: F401  re-exported: the constants and v
     HISTOGRAM_BINS,
     HISTORY_FIELDS,
     SWITCH_FIELDS,
-    _same,
-    _show,
+    same_value,
+    show_value,
     validate,
 )
 
@@ -98,9 +98,9 @@ class Checkpointer:
         except Exception as exc:
             raise CheckpointError(f"checkpoint {self.path} is corrupt or not a polarprune checkpoint "
                                   f"({load_failure(exc)}); delete it or use another --out") from None
-        if not isinstance(state, dict) or not _same(state.get("format"), CHECKPOINT_FORMAT):
-            got = ("it holds " + _show(state) if not isinstance(state, dict) else
-                   "its field 'format' " + (f"is {_show(state['format'])}" if "format" in state else "is missing"))
+        if not isinstance(state, dict) or not same_value(state.get("format"), CHECKPOINT_FORMAT):
+            got = ("it holds " + show_value(state) if not isinstance(state, dict) else
+                   "its field 'format' " + (f"is {show_value(state['format'])}" if "format" in state else "is missing"))
             raise CheckpointError(f"checkpoint {self.path} is not a polarprune checkpoint of format "
                                   f"{CHECKPOINT_FORMAT} ({got}); delete it or use another --out")
         digest = state.pop(DIGEST_KEY, None)
@@ -117,7 +117,7 @@ class Checkpointer:
         saved = state.get("config")
         if not isinstance(saved, dict):
             raise self._refuse("field 'config' is missing" if "config" not in state else
-                               f"field 'config' must be a dict, got {_show(saved)}")
+                               f"field 'config' must be a dict, got {show_value(saved)}")
         defaults = defaults or {}
         for key, value in config.items():
             if key in resume_free:
@@ -126,7 +126,7 @@ class Checkpointer:
                 continue   # an option added after the checkpoint was written, left at its default
             if not _plain_equal(saved.get(key), value):
                 raise CheckpointError(
-                    f"checkpoint {self.path} was written with {key}={_show(saved.get(key))}, this run asks for "
+                    f"checkpoint {self.path} was written with {key}={show_value(saved.get(key))}, this run asks for "
                     f"{key}={value!r}; resume with the same options or use another --out")
         if expected is not None:
             validate(state, expected, self.path)

@@ -16,7 +16,7 @@ from .._io import content_digest
 from ..errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
-#: the top-level entries of a checkpoint (what train.loop._fit saves), in the order they are checked
+#: the top-level entries of a checkpoint (what train.loop.fit_loop saves), in the order they are checked
 FIELDS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "scaler", "loss_step", "dual_shift",
           "pruner", "history", "rng", "world_size")
 #: a checkpoint written after the switch to the extracted network also holds the gated model's state
@@ -60,12 +60,12 @@ def validate(state: dict, expected: Any, path) -> None:
     """Check a checkpoint's contents against the run (``expected``, a checkpoint.Expected) before anything is
     restored (CheckpointError naming the field).
 
-    Every entry that ``train.loop._fit`` restores is checked for presence, type and range; tensors for the
+    Every entry that ``train.loop.fit_loop`` restores is checked for presence, type and range; tensors for the
     keys, shapes and dtypes of the run's own (model, optimizer, pruner, random generator state) and, when
     floating, for NaN and inf. Nothing is modified (the random generator state is tried and put back).
     """
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} must hold a dict, got {_show(state)}; delete it or use another "
+        raise CheckpointError(f"checkpoint {path} must hold a dict, got {show_value(state)}; delete it or use another "
                               "--out")
     run = _Run(expected, total_steps=expected.epochs * expected.steps_per_epoch, model=expected.model,
                optimizer=expected.optimizer, scheduler=expected.scheduler, gated=expected.model)
@@ -97,7 +97,7 @@ def _where(at: tuple) -> str:
     return text
 
 
-def _show(v) -> str:
+def show_value(v) -> str:
     """A short description of a value for a message: its repr (cut), with its type where the repr hides it."""
     if isinstance(v, torch.Tensor):
         return f"a tensor of shape {tuple(v.shape)} and dtype {v.dtype}"
@@ -125,26 +125,26 @@ def _int(v, at, lo=0, hi=None) -> int:
     if hi is None and _is_int(v) and v > INT_MAX:
         hi = INT_MAX
     if not _is_int(v) or v < lo or (hi is not None and v > hi):
-        raise _Invalid(at, f"must be an int {_span(lo, hi)}, got {_show(v)}")
+        raise _Invalid(at, f"must be an int {_span(lo, hi)}, got {show_value(v)}")
     return v
 
 
 def _real(v, at, lo=None, hi=None) -> float:
     if not _is_real(v) or not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
         span = "" if lo is None and hi is None else " " + _span(lo, hi)
-        raise _Invalid(at, f"must be a finite number{span}, got {_show(v)}")
+        raise _Invalid(at, f"must be a finite number{span}, got {show_value(v)}")
     return v
 
 
 def _bool(v, at) -> bool:
     if not isinstance(v, bool):
-        raise _Invalid(at, f"must be True or False, got {_show(v)}")
+        raise _Invalid(at, f"must be True or False, got {show_value(v)}")
     return v
 
 
 def _kind(v, at, kind, name: str):
     if not isinstance(v, kind):
-        raise _Invalid(at, f"must be {name}, got {_show(v)}")
+        raise _Invalid(at, f"must be {name}, got {show_value(v)}")
     return v
 
 
@@ -169,7 +169,7 @@ def _keys(v, at, keys, optional=(), what: str = "it") -> dict:
     return v
 
 
-def _same(v, want) -> bool:
+def same_value(v, want) -> bool:
     """Equal values of equal types (tensors, nested lists and dicts included), without ever raising."""
     try:
         return content_digest(v) == content_digest(want)
@@ -178,8 +178,8 @@ def _same(v, want) -> bool:
 
 
 def _equal(v, at, want) -> None:
-    if not _same(v, want):
-        raise _Invalid(at, f"must be {_show(want)} as in this run, got {_show(v)}")
+    if not same_value(v, want):
+        raise _Invalid(at, f"must be {show_value(want)} as in this run, got {show_value(v)}")
 
 
 
@@ -187,10 +187,10 @@ def _tensor(v, at, like: torch.Tensor, finite: bool = True) -> torch.Tensor:
     """A plain dense CPU tensor of ``like``'s shape and dtype; without NaN or inf when floating."""
     if not isinstance(v, torch.Tensor) or type(v) not in (torch.Tensor, torch.nn.Parameter) \
             or v.layout != torch.strided:
-        raise _Invalid(at, f"must be a dense tensor, got {_show(v)}")
+        raise _Invalid(at, f"must be a dense tensor, got {show_value(v)}")
     if tuple(v.shape) != tuple(like.shape) or v.dtype != like.dtype:
         raise _Invalid(at, f"must be a tensor of shape {tuple(like.shape)} and dtype {like.dtype} as in this "
-                           f"run, got {_show(v)}")
+                           f"run, got {show_value(v)}")
     if finite and (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
         raise _Invalid(at, "holds NaN or inf")
     return v
@@ -325,7 +325,7 @@ def _check_scaler(v, at, run):
     scaler = run.expected.scaler
     if scaler is None or not scaler.is_enabled():
         if v is not None:
-            raise _Invalid(at, f"must be None (this run does not scale the loss), got {_show(v)}")
+            raise _Invalid(at, f"must be None (this run does not scale the loss), got {show_value(v)}")
         return
     reference = scaler.state_dict()
     _keys(v, at, tuple(reference), what="GradScaler's state_dict")
@@ -355,7 +355,7 @@ def _check_pruner(v, at, run):
     pruner = run.expected.pruner
     if pruner is None:
         if v is not None:
-            raise _Invalid(at, f"must be None (this run has no pruner), got {_show(v)}")
+            raise _Invalid(at, f"must be None (this run has no pruner), got {show_value(v)}")
         return
     reference = pruner.state_dict()
     _keys(v, at, tuple(reference), what="a pruner's state_dict")
@@ -369,7 +369,7 @@ def _check_pruner(v, at, run):
     for i, (mask, like) in enumerate(zip(fixed, reference["fixed_masks"])):
         if like is None:
             if mask is not None:
-                raise _Invalid(at + ("fixed_masks", i), f"must be None as in this run, got {_show(mask)}")
+                raise _Invalid(at + ("fixed_masks", i), f"must be None as in this run, got {show_value(mask)}")
         else:
             _tensor(mask, at + ("fixed_masks", i), like)
     n_updates = min(t, pruner.end_step) // pruner.update_every
@@ -453,7 +453,7 @@ def _plain(v, at, depth: int = 0, budget: list | None = None):
         for k, x in v.items():
             _plain(x, at + (k,), depth + 1, budget)
         return v
-    raise _Invalid(at, f"must be plain data (numbers, strings, lists, dicts), got {_show(v)}")
+    raise _Invalid(at, f"must be plain data (numbers, strings, lists, dicts), got {show_value(v)}")
 
 
 def _check_agreement(state: dict, run) -> None:
@@ -480,8 +480,8 @@ def _check_agreement(state: dict, run) -> None:
 
 
 def _check_epochs_done(v, at, n: int) -> None:
-    if not _same(v, list(range(1, n + 1))):
-        raise _Invalid(at, f"must be [1, ..., {n}] (the epochs done), got {_show(v)}")
+    if not same_value(v, list(range(1, n + 1))):
+        raise _Invalid(at, f"must be [1, ..., {n}] (the epochs done), got {show_value(v)}")
 
 
 def _check_budget(v, at, gated: bool) -> None:
@@ -490,7 +490,7 @@ def _check_budget(v, at, gated: bool) -> None:
     if not v:
         return
     if not gated:
-        raise _Invalid(at, f"must be {{}} (this run has no gates), got {_show(v)}")
+        raise _Invalid(at, f"must be {{}} (this run has no gates), got {show_value(v)}")
     _keys(v, at, BUDGET_FIELDS, what="a budget")
     for key in ("target_sparsity", "achieved_sparsity"):
         _real(v[key], at + (key,), 0, 1)

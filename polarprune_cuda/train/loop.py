@@ -1,7 +1,7 @@
-"""The training loop: :func:`_fit` (one training run of a model, checkpointed every epoch), :func:`evaluate`,
+"""The training loop: :func:`fit_loop` (one training run of a model, checkpointed every epoch), :func:`evaluate`,
 :class:`History`, and the autocast and progress-bar helpers.
 
-``_fit`` is cut into its steps, in the order they run: :func:`_setup` (optimizer, schedule and, gated, the
+``fit_loop`` is cut into its steps, in the order they run: :func:`_setup` (optimizer, schedule and, gated, the
 recipe), :func:`_restore` (a checkpoint), :func:`_train_epoch` with :func:`_train_step` (one epoch's batches)
 and :func:`_recipe_step`, :func:`_end_epoch` (history, gate statistics) and :func:`_checkpoint_state` (what is
 saved). The state they share lives in one :class:`_Fit`.
@@ -153,7 +153,7 @@ def training_cost(*histories: History) -> dict:
 
 @dataclass
 class _Fit:
-    """What the steps of one :func:`_fit` share: built by :func:`_setup`, moved by the others."""
+    """What the steps of one :func:`fit_loop` share: built by :func:`_setup`, moved by the others."""
 
     model: nn.Module
     train_model: nn.Module                 # the model, or its DistributedDataParallel wrapper
@@ -184,7 +184,7 @@ class _Fit:
     recipe: OnePass | None = None          # gated: the one-pass recipe (penalty, freeze, exact target, switch)
 
 
-def _fit(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
+def fit_loop(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt: Checkpointer, *,
          gated: bool, epochs: int, lr: float, resume: bool, progress: bool, label: str,
          interrupt_after: int | None = None, pruner: "fggp_mod.GradualPruner | None" = None,
          dist_info: dist_mod.DistInfo = dist_mod.SINGLE) -> History:
@@ -256,7 +256,7 @@ def _maybe_shrink(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: 
         return
     if info.enabled:
         dist_mod.disable_sync_batchnorm(run.model)
-    with switch_mod._KeptRng():
+    with switch_mod.KeptRng():
         new, maps = shrink_mod.remove_gates(run.model, chosen)
     opt, sched = switch_mod.carry_optimizer(run.model, run.opt, run.sched, new, maps)
     new_bank = find_bank(new)

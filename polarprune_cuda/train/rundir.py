@@ -24,7 +24,7 @@ import stat
 import threading
 from pathlib import Path
 
-from .._io import _TEMP, file_in_the_way, remove_stale_temps, write_text
+from .._io import TEMP_NAME, file_in_the_way, remove_stale_temps, write_text
 from ..errors import RunFolderError
 
 MANIFEST = "manifest.json"
@@ -256,7 +256,7 @@ class RunFolder:
             if e in listed:
                 continue
             parent, _, name = e.rpartition("/")
-            m = _TEMP.match(name)
+            m = TEMP_NAME.match(name)
             if m and (f"{parent}/{m.group('name')}" if parent else m.group("name")) in listed:
                 continue
             out.append(e)

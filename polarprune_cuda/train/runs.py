@@ -25,7 +25,7 @@ from ..surgery import (attach_gates, count, extract, kept_channels, predicted_de
                        scores_from_magnitude)
 from .checkpoint import Checkpointer
 from .config import PruneConfig
-from .loop import History, _fit, evaluate, training_cost
+from .loop import History, fit_loop, evaluate, training_cost
 from .weights import load_init
 
 
@@ -122,7 +122,7 @@ def warn_unreachable(cfg: PruneConfig, n_train: int) -> list[str]:
 
 
 def _prologue(cfg: PruneConfig, out_dir, resume: bool, progress: bool, info: dist_mod.DistInfo):
-    """What both run drivers start with: the keyword sets of _fit and evaluate, the folder, the clock, the data
+    """What both run drivers start with: the keyword sets of fit_loop and evaluate, the folder, the clock, the data
     (with the warnings of a recipe that cannot do what it asks)."""
     fit = dict(resume=resume, progress=progress, dist_info=info)
     ev = dict(device=cfg.device, dist_info=info, amp=cfg.amp, channels_last=cfg.channels_last)
@@ -148,7 +148,7 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
                  channels=cfg.channel_gates, ste=cfg.ste, init=cfg.score_init)
     if cfg.initial_scores() == "magnitude" and cfg.channel_gates:
         scores_from_magnitude(model)   # the pretrained weights rank the channels before the penalty acts
-    history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=True, epochs=cfg.epochs,
+    history = fit_loop(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=True, epochs=cfg.epochs,
                    lr=cfg.lr, label="prune", interrupt_after=interrupt_after, **fit)
     gated_acc = evaluate(model, *data_mod.test_set(data, dist_info), **ev)
     small = extract(model, data.example_input(8).to(cfg.device))
@@ -156,14 +156,14 @@ def _run_prune(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, progr
     finetuned_acc = None
     histories = [history]
     if cfg.finetune_epochs:
-        histories.append(_fit(small, data, cfg, Checkpointer(out / "finetune.pt"), gated=False,
+        histories.append(fit_loop(small, data, cfg, Checkpointer(out / "finetune.pt"), gated=False,
                               epochs=cfg.finetune_epochs, lr=cfg.lr * 0.1, label="finetune", **fit))
         finetuned_acc = evaluate(small, *data_mod.test_set(data, dist_info), **ev)
     if info.is_main:
         save_pruned(small, out / "model", preprocessing=getattr(data, "preprocessing", None))
     base = None
     if baseline:
-        base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False,
+        base_hist = fit_loop(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False,
                          epochs=cfg.epochs + cfg.finetune_epochs, lr=cfg.lr, label="baseline", **fit)
         base = {"accuracy": evaluate(dense, *data_mod.test_set(data, dist_info), **ev),
                 "test_accuracy": base_hist.test_accuracy, "training": training_cost(base_hist)}
@@ -196,7 +196,7 @@ def run_dense(cfg: PruneConfig, out_dir, *, resume: bool = True, progress: bool 
     data = load_data(cfg)
     model = build(cfg, data)
     with _holding(out, dist_info):
-        _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs, lr=cfg.lr,
+        fit_loop(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs, lr=cfg.lr,
              resume=resume, progress=progress, label="dense", dist_info=dist_info)
     return evaluate(model, *data_mod.test_set(data, dist_info), device=cfg.device, dist_info=dist_info, amp=cfg.amp,
                     channels_last=cfg.channels_last)
@@ -264,7 +264,7 @@ def _run_sparse(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, prog
     if cfg.method == "fggp":
         kwargs["select_ratio"] = cfg.select_ratio
     pruner = fggp_mod.PRUNERS[cfg.method](model, cfg.target_sparsity, total, **kwargs)
-    history = _fit(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs,
+    history = fit_loop(model, data, cfg, Checkpointer(out / "checkpoint.pt"), gated=False, epochs=cfg.epochs,
                    lr=cfg.lr, label=cfg.method, interrupt_after=interrupt_after, pruner=pruner, **fit)
     pruner.remove()
     state = pruner.export()
@@ -276,7 +276,7 @@ def _run_sparse(cfg: PruneConfig, out_dir, *, resume: bool, baseline: bool, prog
     accuracy = evaluate(model, *data_mod.test_set(data, dist_info), **ev)
     base = None
     if baseline:
-        base_hist = _fit(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False, epochs=cfg.epochs,
+        base_hist = fit_loop(dense, data, cfg, Checkpointer(out / "baseline.pt"), gated=False, epochs=cfg.epochs,
                          lr=cfg.lr, label="baseline", **fit)
         base = {"accuracy": evaluate(dense, *data_mod.test_set(data, dist_info), **ev),
                 "test_accuracy": base_hist.test_accuracy, "training": training_cost(base_hist)}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..surgery.extract import extract, index_maps
-from ..surgery.inputs import _score_ids
+from ..surgery.inputs import score_ids
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Switched:
     maps: dict[str, Tensor]
 
 
-class _KeptRng:
+class KeptRng:
     """The CPU (and current CUDA) generator state put back on exit: extraction draws nothing from the run's."""
 
     def __enter__(self):
@@ -48,7 +48,7 @@ class _KeptRng:
 
 def extracted(gated: nn.Module, example) -> tuple[nn.Module, dict[str, Tensor]]:
     """The extraction of ``gated`` (checked on ``example``) and its index maps, the generator untouched."""
-    with _KeptRng():
+    with KeptRng():
         small = extract(gated, example)
         maps = index_maps(gated)
     missing = [name for name in maps if name not in dict(gated.state_dict())]
@@ -88,7 +88,7 @@ def carry_optimizer(gated: nn.Module, opt: torch.optim.SGD, sched: torch.optim.l
     ``small`` still has a bank, else it stays, empty, so the schedule keeps its lambdas), momentum buffers
     carried by :func:`carried_state` (tensors ``maps`` does not name, the gate scores, whole), and ``sched``'s
     position."""
-    scores = _score_ids(small)
+    scores = score_ids(small)
     groups = []
     for i, group in enumerate(opt.param_groups):
         hyper = {k: v for k, v in group.items() if k != "params"}

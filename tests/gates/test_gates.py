@@ -219,7 +219,7 @@ def test_gated_affine_plain_path_equals_the_op(dtype):
     gate = (torch.rand(13) > 0.4).to(dtype) + torch.zeros(13, dtype=dtype)
     dw, db = randn(13, dtype=dtype), randn(13, dtype=dtype)
     grads = []
-    for fn in (pp.ops.gated_affine, pp.ops.core._gated_affine):
+    for fn in (pp.ops.gated_affine, pp.ops.ALL_OPS["gated_affine"]):
         leaves = [t.clone().requires_grad_() for t in (w, b, gate)]
         with CountOps() as counter:
             gw, gb = fn(*leaves)
