@@ -1,6 +1,7 @@
 """The architecture as the folders show it (docs/DESIGN.md): layers import only downwards, no import circle,
 and the core install needs only torch, torch-pruning and numpy."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,19 @@ def test_the_top_level_imports_only_the_subpackages_faces():
         exported = [n for n in face.body if isinstance(n, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
         assert exported, f"{name}/__init__.py has no __all__: a subpackage's face lists its public names"
+
+
+def test_numbers_and_targets_are_checked_by_the_one_checker():
+    """``ops.common.is_number`` (a finite int or float, not a bool) and ``check_target_sparsity`` are the checks;
+    no module writes its own ``isinstance(v, bool) or not isinstance(v, (int, float))``."""
+    pattern = re.compile(r"isinstance\(\w+, bool\) or not isinstance\(\w+, \(int, float\)\)")
+    copies = [str(path.relative_to(ROOT)) for path in _modules().values()
+              if path.name != "common.py" and pattern.search(path.read_text())]
+    assert not copies, copies
+    from polarprune_cuda.ops.common import check_target_sparsity, is_number
+
+    assert [is_number(v) for v in (1, 0.5, True, float("nan"), float("inf"), "1")] == [True, True, False, False,
+                                                                                     False, False]
+    for bad in (1.0, -0.1, True, float("nan")):
+        with pytest.raises(ValueError, match=r"target_sparsity must be a number in \[0, 1\)"):
+            check_target_sparsity(bad)

@@ -18,7 +18,6 @@ with ``R`` the Zhuang et al. (NeurIPS 2020) polarizer over all gates,
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -151,13 +150,11 @@ class PolarizationLoss(nn.Module):
         fuse: bool = True,
     ):
         super().__init__()
-        if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) \
-                or not math.isfinite(target_sparsity) or not 0 <= target_sparsity < 1:
-            raise ValueError(f"target_sparsity must be a number in [0, 1), got {target_sparsity!r}")
+        ops.check_target_sparsity(target_sparsity)
         if polarization not in POLAR_FORMS:
             raise ValueError(f"polarization must be one of {', '.join(POLAR_FORMS)}, got {polarization!r}")
         for name, v in (("t", t), ("target_weight", target_weight), ("polarization_weight", polarization_weight)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not ops.is_number(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be a callable step -> multiplier, got {type(schedule).__name__}")

@@ -12,7 +12,6 @@ Several modules may share one segment (channels coupled by residual additions).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ def _init_scores(num_channels, init, name: str = "init") -> Tensor:
         if not init.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {init.dtype}")
         return init.detach().to(torch.float32).clone()
-    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+    if not ops.is_number(init):
         raise ValueError(f"{name} must be a finite number or a tensor of shape ({num_channels},), got {init!r}")
     return torch.full((num_channels,), float(init), dtype=torch.float32)
 

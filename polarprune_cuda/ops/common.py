@@ -144,8 +144,21 @@ def check_polar_form(polar_form) -> None:
         raise ValueError(f"polarization must be one of {', '.join(POLAR_FORMS)}, got {polar_form!r}")
 
 
+def is_number(value) -> bool:
+    """A real, finite int or float, not a bool: what every numeric argument and option of the package must be
+    (the one check; each caller adds its range and its message)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_target_sparsity(value, name: str = "target_sparsity") -> float:
+    """The fraction of a cost to remove: a number in [0, 1) (the penalty, the loss and the exact budget)."""
+    if not is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def check_number(value, name: str, low: float | None = None, high: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")

@@ -29,7 +29,9 @@ from .common import (
     check_penalty,
     check_scores,
     check_ste,
+    check_target_sparsity,
     check_tau,
+    is_number,
 )
 from .gate_bank import gate_bank
 from .gate_penalty import gate_penalty
@@ -46,5 +48,6 @@ ALL_OPS = {name: DEFINED[name] for name in OPS}
 __all__ = [
     "ALL_OPS", "NAMESPACE", "OPS", "POLAR_CODES", "POLAR_FORMS", "STE_CODES", "STE_MODES",
     "binary_gate", "channel_gate", "gate_bank", "gate_penalty", "gated_affine",
-    "check_affine", "check_float", "check_gate_for", "check_penalty", "check_scores", "check_ste", "check_tau",
+    "check_affine", "check_float", "check_gate_for", "check_penalty", "check_scores", "check_ste",
+    "check_target_sparsity", "check_tau", "is_number",
 ]

@@ -56,9 +56,7 @@ def gate_penalty(
     once per call), a :class:`~polarprune_cuda.ops.cost.CostModel`, or None for one
     per gate.
     """
-    if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) \
-            or not 0 <= target_sparsity < 1:
-        raise ValueError(f"target_sparsity must be a number in [0, 1), got {target_sparsity!r}")
+    ops.check_target_sparsity(target_sparsity)
     ops.check_scores(scores)
     if cost is None:
         cost = CostModel.channels(scores.numel(), scores.device)

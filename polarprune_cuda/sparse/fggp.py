@@ -44,6 +44,7 @@ import math
 import torch
 from torch import nn
 
+from ..ops.common import is_number
 from .gradual import (FIRST_UPDATE_WEIGHTS, STARTS, STATE_FORMAT, GradualPruner,  # noqa: F401
                       check_fraction, cubic_density, erk_densities)
 
@@ -118,7 +119,7 @@ class AnnealedPruner(GradualPruner):
                  rate_start: float = 0.5, rate_end: float = 0.0, start: str = "dense", seed: int = 0,
                  end_fraction: float = 0.8, prune_first_conv: bool = False, first_update_weights: str = "forward"):
         for name, v in (("rate_start", rate_start), ("rate_end", rate_end)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            if not is_number(v) or not 0 <= v <= 1:
                 raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
         self.rate_start, self.rate_end = float(rate_start), float(rate_end)
         super().__init__(model, target_sparsity, total_steps, update_every, start, seed, end_fraction,

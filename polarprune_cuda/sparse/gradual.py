@@ -10,6 +10,8 @@ from decimal import Decimal
 import torch
 from torch import Tensor, nn
 
+from ..ops.common import is_number
+
 STATE_FORMAT = 1
 STARTS = ("dense", "erk50")
 FIRST_UPDATE_WEIGHTS = ("forward", "stepped")
@@ -20,8 +22,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def check_fraction(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value < 1:
+    if not is_number(value) or not 0 < value < 1:
         raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
     return float(value)
 

@@ -9,7 +9,6 @@ registered on the bank, and what was done is kept on it as a
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -17,6 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..ops.common import is_number
 from ..defaults import MIN_CHANNELS
 from ..errors import UnsupportedModelError
 from ..gates.bank import GateBank, find_bank, install_bank
@@ -87,7 +87,7 @@ def surgery_of(model) -> tuple[GateBank, SurgeryRecord]:
 def _check_options(model, init, channels, blocks, ignored_layers):
     """Validate attach_gates' options (before any change to the model); returns ``blocks`` (True, False or a
     list of names)."""
-    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+    if not is_number(init):
         raise ValueError(f"init must be a finite number, got {init!r}")
     if not isinstance(channels, bool):
         raise TypeError(f"channels must be True or False, got {channels!r}")

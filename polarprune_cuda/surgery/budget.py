@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..defaults import COST
+from ..ops.common import check_target_sparsity
 from ..gates.bank import GateBank
 from .attach import surgery_of
 from .extract import guard
@@ -79,10 +80,7 @@ class BudgetResult:
 
 
 def _check_target(target_sparsity) -> float:
-    if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) \
-            or not math.isfinite(target_sparsity) or not 0 <= target_sparsity < 1:
-        raise ValueError(f"target_sparsity must be a number in [0, 1), got {target_sparsity!r}")
-    return float(target_sparsity)
+    return check_target_sparsity(target_sparsity)
 
 
 def _units(bank: GateBank, record, scores: list[Tensor], min_channels: int, round_to: int | None):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor, nn
 
+from ..ops.common import is_number
 from .._io import IntegrityError, load_tensors, save_tensors, write_text
 from .blocks import close_blocks
 from .inputs import INPUT_DTYPES, MAX_INPUT_ELEMENTS, check_fits, check_model_arg, model_device, random_inputs
@@ -216,8 +217,7 @@ def _check_preprocessing(s: "_Schema", prep) -> None:
     s.int_(prep["image_size"], "preprocessing.image_size", 1, 1_000_000)
     for key in ("mean", "std"):
         for j, v in enumerate(s.list_(prep[key], f"preprocessing.{key}", channels, channels)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or (key == "std" and v <= 0):
+            if not is_number(v) or (key == "std" and v <= 0):
                 s.fail(f"preprocessing.{key}[{j}]", "a finite number" + (" > 0" if key == "std" else ""), v)
     for j, c in enumerate(s.list_(prep["classes"], "preprocessing.classes", 0, 1_000_000)):
         s.str_(c, f"preprocessing.classes[{j}]")

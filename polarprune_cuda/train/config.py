@@ -6,9 +6,9 @@ the CLI writes that one by hand).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
+from ..ops.common import is_number
 from . import data as data_mod
 from ..defaults import COST, MIN_CHANNELS
 from ..ops.reference import POLAR_FORMS, STE_MODES
@@ -211,7 +211,7 @@ class PruneConfig:
             v = getattr(self, name)
             if v is None and name in ("warmup_epochs", "ramp_epochs"):
                 continue
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v > NUMBER_MAX:
+            if not is_number(v) or v < 0 or v > NUMBER_MAX:
                 raise ValueError(f"{name.replace('_', '-')} must be a number in [0, {NUMBER_MAX:g}], got {v!r}")
         if self.target_control not in TARGET_CONTROLS:
             raise ValueError(f"target-control must be one of {', '.join(TARGET_CONTROLS)}, got {self.target_control!r}")
@@ -221,7 +221,7 @@ class PruneConfig:
             v = getattr(self, name)
             lo = -SCORE_MAX if name == "score_init" else 0
             hi = SCORE_MAX if name == "score_init" else NUMBER_MAX
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            if not is_number(v) or not lo <= v <= hi:
                 raise ValueError(f"{name.replace('_', '-')} must be a number in [{lo:g}, {hi:g}], got {v!r}")
 
     def _check_counts(self) -> None:

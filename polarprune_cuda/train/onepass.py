@@ -39,13 +39,13 @@ freeze, target and extraction, as its scores and weights are the same.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
 
+from ..ops.common import is_number
 from ..defaults import COST, MIN_CHANNELS
 from ..gates.bank import find_bank
 from ..gates.loss import PolarizationLoss, gate_stats
@@ -66,8 +66,7 @@ ADAM_GATE_C = 16.0
 
 
 def _number(name: str, value, lo: float, hi: float, hi_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < lo or (value >= hi if hi_open else value > hi):
+    if not is_number(value) or value < lo or (value >= hi if hi_open else value > hi):
         raise ValueError(f"{name} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
     return float(value)
 
