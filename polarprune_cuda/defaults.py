@@ -6,11 +6,14 @@
   only cost such gates have (:func:`default_cost`).
 * :data:`MIN_CHANNELS` (4): the fewest channels a gated group keeps, in :func:`attach_gates`, :class:`OnePass`
   and the CLI (``--min-channels``).
+* :data:`PRETRAINED_FREEZE` (0.01): from pretrained weights the gates freeze at once, on the weights' ranking:
+  ``OnePass(pretrained=True)`` and ``polarprune prune --init`` (docs/results.md, from a pretrained model).
 """
 from __future__ import annotations
 
 COST = "macs"
 MIN_CHANNELS = 4
+PRETRAINED_FREEZE = 0.01
 
 
 def default_cost(bank) -> str:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from ..defaults import COST, MIN_CHANNELS, PRETRAINED_FREEZE
 from ..ops.common import is_number
 from . import data as data_mod
-from ..defaults import COST, MIN_CHANNELS
 from ..ops.reference import POLAR_FORMS, STE_MODES
 from ..sparse import fggp as fggp_mod
 
@@ -29,7 +29,7 @@ RAMP_FRACTION = 1 / 6
 #: default freeze: a fraction of the run from scratch; with --init the gates freeze at once (no warm-up), on the
 #: pretrained weights' ranking (benchmarks/results/pretrained-start-levers-fashion-12k.md)
 FREEZE_FRACTION = 0.3
-INIT_FREEZE_FRACTION = 0.01
+INIT_FREEZE_FRACTION = PRETRAINED_FREEZE
 
 
 def _opt(default, help: str | None = None, choices=None, flag: str | None = ""):

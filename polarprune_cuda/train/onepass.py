@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.common import is_number
-from ..defaults import COST, MIN_CHANNELS
+from ..defaults import COST, MIN_CHANNELS, PRETRAINED_FREEZE
 from ..gates.bank import find_bank
 from ..gates.loss import PolarizationLoss, gate_stats
 from ..gates.loss import ramp as ramp_schedule
@@ -130,8 +130,12 @@ class OnePass:
         optimizer: the user's optimizer (one of :data:`CARRIED`); see :func:`check_gate_group` for its groups.
         scheduler: the user's learning-rate scheduler, if any (kept working across the switch).
         cost: ``"macs"``, ``"params"`` or ``"channels"``.
-        freeze_at, warmup, ramp: fractions of ``total_steps``: where the gates freeze, how long without
-            the penalty, how long it ramps in.
+        freeze_at, warmup, ramp: fractions of ``total_steps``: where the gates freeze (default 0.3), how long
+            without the penalty (1/12), how long it ramps in (1/6).
+        pretrained: the model's weights are trained: rank the gate scores by them
+            (:func:`~polarprune_cuda.scores_from_magnitude`) and, unless ``freeze_at`` or ``warmup`` is given, freeze
+            the gates at once (1% of the run, no warm-up) on that ranking, what ``polarprune prune --init`` does
+            (measured: docs/results.md, from a pretrained model).
         gate_lr: the learning rate of a gate group that OnePass adds (default :meth:`gate_lr`).
         switch: train the extracted network after the freeze (False: the gated one to the end).
         target_weight, polarization_weight, polarization: the penalty (:class:`PolarizationLoss`).
@@ -156,13 +160,14 @@ class OnePass:
     """
 
     def __init__(self, model: nn.Module, example_inputs, target_sparsity: float, total_steps: int,
-                 optimizer: torch.optim.Optimizer, scheduler=None, *, cost: str = COST, freeze_at: float = FREEZE,
-                 warmup: float = WARMUP, ramp: float = RAMP, gate_lr: float | None = None, switch: bool = True,
+                 optimizer: torch.optim.Optimizer, scheduler=None, *, cost: str = COST, freeze_at: float | None = None,
+                 warmup: float | None = None, ramp: float = RAMP, gate_lr: float | None = None, switch: bool = True,
                  target_weight: float = 20.0, polarization_weight: float = 0.1, polarization: str = "bimodal",
                  min_channels: int = MIN_CHANNELS, round_to: int | None = None, ste: str = "identity",
                  init: float = 1.0, wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None,
-                 check_group: bool = True, hold_scores: bool = True, restart_schedule: bool = True):
-        from ..surgery.attach import attach_gates
+                 check_group: bool = True, hold_scores: bool = True, restart_schedule: bool = True,
+                 pretrained: bool = False):
+        from ..surgery.attach import attach_gates, scores_from_magnitude
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -184,6 +189,14 @@ class OnePass:
                              f"at the freeze, not a {type(scheduler).__name__}; pass restart_schedule=False to keep "
                              "its schedule running through the freeze")
         self.restart_schedule = restart_schedule
+        if not isinstance(pretrained, bool):
+            raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
+        #: the gates freeze at once on the pretrained ranking: a window too short to train them is what was asked
+        self.ranked_freeze = pretrained and freeze_at is None and warmup is None
+        if freeze_at is None:
+            freeze_at = PRETRAINED_FREEZE if self.ranked_freeze else FREEZE
+        if warmup is None:
+            warmup = 0.0 if self.ranked_freeze else WARMUP
         self.freeze_at = _number("freeze_at", freeze_at, 0.0, 1.0, hi_open=False)
         warmup, ramp_ = _number("warmup", warmup, 0.0, 1.0), _number("ramp", ramp, 0.0, 1.0)
         if cost not in ("macs", "params", "channels"):
@@ -191,6 +204,8 @@ class OnePass:
         if find_bank(model) is None:
             attach_gates(model, example_inputs, min_channels=min_channels, round_to=round_to, ste=ste, init=init)
         self.bank = find_bank(model)
+        if pretrained:
+            scores_from_magnitude(model)
         self.gated = model
         self.wrap = wrap
         self.network = model
@@ -205,7 +220,7 @@ class OnePass:
         window = max(self.freeze_step - self.warmup_steps, 0)
         n = self.bank.scores.numel()
         lr = self.gate_lr(optimizer, window, n, target_weight) if gate_lr is None else gate_lr
-        if window > 0 and check_group:   # the gates train: their group must let them
+        if window > 0 and check_group and not self.ranked_freeze:   # the gates train: their group must let them
             check_gate_group(optimizer, self.bank.scores, window, lr, target_weight)
         self.loss = PolarizationLoss(target_sparsity, cost=cost, polarization=polarization,
                                      target_weight=target_weight, polarization_weight=polarization_weight,
@@ -291,7 +306,7 @@ class OnePass:
 
     def _freeze(self) -> None:
         stats = gate_stats(self.gated, cost=self.cost)
-        if stats["polarized"] < POLARIZED_WARNING:
+        if stats["polarized"] < POLARIZED_WARNING and not self.ranked_freeze:
             warnings.warn(f"the gates freeze at step {self.steps} with {stats['polarized']:.1%} of them polarized: "
                           f"the target is met on scores that barely trained (the penalty acted for "
                           f"{max(self.steps - self.warmup_steps, 0)} steps); {self.advice}", stacklevel=3)

@@ -380,3 +380,35 @@ def test_a_schedule_that_cannot_restart_is_refused_by_name():
         OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5)
     with _quiet():
         OnePass(model, x, 0.5, STEPS, opt, sched, freeze_at=0.5, restart_schedule=False)
+
+
+def test_pretrained_ranks_the_scores_and_freezes_at_once_without_a_warning():
+    """OnePass(pretrained=True): what polarprune prune --init does, in a user's loop: the scores ranked by the
+    group L2 magnitude, no warm-up, the gates frozen at 1% of the run; no refusal of a gate rate that could not
+    train them and no warning that they barely trained (that is the recipe)."""
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    model = pp.resnet20(num_classes=10, in_channels=1)
+    x = torch.randn(2, 1, 8, 8)
+    ranked = copy.deepcopy(model)
+    pp.attach_gates(ranked, x, min_channels=2)
+    pp.scores_from_magnitude(ranked)
+    pp.attach_gates(model, x, min_channels=2)
+    weights, scores = pp.split_parameters(model)
+    opt = torch.optim.SGD([{"params": weights}, {"params": scores, "lr": 1e-3, "weight_decay": 0.0}], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner = pp.OnePass(model, x, 0.5, 300, opt, pretrained=True)
+        assert torch.equal(pp.find_bank(model).scores.detach(), pp.find_bank(ranked).scores.detach())
+        assert pruner.freeze_step == 3 and pruner.warmup_steps == 0
+        for _ in range(3):
+            pruner.step()
+    assert pruner.budget is not None and abs(pruner.budget["achieved_sparsity"] - 0.5) <= 0.005
+    other = pp.attach_gates(pp.resnet20(num_classes=10, in_channels=1), x, min_channels=2)
+    weights, scores = pp.split_parameters(other)
+    with pytest.raises(ValueError, match="gate scores' learning rate"):   # a freeze given: the gates must train
+        pp.OnePass(other, x, 0.5, 300, torch.optim.SGD([{"params": weights},
+                                                        {"params": scores, "lr": 1e-3, "weight_decay": 0.0}], lr=0.1),
+                   pretrained=True, freeze_at=0.3)
