@@ -96,3 +96,10 @@ def test_every_option_of_a_documented_polarprune_command_exists():
                                     if w.startswith("--") and w.split("=")[0] not in known]
                         break
     assert seen >= 10 and not unknown, (seen, unknown)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_placeholder_is_left(page):
+    """A line that is only an upper-case token (``RESULTS_TABLE``) is a placeholder a writer forgot."""
+    left = [line for line in page.read_text().splitlines() if re.fullmatch(r"[A-Z][A-Z0-9_]{5,}", line.strip())]
+    assert not left, left
