@@ -446,3 +446,8 @@ def test_latency_speedup_is_the_rounds_median_with_its_spread_and_says_when_it_i
                                            "pruned": timed(clock, lambda i: 0.6 if i % 2 else 1.6)},
                                           x, warmup=0, max_seconds=100.0, clock=clock)
     assert 45 <= lat["dense"]["rounds"] <= 50          # a round costs 2.1 on average: 100 buys about 48
+    clock = Clock()       # the limits default to the module's, read at the call (the suite sets 1 s): 30 rounds
+    lat = report_mod.latency_side_by_side({"dense": timed(clock, lambda i: 1.0),
+                                           "pruned": timed(clock, lambda i: 0.6 if i % 2 else 1.6)},
+                                          x, warmup=0, clock=clock)
+    assert report_mod.MAX_SECONDS == 1.0 and lat["dense"]["rounds"] == 30
