@@ -12,7 +12,6 @@ Several modules may share one segment (channels coupled by residual additions).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -16,11 +16,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..ops.common import is_number
 from ..defaults import MIN_CHANNELS
 from ..errors import UnsupportedModelError
 from ..gates.bank import GateBank, find_bank, install_bank
 from ..gates.modules import GateMixin, gate_in_place, gate_modules
+from ..ops.common import is_number
 from .blocks import BlockRecord, depth, prepare_blocks
 from .costs import block_exactness, channel_cost_model, cost_models, io_shapes, count
 from .inputs import as_inputs, check_model_arg, check_placement, dtype_name, model_device

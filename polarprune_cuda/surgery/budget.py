@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from ..defaults import COST
-from ..ops.common import check_target_sparsity
 from ..gates.bank import GateBank
+from ..ops.common import check_target_sparsity
 from .attach import surgery_of
 from .extract import guard
 from .shrink import removed_in
@@ -77,10 +77,6 @@ class BudgetResult:
         text = (f"target {100 * self.target_sparsity:.2f}% of {self.cost} removed; achieved "
                 f"{100 * self.achieved_sparsity:.2f}%")
         return text + (f" ({self.reason})" if self.reason else "")
-
-
-def _check_target(target_sparsity) -> float:
-    return check_target_sparsity(target_sparsity)
 
 
 def _units(bank: GateBank, record, scores: list[Tensor], min_channels: int, round_to: int | None):
@@ -181,7 +177,7 @@ def select_gates(model, target_sparsity: float, cost: str = COST, min_channels: 
                  round_to: int | None = None) -> tuple[Tensor, BudgetResult]:
     """The gate set that meets the target (without changing the model): a 0/1 float tensor over the bank's
     gates, and the :class:`BudgetResult` it would give. See :func:`meet_target`."""
-    target = _check_target(target_sparsity)
+    target = check_target_sparsity(target_sparsity)
     bank, record = surgery_of(model)
     bank.check_finite()
     cm = bank.cost_model(cost)

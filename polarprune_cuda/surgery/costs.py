@@ -163,7 +163,7 @@ def _add_module(m: nn.Module, params: _Terms, macs: _Terms, block: Block, shares
 
 
 def cost_models(model, plans: list[Plan], sizes: list[int], spatial,
-                 blocks: list[tuple[int, set, set[int]]] = ()) -> dict[str, CostModel]:
+                blocks: list[tuple[int, set, set[int]]] = ()) -> dict[str, CostModel]:
     """Exact params and MACs as functions of the gates (see cost.py).
 
     ``plans`` are the groups that have gate segments 0..K-1 (``sizes``).

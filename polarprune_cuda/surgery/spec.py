@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor, nn
 
-from ..ops.common import is_number
 from .._io import IntegrityError, load_tensors, save_tensors, write_text
+from ..ops.common import is_number
 from .blocks import close_blocks
 from .inputs import INPUT_DTYPES, MAX_INPUT_ELEMENTS, check_fits, check_model_arg, model_device, random_inputs
 from .tp import remove_channels

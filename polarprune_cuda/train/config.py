@@ -254,8 +254,8 @@ class PruneConfig:
                              "DIR/val/<class>/<image>)")
         if self.reset_classifier and not self.init:
             raise ValueError("reset-classifier re-initialises the classifier of --init's weights: give --init")
-        if self.freeze_gates_at is not None and (isinstance(self.freeze_gates_at, bool) or not isinstance(
-                self.freeze_gates_at, (int, float)) or not 0 < self.freeze_gates_at <= 1):
+        if self.freeze_gates_at is not None and (not is_number(self.freeze_gates_at)
+                                                 or not 0 < self.freeze_gates_at <= 1):
             raise ValueError(f"freeze-gates-at must be in (0, 1], got {self.freeze_gates_at!r}")
         if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) \
                 or self.finetune_epochs < 0:

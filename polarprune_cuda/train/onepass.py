@@ -45,8 +45,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
-from ..ops.common import is_number
 from ..defaults import COST, MIN_CHANNELS, PRETRAINED_FREEZE
+from ..ops.common import is_number
 from ..gates.bank import find_bank
 from ..gates.loss import PolarizationLoss, gate_stats
 from ..gates.loss import ramp as ramp_schedule
