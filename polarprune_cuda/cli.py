@@ -169,7 +169,10 @@ def prune(args, argv: list[str]) -> int:
     if cfg.sync_bn and not info.enabled:
         warnings.warn("sync-bn acts only under torchrun (several processes); this run has one process")
     try:
-        return _prune(args, argv, cfg, info)
+        code = _prune(args, argv, cfg, info)
+        if code == 0:   # the ranks leave together: rank 0 writes the report while the others wait, then the group
+            dist_mod.barrier(info)   # is torn down with no rank gone (a rank leaving early was once seen to abort)
+        return code
     finally:
         dist_mod.cleanup(info)
 
