@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from polarprune_cuda import _io, cli
-from polarprune_cuda.train import rundir, runs, trainer
+from polarprune_cuda import _io, cli, train
+from polarprune_cuda.train import data as data_mod, rundir, runs
 
 from helpers import one_error_line, without_clock
 
@@ -184,7 +184,7 @@ def test_a_second_run_on_a_held_folder_is_refused_naming_the_pid(run_copy, capsy
 
 
 def test_the_api_takes_the_same_lock(tmp_path):
-    cfg = trainer.PruneConfig(max_train=32, max_test=16, epochs=1, batch_size=32)
+    cfg = train.PruneConfig(max_train=32, max_test=16, epochs=1, batch_size=32)
     with rundir.locked(tmp_path / "o"):
         assert rundir.is_locked_here(tmp_path / "o")
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "p")], stdin=subprocess.PIPE,
@@ -192,7 +192,7 @@ def test_the_api_takes_the_same_lock(tmp_path):
         try:
             assert holder.stdout.readline().strip() == "held"
             with pytest.raises(rundir.RunFolderError, match=f"pid {holder.pid}"):
-                trainer.run_prune(cfg, tmp_path / "p", progress=False)
+                train.run_prune(cfg, tmp_path / "p", progress=False)
         finally:
             holder.kill()
             holder.wait()
@@ -249,16 +249,16 @@ def test_explicit_data_dir_is_the_only_place_looked_in(tmp_path, capsys):
 
 
 def test_unreachable_recipes_warn():
-    cfg = trainer.PruneConfig(epochs=2, warmup_epochs=100, batch_size=32)
+    cfg = train.PruneConfig(epochs=2, warmup_epochs=100, batch_size=32)
     with pytest.warns(UserWarning, match="warmup-epochs 100 reaches past the step where the gates freeze"):
-        assert len(trainer.warn_unreachable(cfg, 96)) == 1
-    cfg = trainer.PruneConfig(epochs=2, batch_size=100000, warmup_epochs=0)
+        assert len(runs.warn_unreachable(cfg, 96)) == 1
+    cfg = train.PruneConfig(epochs=2, batch_size=100000, warmup_epochs=0)
     with pytest.warns(UserWarning) as caught:
-        trainer.warn_unreachable(cfg, 96)
+        runs.warn_unreachable(cfg, 96)
     assert [str(w.message).split(":")[0] for w in caught] == [
         "batch-size 100000 is larger than the training set (96 images)",
         "freeze-gates-at 0.3 of 2 steps freezes the gates at step 0"]
-    assert trainer.warn_unreachable(trainer.PruneConfig(epochs=12, batch_size=32), 960) == []
+    assert runs.warn_unreachable(train.PruneConfig(epochs=12, batch_size=32), 960) == []
 
 
 def test_warnings_and_resume_without_a_checkpoint_are_said(tmp_path, capsys):
@@ -275,7 +275,7 @@ def test_warnings_and_resume_without_a_checkpoint_are_said(tmp_path, capsys):
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
     saves = []
-    original = trainer.Checkpointer.save
+    original = train.Checkpointer.save
 
     def save(self, state):
         saves.append(state["epoch"])
@@ -286,7 +286,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
             _io.atomic_write(self.path, no_space)
         original(self, state)
 
-    monkeypatch.setattr(trainer.Checkpointer, "save", save)
+    monkeypatch.setattr(train.Checkpointer, "save", save)
     rc, _, err = run(["prune", *RESUMABLE, "--out", str(out)], capsys)
     assert rc == 2 and "No space left on device" in one_error_line(err)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -333,7 +333,7 @@ def test_ctrl_c_before_the_first_epoch_says_nothing_was_saved(tmp_path, capsys, 
         raise KeyboardInterrupt
         yield
 
-    monkeypatch.setattr(trainer.data_mod, "batches", interrupted)
+    monkeypatch.setattr(data_mod, "batches", interrupted)
     rc, _, err = run(["prune", *TINY, "--epochs", "1", "--out", str(tmp_path / "o")], capsys)
     assert rc == 130 and "nothing was saved" in err and "is saved in" not in err
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
@@ -343,10 +343,9 @@ KILLED_IN_SAVE = """
 import os, signal, sys
 from pathlib import Path
 import torch
-from polarprune_cuda import cli
-from polarprune_cuda.train import trainer
+from polarprune_cuda import cli, train
 saves = []
-original = trainer.Checkpointer.save
+original = train.Checkpointer.save
 def save(self, state):
     saves.append(1)
     if len(saves) == 2:   # the second checkpoint: die half-way through its write
@@ -356,7 +355,7 @@ def save(self, state):
             os.kill(os.getpid(), signal.SIGKILL)
         torch.save = half
     original(self, state)
-trainer.Checkpointer.save = save
+train.Checkpointer.save = save
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from polarprune_cuda.train.report import versions
-from polarprune_cuda.train.trainer import PruneConfig, run_prune
+from polarprune_cuda.train import PruneConfig, run_prune
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))

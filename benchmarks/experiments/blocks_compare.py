@@ -42,14 +42,14 @@ def _folder(kw: dict) -> str:
 
 def run_variant(kw: dict, work: Path, latency_batch: int, progress: bool) -> dict:
     from polarprune_cuda.train import report as report_mod
-    from polarprune_cuda.train import trainer
+    from polarprune_cuda import train
 
     out = work / _folder(kw)
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = trainer.PruneConfig(**kw)
-    res = trainer.run_prune(cfg, out, resume=(out / "checkpoint.pt").is_file(), progress=progress)
+    cfg = train.PruneConfig(**kw)
+    res = train.run_prune(cfg, out, resume=(out / "checkpoint.pt").is_file(), progress=progress)
     example = res.data.example_input(latency_batch).to(cfg.device)
     lat = report_mod.latency_side_by_side({"dense": res.dense_model, "pruned": res.pruned_model}, example)
     dense, pruned = res.dense_count, res.pruned_count
@@ -75,13 +75,13 @@ def run_variant(kw: dict, work: Path, latency_batch: int, progress: bool) -> dic
 
 
 def run_dense(kw: dict, work: Path, progress: bool) -> dict:
-    from polarprune_cuda.train import trainer
+    from polarprune_cuda import train
 
     out = work / ("dense-" + _folder({k: v for k, v in kw.items() if k != "target_sparsity"}))
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    row = {"accuracy": trainer.run_dense(trainer.PruneConfig(**kw), out, progress=progress)}
+    row = {"accuracy": train.run_dense(train.PruneConfig(**kw), out, progress=progress)}
     done.write_text(json.dumps(row))
     return row
 

@@ -9,7 +9,7 @@ schedule, seeds and total epochs:
 
 - ``dense``: the unpruned network (the trainer's recipe, no gates);
 - ``one-pass``: this library, gates and weights trained once
-  (:func:`polarprune_cuda.train.trainer.run_prune`), then the extracted network;
+  (:func:`polarprune_cuda.train.run_prune`), then the extracted network;
 - ``train-prune-finetune``: Torch-Pruning's own pipeline: the dense network
   trained for ``pretrain_fraction`` of the epochs (default two thirds),
   pruned once with ``tp.pruner.MetaPruner`` and group-magnitude (L2)
@@ -67,7 +67,7 @@ GATE_FIELDS = {"scores_from", "gate_lr", "target_weight", "polarization_weight",
 
 def _parse_set(items: list[str]) -> dict:
     """``key=value`` recipe overrides (PruneConfig fields), values parsed as JSON where they parse."""
-    from polarprune_cuda.train.trainer import PruneConfig
+    from polarprune_cuda.train import PruneConfig
 
     fields = PruneConfig().to_dict()
     out = {}
@@ -155,9 +155,9 @@ def _cached(arm: str, cfg, done: Path) -> dict | None:
 
 
 def _one_pass(cfg, out: Path, row: dict, progress: bool) -> dict:
-    from polarprune_cuda.train import trainer
+    from polarprune_cuda import train
 
-    result = trainer.run_prune(cfg, out / "run", resume=True, progress=progress)
+    result = train.run_prune(cfg, out / "run", resume=True, progress=progress)
     row.update(training=result.training, accuracy=result.pruned_accuracy, gated_accuracy=result.gated_accuracy,
                budget=result.history.budget,
                density_curve=result.history.density, soft_density_curve=result.history.soft_density,
@@ -170,18 +170,19 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
     """Torch-Pruning train-prune-finetune, or (from-scratch) the architecture it prunes to, trained anew."""
     import torch
     from polarprune_cuda.surgery.costs import count
-    from polarprune_cuda.train import loop, trainer
+    from polarprune_cuda.train import loop, runs
+    from polarprune_cuda import train
 
     ev = dict(device=cfg.device)
     pre_epochs = max(1, round(pretrain_fraction * cfg.epochs))
     ft_epochs = cfg.epochs - pre_epochs
     pre_ckpt = work / f"train-prune-finetune-seed{cfg.seed}" / "pretrain.pt"
-    model = trainer.build(cfg, data)
+    model = runs.build(cfg, data)
     histories = []
     if arm == "train-prune-finetune":
-        histories.append(loop.fit_loop(model, data, cfg, trainer.Checkpointer(pre_ckpt), gated=False, epochs=pre_epochs,
+        histories.append(loop.fit_loop(model, data, cfg, train.Checkpointer(pre_ckpt), gated=False, epochs=pre_epochs,
                                    lr=cfg.lr, resume=True, progress=progress, label="pretrain"))
-        row["pretrained_accuracy"] = trainer.evaluate(model, data.test_x, data.test_y, **ev)
+        row["pretrained_accuracy"] = train.evaluate(model, data.test_x, data.test_y, **ev)
     else:   # the same pruned architecture: the same pruning of the same pre-trained weights (deterministic)
         if not pre_ckpt.is_file():
             raise SystemExit(f"arm {arm} needs {pre_ckpt} (run arm train-prune-finetune of seed {cfg.seed} first)")
@@ -192,7 +193,7 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
     row["pruning_ratio"] = ratio
     if arm == "train-prune-finetune":
         if ft_epochs:
-            histories.append(loop.fit_loop(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
+            histories.append(loop.fit_loop(small, data, cfg, train.Checkpointer(out / "finetune.pt"), gated=False,
                                        epochs=ft_epochs, lr=cfg.lr * finetune_lr_scale, resume=True,
                                        progress=progress, label="finetune"))
         row["split"] = [pre_epochs, ft_epochs]
@@ -201,10 +202,10 @@ def _tp_arm(arm: str, cfg, data, example, work: Path, out: Path, row: dict, prog
         _reinit(small, cfg.seed)
         epochs = _scratch_epochs(cfg.epochs, dense_macs or 0.0, count(small, example)["macs"], dense_macs is not None)
         row["epochs"] = epochs
-        histories.append(loop.fit_loop(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False,
+        histories.append(loop.fit_loop(small, data, cfg, train.Checkpointer(out / "scratch.pt"), gated=False,
                                    epochs=epochs, lr=cfg.lr, resume=True, progress=progress, label="scratch"))
     row["training"] = loop.training_cost(*histories)   # from-scratch: its own training (not the pre-training)
-    row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y, **ev)
+    row["accuracy"] = train.evaluate(small, data.test_x, data.test_y, **ev)
     return count(small, example)
 
 
@@ -212,7 +213,7 @@ def prepare(arm: str, cfg, out: Path) -> tuple:
     """(the result an earlier run of this arm wrote, or None; then the data, one example input and the dense
     network's counts, for an arm still to run in ``out``)."""
     from polarprune_cuda.surgery.costs import count
-    from polarprune_cuda.train import data as data_mod, trainer
+    from polarprune_cuda.train import data as data_mod, runs
 
     cached = _cached(arm, cfg, out / "result.json")
     if cached is not None:
@@ -220,7 +221,7 @@ def prepare(arm: str, cfg, out: Path) -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     data = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train, cfg.max_test)
     example = data.example_input(1).to(cfg.device)
-    return None, data, example, count(trainer.build(cfg, data), example)
+    return None, data, example, count(runs.build(cfg, data), example)
 
 
 def _learned_arm(cfg, data, example, work: Path, out: Path, row: dict, progress: bool, dense_macs: float,
@@ -228,18 +229,19 @@ def _learned_arm(cfg, data, example, work: Path, out: Path, row: dict, progress:
     """The one pass's extracted architecture of this seed (its saved spec), fresh weights, trained densely."""
     from polarprune_cuda.surgery.costs import count
     from polarprune_cuda.surgery.spec import load_pruned
-    from polarprune_cuda.train import loop, trainer
+    from polarprune_cuda.train import loop, runs
+    from polarprune_cuda import train
 
     folder = work / f"one-pass-seed{cfg.seed}" / "run" / "model"
     if not folder.is_dir():
         raise SystemExit(f"arm learned-from-scratch needs {folder} (run arm one-pass of seed {cfg.seed} first)")
-    small = load_pruned(folder, lambda: trainer.build(cfg, data)).to(cfg.device)
+    small = load_pruned(folder, lambda: runs.build(cfg, data)).to(cfg.device)
     _reinit(small, cfg.seed)
     epochs = _scratch_epochs(cfg.epochs, dense_macs, count(small, example)["macs"], equal_macs)
-    history = loop.fit_loop(small, data, cfg, trainer.Checkpointer(out / "scratch.pt"), gated=False, epochs=epochs,
+    history = loop.fit_loop(small, data, cfg, train.Checkpointer(out / "scratch.pt"), gated=False, epochs=epochs,
                         lr=cfg.lr, resume=True, progress=progress, label="scratch")
     row["epochs"], row["training"] = epochs, loop.training_cost(history)
-    row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y, device=cfg.device)
+    row["accuracy"] = train.evaluate(small, data.test_x, data.test_y, device=cfg.device)
     return count(small, example)
 
 
@@ -250,9 +252,9 @@ def _scratch_epochs(epochs: int, dense_macs: float, small_macs: float, equal_mac
 
 def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fraction: float,
             finetune_lr_scale: float, onepass: dict | None, equal_macs: bool = False) -> dict:
-    from polarprune_cuda.train import trainer
+    from polarprune_cuda import train
 
-    cfg = trainer.PruneConfig(**cfg_kwargs)
+    cfg = train.PruneConfig(**cfg_kwargs)
     equal_macs = equal_macs and arm in SCRATCH
     out = work / f"{arm}{'-equal-macs' if equal_macs else ''}-seed{cfg.seed}"
     cached, data, example, dense_count = prepare(arm, cfg, out)
@@ -261,7 +263,7 @@ def run_arm(arm: str, cfg_kwargs: dict, work: Path, progress: bool, pretrain_fra
     start = time.perf_counter()
     row: dict = {"arm": arm, "seed": cfg.seed}
     if arm == "dense":
-        row["accuracy"] = trainer.run_dense(cfg, out / "run", resume=True, progress=progress)
+        row["accuracy"] = train.run_dense(cfg, out / "run", resume=True, progress=progress)
         row["training"] = _checkpoint_cost(out / "run" / "checkpoint.pt")
         small_count = dense_count
     elif arm == "one-pass":

@@ -34,14 +34,14 @@ METHODS = ("fggp", "gmp", "annealed")
 
 
 def run_one(cfg_kwargs: dict, work: Path, progress: bool) -> dict:
-    from polarprune_cuda.train import trainer
+    from polarprune_cuda import train
 
     out = work / ("-".join(f"{k}={v}" for k, v in sorted(cfg_kwargs.items()) if k not in ("data_dir",)))
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = trainer.PruneConfig(**cfg_kwargs)
-    res = trainer.run_sparse(cfg, out, resume=(out / "checkpoint.pt").is_file(), progress=progress)
+    cfg = train.PruneConfig(**cfg_kwargs)
+    res = train.run_sparse(cfg, out, resume=(out / "checkpoint.pt").is_file(), progress=progress)
     row = {"accuracy": res.pruned_accuracy, "sparsity": res.sparsity["sparsity"], "updates": len(res.pruner.updates),
            "update_every": res.pruner.update_every, "sparse_bytes": res.sizes["sparse_bytes"],
            "dense_bytes": res.sizes["dense_bytes"], "seconds": res.seconds}
@@ -50,14 +50,14 @@ def run_one(cfg_kwargs: dict, work: Path, progress: bool) -> dict:
 
 
 def run_dense(cfg_kwargs: dict, work: Path, progress: bool) -> dict:
-    from polarprune_cuda.train import trainer
+    from polarprune_cuda import train
 
     out = work / ("dense-" + "-".join(f"{k}={v}" for k, v in sorted(cfg_kwargs.items())
                                       if k not in ("data_dir", "method", "target_sparsity")))
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    row = {"accuracy": trainer.run_dense(trainer.PruneConfig(**cfg_kwargs), out, progress=progress)}
+    row = {"accuracy": train.run_dense(train.PruneConfig(**cfg_kwargs), out, progress=progress)}
     done.write_text(json.dumps(row))
     return row
 

@@ -38,14 +38,14 @@ ARMS = ("one-pass", "tp-uniform", "tp-global")
 def _pretrained(cfg_kwargs: dict, work: Path, progress: bool) -> tuple[Path, float]:
     """The dense network of this seed, trained with the preset's recipe: (its state_dict file, its accuracy)."""
     import torch
-    from polarprune_cuda.train import trainer
+    from polarprune_cuda import train
 
-    cfg = trainer.PruneConfig(**cfg_kwargs)
+    cfg = train.PruneConfig(**cfg_kwargs)
     out = work / f"dense-seed{cfg.seed}"
     weights, done = out / "dense.pt", out / "result.json"
     if done.is_file() and weights.is_file():
         return weights, json.loads(done.read_text())["accuracy"]
-    accuracy = trainer.run_dense(cfg, out / "run", resume=True, progress=progress)
+    accuracy = train.run_dense(cfg, out / "run", resume=True, progress=progress)
     state = torch.load(out / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     torch.save(state, weights)
     done.write_text(json.dumps({"accuracy": accuracy, "config": cfg.to_dict()}, indent=1))
@@ -55,9 +55,10 @@ def _pretrained(cfg_kwargs: dict, work: Path, progress: bool) -> tuple[Path, flo
 def run_arm(arm: str, cfg_kwargs: dict, init: Path, work: Path, progress: bool, target_macs: float | None) -> dict:
     import torch
     from polarprune_cuda.surgery.costs import count
-    from polarprune_cuda.train import loop, trainer
+    from polarprune_cuda.train import loop, runs
+    from polarprune_cuda import train
 
-    cfg = trainer.PruneConfig(**cfg_kwargs, init=str(init))
+    cfg = train.PruneConfig(**cfg_kwargs, init=str(init))
     out = work / f"{arm}-t{cfg.target_sparsity:g}-e{cfg.epochs}-seed{cfg.seed}"
     cached, data, example, dense_count = eb.prepare(arm, cfg, out)
     if cached is not None:
@@ -67,18 +68,18 @@ def run_arm(arm: str, cfg_kwargs: dict, init: Path, work: Path, progress: bool, 
     if arm == "one-pass":
         small_count = eb._one_pass(cfg, out, row, progress)
     else:
-        model = trainer.build(cfg, data)
+        model = runs.build(cfg, data)
         model.load_state_dict(torch.load(init, map_location=cfg.device, weights_only=True))
         model.eval()
         small, ratio = eb._tp_prune(model, example, target_macs, ignored=["fc", "linear", "classifier"],
                                     global_pruning=arm == "tp-global")
         small.train()
         row["pruning_ratio"] = ratio
-        row["pruned_accuracy_before_finetune"] = trainer.evaluate(small, data.test_x, data.test_y)
-        history = loop.fit_loop(small, data, cfg, trainer.Checkpointer(out / "finetune.pt"), gated=False,
+        row["pruned_accuracy_before_finetune"] = train.evaluate(small, data.test_x, data.test_y)
+        history = loop.fit_loop(small, data, cfg, train.Checkpointer(out / "finetune.pt"), gated=False,
                             epochs=cfg.epochs, lr=cfg.lr, resume=True, progress=progress, label="finetune")
         row["training"] = loop.training_cost(history)
-        row["accuracy"] = trainer.evaluate(small, data.test_x, data.test_y)
+        row["accuracy"] = train.evaluate(small, data.test_x, data.test_y)
         small_count = count(small, example)
     row["seconds"] = time.perf_counter() - start
     row["dense"], row["pruned"] = dense_count, small_count

@@ -293,7 +293,7 @@ def test_load_refuses_a_spec_whose_block_is_missing(tmp_path):
 
 
 def test_block_gates_step_as_if_alone():
-    from polarprune_cuda.train import trainer
+    from polarprune_cuda import train
 
     torch.manual_seed(0)
     model = pp.resnet20()
@@ -310,7 +310,7 @@ def test_block_gates_step_as_if_alone():
 
     plain = grad()
     for _ in range(2):   # installed once, however often the optimizer is made
-        trainer.make_optimizer(model, 0.1)
+        train.make_optimizer(model, 0.1)
         scaled = grad()
     blocks = [bank.offsets[b.segment] for b in bank.surgery.blocks]
     mask = torch.zeros_like(plain, dtype=torch.bool)

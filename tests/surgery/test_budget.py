@@ -11,7 +11,7 @@ import torch
 
 import polarprune_cuda as pp
 from polarprune_cuda.surgery import budget
-from polarprune_cuda.train import trainer
+from polarprune_cuda import train
 from polarprune_cuda.surgery.budget import TOLERANCE, meet_target, select_gates
 from polarprune_cuda.surgery import count, kept_channels
 
@@ -147,7 +147,7 @@ def test_bad_cost_and_ungated_model_are_named():
 def test_user_loop_gets_the_same_guarantee():
     """A hand-written loop: penalty for a few steps, meet_target once, then the weights train the final net."""
     m = gated_resnet()
-    opt = trainer.make_optimizer(m, lr=0.05)
+    opt = train.make_optimizer(m, lr=0.05)
     loss_fn = pp.PolarizationLoss(0.7, cost="params")
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -175,7 +175,7 @@ def test_user_loop_gets_the_same_guarantee():
 def tiny_config(**kw):
     base = dict(model="resnet20", dataset="digits", epochs=2, batch_size=32, max_train=64, max_test=32,
                 min_channels=1, seed=0)
-    return trainer.PruneConfig(**(base | kw))
+    return train.PruneConfig(**(base | kw))
 
 
 def run_achieved(result, cost):
@@ -190,7 +190,7 @@ def run_achieved(result, cost):
 @pytest.mark.parametrize("target", TARGETS)
 def test_two_epoch_run_ends_at_the_target(tmp_path, target, cost, blocks):
     cfg = tiny_config(target_sparsity=target, cost=cost, blocks=blocks)
-    result = trainer.run_prune(cfg, tmp_path, progress=False)
+    result = train.run_prune(cfg, tmp_path, progress=False)
     got = run_achieved(result, cost)
     assert abs(got - target) <= TOLERANCE, (target, cost, got)
     assert result.history.budget["reason"] is None
@@ -200,13 +200,13 @@ def test_two_epoch_run_ends_at_the_target(tmp_path, target, cost, blocks):
 
 def test_gates_that_train_to_the_end_still_meet_the_target(tmp_path):
     cfg = tiny_config(target_sparsity=0.4, cost="macs", epochs=1, freeze_gates_at=1.0)
-    result = trainer.run_prune(cfg, tmp_path, progress=False)
+    result = train.run_prune(cfg, tmp_path, progress=False)
     assert abs(run_achieved(result, "macs") - 0.4) <= TOLERANCE
 
 
 def test_the_run_reports_an_unreachable_target(tmp_path):
     cfg = tiny_config(target_sparsity=0.95, cost="channels", min_channels=8)
-    result = trainer.run_prune(cfg, tmp_path, progress=False)
+    result = train.run_prune(cfg, tmp_path, progress=False)
     assert "min_channels=8" in result.history.budget["reason"]
     assert result.history.budget["achieved_sparsity"] == pytest.approx(run_achieved(result, "channels"), abs=1e-12)
     assert budget.TOLERANCE == 0.005
@@ -215,12 +215,12 @@ def test_the_run_reports_an_unreachable_target(tmp_path):
 def test_dual_control_resumes_bit_identically(tmp_path):
     """The dual multiplier lives in the checkpoint: interrupted + --resume equals uninterrupted (same layout)."""
     cfg = tiny_config(epochs=3, target_control="dual", warmup_epochs=0.5, ramp_epochs=0.5, freeze_gates_at=0.9)
-    full = trainer.run_prune(cfg, tmp_path / "full", progress=False)
+    full = train.run_prune(cfg, tmp_path / "full", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        trainer.run_prune(cfg, tmp_path / "cut", progress=False, interrupt_after=1)
+        train.run_prune(cfg, tmp_path / "cut", progress=False, interrupt_after=1)
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert state["dual_shift"] != 0.0   # the multiplier moved during the first epoch
-    resumed = trainer.run_prune(cfg, tmp_path / "cut", progress=False, resume=True)
+    resumed = train.run_prune(cfg, tmp_path / "cut", progress=False, resume=True)
     a, b = full.gated_model.state_dict(), resumed.gated_model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert full.history.budget == resumed.history.budget
@@ -239,18 +239,18 @@ def test_recipe_lever_errors_name_the_option(field, value, match):
 
 
 def test_freeze_lr_scale_scales_the_weights_after_the_freeze_only():
-    weights, gates = trainer.lr_lambdas(100, 40, 10, freeze_lr_scale=0.25)
-    plain, _ = trainer.lr_lambdas(100, 40, 10)
+    weights, gates = train.lr_lambdas(100, 40, 10, freeze_lr_scale=0.25)
+    plain, _ = train.lr_lambdas(100, 40, 10)
     assert weights(39) == plain(39) and weights(40) == 0.25 * plain(40) and weights(99) == 0.25 * plain(99)
     assert gates(9) == 0 and gates(10) == 1 and gates(39) == 1 and gates(40) == 0
 
 
 def test_default_schedule_is_a_fraction_of_the_run():
-    assert trainer.PruneConfig(epochs=12).schedule_epochs() == (1.0, 2.0)
-    assert trainer.PruneConfig(epochs=6).schedule_epochs() == (0.5, 1.0)
-    assert trainer.PruneConfig(epochs=6, warmup_epochs=2.0, ramp_epochs=0.0).schedule_epochs() == (2.0, 0.0)
+    assert train.PruneConfig(epochs=12).schedule_epochs() == (1.0, 2.0)
+    assert train.PruneConfig(epochs=6).schedule_epochs() == (0.5, 1.0)
+    assert train.PruneConfig(epochs=6, warmup_epochs=2.0, ramp_epochs=0.0).schedule_epochs() == (2.0, 0.0)
     with pytest.raises(ValueError, match=r"warmup-epochs must be a number in \[0, 1e\+06\]"):
-        trainer.PruneConfig(warmup_epochs=-1.0).validate()
+        train.PruneConfig(warmup_epochs=-1.0).validate()
 
 
 def test_scores_from_magnitude_rank_each_group_by_its_filters_and_keep_the_outputs():

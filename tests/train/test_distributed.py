@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 
 from polarprune_cuda.train import distributed as dist_mod
 from polarprune_cuda import find_bank
-from polarprune_cuda.train import runs, trainer
+from polarprune_cuda.train import loop, runs
+from polarprune_cuda import train
 
 from helpers import float64_runs, without_clock
 
@@ -34,18 +35,18 @@ def _worker(rank: int, world: int, port: int, out: str, cfg_kwargs: dict, interr
     if float64:
         float64_runs()
     saves = []
-    original = trainer.Checkpointer.save
+    original = train.Checkpointer.save
 
     def save(self, state):
         saves.append(self.path.name)
         original(self, state)
 
-    trainer.Checkpointer.save = save
+    train.Checkpointer.save = save
     info = dist_mod.setup("cpu")
     record = {"rank": rank, "saves": saves}
     try:
-        cfg = trainer.PruneConfig(**cfg_kwargs)
-        res = trainer.run_prune(cfg, out, progress=False, dist_info=info, resume=interrupt_after is None,
+        cfg = train.PruneConfig(**cfg_kwargs)
+        res = train.run_prune(cfg, out, progress=False, dist_info=info, resume=interrupt_after is None,
                                 interrupt_after=interrupt_after)
         record.update(scores=find_bank(res.gated_model).scores.detach().clone(), history=asdict(res.history),
                       accuracy=res.pruned_accuracy, pruned=res.pruned_count,
@@ -89,7 +90,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, monkeypatch):
     ranks = _spawn(tmp_path, "ddp", cfg_kwargs, float64=True)
     _assert_ranks_identical(ranks)
     float64_runs(monkeypatch.setattr)
-    single = trainer.run_prune(trainer.PruneConfig(**cfg_kwargs), tmp_path / "one", progress=False)
+    single = train.run_prune(train.PruneConfig(**cfg_kwargs), tmp_path / "one", progress=False)
     one = find_bank(single.gated_model).scores.detach()
     assert not torch.equal(one, torch.ones_like(one))                # the gates did move
     assert bool((one <= 0).any())                                    # and some closed
@@ -147,15 +148,15 @@ def test_torchrun_cli_writes_one_report(tmp_path):
 def test_batch_smaller_than_world_is_refused():
     info = dist_mod.DistInfo(rank=0, world_size=4)
     with pytest.raises(ValueError, match="batch-size is the global batch"):
-        runs._check_world(trainer.PruneConfig(batch_size=2), info)
+        runs._check_world(train.PruneConfig(batch_size=2), info)
     assert dist_mod.shard(10, dist_mod.DistInfo(rank=1, world_size=3)) == slice(4, 7)
     assert dist_mod.shard(2, dist_mod.DistInfo(rank=0, world_size=3)) is None
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_run_extracts_a_matching_model(tmp_path, amp):
-    cfg = trainer.PruneConfig(**(TINY | {"amp": amp, "channels_last": True, "epochs": 2}))
-    res = trainer.run_prune(cfg, tmp_path / amp, progress=False)
+    cfg = train.PruneConfig(**(TINY | {"amp": amp, "channels_last": True, "epochs": 2}))
+    res = train.run_prune(cfg, tmp_path / amp, progress=False)
     bank = find_bank(res.gated_model)
     assert torch.isfinite(bank.scores).all()
     gates = torch.cat(bank.gates())
@@ -163,7 +164,7 @@ def test_mixed_precision_run_extracts_a_matching_model(tmp_path, amp):
     x = res.data.test_x[:32].contiguous(memory_format=torch.channels_last)
     res.gated_model.eval()
     res.pruned_model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=trainer.AMP_DTYPES[amp]):
+    with torch.no_grad(), torch.autocast("cpu", dtype=loop.AMP_DTYPES[amp]):
         a, b = res.gated_model(x).float(), res.pruned_model(x).float()
     tol = 0.05 if amp == "bf16" else 0.01
     assert (a - b).abs().max() <= tol * a.abs().max()
@@ -176,4 +177,4 @@ def test_mixed_precision_run_extracts_a_matching_model(tmp_path, amp):
 
 def test_amp_option_is_checked(tmp_path):
     with pytest.raises(ValueError, match="amp must be bf16 or fp16"):
-        trainer.PruneConfig(amp="int8").validate()
+        train.PruneConfig(amp="int8").validate()

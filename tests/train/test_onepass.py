@@ -310,7 +310,8 @@ def test_ddp_wrapper_follows_the_network_and_the_ranks_agree(tmp_path):
 def test_the_cli_trainer_is_a_user_of_onepass(tmp_path, monkeypatch):
     """One implementation: a CLI run builds one OnePass, whose freeze meets the target (the only meet_target
     call) and whose switch the run trains on; the run's budget is the recipe's."""
-    from polarprune_cuda.train import onepass, trainer
+    from polarprune_cuda.train import onepass
+    from polarprune_cuda import train
 
     built, met = [], []
     init, meet = onepass.OnePass.__init__, onepass.meet_target
@@ -321,10 +322,10 @@ def test_the_cli_trainer_is_a_user_of_onepass(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onepass.OnePass, "__init__", counting_init)
     monkeypatch.setattr(onepass, "meet_target", lambda *a, **k: met.append(a) or meet(*a, **k))
-    cfg = trainer.PruneConfig(dataset="digits", max_train=128, max_test=64, batch_size=32, epochs=2,
+    cfg = train.PruneConfig(dataset="digits", max_train=128, max_test=64, batch_size=32, epochs=2,
                               warmup_epochs=0.0, ramp_epochs=0.5, min_channels=2, seed=1)
     with _quiet():
-        res = trainer.run_prune(cfg, tmp_path, progress=False)
+        res = train.run_prune(cfg, tmp_path, progress=False)
     assert len(built) == 1 and len(met) == 1
     rec = built[0]
     assert rec.switched and rec.steps == 8 and rec.freeze_step == 2

@@ -7,7 +7,7 @@ import polarprune_cuda as pp
 from polarprune_cuda.surgery import shrink
 from polarprune_cuda.surgery.budget import meet_target
 from polarprune_cuda.surgery.spec import spec_digest
-from polarprune_cuda.train import trainer
+from polarprune_cuda import train
 
 from helpers import gated_resnet20, without_clock
 
@@ -88,8 +88,8 @@ def test_the_budget_never_opens_a_removed_gate():
 
 
 def test_run_with_shrinking_meets_the_target_and_resumes_exactly(tmp_path):
-    cfg = trainer.PruneConfig(**TINY)
-    full = trainer.run_prune(cfg, tmp_path / "full", progress=False)
+    cfg = train.PruneConfig(**TINY)
+    full = train.run_prune(cfg, tmp_path / "full", progress=False)
     h = full.history
     assert h.shrinks and h.shrinks[0][0] == 4 and all(n > 0 for _, n in h.shrinks)
     steps = [s for s, _ in h.macs_trace]
@@ -100,10 +100,10 @@ def test_run_with_shrinking_meets_the_target_and_resumes_exactly(tmp_path):
     achieved = 1 - full.pruned_count["macs"] / full.dense_count["macs"]
     assert achieved == pytest.approx(h.budget["achieved_sparsity"], abs=1e-9)
     with pytest.raises(KeyboardInterrupt):
-        trainer.run_prune(cfg, tmp_path / "cut", progress=False, interrupt_after=1)
+        train.run_prune(cfg, tmp_path / "cut", progress=False, interrupt_after=1)
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert bool(ckpt["shrink"]["removed"].any())                      # written after the first shrink
-    resumed = trainer.run_prune(cfg, tmp_path / "cut", progress=False, resume=True)
+    resumed = train.run_prune(cfg, tmp_path / "cut", progress=False, resume=True)
     assert without_clock(full.history) == without_clock(resumed.history)
     # the extracted network bit for bit; of the gated model, the gates and every element the training reached
     # (a removed channel's weights stay where they were, multiplied by its closed gate)
@@ -122,4 +122,4 @@ def test_run_with_shrinking_meets_the_target_and_resumes_exactly(tmp_path):
 ])
 def test_shrink_options_are_checked(extra, named):
     with pytest.raises(ValueError, match=named):
-        trainer.PruneConfig(**(TINY | extra)).validate()
+        train.PruneConfig(**(TINY | extra)).validate()

@@ -11,7 +11,7 @@ import polarprune_cuda as pp
 from polarprune_cuda.surgery.budget import meet_target
 from polarprune_cuda.surgery.extract import index_maps
 from polarprune_cuda.train import switch as switch_mod
-from polarprune_cuda.train import trainer
+from polarprune_cuda import train
 from polarprune_cuda.train.loop import TRAIN_MACS_FACTOR
 from polarprune_cuda.train.optim import lr_lambdas, make_optimizer
 
@@ -110,8 +110,8 @@ def test_run_with_switch_equals_the_gated_run(tmp_path, monkeypatch):
     """The whole run (float64): the switched one and --keep-gated take the same 8 steps, 5 of them after the
     freeze; the final weights agree to float64 rounding, the switched run computed fewer MACs."""
     float64_runs(monkeypatch.setattr)
-    kept = trainer.run_prune(trainer.PruneConfig(**TINY, keep_gated=True), tmp_path / "kept", progress=False)
-    moved = trainer.run_prune(trainer.PruneConfig(**TINY), tmp_path / "moved", progress=False)
+    kept = train.run_prune(train.PruneConfig(**TINY, keep_gated=True), tmp_path / "kept", progress=False)
+    moved = train.run_prune(train.PruneConfig(**TINY), tmp_path / "moved", progress=False)
     a, b = kept.gated_model.state_dict(), moved.gated_model.state_dict()
     maps = index_maps(moved.gated_model)
     for name, idx in maps.items():   # the elements the extracted network carries
@@ -130,16 +130,16 @@ def test_run_with_switch_equals_the_gated_run(tmp_path, monkeypatch):
 def test_resume_across_the_switch_equals_the_uninterrupted_run(tmp_path):
     """The checkpoint after epoch 1 is written after the switch (step 3): it holds the extracted network, its
     spec and the gated model; resuming from it gives the uninterrupted run bit for bit."""
-    cfg = trainer.PruneConfig(**TINY)
-    full = trainer.run_prune(cfg, tmp_path / "full", progress=False)
+    cfg = train.PruneConfig(**TINY)
+    full = train.run_prune(cfg, tmp_path / "full", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        trainer.run_prune(cfg, tmp_path / "cut", progress=False, interrupt_after=1)
+        train.run_prune(cfg, tmp_path / "cut", progress=False, interrupt_after=1)
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and {"spec", "gated_model"} <= set(ckpt)
     small_keys = {k: list(v.shape) for k, v in ckpt["model"].items()}
     assert small_keys == ckpt["spec"]["shapes"]                       # "model" is the extracted network
     assert any(small_keys[k] != list(v.shape) for k, v in ckpt["gated_model"].items() if k in small_keys)
-    resumed = trainer.run_prune(cfg, tmp_path / "cut", progress=False, resume=True)
+    resumed = train.run_prune(cfg, tmp_path / "cut", progress=False, resume=True)
     for k, v in full.gated_model.state_dict().items():
         assert torch.equal(v, resumed.gated_model.state_dict()[k]), k
     for k, v in full.pruned_model.state_dict().items():
@@ -149,17 +149,17 @@ def test_resume_across_the_switch_equals_the_uninterrupted_run(tmp_path):
 
 
 def test_switched_checkpoint_with_another_spec_is_refused(tmp_path, capsys):
-    cfg = trainer.PruneConfig(**TINY)
+    cfg = train.PruneConfig(**TINY)
     with pytest.raises(KeyboardInterrupt):
-        trainer.run_prune(cfg, tmp_path / "cut", progress=False, interrupt_after=1)
+        train.run_prune(cfg, tmp_path / "cut", progress=False, interrupt_after=1)
     path = tmp_path / "cut" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
     state["spec"]["groups"][0]["kept"] = state["spec"]["groups"][0]["kept"][1:]
-    trainer.Checkpointer(path).save(state)
+    train.Checkpointer(path).save(state)
     with pytest.raises(pp.errors.CheckpointError, match="field 'spec' does not match the gated model"):
-        trainer.run_prune(cfg, tmp_path / "cut", progress=False, resume=True)
+        train.run_prune(cfg, tmp_path / "cut", progress=False, resume=True)
     with pytest.raises(pp.errors.CheckpointError, match="keep_gated"):   # the other path is another recipe
-        trainer.run_prune(trainer.PruneConfig(**TINY, keep_gated=True), tmp_path / "cut", progress=False,
+        train.run_prune(train.PruneConfig(**TINY, keep_gated=True), tmp_path / "cut", progress=False,
                           resume=True)
 
 
