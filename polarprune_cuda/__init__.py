@@ -11,8 +11,8 @@ from .gates import (ChannelGate, GateBank, GatedBatchNorm2d, GatedConv2d, GatedL
 from .models import resnet20, resnet32, resnet44, resnet56, resnet110
 from .ops import BackendUnavailableError, CostModel, backend_info, functional, reference
 from .sparse import FGGP, GMP, AnnealedPruner
-from .surgery import (BudgetResult, ClosedBlock, attach_gates, count, depth, extract, kept_channels, load_pruned,
-                      meet_target, predicted_count, predicted_depth, removed_blocks, save_pruned,
+from .surgery import (BudgetResult, ClosedBlock, LatencyCost, attach_gates, count, depth, extract, kept_channels,
+                      latency_cost, load_pruned, meet_target, predicted_count, predicted_depth, removed_blocks, save_pruned,
                       scores_from_magnitude)
 from .train import OnePass, evaluate, split_parameters
 from ._version import __version__
@@ -36,6 +36,8 @@ __all__ = [
     "depth",
     "extract",
     "kept_channels",
+    "LatencyCost",
+    "latency_cost",
     "meet_target",
     "load_pruned",
     "predicted_count",

@@ -22,7 +22,7 @@ from .train.config import PruneConfig
 
 DEFAULTS = PruneConfig()
 MAX_REPORT_BYTES = 64 * 2 ** 20
-MAX_BATCH = 4096   # --latency-batch and export --batch: one example batch, allocated whole
+MAX_BATCH = PruneConfig.MAX_LATENCY_BATCH   # export --batch: one example batch, allocated whole (as --latency-batch)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +54,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-only", action="store_true", help="gate residual blocks only, no channel gates")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--baseline", action="store_true", help="also train the dense model with the same recipe")
-    p.add_argument("--latency-batch", type=int, default=32, help="batch of the CPU/GPU latency measured in the report")
     p.add_argument("--out", default=None, help="output folder (default runs/MODEL-DATASET-pSPARSITY)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
@@ -128,8 +127,6 @@ def _device(requested: str) -> str:
 
 def _check_cli_options(args) -> None:
     """The options that are not part of the recipe (PruneConfig.validate checks those)."""
-    if not 1 <= args.latency_batch <= MAX_BATCH:
-        raise ValueError(f"latency-batch must be a positive int (at most {MAX_BATCH}), got {args.latency_batch}")
     if args.interrupt_after_epoch is not None and args.interrupt_after_epoch < 1:
         raise ValueError(f"interrupt-after-epoch must be a positive int, got {args.interrupt_after_epoch}")
     if args.resume and args.overwrite:

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 COST = "macs"
+#: every cost a target can be a fraction of (``latency``: measured, :func:`~polarprune_cuda.latency_cost`)
+COSTS = ("channels", "params", "macs", "latency")
 MIN_CHANNELS = 4
 PRETRAINED_FREEZE = 0.01
 

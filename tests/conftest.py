@@ -14,14 +14,16 @@ from polarprune_cuda.ops import backends  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_clean_backend(monkeypatch):
-    """Fresh seed per test; no backend forced unless a test says so."""
+def _seed_and_clean_backend(monkeypatch, tmp_path_factory):
+    """Fresh seed per test; no backend forced unless a test says so; latency tables cached in the test's
+    temporary folders, never in the user's."""
     torch.manual_seed(1234)
     # the report's latency measures until its rounds agree or 10 s are spent: in the suite, tiny models on a busy
     # machine, at most 1 s (tests/test_cli.py checks the rule itself with explicit limits)
     from polarprune_cuda.train import report
 
     monkeypatch.setattr(report, "MAX_SECONDS", 1.0)
+    monkeypatch.setenv("POLARPRUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "polarprune-cache"))
     if "POLARPRUNE_BACKEND" in os.environ:
         monkeypatch.delenv("POLARPRUNE_BACKEND")
     backends._reset()

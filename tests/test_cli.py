@@ -451,3 +451,23 @@ def test_latency_speedup_is_the_rounds_median_with_its_spread_and_says_when_it_i
                                            "pruned": timed(clock, lambda i: 0.6 if i % 2 else 1.6)},
                                           x, warmup=0, clock=clock)
     assert report_mod.MAX_SECONDS == 1.0 and lat["dense"]["rounds"] == 30
+
+
+def test_cost_latency_run_reports_predicted_beside_measured(tmp_path, capsys, monkeypatch):
+    """--cost latency: the tables are measured at --latency-batch (cached where POLARPRUNE_CACHE_DIR says), the
+    budget is in milliseconds, and the report puts the cost model's prediction beside the measurement."""
+    monkeypatch.setenv("POLARPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    rc, cap = run(["prune", *TINY, "--epochs", "1", "--cost", "latency", "--target-sparsity", "0.3",
+                   "--out", str(out)], capsys)
+    assert rc == 0, cap.err
+    report = json.loads((out / "report.json").read_text())
+    tables = json.loads((tmp_path / "cache" / "latency.json").read_text())["tables"]
+    assert tables and all(json.loads(k)["batch"] == 4 for k in tables)
+    pred = report["latency"]["predicted"]
+    assert report["cost"] == "latency" and report["budget"]["cost"] == "latency"
+    assert report["achieved_sparsity"] == pytest.approx(1 - pred["pruned_ms"] / pred["dense_ms"])
+    assert report["achieved_sparsity"] == pytest.approx(report["budget"]["achieved_sparsity"])
+    assert pred["error"] == pytest.approx((pred["pruned_ms"] - report["latency"]["pruned"]["median_ms"])
+                                          / report["latency"]["pruned"]["median_ms"])
+    assert "latency predicted by the cost model" in (out / "report.md").read_text()

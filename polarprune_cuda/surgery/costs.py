@@ -248,3 +248,76 @@ def channel_cost_model(bank: GateBank, all_plans, plans, block_records, names) -
     if not any(linear.values()):
         return None
     return CostModel.from_terms(bank.scores.numel(), bank.sizes, linear, {}, 0.0)
+
+
+@dataclass
+class Site:
+    """One Conv2d, Linear or BatchNorm2d of a gated model and the gates its width depends on: its kept input
+    channels are ``sum_a share_a * S[a] + f_in`` and its kept output channels ``sum_b share_b * S[b] + f_out``
+    (``S[k]``: the sum of segment k's gates), times its block gate inside a gated branch."""
+
+    name: str
+    module: nn.Module
+    ins: list[tuple[int, float]]
+    f_in: int
+    outs: list[tuple[int, float]]
+    f_out: int
+    block: Block
+
+    @property
+    def per_channel(self) -> bool:
+        """A BatchNorm or a depthwise convolution: one width (its channels), no input side."""
+        m = self.module
+        return isinstance(m, nn.BatchNorm2d) or (isinstance(m, nn.Conv2d) and m.groups > 1
+                                                 and m.groups == m.in_channels == m.out_channels)
+
+
+def sites_of(model: nn.Module) -> list[Site]:
+    """Every Conv2d, Linear and BatchNorm2d of a model gated by attach_gates, with the segments of its widths
+    (from the bank's surgery record)."""
+    bank = find_bank(model)
+    record = getattr(bank, "surgery", None) if bank is not None else None
+    if record is None:
+        raise ValueError("model has no gates from attach_gates (call pp.attach_gates(model, example_inputs) first)")
+    sizes = bank.sizes
+    outs: dict[str, list[tuple[int, float]]] = {}
+    ins: dict[str, list[tuple[int, float]]] = {}
+    covered = {"out": {}, "in": {}}
+    for k, rec in enumerate(record.groups):
+        for side, name, idxs, _ in rec.members:
+            (outs if side == "out" else ins).setdefault(name, []).append((k, len(idxs) / sizes[k]))
+            covered[side][name] = covered[side].get(name, 0) + len(idxs)
+    block_of = {n: (b.segment, set(b.internal)) for b in record.blocks for n in b.branch}
+    sites = []
+    for name, m in model.named_modules():
+        if m is bank or not isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            continue
+        if isinstance(m, nn.BatchNorm2d):
+            n_in = n_out = m.num_features
+        elif isinstance(m, nn.Conv2d):
+            n_in, n_out = m.in_channels, m.out_channels
+        else:
+            n_in, n_out = m.in_features, m.out_features
+        site = Site(name, m, ins.get(name, []), n_in - covered["in"].get(name, 0), outs.get(name, []),
+                    n_out - covered["out"].get(name, 0), block_of.get(name))
+        if site.per_channel:
+            site.ins, site.f_in = [], 0
+        sites.append(site)
+    return sites
+
+
+def fitted_cost_model(n: int, sizes: list[int], sites: list[Site], coefs: dict[str, tuple[float, ...]],
+                      const: float) -> CostModel:
+    """A cost model from a fitted cost per layer: ``a + b * c_in + c * c_out + d * c_in * c_out`` for the site
+    named in ``coefs`` (``a + c * channels`` for a BatchNorm or depthwise convolution), plus ``const``."""
+    terms = _Terms(const=float(const))
+    for site in sites:
+        if site.name not in coefs:
+            continue
+        a, b, c, d = coefs[site.name]
+        _fixed(terms, site.block, a)
+        _add_linear(terms, site.block, c, site.outs, site.f_out)
+        if not site.per_channel:
+            _add_linear(terms, site.block, b, site.ins, site.f_in)
+            _add_product(terms, site.block, d, site.ins, site.f_in, site.outs, site.f_out)
+    return CostModel.from_terms(n, sizes, terms.linear, terms.pairs, terms.const)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..defaults import COST, MIN_CHANNELS, PRETRAINED_FREEZE
+from ..defaults import COST, COSTS, MIN_CHANNELS, PRETRAINED_FREEZE
 from ..ops.common import is_number
 from . import data as data_mod
 from ..ops.reference import POLAR_FORMS, STE_MODES
@@ -18,7 +18,6 @@ from ..sparse import fggp as fggp_mod
 METHODS = ("polar", "fggp", "gmp", "annealed")
 TARGET_CONTROLS = ("penalty", "dual")
 #: what the target sparsity is a fraction of
-COSTS = ("channels", "params", "macs")
 #: autocast dtypes (None: float32)
 AMP_MODES = ("bf16", "fp16")
 #: where the initial gate scores come from (auto: the pretrained weights' ranks with --init, else constant)
@@ -62,7 +61,8 @@ class PruneConfig:
                        choices=METHODS)
     target_sparsity: float = _opt(0.5, "fraction of the cost to remove, in [0, 1) (unstructured methods: of the "
                                        "weights, in (0, 1))")
-    cost: str = _opt(COST, "what the target sparsity is a fraction of", choices=COSTS)
+    cost: str = _opt(COST, "what the target sparsity is a fraction of (latency: measured on --device at "
+                           "--latency-batch, tables cached in ~/.cache/polarprune_cuda)", choices=COSTS)
     epochs: int = _opt(40, "training epochs, the whole one pass")
     batch_size: int = _opt(64, "the global batch (under torchrun: split over the processes)")
     lr: float = _opt(0.1, "weights' learning rate (cosine decay)")
@@ -128,6 +128,7 @@ class PruneConfig:
     amp: str | None = _opt(None, "mixed precision: autocast to bf16 or fp16 (fp16 adds a grad scaler)",
                            choices=AMP_MODES)
     channels_last: bool = _opt(False, "NHWC memory format for weights and activations")
+    latency_batch: int = _opt(32, "batch of the latency: measured in the report, and the tables of --cost latency")
     # under torchrun: BatchNorm statistics over the global batch (same result as one process)
     sync_bn: bool = _opt(False, "under torchrun: BatchNorm statistics over the global batch (the result of one "
                                 "process)")
@@ -140,6 +141,8 @@ class PruneConfig:
 
     #: fields that may differ between a run and the checkpoint it resumes from
     RESUME_FREE = ("data_dir", "device", "workers")
+    #: the most --latency-batch allocates as one example batch
+    MAX_LATENCY_BATCH = 4096
 
     def validate(self) -> None:
         """ValueError naming the option (CLI spelling) whose value is out of its range; the checks run in this
@@ -201,7 +204,7 @@ class PruneConfig:
         if self.amp is not None and self.amp not in AMP_MODES:
             raise ValueError(f"amp must be bf16 or fp16 (or left out for float32), got {self.amp!r}")
         if self.cost not in COSTS:
-            raise ValueError(f"cost must be channels, params or macs, got {self.cost!r}")
+            raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
         if self.dataset not in data_mod.DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(data_mod.DATASETS)}, got {self.dataset!r}")
 
@@ -230,6 +233,10 @@ class PruneConfig:
                 self._positive_int(name)
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
+        if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) \
+                or not 1 <= self.latency_batch <= self.MAX_LATENCY_BATCH:
+            raise ValueError(f"latency-batch must be a positive int (at most {self.MAX_LATENCY_BATCH}), got "
+                             f"{self.latency_batch!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not 0 <= self.label_smoothing < 1:

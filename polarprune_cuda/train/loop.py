@@ -396,7 +396,9 @@ def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gate
                              ramp_steps=int(round(cfg.schedule_epochs(epochs)[1] * steps_per_epoch)),
                              target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
                              polarization=cfg.polarization, check_group=False, hold_scores=False,
-                             restart_schedule=False)   # the CLI's SGD schedule runs on (--freeze-lr-scale)
+                             restart_schedule=False,   # the CLI's SGD schedule runs on (--freeze-lr-scale)
+                             latency_inputs=data.example_input(cfg.latency_batch).to(device)
+                             if cfg.cost == "latency" else None)
         recipe.advice = "train longer (--epochs), freeze later (--freeze-gates-at) or raise --gate-lr"
         loss_fn = recipe.loss
     counter, source = energy_mod.open_counter(device)

@@ -45,7 +45,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
-from ..defaults import COST, MIN_CHANNELS, PRETRAINED_FREEZE
+from ..defaults import COST, COSTS, MIN_CHANNELS, PRETRAINED_FREEZE
 from ..ops.common import is_number
 from ..gates.bank import find_bank
 from ..gates.loss import PolarizationLoss, gate_stats
@@ -129,7 +129,8 @@ class OnePass:
         total_steps: the run's length in optimizer steps (:meth:`step` calls).
         optimizer: the user's optimizer (one of :data:`CARRIED`); see :func:`check_gate_group` for its groups.
         scheduler: the user's learning-rate scheduler, if any (kept working across the switch).
-        cost: ``"macs"``, ``"params"`` or ``"channels"``.
+        cost: ``"macs"``, ``"params"``, ``"channels"`` or ``"latency"`` (measured here, unless the model's bank has
+            it: :func:`~polarprune_cuda.latency_cost` on ``latency_inputs``).
         freeze_at, warmup, ramp: fractions of ``total_steps``: where the gates freeze (default 0.3), how long
             without the penalty (1/12), how long it ramps in (1/6).
         pretrained: the model's weights are trained: rank the gate scores by them
@@ -150,6 +151,9 @@ class OnePass:
             ``LambdaLR`` (its lambdas rescaled in time) or a ``CosineAnnealingLR`` (its ``T_max`` set to the steps
             left). Measured with AdamW (benchmarks/results/user-loop-adamw-levers-fashion-12k.md): it closes most of
             the gap to dense training. Another scheduler with it is refused at construction (pass False).
+        latency_inputs: with ``cost="latency"``, the batch the latency is for (its size, device and dtype;
+            default ``example_inputs``).
+        latency_cache: the latency tables' file (default: :func:`polarprune_cuda.surgery.latency.default_cache`).
         hold_scores: outside the gate window the scores get no gradient, so no optimizer moves them (False:
             the caller's schedule holds them, as the CLI's gives their group a learning rate of 0 there, its SGD
             momentum gathering the task's gradient during the warm-up).
@@ -166,8 +170,9 @@ class OnePass:
                  min_channels: int = MIN_CHANNELS, round_to: int | None = None, ste: str = "identity",
                  init: float = 1.0, wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None,
                  check_group: bool = True, hold_scores: bool = True, restart_schedule: bool = True,
-                 pretrained: bool = False):
+                 pretrained: bool = False, latency_inputs=None, latency_cache=None):
         from ..surgery.attach import attach_gates, scores_from_magnitude
+        from ..surgery.latency import latency_cost
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -199,11 +204,16 @@ class OnePass:
             warmup = 0.0 if self.ranked_freeze else WARMUP
         self.freeze_at = _number("freeze_at", freeze_at, 0.0, 1.0, hi_open=False)
         warmup, ramp_ = _number("warmup", warmup, 0.0, 1.0), _number("ramp", ramp, 0.0, 1.0)
-        if cost not in ("macs", "params", "channels"):
-            raise ValueError(f"cost must be one of macs, params, channels, got {cost!r}")
+        if cost not in COSTS:
+            raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
         if find_bank(model) is None:
             attach_gates(model, example_inputs, min_channels=min_channels, round_to=round_to, ste=ste, init=init)
         self.bank = find_bank(model)
+        #: what latency_cost measured (cost "latency" only)
+        self.latency = None
+        if cost == "latency" and "latency" not in self.bank.cost_kinds:
+            self.latency = latency_cost(model, example_inputs if latency_inputs is None else latency_inputs,
+                                        cache=latency_cache, progress=True)
         if pretrained:
             scores_from_magnitude(model)
         self.gated = model

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import energy
 from .._io import write_text
+from ..gates.bank import find_bank
 from .plots import plots, sparse_plots
 
 REPORT_FORMAT = 1
@@ -147,6 +148,19 @@ def training_section(result) -> dict | None:
     return {"run": own, "baseline": base, "ratio": ratio}
 
 
+def predicted_latency(gated: nn.Module, latency: dict) -> dict | None:
+    """What the ``latency`` cost model of the gated model predicts for the dense and the extracted network (ms
+    per batch), against what was measured (``latency``: :func:`latency_side_by_side`'s)."""
+    bank = find_bank(gated)
+    if bank is None or "latency" not in bank.cost_kinds:
+        return None
+    cm = bank.cost_model("latency")
+    pruned_ms = float(cm.cost(bank.effective((bank.scores.detach() > 0).float())))
+    measured = latency["pruned"]["median_ms"]
+    return {"dense_ms": cm.total, "pruned_ms": pruned_ms, "speedup": cm.total / pruned_ms,
+            "error": (pruned_ms - measured) / measured}
+
+
 def build_report(result, command: list[str], latency: dict, energy: dict, latency_batch: int) -> dict:
     if getattr(result, "pruner", None) is not None:
         return build_sparse_report(result, command, latency, energy, latency_batch)
@@ -160,6 +174,9 @@ def build_report(result, command: list[str], latency: dict, energy: dict, latenc
     }
     rounds = latency.get("speedup_rounds")
     speedup = rounds["median"] if rounds else latency["dense"]["median_ms"] / latency["pruned"]["median_ms"]
+    predicted = predicted_latency(result.gated_model, latency) if cfg.cost == "latency" else None
+    if predicted is not None:
+        sparsity["latency"] = 1 - predicted["pruned_ms"] / predicted["dense_ms"]
     report = {
         "format": REPORT_FORMAT,
         "method": "polar",
@@ -184,7 +201,7 @@ def build_report(result, command: list[str], latency: dict, energy: dict, latenc
         },
         "latency": {"device": str(next(result.pruned_model.parameters()).device), "batch": latency_batch,
                     "threads": torch.get_num_threads(), **latency, "speedup": speedup,
-                    "macs_ratio": dense["macs"] / pruned["macs"]},
+                    "macs_ratio": dense["macs"] / pruned["macs"], "predicted": predicted},
         "energy": energy,
         "history": {k: v for k, v in vars(result.history).items()},
         "seconds": result.seconds,
@@ -224,6 +241,10 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         (f"latency, batch {lat['batch']} ({lat['device']}, median ms)", f"{lat['dense']['median_ms']:.2f}",
          f"{lat['pruned']['median_ms']:.2f}"),
     ]
+    if lat.get("predicted"):
+        pred = lat["predicted"]
+        rows.append(("latency predicted by the cost model (ms)", f"{pred['dense_ms']:.2f}",
+                     f"{pred['pruned_ms']:.2f} ({100 * pred['error']:+.1f}% of measured)"))
     acc = report["accuracy"]
     rows.append(("test accuracy", "-" if acc["baseline"] is None else f"{100 * acc['baseline']:.2f}%",
                  f"{100 * acc['pruned']:.2f}%"))

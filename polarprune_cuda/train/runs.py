@@ -203,6 +203,9 @@ def run_dense(cfg: PruneConfig, out_dir, *, resume: bool = True, progress: bool 
 
 
 def _check_world(cfg: PruneConfig, info: dist_mod.DistInfo) -> None:
+    if info.enabled and cfg.cost == "latency":
+        raise ValueError("cost latency runs on one process: each rank would time its own tables (run without "
+                         "torchrun, or choose --cost macs)")
     if info.enabled and cfg.batch_size < info.world_size:
         raise ValueError(f"batch-size is the global batch and must be at least the number of processes "
                          f"({info.world_size}), got {cfg.batch_size}")

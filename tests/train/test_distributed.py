@@ -178,3 +178,9 @@ def test_mixed_precision_run_extracts_a_matching_model(tmp_path, amp):
 def test_amp_option_is_checked(tmp_path):
     with pytest.raises(ValueError, match="amp must be bf16 or fp16"):
         train.PruneConfig(amp="int8").validate()
+
+
+def test_cost_latency_is_refused_under_torchrun():
+    info = dist_mod.DistInfo(rank=0, world_size=2)
+    with pytest.raises(ValueError, match="cost latency runs on one process"):
+        runs._check_world(train.PruneConfig(cost="latency"), info)

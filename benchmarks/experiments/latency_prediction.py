@@ -1,0 +1,153 @@
+"""How well the latency cost predicts, and what asking for latency buys over asking for MACs.
+
+For each model (CIFAR-style ResNet-20 and ResNet-56, torchvision ResNet-50; 3x32x32 inputs, the CLI's
+--latency-batch 32 and its threads): gates attached, scores ranked by the weights' group magnitude, the latency
+tables measured (pp.latency_cost), then for each target and each cost (latency, MACs) the exact budget
+(pp.meet_target), the extraction, and the dense and extracted networks timed side by side (the report's
+interleaved rounds). Written: the predicted and measured latency of each extracted network, the measured speedup,
+and whether the measured latency is within 10% of the target's ``(1 - target)`` of dense. The figure plots
+predicted against measured.
+
+    python benchmarks/experiments/latency_prediction.py --models resnet20 resnet56 resnet50
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _record  # noqa: E402
+import polarprune_cuda as pp  # noqa: E402
+from polarprune_cuda.models import build_model  # noqa: E402
+from polarprune_cuda.surgery.latency import device_name  # noqa: E402
+from polarprune_cuda.train import report as report_mod  # noqa: E402
+from polarprune_cuda.train.report import versions  # noqa: E402
+
+#: the prediction is good within this relative error of the measured latency; a target is met within it too
+WITHIN = 0.10
+
+
+def one_model(name: str, targets, batch: int, seed: int, cache, max_seconds: float) -> list[dict]:
+    torch.manual_seed(seed)
+    model = build_model(name, 10, 3, True).eval()
+    x = torch.randn(batch, 3, 32, 32)
+    pp.attach_gates(model, x[:1])
+    pp.scores_from_magnitude(model)
+    built = pp.latency_cost(model, x, cache=cache, max_seconds=max_seconds, progress=True)
+    bank = pp.find_bank(model)
+    ranked = bank.scores.detach().clone()
+    with torch.no_grad():
+        bank.scores.abs_()   # every gate open: the dense network, gates folded away
+    dense = pp.extract(model, x[:1])
+    rows = []
+    for cost in ("latency", "macs"):
+        for target in targets:
+            with torch.no_grad():
+                bank.scores.copy_(ranked)
+            budget = pp.meet_target(model, target, cost)
+            predicted = built.predict(model)
+            small = pp.extract(model, x[:1])
+            lat = report_mod.latency_side_by_side({"dense": dense, "pruned": small}, x, max_seconds=20.0)
+            dense_ms, pruned_ms = lat["dense"]["median_ms"], lat["pruned"]["median_ms"]
+            macs = pp.count(small, x[:1])["macs"] / pp.count(dense, x[:1])["macs"]
+            rows.append({
+                "model": name, "cost": cost, "target": target, "achieved": budget.achieved_sparsity,
+                "predicted_ms": predicted, "measured_ms": pruned_ms, "dense_ms": dense_ms,
+                "predicted_dense_ms": bank.cost_model("latency").total,
+                "error": (predicted - pruned_ms) / pruned_ms,
+                "speedup": lat["speedup_rounds"]["median"], "speedup_q": [lat["speedup_rounds"]["q1"],
+                                                                          lat["speedup_rounds"]["q3"]],
+                "latency_share": pruned_ms / dense_ms, "macs_share": macs,
+                "latency_target_met": abs(pruned_ms / dense_ms - (1 - target)) <= WITHIN * (1 - target),
+            })
+            print(f"{name} {cost} {target}: predicted {predicted:.2f} ms, measured {pruned_ms:.2f} ms "
+                  f"({100 * rows[-1]['error']:+.1f}%), speedup {rows[-1]['speedup']:.2f}x, latency share "
+                  f"{rows[-1]['latency_share']:.3f} (asked {1 - target:.2f}), MACs share {macs:.3f}", flush=True)
+    return [{"model": name, "build": {"seconds": built.seconds, "tables": len(built.tables),
+                                      "measured": built.measured, "scale": built.scale, "rest_ms": built.rest_ms,
+                                      "calibration": built.calibration}}] + rows
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    markers = {"latency": "o", "macs": "s"}
+    for model in sorted({r["model"] for r in rows}):
+        for cost, marker in markers.items():
+            pts = [r for r in rows if r["model"] == model and r["cost"] == cost]
+            ax.scatter([r["measured_ms"] for r in pts], [r["predicted_ms"] for r in pts], marker=marker,
+                       label=f"{model}, {cost} target")
+    lo = min(min(r["measured_ms"], r["predicted_ms"]) for r in rows) * 0.8
+    hi = max(max(r["measured_ms"], r["predicted_ms"]) for r in rows) * 1.2
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    ax.fill_between([lo, hi], [lo * (1 - WITHIN), hi * (1 - WITHIN)], [lo * (1 + WITHIN), hi * (1 + WITHIN)],
+                    color="0.9", label="within 10%")
+    ax.set(xscale="log", yscale="log", xlabel="measured latency of the extracted network (ms per batch)",
+           ylabel="predicted by the latency cost (ms)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "resnet50"])
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="bound on each model's table build")
+    parser.add_argument("--cache", default=None, help="the tables' file (default: the library's)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--tag", default="cpu")
+    args = parser.parse_args(argv)
+    start = time.time()
+    rows, builds = [], []
+    for name in args.models:
+        got = one_model(name, args.targets, args.batch, args.seed, args.cache, args.max_seconds)
+        builds.append(got[0])
+        rows += got[1:]
+    stem = f"latency-prediction-{args.tag}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    figure(rows, out / f"{stem}.png")
+    device = device_name(torch.device("cpu"))
+    lines = [f"# Latency cost: predicted against measured ({device}, batch {args.batch})", "",
+             f"`{_record.command('latency_prediction.py', argv)}`", "",
+             f"![predicted against measured]({stem}.png)", "",
+             "| model | target of | target | predicted ms | measured ms | error | measured speedup | latency share "
+             "(asked) | MACs share | latency within 10% |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['cost']} | {r['target']:.2f} | {r['predicted_ms']:.2f} | "
+                     f"{r['measured_ms']:.2f} | {100 * r['error']:+.1f}% | {r['speedup']:.2f}x | "
+                     f"{r['latency_share']:.3f} ({1 - r['target']:.2f}) | {r['macs_share']:.3f} | "
+                     f"{'yes' if r['latency_target_met'] else 'no'} |")
+    lat_rows = [r for r in rows if r["cost"] == "latency"]
+    within = sum(abs(r["error"]) <= WITHIN for r in lat_rows)
+    lines += ["", f"Prediction within 10% of measured: {within} of {len(lat_rows)} latency-targeted extractions "
+              f"(all rows: {sum(abs(r['error']) <= WITHIN for r in rows)} of {len(rows)}). Latency target met "
+              f"within 10%: {sum(r['latency_target_met'] for r in lat_rows)} of {len(lat_rows)} asking for latency, "
+              f"{sum(r['latency_target_met'] for r in rows if r['cost'] == 'macs')} of "
+              f"{len(rows) - len(lat_rows)} asking for MACs.", "",
+              "Table builds: " + "; ".join(f"{b['model']} {b['build']['seconds']:.0f} s ({b['build']['tables']} "
+                                            f"layers, scale {b['build']['scale']:.2f}, rest "
+                                            f"{b['build']['rest_ms']:.2f} ms)" for b in builds) + ".",
+              "", f"Wall time {time.time() - start:.0f} s, {torch.get_num_threads()} threads."]
+    record = {"command": _record.command("latency_prediction.py", argv), "device": device, "batch": args.batch,
+              "threads": torch.get_num_threads(), "versions": versions(), "builds": builds, "rows": rows}
+    _record.write(out, stem, record, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""Latency as a cost: each layer's time measured over a grid of kept widths on the user's device, a fit per layer,
+and the network's predicted latency as a :class:`~polarprune_cuda.ops.cost.CostModel`.
+
+:func:`latency_cost` times every Conv2d, Linear and BatchNorm2d of a gated model on its own (a fresh layer of
+the kept widths, the input it sees in the model, the example batch, device and dtype), on a grid of kept input
+and output widths. Each layer's times are fitted by ``a + b * c_in + c * c_out + d * c_in * c_out``
+(``b, c, d >= 0``: a wider layer is never faster), which is the form of the exact MACs model, so the exact budget
+(:func:`~polarprune_cuda.meet_target`), the penalty and its kernels take ``cost="latency"`` as they take MACs.
+Layers timed alone run faster than inside the network (their data stays in cache), and the network does more
+than its layers (activations, additions, pooling, the framework's calls): whole extracted networks, every group
+kept at 100%, 75%, 50% and 25% (``CALIBRATION``), are timed, and the layers' sum is scaled and offset to fit them
+(least squares). The model is registered on the gate bank as ``latency``, in milliseconds per batch.
+
+Tables are cached in a JSON file (``cache``; default ``$POLARPRUNE_CACHE_DIR/latency.json``, else
+``~/.cache/polarprune_cuda/latency.json``) under a key naming the layer (type, widths, kernel, stride, padding,
+groups, bias, input size), the device (CPU model or GPU name), the thread count, the dtype, the batch and the
+torch version: a table measured anywhere else is not reused. The file is rewritten atomically after every layer,
+so an interrupted build keeps what it measured.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._io import write_text
+from ..gates.bank import find_bank
+from .costs import Site, fitted_cost_model, sites_of
+from .extract import extract
+from .inputs import as_inputs, eval_mode, run_on
+
+CACHE_FORMAT = 1
+#: kept-width fractions of a layer's channels the tables are measured at (fewer where the time bound asks)
+GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
+#: each timing repeats the call until this much time has passed (and at least MIN_REPEATS times)
+MIN_SECONDS = 0.01
+MIN_REPEATS = 5
+MAX_REPEATS = 200
+#: the kept fractions of every group at which whole extracted networks are timed to calibrate the layers' sum
+CALIBRATION = (1.0, 0.75, 0.5, 0.25)
+
+
+def default_cache() -> Path:
+    root = os.environ.get("POLARPRUNE_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "polarprune_cuda") / "latency.json"
+
+
+def device_name(device: torch.device) -> str:
+    """What the tables' key says of the device: the GPU's name, or the CPU's model and the thread count."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{model}:{torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, clock=time.perf_counter) -> float:
+    """Median seconds of one call of ``fn`` (two warm-up calls; repeated for MIN_SECONDS, MIN_REPEATS to
+    MAX_REPEATS times)."""
+    for _ in range(2):
+        fn()
+    _sync(device)
+    times = []
+    start = clock()
+    while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or clock() - start < MIN_SECONDS):
+        t0 = clock()
+        fn()
+        _sync(device)
+        times.append(clock() - t0)
+    return statistics.median(times)
+
+
+def layer_ms(layer: nn.Module, x: torch.Tensor) -> float:
+    """Milliseconds of one call of a layer on ``x`` (inference mode, :func:`time_call`)."""
+    with torch.inference_mode():
+        return time_call(lambda: layer(x), x.device) * 1e3
+
+
+def network_ms(net: nn.Module, inputs: tuple) -> float:
+    """Milliseconds of one forward pass of a network (eval and inference mode, :func:`time_call`)."""
+    with eval_mode(net), torch.inference_mode():
+        return time_call(lambda: run_on(net, inputs), inputs[0].device) * 1e3
+
+
+@dataclass
+class Table:
+    """One layer's measured times (ms) over kept input and output widths."""
+
+    widths_in: list[int]
+    widths_out: list[int]
+    ms: list[list[float]]   # ms[i][j]: widths_in[i] input and widths_out[j] output channels
+
+    def points(self):
+        for i, ci in enumerate(self.widths_in):
+            for j, co in enumerate(self.widths_out):
+                yield ci, co, self.ms[i][j]
+
+
+def _widths(full: int, gated: bool, grid, multiple: int = 1) -> list[int]:
+    if not gated:
+        return [full]
+    return sorted({max(multiple, int(round(f * full / multiple)) * multiple) for f in grid})
+
+
+def _layer(m: nn.Module, c_in: int, c_out: int) -> nn.Module:
+    """A fresh layer like ``m`` with ``c_in`` input and ``c_out`` output channels (one width: BatchNorm and
+    depthwise convolution, ``c_out``)."""
+    if isinstance(m, nn.BatchNorm2d):
+        return nn.BatchNorm2d(c_out, affine=m.affine)
+    if isinstance(m, nn.Linear):
+        return nn.Linear(c_in, c_out, bias=m.bias is not None)
+    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    groups = c_out if depthwise else m.groups
+    return nn.Conv2d(c_out if depthwise else c_in, c_out, m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                     m.bias is not None, m.padding_mode)
+
+
+def _signature(m: nn.Module, shape: tuple) -> dict:
+    """What a layer's time depends on, but for its widths: the key of its table (with the device's)."""
+    if isinstance(m, nn.Conv2d):
+        depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+        return {"type": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
+                "stride": list(m.stride), "padding": list(m.padding) if not isinstance(m.padding, str) else m.padding,
+                "dilation": list(m.dilation), "groups": "depthwise" if depthwise else m.groups,
+                "bias": m.bias is not None, "padding_mode": m.padding_mode, "input": list(shape)}
+    if isinstance(m, nn.Linear):
+        return {"type": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                "input": list(shape)}
+    return {"type": "batchnorm2d", "channels": m.num_features, "affine": m.affine, "input": list(shape)}
+
+
+def _input_shapes(model: nn.Module, inputs, modules) -> dict[nn.Module, tuple]:
+    """The input of each module per call, but for its batch and channels (the spatial size, or the features'
+    leading dims for a Linear)."""
+    shapes = {}
+
+    def hook(module, args):
+        x = args[0]
+        shapes[module] = tuple(x.shape[2:]) if x.dim() > 2 and not isinstance(module, nn.Linear) \
+            else tuple(x.shape[1:-1])
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        with eval_mode(model), torch.no_grad():
+            run_on(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _measure(m: nn.Module, table_in: list[int], table_out: list[int], batch: int, shape: tuple, device, dtype,
+             tick) -> Table:
+    ms = []
+    for c_in in table_in:
+        row = []
+        for c_out in table_out:
+            layer = _layer(m, c_in, c_out).to(device=device, dtype=dtype).eval()
+            width = c_in if isinstance(m, nn.Linear) or not _one_width(m) else c_out
+            x = torch.randn(batch, *shape, width, device=device, dtype=dtype) if isinstance(m, nn.Linear) \
+                else torch.randn(batch, width, *shape, device=device, dtype=dtype)
+            row.append(layer_ms(layer, x))
+            tick()
+        ms.append(row)
+    return Table(table_in, table_out, ms)
+
+
+def _one_width(m: nn.Module) -> bool:
+    return isinstance(m, nn.BatchNorm2d) or (isinstance(m, nn.Conv2d) and m.groups > 1
+                                             and m.groups == m.in_channels == m.out_channels)
+
+
+def fit(table: Table, one_width: bool = False) -> tuple[float, float, float, float]:
+    """``(a, b, c, d)`` of ``t = a + b * c_in + c * c_out + d * c_in * c_out`` fitted to a table by least squares
+    relative to each time, with ``b, c, d >= 0`` (the best fit over the subsets of them left free); a width that
+    does not vary gets no coefficient of its own (``one_width``: ``t = a + c * c_out``)."""
+    pts = list(table.points())
+    t = torch.tensor([p[2] for p in pts], dtype=torch.float64)
+    ci = torch.tensor([float(p[0]) for p in pts], dtype=torch.float64)
+    co = torch.tensor([float(p[1]) for p in pts], dtype=torch.float64)
+    columns = {"b": ci, "c": co, "d": ci * co}
+    if one_width:
+        columns = {"c": co}
+    if len(set(table.widths_in)) < 2:
+        columns.pop("b", None)
+        columns.pop("d", None)
+    if len(set(table.widths_out)) < 2:
+        columns.pop("c", None)
+        columns.pop("d", None)
+    w = 1.0 / t.clamp_min(1e-9)
+    best = None
+    names = list(columns)
+    for mask in range(1 << len(names)):
+        free = [n for k, n in enumerate(names) if mask >> k & 1]
+        X = torch.stack([torch.ones_like(t)] + [columns[n] for n in free], 1)
+        sol = torch.linalg.lstsq(X * w[:, None], (t * w)[:, None]).solution[:, 0]
+        if any(float(v) < 0 for v in sol[1:]):
+            continue
+        err = float((((X @ sol) - t) * w).pow(2).sum())
+        if best is None or err < best[0] - 1e-15:
+            best = (err, dict(zip(["a"] + free, sol.tolist())))
+    coef = best[1]
+    return coef["a"], coef.get("b", 0.0), coef.get("c", 0.0), coef.get("d", 0.0)
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"latency cache {path} is unreadable ({exc}); measuring anew and rewriting it")
+        return {}
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("tables"), dict):
+        warnings.warn(f"latency cache {path} is not a table file of this version; measuring anew and rewriting it")
+        return {}
+    return data["tables"]
+
+
+def _table_of(entry) -> Table | None:
+    try:
+        table = Table([int(v) for v in entry["widths_in"]], [int(v) for v in entry["widths_out"]],
+                      [[float(v) for v in row] for row in entry["ms"]])
+    except (KeyError, TypeError, ValueError):
+        return None
+    ok = len(table.ms) == len(table.widths_in) and all(len(r) == len(table.widths_out) for r in table.ms)
+    return table if ok and all(v > 0 and v == v and v != float("inf") for r in table.ms for v in r) else None
+
+
+@dataclass
+class LatencyCost:
+    """What :func:`latency_cost` measured and fitted; the cost model is registered on the bank as ``latency``."""
+
+    key: dict                                  # device, threads, dtype, batch, torch version of every table
+    tables: dict[str, Table]                   # layer name -> its table
+    coefs: dict[str, tuple[float, ...]]        # layer name -> (a, b, c, d) in ms
+    dense_ms: float                            # the dense network, measured
+    rest_ms: float                             # the constant: what the layers do not account for
+    scale: float                               # measured network time per ms of the layers' isolated times
+    calibration: list[tuple[float, float]]     # (layers' sum, measured network) at each CALIBRATION width, ms
+    measured: int                              # tables measured now (the others came from the cache)
+    seconds: float                             # time the build took
+    cache: Path | None = None
+    model: object = field(default=None, repr=False)   # the CostModel
+
+    def predict(self, model: nn.Module) -> float:
+        """Predicted latency (ms) of the network ``model``'s hard gates extract to."""
+        bank = find_bank(model)
+        return float(self.model.cost(bank.effective((bank.scores.detach() > 0).float())))
+
+
+def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike | None" = None,
+                 max_seconds: float = 120.0, progress: bool = False, grid=GRID) -> LatencyCost:
+    """Measure the latency tables of a gated model and register its ``latency`` cost (ms per batch) on the bank.
+
+    Args:
+        model: a model gated by :func:`~polarprune_cuda.attach_gates`, on the device to measure on.
+        example_inputs: one batch on that device, of the batch size and dtype the latency is for.
+        cache: the tables' JSON file (default :func:`default_cache`); ``False`` measures without one.
+        max_seconds: the bound on the build: the grid shrinks (to two widths a side at least) so that the
+            layers still to measure fit in it, estimated from the full-width time of each.
+        progress: a progress bar over the layers to measure.
+        grid: the kept-width fractions measured (a layer's width that no gate changes is measured at full).
+
+    Returns the :class:`LatencyCost`; ``meet_target(model, t, "latency")`` and
+    ``PolarizationLoss(cost="latency")`` then use it.
+    """
+    start = time.perf_counter()
+    bank = find_bank(model)
+    sites = sites_of(model)   # refuses a model without gates
+    inputs = as_inputs(example_inputs)
+    if not (isinstance(max_seconds, (int, float)) and not isinstance(max_seconds, bool) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be a positive number, got {max_seconds!r}")
+    device, dtype, batch = inputs[0].device, inputs[0].dtype, int(inputs[0].shape[0])
+    if not dtype.is_floating_point:
+        raise ValueError(f"example_inputs must be floating point (the dtype the latency is for), got {dtype}")
+    key = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+           "torch": torch.__version__.split("+")[0]}
+    path = None if cache is False else Path(cache) if cache is not None else default_cache()
+    stored = _load_cache(path) if path is not None else {}
+    shapes = _input_shapes(model, inputs, [s.module for s in sites])
+    plan = []   # (site, table key, widths in, widths out) of the sites whose table is not stored
+    tables: dict[str, Table] = {}
+    for site in sites:
+        if site.module not in shapes:
+            continue   # not called in the forward pass: costs nothing
+        m = site.module
+        sig = json.dumps({**_signature(m, shapes[site.module]), **key}, sort_keys=True)
+        table = _table_of(stored.get(sig)) if sig in stored else None
+        if table is not None:
+            tables[site.name] = table
+        else:
+            plan.append((site, sig))
+    measured = _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress)
+    coefs = {name: fit(t, _one_width(model.get_submodule(name))) for name, t in tables.items()}
+    n, sizes = bank.scores.numel(), bank.sizes
+    layers = fitted_cost_model(n, sizes, sites, coefs, 0.0)
+    points = calibration_points(model, inputs, layers)
+    scale, rest = _line([p[0] for p in points], [p[1] for p in points])
+    coefs = {name: tuple(scale * v for v in c) for name, c in coefs.items()}
+    cm = fitted_cost_model(n, sizes, sites, coefs, rest)
+    bank.set_cost("latency", cm)
+    return LatencyCost(key, tables, coefs, points[0][1], rest, scale, points, measured,
+                       time.perf_counter() - start, path, model=cm)
+
+
+def uniform_gates(bank, keep: float) -> torch.Tensor:
+    """Hard gates keeping the first ``ceil(keep * size)`` channels of every channel segment (block gates open)."""
+    g = torch.ones(bank.scores.numel(), device=bank.scores.device)
+    for k, (start, size) in enumerate(zip(bank.offsets, bank.sizes)):
+        if k < len(bank.surgery.groups):
+            g[start + max(1, math.ceil(keep * size)):start + size] = 0.0
+    return g
+
+
+def calibration_points(model: nn.Module, inputs, layers) -> list[tuple[float, float]]:
+    """(the layers' summed time, the extracted network's measured time) at every CALIBRATION width, in ms."""
+    bank = find_bank(model)
+    saved = bank.scores.detach().clone()
+    points = []
+    try:
+        for keep in CALIBRATION:
+            g = uniform_gates(bank, keep)
+            with torch.no_grad():
+                bank.scores.copy_(g * 2.0 - 1.0)
+            net = extract(model, inputs, verify=False).eval()
+            points.append((float(layers.cost(bank.effective(g))), network_ms(net, inputs)))
+    finally:
+        with torch.no_grad():
+            bank.scores.copy_(saved)
+    return points
+
+
+def _line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line through the points; slope 1 through the mean with one point
+    or a non-positive slope."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx if sxx > 0 else 1.0
+    if not slope > 0:
+        slope = 1.0
+    return slope, my - slope * mx
+
+
+def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress) -> int:
+    """Measure the tables in ``plan`` (the same key once), within ``max_seconds``; store each in the cache."""
+    if not plan:
+        return 0
+    unique: dict[str, Site] = {}
+    for site, sig in plan:
+        unique.setdefault(sig, site)
+    # each point costs about its full-width call times the repeats (MIN_SECONDS at least): the finest grid that
+    # fits in max_seconds, two widths a side at least (what the fit needs)
+    per_point = {}
+    for sig, site in unique.items():
+        m = site.module
+        full_ms = _measure(m, [_full_in(m)], [_full_out(m)], batch, shapes[m], device, dtype, lambda: None).ms[0][0]
+        per_point[sig] = max(full_ms * 1e-3 * MIN_REPEATS, MIN_SECONDS) + 2 * full_ms * 1e-3
+    fine = tuple(sorted(set(grid) | {1.0}))
+    for grids in (fine, tuple(sorted(set(fine[::2]) | {1.0})), (fine[0], 1.0)):
+        if sum(per_point[sig] * _npoints(site, grids) for sig, site in unique.items()) <= max_seconds:
+            break
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:   # the core install has no tqdm: no bar
+            tqdm = None
+    if progress and tqdm is not None:
+        bar = tqdm(total=sum(_npoints(site, grids) for site in unique.values()), desc="latency tables",
+                   unit="point", leave=False)
+    try:
+        for sig, site in unique.items():
+            m = site.module
+            multiple = m.groups if isinstance(m, nn.Conv2d) and not _one_width(m) else 1
+            w_in = [0] if _one_width(m) else _widths(_full_in(m), bool(site.ins), grids, multiple)
+            w_out = _widths(_full_out(m), bool(site.outs), grids, multiple)
+            table = _measure(m, w_in, w_out, batch, shapes[m], device, dtype, bar.update if bar else lambda: None)
+            stored[sig] = {"widths_in": table.widths_in, "widths_out": table.widths_out, "ms": table.ms}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text(path, json.dumps({"format": CACHE_FORMAT, "tables": stored}, sort_keys=True))
+            for s, sg in plan:
+                if sg == sig:
+                    tables[s.name] = table
+    finally:
+        if bar is not None:
+            bar.close()
+    return len(unique)
+
+
+def _npoints(site: Site, grid) -> int:
+    n_in = 1 if site.per_channel or not site.ins else len(grid)
+    return n_in * (len(grid) if site.outs else 1)
+
+
+def _full_in(m: nn.Module) -> int:
+    return m.num_features if isinstance(m, nn.BatchNorm2d) else \
+        m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+
+
+def _full_out(m: nn.Module) -> int:
+    return m.num_features if isinstance(m, nn.BatchNorm2d) else \
+        m.out_channels if isinstance(m, nn.Conv2d) else m.out_features

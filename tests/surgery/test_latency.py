@@ -1,0 +1,196 @@
+"""The latency cost: tables cached under their device, dtype and batch; the cost model exact where the device's
+times are bilinear in the widths; the budget against a brute-force search; the penalty's gradient."""
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import polarprune_cuda as pp
+from polarprune_cuda import ops
+from polarprune_cuda.surgery import latency as lat
+from polarprune_cuda.surgery.budget import TOLERANCE
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+REST_MS = 0.5
+
+
+def _widths(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.BatchNorm2d):
+        return m.num_features, m.num_features
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels, m.out_channels
+    return m.in_features, m.out_features
+
+
+def synthetic_layer_ms(m: nn.Module) -> float:
+    """A device whose layers take a bilinear time in their widths."""
+    c_in, c_out = _widths(m)
+    if isinstance(m, nn.BatchNorm2d):
+        return 0.05 + 0.004 * c_out
+    if isinstance(m, nn.Linear):
+        return 0.02 + 0.001 * c_in + 0.0005 * c_out + 0.0001 * c_in * c_out
+    return 0.1 + 0.01 * c_in + 0.02 * c_out + 0.003 * c_in * c_out
+
+
+def synthetic_network_ms(net: nn.Module) -> float:
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    return REST_MS + sum(synthetic_layer_ms(m) for m in layers)
+
+
+@pytest.fixture
+def synthetic(monkeypatch):
+    monkeypatch.setattr(lat, "layer_ms", lambda layer, x: synthetic_layer_ms(layer))
+    monkeypatch.setattr(lat, "network_ms", lambda net, inputs: synthetic_network_ms(net))
+
+
+def _gated(min_channels=1, batch=2, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = Tiny().to(dtype)
+    x = torch.randn(batch, 3, 6, 6, dtype=dtype)
+    pp.attach_gates(model, x[:1], min_channels=min_channels)
+    return model, x
+
+
+def _set_counts(model, counts):
+    bank = pp.find_bank(model)
+    g = torch.zeros(bank.scores.numel())
+    for start, size, k in zip(bank.offsets, bank.sizes, counts):
+        g[start:start + k] = 1.0
+    with torch.no_grad():
+        bank.scores.copy_(g * 2 - 1)
+    return g
+
+
+def test_cost_model_is_the_devices_latency_for_every_width(synthetic):
+    model, x = _gated()
+    result = pp.latency_cost(model, x, cache=False)
+    cm = pp.find_bank(model).cost_model("latency")
+    assert result.scale == pytest.approx(1.0) and result.rest_ms == pytest.approx(REST_MS, abs=1e-6)
+    assert cm.total == pytest.approx(synthetic_network_ms(Tiny()), rel=1e-6)
+    sizes = pp.find_bank(model).sizes
+    assert sizes == [8, 8]
+    for counts in itertools.product(range(1, 9), repeat=2):
+        g = _set_counts(model, counts)
+        truth = synthetic_network_ms(pp.extract(model, x, verify=False))
+        assert float(cm.cost(g)) == pytest.approx(truth, rel=1e-5), counts
+        assert result.predict(model) == pytest.approx(truth, rel=1e-5)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_budget_meets_the_latency_target_as_a_brute_force_search_does(synthetic, target):
+    model, x = _gated()
+    pp.latency_cost(model, x, cache=False)
+    total = pp.find_bank(model).cost_model("latency").total
+    budget = (1 - target) * total
+    truths = {}
+    for counts in itertools.product(range(1, 9), repeat=2):
+        _set_counts(model, counts)
+        truths[counts] = synthetic_network_ms(pp.extract(model, x, verify=False))
+    best = min(abs(t - budget) for t in truths.values())   # the nearest achievable latency, any widths
+    pp.scores_from_magnitude(model)
+    result = pp.meet_target(model, target, "latency")
+    achieved = synthetic_network_ms(pp.extract(model, x, verify=False))
+    assert result.achieved_cost == pytest.approx(achieved, rel=1e-5)
+    assert abs(achieved - budget) <= best + TOLERANCE * total
+
+
+def test_penalty_gradient_matches_finite_differences(synthetic):
+    model, x = _gated()
+    pp.latency_cost(model, x, cache=False)
+    cm = pp.find_bank(model).cost_model("latency")
+    s = (torch.randn(cm.linear.numel(), dtype=torch.float64) * 2).requires_grad_()
+    fn = lambda s: ops.gate_penalty(s, cm, 0.8, 0.4, 1.5, 0.6, "bimodal", 1.0)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (s,), eps=1e-6, atol=1e-4)
+    pp.PolarizationLoss(0.5, cost="latency")(model).backward()   # the loss takes the bank's latency cost
+    assert pp.find_bank(model).scores.grad.abs().sum() > 0
+
+
+def _counting(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lat, "layer_ms", lambda layer, x: calls.append(1) or synthetic_layer_ms(layer))
+    monkeypatch.setattr(lat, "network_ms", lambda net, inputs: synthetic_network_ms(net))
+    return calls
+
+
+def test_tables_are_cached_under_device_dtype_and_batch(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    cache = tmp_path / "latency.json"
+    model, x = _gated()
+    first = pp.latency_cost(model, x, cache=cache)
+    assert first.measured > 0 and calls and json.loads(cache.read_text())["format"] == lat.CACHE_FORMAT
+    calls.clear()
+    again = pp.latency_cost(model, x, cache=cache)
+    assert again.measured == 0 and not calls and again.tables == first.tables
+    for other in ({"batch": 3}, {"dtype": torch.float64}):
+        model, y = _gated(**other)
+        assert pp.latency_cost(model, y, cache=cache).measured > 0 and calls, other
+        calls.clear()
+    monkeypatch.setattr(lat, "device_name", lambda device: "cuda:another GPU")   # another device
+    model, _ = _gated()
+    assert pp.latency_cost(model, x, cache=cache).measured > 0 and calls
+
+
+def test_a_damaged_cache_is_measured_anew(tmp_path, monkeypatch):
+    _counting(monkeypatch)
+    cache = tmp_path / "latency.json"
+    cache.write_text("{not json")
+    model, x = _gated()
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert pp.latency_cost(model, x, cache=cache).measured > 0
+    assert json.loads(cache.read_text())["format"] == lat.CACHE_FORMAT
+
+
+def test_latency_needs_gates_and_a_positive_bound():
+    with pytest.raises(ValueError, match="attach_gates"):
+        pp.latency_cost(Tiny(), torch.randn(1, 3, 6, 6), cache=False)
+    model, x = _gated()
+    with pytest.raises(ValueError, match="max_seconds must be a positive number"):
+        pp.latency_cost(model, x, cache=False, max_seconds=0)
+    with pytest.raises(ValueError, match="latency"):
+        pp.meet_target(model, 0.5, "latency")   # not measured yet
+
+
+def test_the_real_timer_builds_a_model_that_only_grows_with_width(tmp_path):
+    """On this machine's clock (no synthetic device): every fitted coefficient but the constant is >= 0, so an
+    open gate never lowers the predicted latency, and the dense prediction is the measured dense network."""
+    model, x = _gated()
+    result = pp.latency_cost(model, x, cache=tmp_path / "latency.json", max_seconds=5)
+    assert all(v >= 0 for c in result.coefs.values() for v in c[1:])
+    cm = pp.find_bank(model).cost_model("latency")
+    assert float(cm.linear.min()) >= 0 and (cm.coef.numel() == 0 or float(cm.coef.min()) >= 0)
+    assert result.calibration[0][1] == pytest.approx(result.dense_ms)
+
+
+@pytest.mark.filterwarnings("ignore:the optimizer had no parameter group", "ignore:the gates freeze at step")
+def test_onepass_with_cost_latency_measures_at_latency_inputs(synthetic):
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(3, 3, 6, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    recipe = pp.OnePass(model, x[:1], 0.5, 20, opt, cost="latency", latency_inputs=x, min_channels=1)
+    assert recipe.latency.key["batch"] == 3 and "latency" in pp.find_bank(model).cost_kinds
+    for _ in range(recipe.freeze_step + 1):
+        loss = recipe.model(x).square().mean() + recipe.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        recipe.step()
+    assert recipe.budget["cost"] == "latency" and abs(recipe.budget["achieved_sparsity"] - 0.5) <= 0.1
+    truth = synthetic_network_ms(pp.extract(recipe.gated, x, verify=False))
+    assert truth == pytest.approx(recipe.budget["achieved_cost"], rel=1e-5)
+    with pytest.raises(ValueError, match="cost must be one of channels, params, macs, latency"):
+        pp.OnePass(Tiny(), x[:1], 0.5, 20, torch.optim.SGD(Tiny().parameters(), lr=0.01), cost="flops")
