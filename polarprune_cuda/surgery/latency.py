@@ -11,7 +11,7 @@ than its layers (activations, additions, pooling, the framework's calls): whole 
 kept at 100%, 75%, 50% and 25% (``CALIBRATION``), are timed, and the layers' sum is scaled and offset to fit them
 (least squares). The model is registered on the gate bank as ``latency``, in milliseconds per batch.
 
-Tables are cached in a JSON file (``cache``; default ``$POLARPRUNE_CACHE_DIR/latency.json``, else
+Tables and the calibration's times are cached in a JSON file (``cache``; default ``$POLARPRUNE_CACHE_DIR/latency.json``, else
 ``~/.cache/polarprune_cuda/latency.json``) under a key naming the layer (type, widths, kernel, stride, padding,
 groups, bias, input size), the device (CPU model or GPU name), the thread count, the dtype, the batch and the
 torch version: a table measured anywhere else is not reused. The file is rewritten atomically after every layer,
@@ -19,6 +19,7 @@ so an interrupted build keeps what it measured.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -237,6 +238,22 @@ def _load_cache(path: Path) -> dict:
     return data["tables"]
 
 
+def _save(path: Path | None, stored: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"format": CACHE_FORMAT, "tables": stored}, sort_keys=True))
+
+
+def _points_of(entry, n: int) -> list[tuple[float, float]] | None:
+    """The cached calibration points of a network, or None where there are none (or they are damaged)."""
+    try:
+        points = [(float(a), float(b)) for a, b in entry["calibration"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    ok = len(points) == n and all(math.isfinite(a) and math.isfinite(b) and b > 0 for a, b in points)
+    return points if ok else None
+
+
 def _table_of(entry) -> Table | None:
     try:
         table = Table([int(v) for v in entry["widths_in"]], [int(v) for v in entry["widths_out"]],
@@ -301,11 +318,13 @@ def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike 
     shapes = _input_shapes(model, inputs, [s.module for s in sites])
     plan = []   # (site, table key, widths in, widths out) of the sites whose table is not stored
     tables: dict[str, Table] = {}
+    signatures = []
     for site in sites:
         if site.module not in shapes:
             continue   # not called in the forward pass: costs nothing
         m = site.module
         sig = json.dumps({**_signature(m, shapes[site.module]), **key}, sort_keys=True)
+        signatures.append([site.name, sig])
         table = _table_of(stored.get(sig)) if sig in stored else None
         if table is not None:
             tables[site.name] = table
@@ -315,7 +334,14 @@ def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike 
     coefs = {name: fit(t, _one_width(model.get_submodule(name))) for name, t in tables.items()}
     n, sizes = bank.scores.numel(), bank.sizes
     layers = fitted_cost_model(n, sizes, sites, coefs, 0.0)
-    points = calibration_points(model, inputs, layers)
+    # the whole networks' times are cached too, under the network (its layers and groups) and the device's key
+    network = hashlib.sha256(json.dumps([signatures, bank.sizes]).encode()).hexdigest()
+    net_key = json.dumps({"network": network, "calibration": list(CALIBRATION), **key}, sort_keys=True)
+    points = _points_of(stored.get(net_key), len(CALIBRATION))
+    if points is None:
+        points = calibration_points(model, inputs, layers)
+        stored[net_key] = {"calibration": points}
+        _save(path, stored)
     scale, rest = _line([p[0] for p in points], [p[1] for p in points])
     coefs = {name: tuple(scale * v for v in c) for name, c in coefs.items()}
     cm = fitted_cost_model(n, sizes, sites, coefs, rest)
@@ -398,9 +424,7 @@ def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_s
             w_out = _widths(_full_out(m), bool(site.outs), grids, multiple)
             table = _measure(m, w_in, w_out, batch, shapes[m], device, dtype, bar.update if bar else lambda: None)
             stored[sig] = {"widths_in": table.widths_in, "widths_out": table.widths_out, "ms": table.ms}
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_text(path, json.dumps({"format": CACHE_FORMAT, "tables": stored}, sort_keys=True))
+            _save(path, stored)
             for s, sg in plan:
                 if sg == sig:
                     tables[s.name] = table

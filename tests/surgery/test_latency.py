@@ -123,7 +123,7 @@ def test_penalty_gradient_matches_finite_differences(synthetic):
 def _counting(monkeypatch):
     calls = []
     monkeypatch.setattr(lat, "layer_ms", lambda layer, x: calls.append(1) or synthetic_layer_ms(layer))
-    monkeypatch.setattr(lat, "network_ms", lambda net, inputs: synthetic_network_ms(net))
+    monkeypatch.setattr(lat, "network_ms", lambda net, inputs: calls.append("network") or synthetic_network_ms(net))
     return calls
 
 
@@ -135,7 +135,8 @@ def test_tables_are_cached_under_device_dtype_and_batch(tmp_path, monkeypatch):
     assert first.measured > 0 and calls and json.loads(cache.read_text())["format"] == lat.CACHE_FORMAT
     calls.clear()
     again = pp.latency_cost(model, x, cache=cache)
-    assert again.measured == 0 and not calls and again.tables == first.tables
+    assert again.measured == 0 and not calls and again.tables == first.tables   # nor the whole networks again
+    assert again.calibration == first.calibration
     for other in ({"batch": 3}, {"dtype": torch.float64}):
         model, y = _gated(**other)
         assert pp.latency_cost(model, y, cache=cache).measured > 0 and calls, other
