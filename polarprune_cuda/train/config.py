@@ -75,12 +75,14 @@ class PruneConfig:
     polarization: str = _opt("bimodal", "form of the polarization term", choices=POLAR_FORMS)
     # None: a fraction of the run (WARMUP_FRACTION, RAMP_FRACTION), so every run length gets the same recipe
     warmup_epochs: float | None = _opt(None, "epochs without the penalty at the start; unset: "
-                                             f"{100 * WARMUP_FRACTION:.0f}% of --epochs, 0 with --init")
+                                             f"{100 * WARMUP_FRACTION:.0f}% of --epochs, 0 with --init (unless "
+                                             "--scores-from constant)")
     ramp_epochs: float | None = _opt(None, "epochs over which the penalty weight ramps to its full value; None "
                                            f"(unset): {100 * RAMP_FRACTION:.0f}% of --epochs")
     freeze_gates_at: float | None = _opt(None, "fraction of training after which the gates stop moving and the "
                                                f"weights settle; unset: {FREEZE_FRACTION:g}, {INIT_FREEZE_FRACTION:g} "
-                                               "with --init (the pretrained weights' ranking decides at once)")
+                                               "with --init (the pretrained weights' ranking decides at once; not with "
+                                               "--scores-from constant)")
     # gate scores: initial value (p = sigmoid(score_init)), straight-through estimator
     score_init: float = _opt(1.0, "initial gate score (gate probability sigmoid(score-init))")
     scores_from: str = _opt("auto", "initial gate scores: constant (--score-init), magnitude (ranked in each group by "
@@ -282,18 +284,24 @@ class PruneConfig:
         or with --init)."""
         if self.freeze_gates_at is not None:
             return float(self.freeze_gates_at)
-        return INIT_FREEZE_FRACTION if self.init else FREEZE_FRACTION
+        return INIT_FREEZE_FRACTION if self.ranked_start() else FREEZE_FRACTION
+
+    def ranked_start(self) -> bool:
+        """The scores start ranked by pretrained weights (--init with --scores-from auto or magnitude): the
+        defaults are then no warm-up and an early freeze. With --scores-from constant they are the defaults
+        from scratch, since constant scores rank nothing."""
+        return bool(self.init) and self.initial_scores() == "magnitude"
 
     def ranked_freeze(self) -> bool:
-        """True where the gates freeze at once by default (--init, no freeze or warm-up given): the pretrained
-        ranking decides, so scores that barely trained are what was asked for, not a warning."""
-        return bool(self.init) and self.freeze_gates_at is None and self.warmup_epochs is None
+        """True where the gates freeze at once by default (a ranked start, no freeze or warm-up given): the
+        pretrained ranking decides, so scores that barely trained are what was asked for, not a warning."""
+        return self.ranked_start() and self.freeze_gates_at is None and self.warmup_epochs is None
 
     def schedule_epochs(self, epochs: int | None = None) -> tuple[float, float]:
         """(warm-up, ramp) in epochs for a run of ``epochs`` (default ``self.epochs``): the given values, or the
         defaults where they are None (a fraction of the run; no warm-up with --init)."""
         epochs = self.epochs if epochs is None else epochs
-        default_warmup = 0.0 if self.init else WARMUP_FRACTION * epochs
+        default_warmup = 0.0 if self.ranked_start() else WARMUP_FRACTION * epochs
         warmup = default_warmup if self.warmup_epochs is None else self.warmup_epochs
         ramp_ = RAMP_FRACTION * epochs if self.ramp_epochs is None else self.ramp_epochs
         return float(warmup), float(ramp_)

@@ -18,7 +18,6 @@ import copy
 import json
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -326,16 +325,6 @@ def _wrap(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.de
             run.model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-@contextlib.contextmanager
-def _ranked_freeze_quiet(cfg: PruneConfig):
-    """Where --init's default freezes the gates at once on the pretrained ranking, OnePass's warning that the
-    scores barely trained describes what was asked for: silenced there, and only there."""
-    with warnings.catch_warnings():
-        if cfg.ranked_freeze():
-            warnings.filterwarnings("ignore", message="the gates freeze at step", category=UserWarning)
-        yield
-
-
 def _recipe_step(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.device) -> None:
     """The recipe's step after the optimizer's (OnePass.step: the gate window, the freeze with the exact target,
     the switch), then :func:`_follow`. Under torchrun the wrapper is rebuilt when the scores start or stop
@@ -346,8 +335,7 @@ def _recipe_step(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: t
     if info.enabled and rec.switch_enabled and rec.steps + 1 == rec.freeze_step:
         dist_mod.disable_sync_batchnorm(run.model)   # the extraction copies plain BatchNorm layers
     moving = rec.bank.scores.requires_grad
-    with _ranked_freeze_quiet(cfg):
-        rec.step()
+    rec.step()
     _follow(run, cfg, info, device)
     if info.enabled and not rec.switched and rec.bank.scores.requires_grad != moving:
         _wrap(run, cfg, info, device)
@@ -390,15 +378,15 @@ def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gate
     switch_at = freeze if gated and not cfg.keep_gated and freeze < total else None
     recipe = loss_fn = None
     if gated:
-        with _ranked_freeze_quiet(cfg):
-            recipe = OnePass(model, example, cfg.target_sparsity, total, opt, sched, cost=cfg.cost,
-                             freeze_at=cfg.freeze_fraction(), warmup_steps=warmup, switch=switch_at is not None,
-                             ramp_steps=int(round(cfg.schedule_epochs(epochs)[1] * steps_per_epoch)),
-                             target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
-                             polarization=cfg.polarization, check_group=False, hold_scores=False,
-                             restart_schedule=False,   # the CLI's SGD schedule runs on (--freeze-lr-scale)
-                             latency_inputs=data.example_input(cfg.latency_batch).to(device)
-                             if cfg.cost == "latency" else None)
+        recipe = OnePass(model, example, cfg.target_sparsity, total, opt, sched, cost=cfg.cost,
+                         freeze_at=cfg.freeze_fraction(), warmup_steps=warmup, switch=switch_at is not None,
+                         ramp_steps=int(round(cfg.schedule_epochs(epochs)[1] * steps_per_epoch)),
+                         target_weight=cfg.target_weight, polarization_weight=cfg.polarization_weight,
+                         polarization=cfg.polarization, check_group=False, hold_scores=False,
+                         restart_schedule=False,   # the CLI's SGD schedule runs on (--freeze-lr-scale)
+                         ranked_freeze=cfg.ranked_freeze(),
+                         latency_inputs=data.example_input(cfg.latency_batch).to(device)
+                         if cfg.cost == "latency" else None)
         recipe.advice = "train longer (--epochs), freeze later (--freeze-gates-at) or raise --gate-lr"
         loss_fn = recipe.loss
     counter, source = energy_mod.open_counter(device)

@@ -154,6 +154,9 @@ class OnePass:
         latency_inputs: with ``cost="latency"``, the batch the latency is for (its size, device and dtype;
             default ``example_inputs``).
         latency_cache: the latency tables' file (default: :func:`polarprune_cuda.surgery.latency.default_cache`).
+        ranked_freeze: the gates freeze on a ranking given to them, so scores that barely trained at the freeze
+            are what was asked for: no warning, no check of the gate group (default: ``pretrained`` with neither
+            ``freeze_at`` nor ``warmup`` given).
         hold_scores: outside the gate window the scores get no gradient, so no optimizer moves them (False:
             the caller's schedule holds them, as the CLI's gives their group a learning rate of 0 there, its SGD
             momentum gathering the task's gradient during the warm-up).
@@ -170,7 +173,8 @@ class OnePass:
                  min_channels: int = MIN_CHANNELS, round_to: int | None = None, ste: str = "identity",
                  init: float = 1.0, wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None,
                  check_group: bool = True, hold_scores: bool = True, restart_schedule: bool = True,
-                 pretrained: bool = False, latency_inputs=None, latency_cache=None):
+                 pretrained: bool = False, ranked_freeze: bool | None = None, latency_inputs=None,
+                 latency_cache=None):
         from ..surgery.attach import attach_gates, scores_from_magnitude
         from ..surgery.latency import latency_cost
 
@@ -196,8 +200,11 @@ class OnePass:
         self.restart_schedule = restart_schedule
         if not isinstance(pretrained, bool):
             raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
-        #: the gates freeze at once on the pretrained ranking: a window too short to train them is what was asked
-        self.ranked_freeze = pretrained and freeze_at is None and warmup is None
+        if ranked_freeze is not None and not isinstance(ranked_freeze, bool):
+            raise TypeError(f"ranked_freeze must be True, False or None, got {ranked_freeze!r}")
+        #: the gates freeze at once on a given ranking: a window too short to train them is what was asked
+        self.ranked_freeze = (pretrained and freeze_at is None and warmup is None) if ranked_freeze is None \
+            else ranked_freeze
         if freeze_at is None:
             freeze_at = PRETRAINED_FREEZE if self.ranked_freeze else FREEZE
         if warmup is None:

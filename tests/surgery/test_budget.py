@@ -284,6 +284,9 @@ def test_scores_from_magnitude_rank_each_group_by_its_filters_and_keep_the_outpu
     given = PruneConfig(init="w.pt", epochs=6, freeze_gates_at=0.3)
     assert given.freeze_fraction() == 0.3 and not given.ranked_freeze()
     assert not PruneConfig(init="w.pt", warmup_epochs=1.0).ranked_freeze()
+    # constant scores rank nothing: with --init they get the defaults from scratch, not a freeze at once on ties
+    constant = PruneConfig(init="w.pt", epochs=6, scores_from="constant")
+    assert constant.freeze_fraction() == 0.3 and constant.schedule_epochs()[0] == 0.5 and not constant.ranked_freeze()
     with pytest.raises(ValueError, match="freeze-gates-at"):
         PruneConfig(freeze_gates_at=True).validate()
 

@@ -413,3 +413,14 @@ def test_pretrained_ranks_the_scores_and_freezes_at_once_without_a_warning():
         pp.OnePass(other, x, 0.5, 300, torch.optim.SGD([{"params": weights},
                                                         {"params": scores, "lr": 1e-3, "weight_decay": 0.0}], lr=0.1),
                    pretrained=True, freeze_at=0.3)
+    # ranked_freeze=True says the same of any given freeze: a freeze at step 0 warns of nothing (what the CLI's
+    # --init passes); False warns as from scratch
+    for ranked, expect in ((True, "error"), (False, "default")):
+        m = pp.attach_gates(pp.resnet20(num_classes=10, in_channels=1), x, min_channels=2)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter(expect)
+            pp.OnePass(m, x, 0.5, 300, torch.optim.SGD(m.parameters(), lr=0.1), freeze_at=0.0, check_group=False,
+                       ranked_freeze=ranked)
+        assert ranked or any("barely trained" in str(w.message) for w in got)
+    with pytest.raises(TypeError, match="ranked_freeze must be True, False or None"):
+        pp.OnePass(m, x, 0.5, 300, torch.optim.SGD(m.parameters(), lr=0.1), ranked_freeze=1)
