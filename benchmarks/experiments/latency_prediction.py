@@ -71,7 +71,7 @@ def one_model(name: str, targets, batch: int, seed: int, cache, max_seconds: flo
                   f"({100 * rows[-1]['error']:+.1f}%), speedup {rows[-1]['speedup']:.2f}x, latency share "
                   f"{rows[-1]['latency_share']:.3f} (asked {1 - target:.2f}), MACs share {macs:.3f}", flush=True)
     return [{"model": name, "build": {"seconds": built.seconds, "tables": len(built.tables),
-                                      "measured": built.measured, "scale": built.scale, "rest_ms": built.rest_ms,
+                                      "measured": built.measured, "scale": built.scale,
                                       "calibration": built.calibration}}] + rows
 
 
@@ -140,8 +140,7 @@ def main(argv=None) -> int:
               f"{sum(r['latency_target_met'] for r in rows if r['cost'] == 'macs')} of "
               f"{len(rows) - len(lat_rows)} asking for MACs.", "",
               "Table builds: " + "; ".join(f"{b['model']} {b['build']['seconds']:.0f} s ({b['build']['tables']} "
-                                            f"layers, scale {b['build']['scale']:.2f}, rest "
-                                            f"{b['build']['rest_ms']:.2f} ms)" for b in builds) + ".",
+                                            f"layers, scale {b['build']['scale']:.2f})" for b in builds) + ".",
               "", f"Wall time {time.time() - start:.0f} s, {torch.get_num_threads()} threads."]
     record = {"command": _record.command("latency_prediction.py", argv), "device": device, "batch": args.batch,
               "threads": torch.get_num_threads(), "versions": versions(), "builds": builds, "rows": rows}

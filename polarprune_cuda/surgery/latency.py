@@ -7,9 +7,9 @@ and output widths. Each layer's times are fitted by ``a + b * c_in + c * c_out +
 (``b, c, d >= 0``: a wider layer is never faster), which is the form of the exact MACs model, so the exact budget
 (:func:`~polarprune_cuda.meet_target`), the penalty and its kernels take ``cost="latency"`` as they take MACs.
 Layers timed alone run faster than inside the network (their data stays in cache), and the network does more
-than its layers (activations, additions, pooling, the framework's calls): whole extracted networks, every group
-kept at 100%, 75%, 50% and 25% (``CALIBRATION``), are timed, and the layers' sum is scaled and offset to fit them
-(least squares). The model is registered on the gate bank as ``latency``, in milliseconds per batch.
+than its layers (activations, additions, pooling, the framework's calls): the dense network, extracted, is timed
+whole, and every layer's fitted time is scaled by the ratio of that time to the layers' sum (``CALIBRATION``).
+The model is registered on the gate bank as ``latency``, in milliseconds per batch.
 
 Tables and the calibration's times are cached in a JSON file (``cache``; default ``$POLARPRUNE_CACHE_DIR/latency.json``, else
 ``~/.cache/polarprune_cuda/latency.json``) under a key naming the layer (type, widths, kernel, stride, padding,
@@ -46,8 +46,10 @@ GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
 MIN_SECONDS = 0.01
 MIN_REPEATS = 5
 MAX_REPEATS = 200
-#: the kept fractions of every group at which whole extracted networks are timed to calibrate the layers' sum
-CALIBRATION = (1.0, 0.75, 0.5, 0.25)
+#: the kept fractions of every group at which whole extracted networks are timed to calibrate the layers' sum (the
+#: dense network only: measured on this CPU, narrower uniform networks hit the library's slow widths and one such
+#: point pulled a fitted line far off, benchmarks/results/latency-prediction-cpu.md)
+CALIBRATION = (1.0,)
 
 
 def default_cache() -> Path:
@@ -272,7 +274,6 @@ class LatencyCost:
     tables: dict[str, Table]                   # layer name -> its table
     coefs: dict[str, tuple[float, ...]]        # layer name -> (a, b, c, d) in ms
     dense_ms: float                            # the dense network, measured
-    rest_ms: float                             # the constant: what the layers do not account for
     scale: float                               # measured network time per ms of the layers' isolated times
     calibration: list[tuple[float, float]]     # (layers' sum, measured network) at each CALIBRATION width, ms
     measured: int                              # tables measured now (the others came from the cache)
@@ -342,11 +343,11 @@ def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike 
         points = calibration_points(model, inputs, layers)
         stored[net_key] = {"calibration": points}
         _save(path, stored)
-    scale, rest = _line([p[0] for p in points], [p[1] for p in points])
+    scale = _through_origin([p[0] for p in points], [p[1] for p in points])
     coefs = {name: tuple(scale * v for v in c) for name, c in coefs.items()}
-    cm = fitted_cost_model(n, sizes, sites, coefs, rest)
+    cm = fitted_cost_model(n, sizes, sites, coefs, 0.0)
     bank.set_cost("latency", cm)
-    return LatencyCost(key, tables, coefs, points[0][1], rest, scale, points, measured,
+    return LatencyCost(key, tables, coefs, points[0][1], scale, points, measured,
                        time.perf_counter() - start, path, model=cm)
 
 
@@ -377,16 +378,9 @@ def calibration_points(model: nn.Module, inputs, layers) -> list[tuple[float, fl
     return points
 
 
-def _line(x: list[float], y: list[float]) -> tuple[float, float]:
-    """(slope, intercept) of the least-squares line through the points; slope 1 through the mean with one point
-    or a non-positive slope."""
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    sxx = sum((a - mx) ** 2 for a in x)
-    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx if sxx > 0 else 1.0
-    if not slope > 0:
-        slope = 1.0
-    return slope, my - slope * mx
+def _through_origin(x: list[float], y: list[float]) -> float:
+    """The least-squares slope of ``y = slope * x`` (the ratio, with one point)."""
+    return sum(a * b for a, b in zip(x, y)) / sum(a * a for a in x)
 
 
 def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress) -> int:
