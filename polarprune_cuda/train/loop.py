@@ -38,7 +38,7 @@ from ..surgery.budget import budget_disagreement
 from ..surgery.costs import count
 from ..surgery.spec import spec_digest
 from ..errors import CheckpointError
-from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, Expected
+from .checkpoint import CHECKPOINT_FORMAT, HISTOGRAM_BINS, Checkpointer, Expected
 from .config import AMP_MODES, PruneConfig
 from .onepass import OnePass
 from .optim import lr_lambdas, make_optimizer
@@ -631,7 +631,7 @@ def _end_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: int
         history.soft_density.append(stats["soft_density"])
         history.polarized.append(stats["polarized"])
         p = find_bank(gated).probabilities().float().cpu()
-        history.histogram.append(torch.histc(p, bins=20, min=0, max=1).tolist())
+        history.histogram.append(torch.histc(p, bins=HISTOGRAM_BINS, min=0, max=1).tolist())
         if bar is not None:
             bar.set_postfix(acc=acc, density=f"{stats['density']:.3f}", polarized=f"{stats['polarized']:.2f}")
     elif run.pruner is not None:
