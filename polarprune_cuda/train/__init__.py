@@ -5,8 +5,8 @@
 and the names its options choose from); ``optim.py``: the optimizer and the schedules; ``loop.py``: the
 training loop (fit_loop), evaluate, History; ``runs.py``: the run drivers (run_prune, run_sparse, run_dense);
 ``trainer.py``: the public face, re-exporting those; ``checkpoint.py``: verified checkpoints;
-``checkpoint_schema.py``: the field-by-field check of a loaded checkpoint; ``rundir.py``: manifest and lock of
-an output folder; ``distributed.py``: torchrun; ``data.py``: the offline data sets; ``folder.py``: image
+``checkpoint_schema.py``: a loaded checkpoint compared with the state the run would save; ``rundir.py``: manifest
+and lock of an output folder; ``distributed.py``: torchrun; ``data.py``: the offline data sets; ``folder.py``: image
 folders streamed from disk; ``weights.py``: ``--init`` weights; ``report.py``, ``plots.py`` and ``energy.py``:
 what a run measures, writes and draws.
 """
