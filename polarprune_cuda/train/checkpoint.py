@@ -46,7 +46,7 @@ class Expected:
     #: ``saved(model=, optimizer=, scheduler=, scaler=, pruner=, gated_model=None)``: the state the run would save
     #: with these objects in it (train.loop's own checkpoint function), what a checkpoint is compared with
     saved: Any = None
-    #: for a checkpoint written after the switch to the extracted network: ``switch(gated_state, spec)`` gives
+    #: for a checkpoint written after the switch to the extracted network: ``switch(gated, gated_state, spec)`` gives
     #: the run's train.switch.Switched (extracted network, optimizer, schedule) to check it against; the
     #: checks leave it in ``built`` for the restore
     switch: Any = None

@@ -4,10 +4,10 @@ so what is checked cannot drift from what is saved), before anything is restored
 
 The comparison is structural: the same dict keys (a missing or unexpected one named by its path), containers and
 list lengths, tensors of the same shape and dtype (finite where floating), numbers of the same type (an int in
-[0, 2^63 - 1], a float finite). :func:`_rules` take over where a value is not a tensor and its structure is not
-enough (values fixed by the options, ranges, the history's lists, which grow with the epochs, the optimizer's state,
-empty before the first step, the generator state). A checkpoint written after a shrink or the switch is of other
-networks: they are rebuilt from its checked entries, and the run's state is taken again on them.
+[0, 2^63 - 1]; a float finite, an int taken for it). :func:`_rules` take over where a value is not a tensor and its
+structure is not enough (values fixed by the options, ranges, the history's lists, which grow with the epochs, the
+optimizer's state, empty before the first step, the generator state). A checkpoint written after a shrink or the
+switch is of other networks: they are rebuilt from its checked entries, and the run's state is taken again on them.
 
 Every failure is a :class:`CheckpointError` naming the file and the field; nothing is modified.
 :mod:`~polarprune_cuda.train.checkpoint` re-exports the constants with :func:`validate`.
