@@ -8,10 +8,10 @@ The face: :class:`OnePass` (the one-pass recipe in a user's own loop, any optimi
 ``onepass.py``: OnePass; ``switch.py``: moving training to the extracted network; ``config.py``: PruneConfig
 (the recipe, its checks and the names its options choose from); ``optim.py``: the optimizer and the
 schedules; ``loop.py``: the training loop (fit_loop), evaluate, History; ``runs.py``: the run drivers;
-``checkpoint.py``: verified checkpoints; ``checkpoint_schema.py``: the check of a loaded checkpoint;
-``rundir.py``: manifest and lock of an output folder; ``distributed.py``: torchrun; ``data.py``: the offline
-data sets; ``folder.py``: image folders streamed from disk; ``weights.py``: ``--init`` weights;
-``report.py``, ``plots.py`` and ``energy.py``: what a run measures, writes and draws.
+``checkpoint.py``: verified checkpoints; ``checkpoint_schema.py``: a loaded checkpoint compared with the state
+the run would save; ``rundir.py``: manifest and lock of an output folder; ``distributed.py``: torchrun;
+``data.py``: the offline data sets; ``folder.py``: image folders streamed from disk; ``weights.py``: ``--init``
+weights; ``report.py``, ``plots.py`` and ``energy.py``: what a run measures, writes and draws.
 
 Patch a name in the module that uses it (e.g. ``runs.build``), not here: a patch here reaches only callers
 of the face.

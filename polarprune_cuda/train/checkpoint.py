@@ -4,9 +4,9 @@ A checkpoint is a ``torch.save`` of a dict (readable with
 ``torch.load(weights_only=True)``); its ``"digest"`` entry is the
 :func:`~polarprune_cuda._io.content_digest` of everything else, so a damaged
 or edited file is refused instead of resuming into a different model.
-Before anything is restored, the contents are checked against what the run
-expects (:class:`Expected`): every failure is a :class:`CheckpointError`
-naming the file and the field.
+Before anything is restored, the contents are compared with the state the run
+would save itself (:class:`Expected`, :mod:`.checkpoint_schema`): every failure
+is a :class:`CheckpointError` naming the file and the field.
 """
 from __future__ import annotations
 
@@ -19,11 +19,9 @@ import torch
 from .._io import atomic_write, check_archive, content_digest, load_failure
 from ..errors import CheckpointError, IntegrityError
 from .checkpoint_schema import (  # noqa: F401  re-exported: the constants and validate are this module's too
-    BUDGET_FIELDS,
     CHECKPOINT_FORMAT,
     FIELDS,
     HISTOGRAM_BINS,
-    HISTORY_FIELDS,
     SWITCH_FIELDS,
     same_value,
     show_value,
@@ -35,7 +33,7 @@ DIGEST_KEY = "digest"
 
 @dataclass
 class Expected:
-    """What the resuming run has, to check a checkpoint's contents against before restoring them."""
+    """What the resuming run has, to compare a checkpoint's contents with before restoring them."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -45,8 +43,10 @@ class Expected:
     epochs: int
     steps_per_epoch: int
     gated: bool
-    history_fields: tuple = HISTORY_FIELDS
-    #: for a checkpoint written after the switch to the extracted network: ``switch(gated_state, spec)`` gives
+    #: ``saved(model=, optimizer=, scheduler=, scaler=, pruner=, gated_model=None)``: the state the run would save
+    #: with these objects in it (train.loop's own checkpoint function), what a checkpoint is compared with
+    saved: Any = None
+    #: for a checkpoint written after the switch to the extracted network: ``switch(gated, gated_state, spec)`` gives
     #: the run's train.switch.Switched (extracted network, optimizer, schedule) to check it against; the
     #: checks leave it in ``built`` for the restore
     switch: Any = None

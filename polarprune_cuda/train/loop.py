@@ -18,7 +18,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from ..surgery.budget import budget_disagreement
 from ..surgery.costs import count
 from ..surgery.spec import spec_digest
 from ..errors import CheckpointError
-from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, Expected
+from .checkpoint import CHECKPOINT_FORMAT, HISTOGRAM_BINS, Checkpointer, Expected
 from .config import AMP_MODES, PruneConfig
 from .onepass import OnePass
 from .optim import lr_lambdas, make_optimizer
@@ -408,7 +408,7 @@ def _restore(run: _Fit, ckpt: Checkpointer, cfg: PruneConfig, label: str, epochs
     optimizer, schedule, scaler, loss and pruner state, the history, the epoch and the RNG state."""
     expected = Expected(model=run.model, optimizer=run.opt, scheduler=run.sched, scaler=run.scaler,
                         pruner=run.pruner, epochs=epochs, steps_per_epoch=run.steps_per_epoch, gated=run.gated,
-                        history_fields=tuple(f.name for f in fields(History)),
+                        saved=_saved(run, cfg, label, info),
                         switch=_rebuilder(run, cfg) if run.switch_at is not None else None,
                         shrink=_shrunk(run) if run.streak is not None else None)
     state = ckpt.load(cfg.to_dict() | {"_label": label}, PruneConfig().to_dict(), PruneConfig.RESUME_FREE,
@@ -474,6 +474,17 @@ def _check_budget(run: _Fit, cfg: PruneConfig, ckpt: Checkpointer, shrunk: bool)
         why = budget_disagreement(run.gated_model or run.model, budget)
     if why is not None:
         raise CheckpointError(f"checkpoint {ckpt.path}: field history.budget {why}; delete it or use another --out")
+
+
+def _saved(run: _Fit, cfg: PruneConfig, label: str, info: dist_mod.DistInfo):
+    """What this run, as built, would save with the given objects in it (Expected.saved: a checkpoint is compared
+    with it): :func:`_checkpoint_state` itself, on a copy of the run holding them."""
+    def saved(*, model, optimizer, scheduler, scaler, pruner, gated_model=None) -> dict:
+        now = replace(run, model=model, opt=optimizer, sched=scheduler, scaler=scaler, pruner=pruner,
+                      gated_model=gated_model)
+        return _checkpoint_state(now, cfg, label, -1, info)   # its "epoch" (0) is not compared: a rule checks it
+
+    return saved
 
 
 def _rebuilder(run: _Fit, cfg: PruneConfig):
@@ -610,7 +621,7 @@ def _end_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: int
         history.soft_density.append(stats["soft_density"])
         history.polarized.append(stats["polarized"])
         p = find_bank(gated).probabilities().float().cpu()
-        history.histogram.append(torch.histc(p, bins=20, min=0, max=1).tolist())
+        history.histogram.append(torch.histc(p, bins=HISTOGRAM_BINS, min=0, max=1).tolist())
         if bar is not None:
             bar.set_postfix(acc=acc, density=f"{stats['density']:.3f}", polarized=f"{stats['polarized']:.2f}")
     elif run.pruner is not None:
@@ -623,7 +634,8 @@ def _end_epoch(run: _Fit, data: data_mod.ImageData, cfg: PruneConfig, epoch: int
 
 
 def _checkpoint_state(run: _Fit, cfg: PruneConfig, label: str, epoch: int, info: dist_mod.DistInfo) -> dict:
-    """What the checkpoint after ``epoch`` holds (checkpoint.py checks every entry when it is read back)."""
+    """What the checkpoint after ``epoch`` holds; a checkpoint read back is compared with what it gives for the
+    resuming run (:func:`_saved`, checkpoint_schema.py)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "config": cfg.to_dict() | {"_label": label},
