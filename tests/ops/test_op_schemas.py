@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polarprune_cuda.ops import common, core, reference
+from polarprune_cuda.ops import common, functional, reference
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 REGISTRATION = (CSRC / "registration.cpp").read_text()
@@ -92,7 +92,7 @@ def _signature(schema: torch.FunctionSchema):
 
 
 def _python_schemas() -> dict[str, torch.FunctionSchema]:
-    return {name: common.schema_of(op) for name, op in core.ALL_OPS.items()}
+    return {name: common.schema_of(op) for name, op in functional.ALL_OPS.items()}
 
 
 # --------------------------------------------------------------------------- the checks
@@ -188,15 +188,15 @@ def test_the_op_lists_derive_from_one():
     from polarprune_cuda.ops import backends
 
     assert backends.OPS is common.OPS
-    assert tuple(core.ALL_OPS) == common.OPS
-    for name, op in core.ALL_OPS.items():
+    assert tuple(functional.ALL_OPS) == common.OPS
+    for name, op in functional.ALL_OPS.items():
         assert common.schema_of(op).name == f"{common.NAMESPACE}::{name}"
 
 
 @pytest.mark.parametrize("name", common.OPS)
 def test_reference_signature_follows_the_schema(name):
     params = list(inspect.signature(getattr(reference, name)).parameters)
-    assert params == [a.name for a in common.schema_of(core.ALL_OPS[name]).arguments]
+    assert params == [a.name for a in common.schema_of(functional.ALL_OPS[name]).arguments]
 
 
 @pytest.mark.parametrize("edit", [

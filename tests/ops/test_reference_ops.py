@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from polarprune_cuda.ops import core as ops, reference
+from polarprune_cuda import ops
+from polarprune_cuda.ops import reference
 from polarprune_cuda.ops.cost import CostModel
 from polarprune_cuda.ops import functional as PF
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import polarprune_cuda as pp
-from polarprune_cuda.ops import backends, core as ops, reference
+from polarprune_cuda import ops
+from polarprune_cuda.ops import backends, reference
 from polarprune_cuda.ops.cost import CostModel
 
 from helpers import SmallNet, randn, tol
