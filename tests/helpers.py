@@ -173,7 +173,7 @@ class Provider:
     g)``; ``device`` is where its tensors live (``rand`` makes them there)."""
 
     def __init__(self, name: str, device: str, kernels: dict):
-        self.name, self.backend, self.device, self.kernels = name, PROVIDERS[name], torch.device(device), kernels
+        self.name, self.device, self.kernels = name, torch.device(device), kernels
 
     def __getattr__(self, op):
         kernels = self.__dict__.get("kernels", {})

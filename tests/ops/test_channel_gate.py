@@ -1,9 +1,10 @@
 """channel_gate: the activation gate ``y = x * g[c]`` and its backward (``channel_gate_backward``: dx, dg).
 
-Every provider (tests/ops/conftest.py) against the formula, with its gradients, every layout and views, NaN and inf
-in closed channels; the kernels against the reference at odd sizes, float64 and past 65535 rows; Triton's
-grid-stride and split paths; on a GPU, every dtype, sizes past the launch-grid limits and 2^24 elements, and
-bitwise determinism."""
+Every provider (tests/ops/conftest.py: the reference, Triton, the CUDA extension) through opcheck, on views, with
+NaN and inf in closed channels; the reference against the formula in every dtype and layout, and by gradcheck; the
+kernels against the reference at odd sizes, in half types and float64 and past 65535 rows; Triton's grid-stride
+and split paths; on a GPU, every dtype, sizes past the launch-grid limits and 2^24 elements, and bitwise
+determinism."""
 import math
 
 import pytest
@@ -37,8 +38,6 @@ OPCHECK = {
 }
 #: and on the reference, the registration in more dtypes and shapes (the kernels': against the reference, below)
 OPCHECK_REFERENCE = {
-    "channels_last-n3": lambda p: ("channel_gate", (p.rand(3, 5, 4, 4, channels_last=True, requires_grad=True),
-                                                    p.binary(5).requires_grad_())),
     "bf16": lambda p: ("channel_gate", (p.rand(2, 5, 3, 3, dtype=torch.bfloat16, requires_grad=True),
                                         p.binary(5).requires_grad_())),
     "2d": lambda p: ("channel_gate", (p.rand(4, 5, requires_grad=True), p.binary(5).requires_grad_())),
@@ -61,8 +60,8 @@ def test_opcheck_on_the_reference(case):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(2, 1, 1, 1), (3, 3, 7, 7), (2, 67, 5, 3)])
 def test_gradcheck_on_the_reference(shape, channels_last):
-    """A finite difference per element (a kernel's gradients: against the reference's backward, below, and
-    through autograd in test_matches_the_formula_and_keeps_the_layout)."""
+    """A finite difference per element (a kernel's gradients: against the reference's backward, below, and through
+    the op's autograd in test_opcheck)."""
     x = REFERENCE.rand(*shape, dtype=torch.float64, channels_last=channels_last, requires_grad=True)
     gate = (REFERENCE.rand(shape[1]) > 0).double().requires_grad_()
     assert torch.autograd.gradcheck(pp.functional.channel_gate, (x, gate))
@@ -70,13 +69,14 @@ def test_gradcheck_on_the_reference(shape, channels_last):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_matches_the_formula_and_keeps_the_layout(provider, dtype, channels_last):
-    x = provider.rand(3, 67, 5, 7, dtype=dtype, channels_last=channels_last, requires_grad=True)
-    gate = (provider.rand(67) > 0).float().requires_grad_()
+def test_matches_the_formula_and_keeps_the_layout(dtype, channels_last):
+    """The reference through the op layer and autograd (the kernels: against the reference, below)."""
+    x = REFERENCE.rand(3, 67, 5, 7, dtype=dtype, channels_last=channels_last, requires_grad=True)
+    gate = (REFERENCE.rand(67) > 0).float().requires_grad_()
     y = pp.functional.channel_gate(x, gate)
     assert torch.equal(y, x.detach() * gate.detach().to(dtype).view(1, -1, 1, 1))
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
-    dy = provider.rand(*x.shape, dtype=dtype)
+    dy = REFERENCE.rand(*x.shape, dtype=dtype)
     y.backward(dy)
     torch.testing.assert_close(x.grad, dy * gate.detach().to(dtype).view(1, -1, 1, 1))
     dg = (dy.double() * x.detach().double()).sum((0, 2, 3)).float()

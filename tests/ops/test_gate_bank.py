@@ -1,8 +1,9 @@
 """gate_bank: every hard gate and both penalty terms of a gate bank in one pass, and its backward
 (``gate_bank_backward``).
 
-Every provider (tests/ops/conftest.py) against the composition it fuses (binary_gate plus gate_penalty); the kernels
-against the reference, float64 arguments included; on a GPU, every dtype and bitwise determinism."""
+Every provider (tests/ops/conftest.py: the reference, Triton, the CUDA extension) through opcheck and on views; the
+reference against the composition it fuses (binary_gate plus gate_penalty); the kernels against the reference,
+float64 arguments included; on a GPU, every dtype and bitwise determinism."""
 import pytest
 import torch
 
@@ -53,12 +54,13 @@ def test_opcheck_on_the_reference(case):
 
 @pytest.mark.parametrize("form", ["zhuang", "bimodal"])
 @pytest.mark.parametrize("ste", ["identity", "sigmoid"])
-def test_equals_binary_gate_plus_penalty(provider, form, ste):
-    """The fused op's gates, terms and gradients are those of binary_gate and gate_penalty called apart."""
+def test_equals_binary_gate_plus_penalty(form, ste):
+    """The fused op's gates, terms and gradients are those of binary_gate and gate_penalty called apart, on the
+    reference (the kernels: against the reference, below)."""
     cm = _bilinear_model(41)
-    s = (provider.rand(41, dtype=torch.float64) * 2).requires_grad_()
+    s = (REFERENCE.rand(41, dtype=torch.float64) * 2).requires_grad_()
     gates, terms = ops.gate_bank(s, ste, 0.8, cm, 0.35, form, 1.1)
-    dg = provider.rand(41, dtype=torch.float64)
+    dg = REFERENCE.rand(41, dtype=torch.float64)
     ((gates * dg).sum() + 3.0 * terms[1] + 0.25 * terms[2]).backward()
     s2 = s.detach().clone().requires_grad_()
     loss, terms2 = ops.gate_penalty(s2, cm, 0.8, 0.35, 3.0, 0.25, form, 1.1)

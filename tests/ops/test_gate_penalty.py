@@ -1,9 +1,9 @@
 """gate_penalty: the density-target plus polarization penalty and its gradient, in one pass, over an exact cost model.
 
-Every provider (tests/ops/conftest.py) against an independent implementation differentiated by autograd, by
-gradcheck, with half inputs and non-finite scores; the kernels against the reference; on a GPU, every dtype and
-bitwise determinism. The cost model's own count is checked here too (CostModel, ops/cost.py: what the penalty
-reads)."""
+Every provider (tests/ops/conftest.py: the reference, Triton, the CUDA extension) through opcheck, with half inputs,
+non-finite scores and views; the reference against an independent implementation differentiated by autograd and by
+gradcheck; the kernels against the reference; on a GPU, every dtype and bitwise determinism. The cost model's own
+count is checked here too (CostModel, ops/cost.py: what the penalty reads)."""
 import math
 
 import pytest
@@ -97,8 +97,8 @@ def test_the_reference_matches_autograd(form, n, rho, kind):
 
 @pytest.mark.parametrize("form", ["zhuang", "bimodal"])
 def test_gradcheck_on_the_reference(form):
-    """A finite difference per score (a kernel's gradient: against the reference's, below, and through autograd in
-    test_gate_bank.py: test_equals_binary_gate_plus_penalty)."""
+    """A finite difference per score (a kernel's gradient: against the reference's, below, and through the op's
+    autograd in test_opcheck)."""
     s = (REFERENCE.rand(23, dtype=torch.float64) * 2).requires_grad_()
     cm = _bilinear_model(23)
     fn = lambda s: ops.gate_penalty(s, cm, 0.8, 0.4, 1.5, 0.6, form, 1.2)[0]  # noqa: E731

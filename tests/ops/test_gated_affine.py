@@ -1,7 +1,8 @@
 """gated_affine: a gated BatchNorm affine ``(weight * g, bias * g)`` and its backward (``gated_affine_backward``).
 
-Every provider (tests/ops/conftest.py) through the op layer and its gradients; the kernels against the reference;
-on a GPU, sizes past 2^24 and bitwise determinism."""
+Every provider (tests/ops/conftest.py: the reference, Triton, the CUDA extension) through opcheck, the op layer's
+gradients and on views; the reference by gradcheck; the kernels against the reference; on a GPU, sizes past 2^24
+and bitwise determinism."""
 import pytest
 import torch
 
