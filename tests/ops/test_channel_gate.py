@@ -56,7 +56,7 @@ def test_opcheck_on_the_reference(case):
     torch.library.opcheck(ops.ALL_OPS[name], args)
 
 
-# ---------------------------------------------------------------- every provider, through the op layer
+# -------------------------------------- the reference's gradients and formula; every provider with NaN, inf and views
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(2, 1, 1, 1), (3, 3, 7, 7), (2, 67, 5, 3)])
 def test_gradcheck_on_the_reference(shape, channels_last):

@@ -58,7 +58,7 @@ def test_cost_model_of_hard_gates_counts_exactly():
     assert cm.cost(g).item() == 1 + 2 * 1 + 5 * 1 * 2
 
 
-# ---------------------------------------------------------------- every provider against independent formulas
+# ------------------------- the reference against independent formulas; every provider with half, non-finite, views
 def _penalty_by_autograd(s, cost_model, tau, rho, tw, pw, form, t):
     """An independent, straightforward implementation differentiated by autograd."""
     s = s.detach().clone().requires_grad_()
