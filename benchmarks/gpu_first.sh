@@ -30,8 +30,9 @@ DEADLINE=470            # seconds from the start; no step starts or runs past it
 # the dry run on a 2-core machine: the build alone takes minutes there; nothing of it counts against a GPU lease
 DRY_LIMITS="facts=30 wheels=10 build=900 aot=300 tests=1800 summary=10"
 DRY_DEADLINE=3100
-# the GPU tests that the sanitizer runs (small sizes; every provider, every op)
-SANITIZER_K="gate_kernels or (penalty_and_bank and 67) or nan_in_a_closed or views or gated_affine_and_opcheck"
+# the GPU tests that the sanitizer runs (small sizes; both kernel providers, every op: each op's test_gpu_* cases in
+# tests/ops/test_<op>.py, and the opcheck of channel_gate and gate_bank with each kernel provider forced)
+SANITIZER_K="(test_gpu_ and (gate_kernels or ((penalty or bank) and 67) or nan_in_a_closed or views or (gpu_gated_affine and not past))) or (opcheck and ((channel_gate and fp32) or (gate_bank and identity)))"
 # the benchmarks the goals read, in the order of the goals; torch.compile only where a goal compares with it
 BENCH_NODES="benchmarks/micro/bench_training.py::test_training_side_by_side[resnet50]
 benchmarks/micro/bench_gate_bank.py::test_bank_direction
@@ -224,7 +225,7 @@ else
         # shellcheck disable=SC2046
         step sanitizer "$out/sanitizer.txt" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
             --error-exitcode 99 "$py" -m pytest -p no:cacheprovider -rfE $(timeout_opt 60) \
-            $(session_opt $(($(lim sanitizer) - 12))) tests/ops/test_gpu.py -k "$SANITIZER_K"
+            $(session_opt $(($(lim sanitizer) - 12))) -m gpu tests/ops -k "$SANITIZER_K"
     else
         echo "compute-sanitizer not found on PATH" >"$out/sanitizer.txt"
         note "STEP sanitizer status=missing seconds=0 limit=0"

@@ -1,6 +1,6 @@
 """Triton kernels for polarprune_cuda, installed as ``polarprune_cuda.kernels``.
 
-``IMPLEMENTATIONS`` maps op names of :mod:`polarprune_cuda.ops.core` to functions
+``IMPLEMENTATIONS`` maps op names of :mod:`polarprune_cuda.ops.functional` to functions
 with the signatures of :mod:`polarprune_cuda.ops.reference`. It is empty, with the
 reason in ``UNAVAILABLE``, where Triton cannot run: no ``triton`` package,
 neither a CUDA device nor ``TRITON_INTERPRET=1`` (Triton's CPU interpreter,

@@ -10,8 +10,6 @@ naming what is missing, where the two differ; nothing here imports the package.
 """
 from __future__ import annotations
 
-import torch  # noqa: F401  (tests patch torch.empty through this module)
-
 from . import binary_gate as _binary_gate
 from . import channel_gate as _channel_gate
 from . import gate_bank as _gate_bank

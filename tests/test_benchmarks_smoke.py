@@ -251,7 +251,7 @@ def _bench(rows):
 
 
 def _junit(cases):
-    body = "".join(f'<testcase classname="tests.ops.test_gpu" name="{n}">{inner}</testcase>' for n, inner in cases)
+    body = "".join(f'<testcase classname="tests.ops.test_channel_gate" name="{n}">{inner}</testcase>' for n, inner in cases)
     return f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>'
 
 
@@ -272,7 +272,7 @@ def test_campaign_summary_states_every_goal(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(_bench(rows)))
     (tmp_path / "campaign.log").write_text("STEP facts status=ok seconds=3 limit=15\n"
                                            "STEP tests status=timeout seconds=110 limit=110\n")
-    (tmp_path / "tests.txt").write_text("tests/ops/test_gpu.py ....F...  [ 40%]\n"
+    (tmp_path / "tests.txt").write_text("tests/ops/test_channel_gate.py ....F...  [ 40%]\n"
                                         "=== 1 failed, 300 passed, 2 skipped in 98.1s ===\n")
     (tmp_path / "tests.xml").write_text(_junit([("test_a[cuda]", ""), ("test_b[triton]",
                                                 '<failure message="AssertionError: NaN at 3">x</failure>')]))
@@ -289,7 +289,7 @@ def test_campaign_summary_states_every_goal(tmp_path):
     assert "| tests | timeout | 110 | 110 |" in text
     assert "**no case ran**" in text and "registers max 64" in text
     # cut runs: no summary line is said as such, a missing file as not run
-    (tmp_path / "tests.txt").write_text("tests/ops/test_gpu.py ....  [ 10%]\n")
+    (tmp_path / "tests.txt").write_text("tests/ops/test_channel_gate.py ....  [ 10%]\n")
     (tmp_path / "tests.xml").unlink()
     (tmp_path / "sanitizer.txt").write_text("========= ERROR SUMMARY: 0 errors\n=== 24 passed in 40.2s ===\n")
     (tmp_path / "bench.json").unlink()

@@ -103,3 +103,24 @@ def test_no_placeholder_is_left(page):
     """A line that is only an upper-case token (``RESULTS_TABLE``) is a placeholder a writer forgot."""
     left = [line for line in page.read_text().splitlines() if re.fullmatch(r"[A-Z][A-Z0-9_]{5,}", line.strip())]
     assert not left, left
+
+
+def test_every_named_test_file_exists():
+    """A test file (``tests/<folder>/test_<name>.py``) that a page, a comment of csrc/ or kernels/, the package, a
+    benchmark script or a test names is in the repository (the committed results are records of their day, not read
+    here)."""
+    code = [p for folder in ("polarprune_cuda", "kernels", "benchmarks", "examples", "tests")
+            for p in sorted((ROOT / folder).rglob("*")) if p.suffix in (".py", ".sh") and "results" not in p.parts]
+    sources = [*PAGES, *sorted((ROOT / "csrc").iterdir()), *code]
+    missing = []
+    for path in sources:
+        text = path.read_text()
+        for name in set(re.findall(r"\btests/[\w/]*test_\w+\.py", text)):
+            if not (ROOT / name).is_file():
+                missing.append(f"{path.relative_to(ROOT)}: {name}")
+        if "tests" in path.relative_to(ROOT).parts:
+            continue   # the tests make files of their own (test_ok.py in a temporary folder): full paths only
+        for name in set(re.findall(r"\b(test_\w+\.py)\b", text)):   # a bare name: a file somewhere under tests/
+            if not any((ROOT / "tests").rglob(name)):
+                missing.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, missing

@@ -14,7 +14,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..ops import core as ops
+from ..ops import functional
+from ..ops.common import check_float, check_scores, check_ste
 from ..ops.cost import CostModel
 from ..errors import NonFiniteGateError
 from .modules import GateMixin, gate_modules
@@ -36,7 +37,7 @@ class GateBank(nn.Module):
 
     def __init__(self, ste: str = "identity", tau: float = 1.0):
         super().__init__()
-        ops.check_ste(ste, tau)
+        check_ste(ste, tau)
         self.ste = ste
         self.tau = float(tau)
         self.scores = nn.Parameter(torch.zeros(0))
@@ -76,7 +77,7 @@ class GateBank(nn.Module):
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         if name in self.names:
             raise ValueError(f"a segment named {name!r} already exists")
-        init_scores = ops.check_scores(init_scores, "init_scores").detach()
+        init_scores = check_scores(init_scores, "init_scores").detach()
         if init_scores.numel() == 0:
             raise ValueError(f"segment {name!r} must have at least one gate")
         if self.scores.numel():
@@ -165,7 +166,7 @@ class GateBank(nn.Module):
         if not isinstance(kind, str) or not kind:
             raise ValueError(f"kind must be a non-empty string, got {kind!r}")
         if isinstance(cost, Tensor):
-            ops.check_float(cost, "cost")
+            check_float(cost, "cost")
             if cost.shape != self.scores.shape:
                 raise ValueError(f"cost must have shape {tuple(self.scores.shape)} (one entry per gate), "
                                  f"got {tuple(cost.shape)}")
@@ -210,10 +211,10 @@ class GateBank(nn.Module):
             return self._cache
         if self._active and self._penalty is not None:
             key, cm, rho, form, t = self._penalty
-            gates, terms = ops.gate_bank(self.scores, self.ste, self.tau, cm, rho, form, t)
+            gates, terms = functional.gate_bank(self.scores, self.ste, self.tau, cm, rho, form, t)
             self._terms = (key, terms)
         else:
-            gates = ops.binary_gate(self.scores, self.ste, self.tau)
+            gates = functional.binary_gate(self.scores, self.ste, self.tau)
         chunks = gates.split(self.sizes)
         if self._active:
             self._cache = chunks

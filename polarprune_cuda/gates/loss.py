@@ -23,11 +23,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..ops import core as ops
 from ..defaults import default_cost
+from ..ops.common import POLAR_FORMS, check_float, check_target_sparsity, is_number
 from ..ops.cost import CostModel
+from ..ops.gate_penalty import gate_penalty
 from .bank import GateBank, check_cost_values, flat_gate_view, raise_if_nonfinite
-from ..ops.common import POLAR_FORMS
 
 Schedule = Callable[[int], "float | tuple[float, float]"]
 
@@ -150,16 +150,16 @@ class PolarizationLoss(nn.Module):
         fuse: bool = True,
     ):
         super().__init__()
-        ops.check_target_sparsity(target_sparsity)
+        check_target_sparsity(target_sparsity)
         if polarization not in POLAR_FORMS:
             raise ValueError(f"polarization must be one of {', '.join(POLAR_FORMS)}, got {polarization!r}")
         for name, v in (("t", t), ("target_weight", target_weight), ("polarization_weight", polarization_weight)):
-            if not ops.is_number(v) or v < 0:
+            if not is_number(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be a callable step -> multiplier, got {type(schedule).__name__}")
         if isinstance(cost, Tensor):
-            ops.check_float(cost, "cost")
+            check_float(cost, "cost")
             if cost.dim() != 1:
                 raise ValueError(f"cost must be a 1-D tensor (one weight per gate), got shape {tuple(cost.shape)}")
             check_cost_values(cost)
@@ -247,8 +247,8 @@ class PolarizationLoss(nn.Module):
         else:
             # channel gates inside a block-gated branch count through p_j * p_block
             effective = scores if bank is None else bank.effective_scores(scores)
-            loss, terms = ops.gate_penalty(effective, cm, tau, self.rho, target_weight, polar_weight,
-                                           self.polarization, self.t)
+            loss, terms = gate_penalty(effective, cm, tau, self.rho, target_weight, polar_weight,
+                                       self.polarization, self.t)
         self.last_terms = terms.detach()
         if not self.guard or torch.compiler.is_compiling():
             return loss

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import core as ops
+from ..ops import functional
+from ..ops.common import check_ste, is_number
 
 def _init_scores(num_channels, init, name: str = "init") -> Tensor:
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
@@ -27,7 +28,7 @@ def _init_scores(num_channels, init, name: str = "init") -> Tensor:
         if not init.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {init.dtype}")
         return init.detach().to(torch.float32).clone()
-    if not ops.is_number(init):
+    if not is_number(init):
         raise ValueError(f"{name} must be a finite number or a tensor of shape ({num_channels},), got {init!r}")
     return torch.full((num_channels,), float(init), dtype=torch.float32)
 
@@ -40,7 +41,7 @@ class GateMixin:
     tau: float
 
     def _setup_gate(self, num_channels: int, init, ste: str, tau: float) -> None:
-        ops.check_ste(ste, tau)
+        check_ste(ste, tau)
         self.num_gates = num_channels
         self.ste = ste
         self.tau = float(tau)
@@ -90,7 +91,7 @@ class GateMixin:
     def gate(self) -> Tensor:
         """Hard gates of this module (exactly 0/1), differentiable to the scores."""
         if self._bank is None:
-            return ops.binary_gate(self.gate_scores, self.ste, self.tau)
+            return functional.binary_gate(self.gate_scores, self.ste, self.tau)
         return self.gate_from(self._bank.gates())
 
     def gate_from(self, chunks: tuple[Tensor, ...]) -> Tensor:
@@ -157,7 +158,7 @@ class ChannelGate(GateMixin, nn.Module):
         self._setup_gate(num_channels, init, ste, tau)
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.channel_gate(x, self.gate())
+        return functional.channel_gate(x, self.gate())
 
     def extra_repr(self) -> str:
         return f"{self.num_gates}, {self._gate_repr()}"
@@ -209,7 +210,7 @@ class GatedBatchNorm2d(GateMixin, nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        weight, bias = ops.gated_affine(self.weight, self.bias, self.gate())
+        weight, bias = functional.gated_affine(self.weight, self.bias, self.gate())
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -268,7 +269,7 @@ class GatedNormMixin(GateMixin):
     The gated class is made once per subclass (:func:`gated_class`)."""
 
     def forward(self, *args, **kwargs):
-        weight, bias = ops.gated_affine(self._parameters["weight"], self._parameters["bias"], self.gate())
+        weight, bias = functional.gated_affine(self._parameters["weight"], self._parameters["bias"], self.gate())
         self.__dict__["_pp_affine"] = (weight, bias)
         try:
             return super().forward(*args, **kwargs)

@@ -1,6 +1,6 @@
 """Backend registry: which implementation of each op runs for which device.
 
-Three backends can implement the ops of :mod:`polarprune_cuda.ops.core` (names: ``common.OPS``):
+Three backends can implement the ops of :mod:`polarprune_cuda.ops.functional` (names: ``common.OPS``):
 
 * ``cuda``: the compiled extension ``polarprune_cuda._C`` (CUDA tensors only);
 * ``triton``: the Triton kernels in ``polarprune_cuda.kernels`` (CUDA tensors,

@@ -1,6 +1,6 @@
 """What every op of the ``polarprune::`` namespace shares: its name, the op list, the code tables and the checks.
 
-* :data:`OPS` is the one list of op names; ``backends.OPS``, ``core.ALL_OPS``
+* :data:`OPS` is the one list of op names; ``backends.OPS``, ``functional.ALL_OPS``
   and the Triton ``IMPLEMENTATIONS`` are derived from it (and checked against it).
 * :data:`STE_CODES` and :data:`POLAR_CODES` are the one table of the string
   arguments and the integer codes the kernels use; ``csrc/gate_codes.h`` holds

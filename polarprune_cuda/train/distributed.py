@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..gates.modules import GatedBatchNorm2d
-from ..ops import core as ops
+from ..ops import functional
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class SyncedGatedBatchNorm2d(GatedBatchNorm2d):
         if not _global_batch(self):
             return super().forward(x)
         self._check_input_dim(x)
-        weight, bias = ops.gated_affine(self.weight, self.bias, self.gate())
+        weight, bias = functional.gated_affine(self.weight, self.bias, self.gate())
         return sync_batch_norm(x, self, weight, bias)
 
 

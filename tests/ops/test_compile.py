@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) of a gated CNN matches eager, forward and backward, on CPU."""
+"""torch.compile(fullgraph=True) of a gated CNN matches eager, forward and backward: on the CPU (the reference), and
+with each kernel provider forced (Triton, the CUDA extension; tests/ops/conftest.py)."""
 import copy
 
 import pytest
@@ -54,3 +55,19 @@ def test_compile_fullgraph_with_the_fused_penalty():
     total_c.backward()
     torch.testing.assert_close(model.polarprune_bank.scores.grad, eager.polarprune_bank.scores.grad,
                                atol=1e-6, rtol=1e-5)
+
+
+def test_compile_fullgraph_with_the_kernels_forced(kernels):
+    torch._dynamo.reset()
+    torch.manual_seed(11)
+    eager = SmallNet().to(kernels.device)
+    pp.bind_gates(eager)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    x = randn(2, 3, 6, 6).to(kernels.device)
+    y_e, y_c = eager(x), compiled(x)
+    torch.testing.assert_close(y_c, y_e, atol=1e-5, rtol=1e-5)
+    (y_e.square().sum() + pp.PolarizationLoss(0.5)(eager)).backward()
+    (y_c.square().sum() + pp.PolarizationLoss(0.5)(model)).backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)

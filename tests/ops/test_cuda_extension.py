@@ -1,6 +1,6 @@
 """The CUDA extension: built from source where torch is a CUDA build and nvcc exists, diagnosed where not.
 
-Its kernels on a GPU (with Triton's beside them) are tested in test_gpu.py."""
+Its kernels, on a GPU, are tested op by op (the CUDA provider of tests/ops/test_<op>.py), with Triton's beside them."""
 import json
 import shutil
 

@@ -4,6 +4,7 @@ then passes it as a constexpr, which the interpreter never does), the channels_l
 16-byte vector loads, and the penalty kernel with segment pairs without spilling in fp32."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +15,33 @@ pytest.importorskip("triton", reason="triton is not installed")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _aot(pattern, which="representative"):
+#: the edge configurations (labels "edge ...") where an integer argument is 1, and the representative ones whose
+#: loads, stores and spills are checked; compiled in one run of benchmarks/triton_aot.py for both tests
+EDGE = r"n=1 |channel_gate \(1, 1, 1, 1\)|channel_gate \(16, 1\)|channel_gate \(1, 16\)"
+REPRESENTATIVE = (r"^channel_gate fwd channels_last 8x64x56x56 torch.bfloat16|^gate_(penalty|bank) pairs, 53 segments"
+                  r".*zhuang torch.float32")
+
+
+@pytest.fixture(scope="module")
+def records():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_aot.py"), "--json", "--set", which,
-                          "--only", pattern], capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_aot.py"), "--json", "--set", "all",
+                          "--only", f"^edge .*({EDGE})|{REPRESENTATIVE}"], capture_output=True, text=True, env=env,
+                         timeout=240, cwd=ROOT)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert not result["failures"], "\n".join(f"{f['label']}: {f['error']}" for f in result["failures"])
     assert out.returncode == 0, out.stderr[-3000:]
     return result["records"]
 
 
-def test_every_kernel_compiles_where_an_integer_argument_is_1():
+def _aot(records, pattern, edge):
+    """The records of the configurations matching ``pattern``, among the edge ones or the representative ones."""
+    return [r for r in records if r["label"].startswith("edge ") == edge and re.search(pattern, r["label"])]
+
+
+def test_every_kernel_compiles_where_an_integer_argument_is_1(records):
     """n == 1 made the penalty and gate-bank kernels fail to compile on a GPU (n.to() on a constexpr int)."""
-    rows = _aot(r"n=1 |channel_gate \(1, 1, 1, 1\)|channel_gate \(16, 1\)|channel_gate \(1, 16\)", "edge")
+    rows = _aot(records, EDGE, edge=True)
     kernels = {r["kernel"] for r in rows}
     wrappers = {name for name in ("binary_gate", "gate_bank", "gated_affine", "channel_gate", "gate_penalty")}
     assert {r["label"].split()[1] for r in rows} == wrappers
@@ -40,9 +55,8 @@ def _widths(counts):
     return dict((k, int(v)) for k, v in (c.split(":") for c in counts.split()))
 
 
-def test_aot_sm90_vector_loads_and_no_spills():
-    rows = _aot(r"^channel_gate fwd channels_last 8x64x56x56 torch.bfloat16|^gate_(penalty|bank) pairs, 53 segments"
-                r".*zhuang torch.float32")
+def test_aot_sm90_vector_loads_and_no_spills(records):
+    rows = _aot(records, REPRESENTATIVE, edge=False)
     by_label = {r["label"]: r for r in rows}
     cg = by_label["channel_gate fwd channels_last 8x64x56x56 torch.bfloat16"]
     ld, st = _widths(cg["ld"]), _widths(cg["st"])

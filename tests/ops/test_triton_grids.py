@@ -1,6 +1,6 @@
 """Launch grids of the Triton kernels (kernels/_grids.py), pure functions: within every hardware limit for shapes
 past every limit, and the tiles cover every element exactly once (checked by arithmetic; by enumeration where
-small). The kernels run the same tile arithmetic (test_triton_kernels.py runs them, grid-stride and split paths
+small). The kernels run the same tile arithmetic (test_channel_gate.py runs them, grid-stride and split paths
 included, against the reference)."""
 import itertools
 
