@@ -490,3 +490,20 @@ def test_pretrained_start_and_its_score_criteria_run(tmp_path):
     assert (tmp_path / "work" / "dense-seed0" / "result.json").read_text() == dense      # not trained again
     taylor = json.loads((tmp_path / "pretrained-start-digits-taylor.json").read_text())
     assert abs(taylor["rows"][0]["sparsity"]["macs"] - 0.5) <= 0.005
+
+
+def test_latency_prediction_runs_and_renders_again(tmp_path):
+    """The latency cost's experiment on ResNet-20 at batch 2, one target: both costs timed, the record's
+    Markdown written again from its JSON the same."""
+    lp = _load("experiments/latency_prediction")
+    args = ["--models", "resnet20", "--targets", "0.5", "--batch", "2", "--max-seconds", "2", "--timing-seconds", "0.5",
+            "--cache", str(tmp_path / "cache.json"), "--out", str(tmp_path), "--tag", "smoke"]
+    assert lp.main(args) == 0
+    record = json.loads((tmp_path / "latency-prediction-smoke.json").read_text())
+    assert [(r["cost"], r["target"]) for r in record["rows"]] == [("latency", 0.5), ("macs", 0.5)]
+    assert all(r["predicted_ms"] > 0 and r["speedup"] > 0 for r in record["rows"])
+    assert abs(record["rows"][1]["macs_share"] - 0.5) <= 0.01   # the MACs target is met on the extracted network
+    md = (tmp_path / "latency-prediction-smoke.md").read_text()
+    assert (tmp_path / "latency-prediction-smoke.png").is_file() and "| resnet20 | latency | 0.50 |" in md
+    assert lp.main(["--render", str(tmp_path / "latency-prediction-smoke.json")]) == 0
+    assert (tmp_path / "latency-prediction-smoke.md").read_text() == md

@@ -35,7 +35,8 @@ from polarprune_cuda.train.report import versions  # noqa: E402
 WITHIN = 0.10
 
 
-def one_model(name: str, targets, batch: int, seed: int, cache, max_seconds: float) -> list[dict]:
+def one_model(name: str, targets, batch: int, seed: int, cache, max_seconds: float,
+              timing_seconds: float | None = None) -> list[dict]:
     torch.manual_seed(seed)
     model = build_model(name, 10, 3, True).eval()
     x = torch.randn(batch, 3, 32, 32)
@@ -55,7 +56,7 @@ def one_model(name: str, targets, batch: int, seed: int, cache, max_seconds: flo
             budget = pp.meet_target(model, target, cost)
             predicted = built.predict(model)
             small = pp.extract(model, x[:1])
-            lat = report_mod.latency_side_by_side({"dense": dense, "pruned": small}, x, max_seconds=20.0)
+            lat = report_mod.latency_side_by_side({"dense": dense, "pruned": small}, x, max_seconds=timing_seconds)
             dense_ms, pruned_ms = lat["dense"]["median_ms"], lat["pruned"]["median_ms"]
             macs = pp.count(small, x[:1])["macs"] / pp.count(dense, x[:1])["macs"]
             rows.append({
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seconds", type=float, default=120.0, help="bound on each model's table build")
     parser.add_argument("--cache", default=None, help="the tables' file (default: the library's)")
+    parser.add_argument("--timing-seconds", type=float, default=20.0,
+                        help="the most each dense-against-pruned timing runs (the report's rule otherwise)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--render", default=None, help="write the Markdown of a record (.json) again, measuring "
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
     start = time.time()
     rows, builds = [], []
     for name in args.models:
-        got = one_model(name, args.targets, args.batch, args.seed, args.cache, args.max_seconds)
+        got = one_model(name, args.targets, args.batch, args.seed, args.cache, args.max_seconds, args.timing_seconds)
         builds.append(got[0])
         rows += got[1:]
     stem = f"latency-prediction-{args.tag}"
