@@ -12,14 +12,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..gates.bank import GateBank, find_bank
 from ..ops.cost import CostModel
 from .blocks import BlockRecord
-from .inputs import as_inputs, check_model_arg, run_on, score_ids, eval_mode
+from .inputs import as_inputs, check_model_arg, run_hooked, score_ids
 from .tp import Plan
 
 #: (block gate segment, channel segments inside its branch) of a branch module; None outside every branch
@@ -35,13 +34,7 @@ def io_shapes(model: nn.Module, inputs) -> dict[nn.Module, int]:
         channels = out.shape[1] if isinstance(module, nn.Conv2d) else out.shape[-1]
         spatial[module] = per_sample // channels
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with eval_mode(model), torch.no_grad():
-            run_on(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, inputs, [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))], hook)
     return spatial
 
 

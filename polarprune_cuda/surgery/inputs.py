@@ -214,6 +214,18 @@ def run_on(model: nn.Module, inputs):
                          f"{shapes})") from exc
 
 
+def run_hooked(model: nn.Module, inputs, modules, hook, pre: bool = False) -> None:
+    """Run ``model`` once on ``inputs`` in eval mode without gradients, with ``hook`` a forward hook (``pre``: a
+    forward pre-hook) of each of ``modules``; the hooks are removed and the training mode restored after."""
+    handles = [m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m in modules]
+    try:
+        with eval_mode(model), torch.no_grad():
+            run_on(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def check_fits(model: nn.Module, inputs) -> list[tuple[int, ...]]:
     """Run ``model`` once in eval mode on ``inputs`` (ValueError if it cannot); training mode is restored.
     Returns the shapes of the output's tensors."""

@@ -37,7 +37,7 @@ from .._io import write_text
 from ..gates.bank import find_bank
 from .costs import Site, fitted_cost_model, sites_of
 from .extract import extract
-from .inputs import as_inputs, eval_mode, run_on
+from .inputs import as_inputs, eval_mode, run_hooked, run_on
 
 CACHE_FORMAT = 1
 #: kept-width fractions of a layer's channels the tables are measured at (fewer where the time bound asks)
@@ -162,13 +162,7 @@ def _input_shapes(model: nn.Module, inputs, modules) -> dict[nn.Module, tuple]:
         shapes[module] = tuple(x.shape[2:]) if x.dim() > 2 and not isinstance(module, nn.Linear) \
             else tuple(x.shape[1:-1])
 
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
-    try:
-        with eval_mode(model), torch.no_grad():
-            run_on(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, inputs, modules, hook, pre=True)
     return shapes
 
 
