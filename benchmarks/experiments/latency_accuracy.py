@@ -92,12 +92,13 @@ def measure(work: Path, arms: list[str], seeds: list[int], out: Path, argv) -> N
                          "speedup_q": [lat["speedup_rounds"]["q1"], lat["speedup_rounds"]["q3"]],
                          "macs_removed": report["sparsity"]["macs"], "achieved": report["achieved_sparsity"],
                          "predicted_speedup": pred["speedup"] if pred else None,
-                         "training_seconds": report["training"]["seconds"] if report.get("training") else None})
+                         "training_seconds": (report.get("training") or {}).get("run", {}).get("seconds")})
             print(rows[-1], flush=True)
     lines = ["# Accuracy at equal measured latency: --cost latency against --cost macs (Fashion-MNIST 12k)", "",
              "ResNet-20, 12,000 training images, 6 epochs, batch 128, lr 0.1, one thread; speedups measured "
              "afterwards, side by side, batch 32, one thread.", "",
-             *(f"`{_record.command('latency_accuracy.py', a)}`" for a in argv), "",
+             "The steps (the training runs may go several at once, here two):", "",
+             *(f"    {_record.command('latency_accuracy.py', a)}" for a in argv), "",
              "| arm | MACs removed | measured speedup | predicted speedup | accuracy |", "|---|---:|---:|---:|---:|"]
     summary = {}
     for arm in arms:
@@ -131,7 +132,9 @@ def main(argv=None) -> int:
     elif args.step == "train":
         train(work, args.arms, args.seeds)
     else:
-        measure(work, args.arms, args.seeds, Path(args.out), [sys.argv[1:] if argv is None else argv])
+        seeds = [str(v) for v in args.seeds]
+        steps = [["warm"], ["train", "--arms", *args.arms, "--seeds", *seeds], sys.argv[1:] if argv is None else argv]
+        measure(work, args.arms, args.seeds, Path(args.out), steps)
     return 0
 
 
