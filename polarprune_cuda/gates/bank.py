@@ -183,6 +183,10 @@ class GateBank(nn.Module):
         kinds = ["channels", *sorted(k for k in self._costs if k != "channels")]
         return [k for k in kinds if k not in self.unavailable]
 
+    def hard_cost(self, kind: str) -> float:
+        """The cost ``kind`` of the hard gates (a score > 0 is open): what the extracted network has."""
+        return float(self.cost_model(kind).cost(self.effective((self.scores.detach() > 0).float())))
+
     def cost_model(self, kind: str = "channels") -> CostModel:
         """The cost model registered under ``kind`` (``channels``: every gate costs 1)."""
         if not isinstance(kind, str):

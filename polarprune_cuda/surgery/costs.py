@@ -133,7 +133,7 @@ def _add_module(m: nn.Module, params: _Terms, macs: _Terms, block: Block, shares
     if isinstance(m, nn.Conv2d):
         f_out = m.out_channels - covered_out.get(m, 0)
         kk = m.weight.shape[2] * m.weight.shape[3]
-        if m.groups > 1 and m.groups == m.out_channels == m.in_channels:   # depthwise: in == out
+        if is_depthwise(m):   # in == out
             _add_linear(params, block, kk + (m.bias is not None), outs, f_out)
             _add_linear(macs, block, kk * positions, outs, f_out)
             return True
@@ -259,10 +259,26 @@ class Site:
 
     @property
     def per_channel(self) -> bool:
-        """A BatchNorm or a depthwise convolution: one width (its channels), no input side."""
-        m = self.module
-        return isinstance(m, nn.BatchNorm2d) or (isinstance(m, nn.Conv2d) and m.groups > 1
-                                                 and m.groups == m.in_channels == m.out_channels)
+        return per_channel(self.module)
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A depthwise convolution: one filter per channel, as many outputs as inputs."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def per_channel(m: nn.Module) -> bool:
+    """A BatchNorm or a depthwise convolution: one width (its channels), no input side."""
+    return isinstance(m, nn.BatchNorm2d) or is_depthwise(m)
+
+
+def widths(m: nn.Module) -> tuple[int, int]:
+    """(input, output) channels or features of a Conv2d, Linear or BatchNorm2d."""
+    if isinstance(m, nn.BatchNorm2d):
+        return m.num_features, m.num_features
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels, m.out_channels
+    return m.in_features, m.out_features
 
 
 def sites_of(model: nn.Module) -> list[Site]:
@@ -285,12 +301,7 @@ def sites_of(model: nn.Module) -> list[Site]:
     for name, m in model.named_modules():
         if m is bank or not isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
             continue
-        if isinstance(m, nn.BatchNorm2d):
-            n_in = n_out = m.num_features
-        elif isinstance(m, nn.Conv2d):
-            n_in, n_out = m.in_channels, m.out_channels
-        else:
-            n_in, n_out = m.in_features, m.out_features
+        n_in, n_out = widths(m)
         site = Site(name, m, ins.get(name, []), n_in - covered["in"].get(name, 0), outs.get(name, []),
                     n_out - covered["out"].get(name, 0), block_of.get(name))
         if site.per_channel:

@@ -8,10 +8,11 @@ and output widths. Each layer's times are fitted by ``a + b * c_in + c * c_out +
 (:func:`~polarprune_cuda.meet_target`), the penalty and its kernels take ``cost="latency"`` as they take MACs.
 Layers timed alone run faster than inside the network (their data stays in cache), and the network does more
 than its layers (activations, additions, pooling, the framework's calls): the dense network, extracted, is timed
-whole, and every layer's fitted time is scaled by the ratio of that time to the layers' sum (``CALIBRATION``).
-The model is registered on the gate bank as ``latency``, in milliseconds per batch.
+whole, and every layer's fitted time is scaled by the ratio of that time to the layers' sum (uniform narrower
+networks were tried as more calibration points: one slow narrow network pulled the fitted line far off,
+docs/results.md, latency as the cost). The model is registered on the gate bank as ``latency``, in milliseconds per batch.
 
-Tables and the calibration's times are cached in a JSON file (``cache``; default ``$POLARPRUNE_CACHE_DIR/latency.json``, else
+Tables and the dense network's time are cached in a JSON file (``cache``; default ``$POLARPRUNE_CACHE_DIR/latency.json``, else
 ``~/.cache/polarprune_cuda/latency.json``) under a key naming the layer (type, widths, kernel, stride, padding,
 groups, bias, input size), the device (CPU model or GPU name), the thread count, the dtype, the batch and the
 torch version: a table measured anywhere else is not reused. The file is rewritten atomically after every layer,
@@ -35,7 +36,7 @@ from torch import nn
 
 from .._io import write_text
 from ..gates.bank import find_bank
-from .costs import Site, fitted_cost_model, sites_of
+from .costs import Site, fitted_cost_model, is_depthwise, per_channel, sites_of, widths
 from .extract import extract
 from .inputs import as_inputs, eval_mode, run_hooked, run_on
 
@@ -46,10 +47,6 @@ GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
 MIN_SECONDS = 0.01
 MIN_REPEATS = 5
 MAX_REPEATS = 200
-#: the kept fractions of every group at which whole extracted networks are timed to calibrate the layers' sum (the
-#: dense network only: measured on this CPU, narrower uniform networks hit the library's slow widths and one such
-#: point pulled a fitted line far off, benchmarks/results/latency-prediction-cpu.md)
-CALIBRATION = (1.0,)
 
 
 def default_cache() -> Path:
@@ -72,7 +69,8 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{model}:{torch.get_num_threads()} threads"
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's kernels run asynchronously; nothing to wait for on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -82,13 +80,13 @@ def time_call(fn, device: torch.device, clock=time.perf_counter) -> float:
     MAX_REPEATS times)."""
     for _ in range(2):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     start = clock()
     while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or clock() - start < MIN_SECONDS):
         t0 = clock()
         fn()
-        _sync(device)
+        sync(device)
         times.append(clock() - t0)
     return statistics.median(times)
 
@@ -132,7 +130,7 @@ def _layer(m: nn.Module, c_in: int, c_out: int) -> nn.Module:
         return nn.BatchNorm2d(c_out, affine=m.affine)
     if isinstance(m, nn.Linear):
         return nn.Linear(c_in, c_out, bias=m.bias is not None)
-    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    depthwise = is_depthwise(m)
     groups = c_out if depthwise else m.groups
     return nn.Conv2d(c_out if depthwise else c_in, c_out, m.kernel_size, m.stride, m.padding, m.dilation, groups,
                      m.bias is not None, m.padding_mode)
@@ -141,10 +139,9 @@ def _layer(m: nn.Module, c_in: int, c_out: int) -> nn.Module:
 def _signature(m: nn.Module, shape: tuple) -> dict:
     """What a layer's time depends on, but for its widths: the key of its table (with the device's)."""
     if isinstance(m, nn.Conv2d):
-        depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
         return {"type": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
                 "stride": list(m.stride), "padding": list(m.padding) if not isinstance(m.padding, str) else m.padding,
-                "dilation": list(m.dilation), "groups": "depthwise" if depthwise else m.groups,
+                "dilation": list(m.dilation), "groups": "depthwise" if is_depthwise(m) else m.groups,
                 "bias": m.bias is not None, "padding_mode": m.padding_mode, "input": list(shape)}
     if isinstance(m, nn.Linear):
         return {"type": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
@@ -173,18 +170,13 @@ def _measure(m: nn.Module, table_in: list[int], table_out: list[int], batch: int
         row = []
         for c_out in table_out:
             layer = _layer(m, c_in, c_out).to(device=device, dtype=dtype).eval()
-            width = c_in if isinstance(m, nn.Linear) or not _one_width(m) else c_out
+            width = c_out if per_channel(m) else c_in
             x = torch.randn(batch, *shape, width, device=device, dtype=dtype) if isinstance(m, nn.Linear) \
                 else torch.randn(batch, width, *shape, device=device, dtype=dtype)
             row.append(layer_ms(layer, x))
             tick()
         ms.append(row)
     return Table(table_in, table_out, ms)
-
-
-def _one_width(m: nn.Module) -> bool:
-    return isinstance(m, nn.BatchNorm2d) or (isinstance(m, nn.Conv2d) and m.groups > 1
-                                             and m.groups == m.in_channels == m.out_channels)
 
 
 def fit(table: Table, one_width: bool = False) -> tuple[float, float, float, float]:
@@ -240,14 +232,13 @@ def _save(path: Path | None, stored: dict) -> None:
         write_text(path, json.dumps({"format": CACHE_FORMAT, "tables": stored}, sort_keys=True))
 
 
-def _points_of(entry, n: int) -> list[tuple[float, float]] | None:
-    """The cached calibration points of a network, or None where there are none (or they are damaged)."""
+def _point_of(entry) -> tuple[float, float] | None:
+    """The cached (layers' sum, dense network) of a network, or None where there is none (or it is damaged)."""
     try:
-        points = [(float(a), float(b)) for a, b in entry["calibration"]]
+        a, b = (float(v) for v in entry["calibration"])
     except (KeyError, TypeError, ValueError):
         return None
-    ok = len(points) == n and all(math.isfinite(a) and math.isfinite(b) and b > 0 for a, b in points)
-    return points if ok else None
+    return (a, b) if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0 else None
 
 
 def _table_of(entry) -> Table | None:
@@ -269,7 +260,7 @@ class LatencyCost:
     coefs: dict[str, tuple[float, ...]]        # layer name -> (a, b, c, d) in ms
     dense_ms: float                            # the dense network, measured
     scale: float                               # measured network time per ms of the layers' isolated times
-    calibration: list[tuple[float, float]]     # (layers' sum, measured network) at each CALIBRATION width, ms
+    calibration: tuple[float, float]           # (the layers' sum, the measured dense network), ms
     measured: int                              # tables measured now (the others came from the cache)
     seconds: float                             # time the build took
     cache: Path | None = None
@@ -277,8 +268,7 @@ class LatencyCost:
 
     def predict(self, model: nn.Module) -> float:
         """Predicted latency (ms) of the network ``model``'s hard gates extract to."""
-        bank = find_bank(model)
-        return float(self.model.cost(bank.effective((bank.scores.detach() > 0).float())))
+        return find_bank(model).hard_cost("latency")
 
 
 def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike | None" = None,
@@ -311,7 +301,7 @@ def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike 
     path = None if cache is False else Path(cache) if cache is not None else default_cache()
     stored = _load_cache(path) if path is not None else {}
     shapes = _input_shapes(model, inputs, [s.module for s in sites])
-    plan = []   # (site, table key, widths in, widths out) of the sites whose table is not stored
+    plan = []   # (site, table key) of the sites whose table is not stored
     tables: dict[str, Table] = {}
     signatures = []
     for site in sites:
@@ -326,55 +316,37 @@ def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike 
         else:
             plan.append((site, sig))
     measured = _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress)
-    coefs = {name: fit(t, _one_width(model.get_submodule(name))) for name, t in tables.items()}
+    coefs = {name: fit(t, per_channel(model.get_submodule(name))) for name, t in tables.items()}
     n, sizes = bank.scores.numel(), bank.sizes
     layers = fitted_cost_model(n, sizes, sites, coefs, 0.0)
-    # the whole networks' times are cached too, under the network (its layers and groups) and the device's key
+    # the dense network's time is cached too, under the network (its layers and groups) and the device's key
     network = hashlib.sha256(json.dumps([signatures, bank.sizes]).encode()).hexdigest()
-    net_key = json.dumps({"network": network, "calibration": list(CALIBRATION), **key}, sort_keys=True)
-    points = _points_of(stored.get(net_key), len(CALIBRATION))
-    if points is None:
-        points = calibration_points(model, inputs, layers)
-        stored[net_key] = {"calibration": points}
+    net_key = json.dumps({"network": network, **key}, sort_keys=True)
+    point = _point_of(stored.get(net_key))
+    if point is None:
+        point = float(layers.cost(torch.ones(n, device=bank.scores.device))), dense_ms(model, inputs)
+        stored[net_key] = {"calibration": list(point)}
         _save(path, stored)
-    scale = _through_origin([p[0] for p in points], [p[1] for p in points])
+    scale = point[1] / point[0]
     coefs = {name: tuple(scale * v for v in c) for name, c in coefs.items()}
     cm = fitted_cost_model(n, sizes, sites, coefs, 0.0)
     bank.set_cost("latency", cm)
-    return LatencyCost(key, tables, coefs, points[0][1], scale, points, measured,
-                       time.perf_counter() - start, path, model=cm)
+    return LatencyCost(key, tables, coefs, point[1], scale, point, measured, time.perf_counter() - start, path,
+                       model=cm)
 
 
-def uniform_gates(bank, keep: float) -> torch.Tensor:
-    """Hard gates keeping the first ``ceil(keep * size)`` channels of every channel segment (block gates open)."""
-    g = torch.ones(bank.scores.numel(), device=bank.scores.device)
-    for k, (start, size) in enumerate(zip(bank.offsets, bank.sizes)):
-        if k < len(bank.surgery.groups):
-            g[start + max(1, math.ceil(keep * size)):start + size] = 0.0
-    return g
-
-
-def calibration_points(model: nn.Module, inputs, layers) -> list[tuple[float, float]]:
-    """(the layers' summed time, the extracted network's measured time) at every CALIBRATION width, in ms."""
+def dense_ms(model: nn.Module, inputs) -> float:
+    """The measured time (ms) of the gated model's dense network: extracted with every gate open, gates folded."""
     bank = find_bank(model)
     saved = bank.scores.detach().clone()
-    points = []
     try:
-        for keep in CALIBRATION:
-            g = uniform_gates(bank, keep)
-            with torch.no_grad():
-                bank.scores.copy_(g * 2.0 - 1.0)
-            net = extract(model, inputs, verify=False).eval()
-            points.append((float(layers.cost(bank.effective(g))), network_ms(net, inputs)))
+        with torch.no_grad():
+            bank.scores.fill_(1.0)
+        net = extract(model, inputs, verify=False).eval()
     finally:
         with torch.no_grad():
             bank.scores.copy_(saved)
-    return points
-
-
-def _through_origin(x: list[float], y: list[float]) -> float:
-    """The least-squares slope of ``y = slope * x`` (the ratio, with one point)."""
-    return sum(a * b for a, b in zip(x, y)) / sum(a * a for a in x)
+    return network_ms(net, inputs)
 
 
 def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress) -> int:
@@ -389,7 +361,7 @@ def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_s
     per_point = {}
     for sig, site in unique.items():
         m = site.module
-        full_ms = _measure(m, [_full_in(m)], [_full_out(m)], batch, shapes[m], device, dtype, lambda: None).ms[0][0]
+        full_ms = _measure(m, [widths(m)[0]], [widths(m)[1]], batch, shapes[m], device, dtype, lambda: None).ms[0][0]
         per_point[sig] = max(full_ms * 1e-3 * MIN_REPEATS, MIN_SECONDS) + 2 * full_ms * 1e-3
     fine = tuple(sorted(set(grid) | {1.0}))
     for grids in (fine, tuple(sorted(set(fine[::2]) | {1.0})), (fine[0], 1.0)):
@@ -407,9 +379,9 @@ def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_s
     try:
         for sig, site in unique.items():
             m = site.module
-            multiple = m.groups if isinstance(m, nn.Conv2d) and not _one_width(m) else 1
-            w_in = [0] if _one_width(m) else _widths(_full_in(m), bool(site.ins), grids, multiple)
-            w_out = _widths(_full_out(m), bool(site.outs), grids, multiple)
+            multiple = m.groups if isinstance(m, nn.Conv2d) and not site.per_channel else 1
+            w_in = [0] if site.per_channel else _widths(widths(m)[0], bool(site.ins), grids, multiple)
+            w_out = _widths(widths(m)[1], bool(site.outs), grids, multiple)
             table = _measure(m, w_in, w_out, batch, shapes[m], device, dtype, bar.update if bar else lambda: None)
             stored[sig] = {"widths_in": table.widths_in, "widths_out": table.widths_out, "ms": table.ms}
             _save(path, stored)
@@ -425,13 +397,3 @@ def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_s
 def _npoints(site: Site, grid) -> int:
     n_in = 1 if site.per_channel or not site.ins else len(grid)
     return n_in * (len(grid) if site.outs else 1)
-
-
-def _full_in(m: nn.Module) -> int:
-    return m.num_features if isinstance(m, nn.BatchNorm2d) else \
-        m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
-
-
-def _full_out(m: nn.Module) -> int:
-    return m.num_features if isinstance(m, nn.BatchNorm2d) else \
-        m.out_channels if isinstance(m, nn.Conv2d) else m.out_features

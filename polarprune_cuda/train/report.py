@@ -14,14 +14,10 @@ from torch import nn
 from . import energy
 from .._io import write_text
 from ..gates.bank import find_bank
+from ..surgery.latency import sync
 from .plots import plots, sparse_plots
 
 REPORT_FORMAT = 1
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 #: the latency measurement: at least MIN_ROUNDS interleaved rounds, then more until the rounds' speedups (the
@@ -50,14 +46,14 @@ def latency_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, rounds: 
         for _ in range(warmup):
             for m in models.values():
                 m(x)
-        _sync(x.device)
+        sync(x.device)
         start = clock()
         k = 0
         while True:
             for name in names[k % len(names):] + names[:k % len(names)]:
                 t0 = clock()
                 models[name](x)
-                _sync(x.device)
+                sync(x.device)
                 times[name].append(clock() - t0)
             k += 1
             if k < rounds:
@@ -112,7 +108,7 @@ def energy_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, seconds: 
         was = m.training
         m.eval()
         try:
-            got = energy.measure(lambda: m(x), counter, seconds, sync=lambda: _sync(x.device))
+            got = energy.measure(lambda: m(x), counter, seconds, sync=lambda: sync(x.device))
         except RuntimeError as exc:
             return {"available": False, "reason": str(exc)}
         finally:
@@ -154,10 +150,9 @@ def predicted_latency(gated: nn.Module, latency: dict) -> dict | None:
     bank = find_bank(gated)
     if bank is None or "latency" not in bank.cost_kinds:
         return None
-    cm = bank.cost_model("latency")
-    pruned_ms = float(cm.cost(bank.effective((bank.scores.detach() > 0).float())))
+    total, pruned_ms = bank.cost_model("latency").total, bank.hard_cost("latency")
     measured = latency["pruned"]["median_ms"]
-    return {"dense_ms": cm.total, "pruned_ms": pruned_ms, "speedup": cm.total / pruned_ms,
+    return {"dense_ms": total, "pruned_ms": pruned_ms, "speedup": total / pruned_ms,
             "error": (pruned_ms - measured) / measured}
 
 

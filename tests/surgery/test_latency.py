@@ -186,7 +186,7 @@ def test_the_real_timer_builds_a_model_that_only_grows_with_width(tmp_path):
     assert all(v >= 0 for c in result.coefs.values() for v in c[1:])
     cm = pp.find_bank(model).cost_model("latency")
     assert float(cm.linear.min()) >= 0 and (cm.coef.numel() == 0 or float(cm.coef.min()) >= 0)
-    assert result.calibration[0][1] == pytest.approx(result.dense_ms)
+    assert result.calibration[1] == pytest.approx(result.dense_ms)
 
 
 @pytest.mark.filterwarnings("ignore:the optimizer had no parameter group", "ignore:the gates freeze at step")
