@@ -44,6 +44,7 @@ class GateBank(nn.Module):
         self.names: list[str] = []
         self.sizes: list[int] = []
         self._costs: dict[str, CostModel] = {}
+        self._exact: dict = {}   # cost kind -> the exact cost of a hard gate set, where it is not the cost model's
         self.unavailable: dict[str, str] = {}   # cost kind -> why this bank cannot weigh gates by it
         self._cache: tuple[Tensor, ...] | None = None
         self._active = False
@@ -89,6 +90,7 @@ class GateBank(nn.Module):
         self.block_of.append(-1)
         self._block_map = None
         self._costs.clear()
+        self._exact.clear()
         return len(self.names) - 1
 
     # ----- block gates
@@ -161,8 +163,12 @@ class GateBank(nn.Module):
         return self.scores.narrow(0, self.offsets[index], self.sizes[index])
 
     # ----- cost models
-    def set_cost(self, kind: str, cost) -> None:
-        """Register the cost model of ``kind``: a CostModel or a tensor of per-gate weights."""
+    def set_cost(self, kind: str, cost, exact=None) -> None:
+        """Register the cost model of ``kind``: a CostModel or a tensor of per-gate weights.
+
+        ``exact``: where the cost of a hard gate set is not the model's (a lookup table the model is fitted to),
+        an object with ``cost(gates) -> float`` (effective 0/1 gates) and ``total`` (every gate open): the budget,
+        :meth:`hard_cost` and the report read it; the penalty keeps the differentiable model."""
         if not isinstance(kind, str) or not kind:
             raise ValueError(f"kind must be a non-empty string, got {kind!r}")
         if isinstance(cost, Tensor):
@@ -176,7 +182,12 @@ class GateBank(nn.Module):
             raise TypeError(f"cost must be a CostModel or a tensor, got {type(cost).__name__}")
         if cost.linear.numel() != self.scores.numel():
             raise ValueError(f"the cost model has {cost.linear.numel()} gates, the bank {self.scores.numel()}")
+        if exact is not None and not (callable(getattr(exact, "cost", None)) and hasattr(exact, "total")):
+            raise TypeError(f"exact must have cost(gates) and total, got {type(exact).__name__}")
         self._costs[kind] = cost.to(self.scores.device)
+        self._exact.pop(kind, None)
+        if exact is not None:
+            self._exact[kind] = exact
 
     @property
     def cost_kinds(self) -> list[str]:
@@ -185,7 +196,13 @@ class GateBank(nn.Module):
 
     def hard_cost(self, kind: str) -> float:
         """The cost ``kind`` of the hard gates (a score > 0 is open): what the extracted network has."""
-        return float(self.cost_model(kind).cost(self.effective((self.scores.detach() > 0).float())))
+        return self.exact_cost(kind).cost(self.effective((self.scores.detach() > 0).float()))
+
+    def exact_cost(self, kind: str) -> "ExactCost":
+        """The cost ``kind`` of hard gate sets as the budget reads it: ``cost(effective gates) -> float`` and
+        ``total``; the ``exact`` lookup registered with :meth:`set_cost`, else the cost model itself."""
+        cm = self.cost_model(kind)
+        return self._exact.get(kind) or ExactCost(cm)
 
     def cost_model(self, kind: str = "channels") -> CostModel:
         """The cost model registered under ``kind`` (``channels``: every gate costs 1)."""
@@ -399,3 +416,14 @@ def flat_gate_view(obj) -> tuple[Tensor, list[str], list[int], float, GateBank |
         raise ValueError(f"gate modules disagree on tau: {sorted(taus)}; bind them with bind_gates(model, tau=...)")
     scores = torch.cat([m.gate_scores for _, m in found])
     return scores, [n for n, _ in found], [m.num_gates for _, m in found], taus.pop(), None
+
+
+class ExactCost:
+    """A cost model read as the budget reads it: the float cost of a hard gate set, and the total."""
+
+    def __init__(self, model: CostModel):
+        self.model = model
+        self.total = model.total
+
+    def cost(self, gates: Tensor) -> float:
+        return float(self.model.cost(gates.to(self.model.device, torch.float32)))

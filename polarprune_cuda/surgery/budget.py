@@ -180,7 +180,7 @@ def select_gates(model, target_sparsity: float, cost: str = COST, min_channels: 
     target = check_target_sparsity(target_sparsity)
     bank, record = surgery_of(model)
     bank.check_finite()
-    cm = bank.cost_model(cost)
+    cm = bank.exact_cost(cost)
     min_channels = record.min_channels if min_channels is None else min_channels
     round_to = record.round_to if round_to is None else round_to
     s = bank.scores.detach().double().cpu()
@@ -191,7 +191,7 @@ def select_gates(model, target_sparsity: float, cost: str = COST, min_channels: 
     slack = 1e-9 * cm.total
 
     def cost_of(g: Tensor) -> float:
-        return float(cm.cost(bank.effective(g.to(device, torch.float32))))
+        return cm.cost(bank.effective(g.to(device, torch.float32)))
 
     g = torch.zeros(s.numel(), dtype=torch.float64)
     if forced:
@@ -225,7 +225,7 @@ def budget_disagreement(model, budget: dict) -> str | None:
     """Why ``budget`` (:meth:`BudgetResult.to_dict`, as a checkpoint holds it) is not what ``model``'s hard
     gates give, or None: its total, achieved cost and achieved sparsity recomputed from the gates."""
     bank, _ = surgery_of(model)
-    cm = bank.cost_model(budget["cost"])
+    cm = bank.exact_cost(budget["cost"])
     cost = bank.hard_cost(budget["cost"])
     for name, got in (("total", cm.total), ("achieved_cost", cost), ("achieved_sparsity", 1.0 - cost / cm.total)):
         want = budget[name]

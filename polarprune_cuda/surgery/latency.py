@@ -40,9 +40,14 @@ from .costs import Site, fitted_cost_model, is_depthwise, per_channel, sites_of,
 from .extract import extract
 from .inputs import as_inputs, eval_mode, run_hooked, run_on
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2   # 2: the calibration's layers' sum is the tables' (it was the fit's)
 #: kept-width fractions of a layer's channels the tables are measured at (fewer where the time bound asks)
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
+#: with round_to, a side of at most this many multiples of it is measured at every one (the lookup is then exact)
+LATTICE_POINTS = 8
+#: kept fractions of every group at which the extracted network is timed whole and layer by layer inside it
+CONTEXT = (0.25, 0.5, 0.75, 1.0)
+LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 #: each timing repeats the call until this much time has passed (and at least MIN_REPEATS times)
 MIN_SECONDS = 0.01
 MIN_REPEATS = 5
@@ -103,6 +108,45 @@ def network_ms(net: nn.Module, inputs: tuple) -> float:
         return time_call(lambda: run_on(net, inputs), inputs[0].device) * 1e3
 
 
+def in_network_ms(net: nn.Module, inputs: tuple) -> tuple[float, dict[str, float]]:
+    """(the network's ms, each Conv2d/Linear/BatchNorm2d's ms inside it): the whole pass timed as
+    :func:`network_ms`, then the layers by hooks over passes of their own (median per layer)."""
+    whole = network_ms(net, inputs)
+    device = inputs[0].device
+    mods = {name: m for name, m in net.named_modules() if isinstance(m, LAYERS)}
+    times: dict[str, list[float]] = {name: [] for name in mods}
+    started: dict[str, float] = {}
+
+    def pre(name):
+        def hook(module, args):
+            sync(device)
+            started[name] = time.perf_counter()
+        return hook
+
+    def post(name):
+        def hook(module, args, out):
+            sync(device)
+            times[name].append(time.perf_counter() - started[name])
+        return hook
+
+    handles = [m.register_forward_pre_hook(pre(n)) for n, m in mods.items()]
+    handles += [m.register_forward_hook(post(n)) for n, m in mods.items()]
+    try:
+        with eval_mode(net), torch.inference_mode():
+            for _ in range(2):
+                run_on(net, inputs)
+            for v in times.values():
+                v.clear()
+            start, passes = time.perf_counter(), 0
+            while passes < MAX_REPEATS and (passes < MIN_REPEATS or time.perf_counter() - start < MIN_SECONDS):
+                run_on(net, inputs)
+                passes += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return whole, {name: statistics.median(v) * 1e3 for name, v in times.items() if v}
+
+
 @dataclass
 class Table:
     """One layer's measured times (ms) over kept input and output widths."""
@@ -116,11 +160,39 @@ class Table:
             for j, co in enumerate(self.widths_out):
                 yield ci, co, self.ms[i][j]
 
+    def at(self, c_in: float, c_out: float) -> float:
+        """The time at ``c_in`` input and ``c_out`` output channels: the table's own entry at its widths,
+        bilinear between them, the nearest entry beyond them."""
+        (i0, i1, u), (j0, j1, v) = _bracket(self.widths_in, c_in), _bracket(self.widths_out, c_out)
+        m = self.ms
+        return ((1 - u) * ((1 - v) * m[i0][j0] + v * m[i0][j1])
+                + u * ((1 - v) * m[i1][j0] + v * m[i1][j1]))
 
-def _widths(full: int, gated: bool, grid, multiple: int = 1) -> list[int]:
+
+def _bracket(ws: list[int], w: float) -> tuple[int, int, float]:
+    """(index below, index above, the share of the way from one to the other) of ``w`` in the sorted ``ws``."""
+    if w <= ws[0] or len(ws) == 1:
+        return 0, 0, 0.0
+    if w >= ws[-1]:
+        return len(ws) - 1, len(ws) - 1, 0.0
+    hi = next(k for k, x in enumerate(ws) if x >= w)
+    if ws[hi] == w:
+        return hi, hi, 0.0
+    return hi - 1, hi, (w - ws[hi - 1]) / (ws[hi] - ws[hi - 1])
+
+
+def _widths(full: int, gated: bool, grid, multiple: int = 1, lattice: int | None = None) -> list[int]:
+    """The kept widths a table measures: ``full`` alone for an ungated side; with a ``lattice`` (the budget's
+    round_to), every multiple of it up to ``full`` where there are at most LATTICE_POINTS of them (the widths
+    the budget can choose, each measured), else the grid's fractions on the lattice."""
     if not gated:
         return [full]
-    return sorted({max(multiple, int(round(f * full / multiple)) * multiple) for f in grid})
+    step = math.lcm(multiple, lattice) if lattice else multiple
+    if lattice and grid is not None and full // step <= LATTICE_POINTS:
+        return sorted({*range(step, full + 1, step), full})
+    if grid is None:   # the two-point level of the time bound
+        grid = (GRID[0], 1.0)
+    return sorted({max(step, int(round(f * full / step)) * step) for f in grid} | {full})
 
 
 def _layer(m: nn.Module, c_in: int, c_out: int) -> nn.Module:
@@ -232,15 +304,6 @@ def _save(path: Path | None, stored: dict) -> None:
         write_text(path, json.dumps({"format": CACHE_FORMAT, "tables": stored}, sort_keys=True))
 
 
-def _point_of(entry) -> tuple[float, float] | None:
-    """The cached (layers' sum, dense network) of a network, or None where there is none (or it is damaged)."""
-    try:
-        a, b = (float(v) for v in entry["calibration"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (a, b) if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0 else None
-
-
 def _table_of(entry) -> Table | None:
     try:
         table = Table([int(v) for v in entry["widths_in"]], [int(v) for v in entry["widths_out"]],
@@ -264,7 +327,10 @@ class LatencyCost:
     measured: int                              # tables measured now (the others came from the cache)
     seconds: float                             # time the build took
     cache: Path | None = None
-    model: object = field(default=None, repr=False)   # the CostModel
+    model: object = field(default=None, repr=False)   # the CostModel (fitted: the penalty's)
+    lookup: object = field(default=None, repr=False)  # the LookupCost (the tables: the budget's)
+    per_element: float = 0.0                          # ms per element a layer reads (in_context)
+    context: dict = field(default_factory=dict, repr=False)   # measure_context's timings
 
     def predict(self, model: nn.Module) -> float:
         """Predicted latency (ms) of the network ``model``'s hard gates extract to."""
@@ -298,6 +364,7 @@ def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike 
         raise ValueError(f"example_inputs must be floating point (the dtype the latency is for), got {dtype}")
     key = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "batch": batch,
            "torch": torch.__version__.split("+")[0]}
+    lattice = bank.surgery.round_to if bank.surgery.round_to and bank.surgery.round_to > 1 else None
     path = None if cache is False else Path(cache) if cache is not None else default_cache()
     stored = _load_cache(path) if path is not None else {}
     shapes = _input_shapes(model, inputs, [s.module for s in sites])
@@ -308,64 +375,163 @@ def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike 
         if site.module not in shapes:
             continue   # not called in the forward pass: costs nothing
         m = site.module
-        sig = json.dumps({**_signature(m, shapes[site.module]), **key}, sort_keys=True)
+        sig = json.dumps({**_signature(m, shapes[site.module]), **key, **({"lattice": lattice} if lattice else {})},
+                         sort_keys=True)
         signatures.append([site.name, sig])
         table = _table_of(stored.get(sig)) if sig in stored else None
         if table is not None:
             tables[site.name] = table
         else:
             plan.append((site, sig))
-    measured = _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress)
+    measured = _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress, lattice)
     coefs = {name: fit(t, per_channel(model.get_submodule(name))) for name, t in tables.items()}
     n, sizes = bank.scores.numel(), bank.sizes
-    layers = fitted_cost_model(n, sizes, sites, coefs, 0.0)
     # the dense network's time is cached too, under the network (its layers and groups) and the device's key
     network = hashlib.sha256(json.dumps([signatures, bank.sizes]).encode()).hexdigest()
     net_key = json.dumps({"network": network, **key}, sort_keys=True)
-    point = _point_of(stored.get(net_key))
-    if point is None:
-        point = float(layers.cost(torch.ones(n, device=bank.scores.device))), dense_ms(model, inputs)
-        stored[net_key] = {"calibration": list(point)}
+    elements = {s.name: batch * math.prod(shapes[s.module]) for s in sites if s.name in tables}
+    context = _context_of(stored.get(net_key), tables)
+    if context is None:
+        context = measure_context(model, inputs)
+        stored[net_key] = {"context": context}
         _save(path, stored)
-    scale = point[1] / point[0]
-    coefs = {name: tuple(scale * v for v in c) for name, c in coefs.items()}
-    cm = fitted_cost_model(n, sizes, sites, coefs, 0.0)
-    bank.set_cost("latency", cm)
-    return LatencyCost(key, tables, coefs, point[1], scale, point, measured, time.perf_counter() - start, path,
-                       model=cm)
+    raw = LookupCost(bank, sites, tables, elements)
+    corrected, per_element, const = in_context(raw, context)
+    for name, table in corrected.items():
+        coefs[name] = fit(table, per_channel(model.get_submodule(name)))
+        a, b, c, d = coefs[name]
+        if per_channel(model.get_submodule(name)):   # the fit for the penalty, plus the reads' time per channel
+            c += per_element * elements[name]
+        else:
+            b += per_element * elements[name]
+        coefs[name] = (a, b, c, d)
+    cm = fitted_cost_model(n, sizes, sites, coefs, const)
+    lookup = LookupCost(bank, sites, corrected, elements, per_element=per_element, const=const)
+    bank.set_cost("latency", cm, exact=lookup)
+    dense = context["1.0"]["whole"]
+    point = (raw.total, dense)
+    return LatencyCost(key, tables, coefs, dense, dense / raw.total, point, measured, time.perf_counter() - start,
+                       path, model=cm, lookup=lookup, per_element=per_element, context=context)
 
 
-def dense_ms(model: nn.Module, inputs) -> float:
-    """The measured time (ms) of the gated model's dense network: extracted with every gate open, gates folded."""
+def _uniform(bank, fraction: float) -> torch.Tensor:
+    """Scores keeping the ``fraction`` of every group's gates that score highest (one at least)."""
+    out = []
+    for seg in bank.scores.detach().split(bank.sizes):
+        keep = torch.zeros_like(seg, dtype=torch.bool)
+        keep[torch.argsort(seg, descending=True, stable=True)[:max(1, round(fraction * seg.numel()))]] = True
+        out.append(torch.where(keep, 1.0, -1.0))
+    return torch.cat(out) if out else bank.scores.detach().clone()
+
+
+def measure_context(model: nn.Module, inputs) -> dict:
+    """For each kept fraction of CONTEXT: the extracted network (every group at that fraction) timed whole and
+    each layer inside it, with the widths it has there: ``{fraction: {"whole": ms, "layers": {name: [ms, c_in,
+    c_out]}}}``."""
     bank = find_bank(model)
     saved = bank.scores.detach().clone()
+    out = {}
     try:
-        with torch.no_grad():
-            bank.scores.fill_(1.0)
-        net = extract(model, inputs, verify=False).eval()
+        for fraction in CONTEXT:
+            with torch.no_grad():
+                bank.scores.copy_(_uniform(bank, fraction))
+            net = extract(model, inputs, verify=False).eval()
+            whole, layers = in_network_ms(net, inputs)
+            out[str(float(fraction))] = {"whole": whole, "layers": {
+                name: [ms, *widths(net.get_submodule(name))] for name, ms in layers.items()}}
     finally:
         with torch.no_grad():
             bank.scores.copy_(saved)
-    return network_ms(net, inputs)
+    return out
 
 
-def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress) -> int:
+def _context_of(entry, tables) -> dict | None:
+    """The cached context of a network, or None where there is none (or it is damaged)."""
+    try:
+        context = entry["context"]
+        ok = set(context) == {str(float(f)) for f in CONTEXT} and all(
+            float(c["whole"]) > 0 and all(float(v[0]) > 0 and len(v) == 3 for v in c["layers"].values())
+            for c in context.values())
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return context if ok else None
+
+
+def in_context(raw: "LookupCost", context: dict) -> tuple[dict[str, Table], float, float]:
+    """The tables as the layers run inside the network, and the time between them.
+
+    Each layer's table is multiplied by its time inside the network over its table's at the same widths, at
+    the kept share of its gated side (the nearest measured share; linear between them); what the whole network
+    takes beyond its layers (activations, additions, pooling, the framework's calls) is fitted as
+    ``const + per_element * (the input elements the layers read)`` over the CONTEXT networks (``per_element``
+    >= 0). Returns (the corrected tables, per_element, const)."""
+    ratios: dict[str, list[tuple[float, float]]] = {}
+    rest, reads = [], []
+    for entry in context.values():
+        layers = entry["layers"]
+        inside, read = 0.0, 0.0
+        for site, table in raw.sites:
+            if site.name not in layers:
+                continue   # in a removed block at this fraction
+            ms, c_in, c_out = layers[site.name]
+            inside += ms
+            read += raw.elements[site.name] * (c_out if site.per_channel else c_in)
+            alone = table.at(0 if site.per_channel else c_in, c_out)
+            if alone > 0:
+                ratios.setdefault(site.name, []).append((_share(site, table, c_in, c_out), ms / alone))
+        rest.append(float(entry["whole"]) - inside)
+        reads.append(read)
+    corrected = {}
+    for site, table in raw.sites:
+        points = sorted(ratios.get(site.name, [(1.0, 1.0)]))
+        ms = [[v * _interp(points, _share(site, table, ci, co)) for co, v in zip(table.widths_out, row)]
+              for ci, row in zip(table.widths_in, table.ms)]
+        corrected[site.name] = Table(list(table.widths_in), list(table.widths_out), ms)
+    r, t = torch.tensor(reads, dtype=torch.float64), torch.tensor(rest, dtype=torch.float64)
+    if len(reads) > 1 and float(r.max() - r.min()) > 0:
+        sol = torch.linalg.lstsq(torch.stack([torch.ones_like(r), r], 1), t[:, None]).solution[:, 0]
+        const, per_element = float(sol[0]), float(sol[1])
+        if per_element < 0:
+            const, per_element = float(t.mean()), 0.0
+    else:
+        const, per_element = float(t.mean()) if len(rest) else 0.0, 0.0
+    return corrected, per_element, const
+
+
+def _share(site: Site, table: Table, c_in: float, c_out: float) -> float:
+    """The kept share of a layer's gated side (its output, else its input)."""
+    if site.outs or site.per_channel:
+        return c_out / max(table.widths_out)
+    return c_in / max(table.widths_in)
+
+
+def _interp(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear through ``points`` (sorted by x), the nearest point's value beyond them."""
+    xs = [p[0] for p in points]
+    i0, i1, u = _bracket(xs, x)
+    return (1 - u) * points[i0][1] + u * points[i1][1]
+
+
+def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress,
+           lattice: int | None = None) -> int:
     """Measure the tables in ``plan`` (the same key once), within ``max_seconds``; store each in the cache."""
     if not plan:
         return 0
     unique: dict[str, Site] = {}
     for site, sig in plan:
         unique.setdefault(sig, site)
-    # each point costs about its full-width call times the repeats (MIN_SECONDS at least): the finest grid that
-    # fits in max_seconds, two widths a side at least (what the fit needs)
+    # each point costs about its full-width call times the repeats (MIN_SECONDS at least): the finest level that
+    # fits in max_seconds (every lattice width, the grid, every other grid fraction, two widths a side)
     per_point = {}
     for sig, site in unique.items():
         m = site.module
         full_ms = _measure(m, [widths(m)[0]], [widths(m)[1]], batch, shapes[m], device, dtype, lambda: None).ms[0][0]
         per_point[sig] = max(full_ms * 1e-3 * MIN_REPEATS, MIN_SECONDS) + 2 * full_ms * 1e-3
     fine = tuple(sorted(set(grid) | {1.0}))
-    for grids in (fine, tuple(sorted(set(fine[::2]) | {1.0})), (fine[0], 1.0)):
-        if sum(per_point[sig] * _npoints(site, grids) for sig, site in unique.items()) <= max_seconds:
+    levels = [(fine, lattice), (fine, None), (tuple(sorted(set(fine[::2]) | {1.0})), None), (None, None)]
+    for grids, lat in levels:
+        planned = {sig: _table_widths(site, grids, lat) for sig, site in unique.items()}
+        if sum(per_point[sig] * len(w[0]) * len(w[1]) for sig, w in planned.items()) <= max_seconds:
             break
     bar = None
     if progress:
@@ -374,14 +540,12 @@ def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_s
         except ImportError:   # the core install has no tqdm: no bar
             tqdm = None
     if progress and tqdm is not None:
-        bar = tqdm(total=sum(_npoints(site, grids) for site in unique.values()), desc="latency tables",
+        bar = tqdm(total=sum(len(w[0]) * len(w[1]) for w in planned.values()), desc="latency tables",
                    unit="point", leave=False)
     try:
         for sig, site in unique.items():
             m = site.module
-            multiple = m.groups if isinstance(m, nn.Conv2d) and not site.per_channel else 1
-            w_in = [0] if site.per_channel else _widths(widths(m)[0], bool(site.ins), grids, multiple)
-            w_out = _widths(widths(m)[1], bool(site.outs), grids, multiple)
+            w_in, w_out = planned[sig]
             table = _measure(m, w_in, w_out, batch, shapes[m], device, dtype, bar.update if bar else lambda: None)
             stored[sig] = {"widths_in": table.widths_in, "widths_out": table.widths_out, "ms": table.ms}
             _save(path, stored)
@@ -394,6 +558,53 @@ def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_s
     return len(unique)
 
 
-def _npoints(site: Site, grid) -> int:
-    n_in = 1 if site.per_channel or not site.ins else len(grid)
-    return n_in * (len(grid) if site.outs else 1)
+def _table_widths(site: Site, grid, lattice: int | None) -> tuple[list[int], list[int]]:
+    """The (input, output) widths a site's table is measured at (input [0] for a one-width layer)."""
+    m = site.module
+    multiple = m.groups if isinstance(m, nn.Conv2d) and not site.per_channel else 1
+    w_in = [0] if site.per_channel else _widths(widths(m)[0], bool(site.ins), grid, multiple, lattice)
+    return w_in, _widths(widths(m)[1], bool(site.outs), grid, multiple, lattice)
+
+
+class LookupCost:
+    """The predicted latency of a hard gate set read from the tables (the budget's exact cost): each layer's
+    time at its kept widths, the table's own entry where it measured those widths, bilinear between entries,
+    times ``scale``, plus ``per_element`` ms per element of its input, plus ``const`` (:func:`in_context`); a
+    layer inside a closed block costs nothing (ms)."""
+
+    def __init__(self, bank, sites: list[Site], tables: dict[str, Table], elements: dict[str, int],
+                 scale: float = 1.0, per_element: float = 0.0, const: float = 0.0):
+        self.bank, self.scale, self.per_element, self.const = bank, float(scale), float(per_element), float(const)
+        self.sites = [(s, tables[s.name]) for s in sites if s.name in tables]
+        self.elements = elements   # layer name -> its input's elements per channel
+        self.total = self.cost(torch.ones(bank.scores.numel()))
+
+    def read_total(self) -> float:
+        """The input elements every layer of the dense network reads."""
+        return sum(self.elements[s.name] * (c_out if s.per_channel else c_in)
+                   for (s, _), (c_in, c_out) in zip(self.sites, self._widths(torch.ones(self.bank.scores.numel()))))
+
+    def _widths(self, gates: torch.Tensor) -> list[tuple[float, float] | None]:
+        g = gates.detach().double().cpu()
+        sums = [float(v) for v in torch.stack([c.sum() for c in g.split(self.bank.sizes)])] if g.numel() else []
+        offsets = self.bank.offsets
+        out = []
+        for site, _ in self.sites:
+            if site.block is not None and float(g[offsets[site.block[0]]]) <= 0:
+                out.append(None)   # the branch is removed with its block
+                continue
+            out.append((sum(share * sums[a] for a, share in site.ins) + site.f_in,
+                        sum(share * sums[b] for b, share in site.outs) + site.f_out))
+        return out
+
+    def layers(self, gates: torch.Tensor) -> dict[str, float]:
+        """Each layer's predicted time (ms) under ``gates`` (effective 0/1 gates)."""
+        out = {}
+        for (site, table), w in zip(self.sites, self._widths(gates)):
+            if w is not None:
+                read = self.elements[site.name] * (w[1] if site.per_channel else w[0])
+                out[site.name] = self.scale * table.at(*w) + self.per_element * read
+        return out
+
+    def cost(self, gates: torch.Tensor) -> float:
+        return self.const + sum(self.layers(gates).values())

@@ -291,14 +291,14 @@ def _shrinkable(model: nn.Module, cfg: PruneConfig, candidates: torch.Tensor, re
         if room > 0 and cand.numel():
             pick = cand[torch.argsort(scores[seg][cand], stable=True)][:room]
             chosen[offset + pick] = True
-    cm = bank.cost_model(cfg.cost)
+    cm = bank.exact_cost(cfg.cost)
     budget = (1.0 - cfg.target_sparsity) * cm.total
 
     def reach(k: int) -> bool:   # the cost with every gate open but the removed ones and the k most closed chosen
         gone = removed.clone()
         gone[order[:k]] = True
         g = (~gone).to(bank.scores.device, torch.float32)
-        return float(cm.cost(bank.effective(g))) >= budget * (1 + 1e-6)
+        return cm.cost(bank.effective(g)) >= budget * (1 + 1e-6)
 
     order = torch.nonzero(chosen).flatten()
     order = order[torch.argsort(scores[order], stable=True)]

@@ -150,7 +150,7 @@ def predicted_latency(gated: nn.Module, latency: dict) -> dict | None:
     bank = find_bank(gated)
     if bank is None or "latency" not in bank.cost_kinds:
         return None
-    total, pruned_ms = bank.cost_model("latency").total, bank.hard_cost("latency")
+    total, pruned_ms = bank.exact_cost("latency").total, bank.hard_cost("latency")
     measured = latency["pruned"]["median_ms"]
     return {"dense_ms": total, "pruned_ms": pruned_ms, "speedup": total / pruned_ms,
             "error": (pruned_ms - measured) / measured}

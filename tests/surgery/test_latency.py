@@ -26,8 +26,8 @@ class Tiny(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-#: the whole network takes this much longer than its layers' sum (what the calibration finds)
-SLOWER = 1.25
+#: in the whole network a layer also takes this long per element of its input (what the calibration finds)
+READ_MS = 1e-5
 
 
 def _widths(m: nn.Module) -> tuple[int, int]:
@@ -48,15 +48,34 @@ def synthetic_layer_ms(m: nn.Module) -> float:
     return 0.1 + 0.01 * c_in + 0.02 * c_out + 0.003 * c_in * c_out
 
 
-def synthetic_network_ms(net: nn.Module) -> float:
+def _reads(net: nn.Module, batch: int) -> int:
+    """The input elements the layers of a Tiny network read (6x6 maps; the Linear reads the pooled features)."""
     layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
-    return SLOWER * sum(synthetic_layer_ms(m) for m in layers)
+    return batch * sum(_widths(m)[1 if isinstance(m, nn.BatchNorm2d) else 0] * (1 if isinstance(m, nn.Linear) else 36)
+                       for m in layers)
+
+
+def synthetic_network_ms(net: nn.Module, batch: int = 2, layer_ms=synthetic_layer_ms) -> float:
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    return sum(layer_ms(m) for m in layers) + READ_MS * _reads(net, batch)
+
+
+def _device(monkeypatch, layer_ms, calls=None):
+    """Time layers and networks on a synthetic device (``calls`` records each timing)."""
+    def inside(net, inputs):
+        if calls is not None:
+            calls.append("network")
+        layers = {n: layer_ms(m) for n, m in net.named_modules() if isinstance(m, lat.LAYERS)}
+        return synthetic_network_ms(net, len(inputs[0]), layer_ms), layers
+
+    monkeypatch.setattr(lat, "layer_ms", lambda layer, x: (calls.append(1) if calls is not None else None)
+                        or layer_ms(layer))
+    monkeypatch.setattr(lat, "in_network_ms", inside)
 
 
 @pytest.fixture
 def synthetic(monkeypatch):
-    monkeypatch.setattr(lat, "layer_ms", lambda layer, x: synthetic_layer_ms(layer))
-    monkeypatch.setattr(lat, "network_ms", lambda net, inputs: synthetic_network_ms(net))
+    _device(monkeypatch, synthetic_layer_ms)
 
 
 def _gated(min_channels=1, batch=2, dtype=torch.float32):
@@ -81,7 +100,7 @@ def test_cost_model_is_the_devices_latency_for_every_width(synthetic):
     model, x = _gated()
     result = pp.latency_cost(model, x, cache=False)
     cm = pp.find_bank(model).cost_model("latency")
-    assert result.scale == pytest.approx(SLOWER)
+    assert result.per_element == pytest.approx(READ_MS, rel=1e-6) and result.scale > 1
     assert cm.total == pytest.approx(synthetic_network_ms(Tiny()), rel=1e-6)
     sizes = pp.find_bank(model).sizes
     assert sizes == [8, 8]
@@ -134,8 +153,7 @@ def test_penalty_gradient_matches_finite_differences(synthetic):
 
 def _counting(monkeypatch):
     calls = []
-    monkeypatch.setattr(lat, "layer_ms", lambda layer, x: calls.append(1) or synthetic_layer_ms(layer))
-    monkeypatch.setattr(lat, "network_ms", lambda net, inputs: calls.append("network") or synthetic_network_ms(net))
+    _device(monkeypatch, synthetic_layer_ms, calls)
     return calls
 
 
@@ -203,7 +221,97 @@ def test_onepass_with_cost_latency_measures_at_latency_inputs(synthetic):
         opt.step()
         recipe.step()
     assert recipe.budget["cost"] == "latency" and abs(recipe.budget["achieved_sparsity"] - 0.5) <= 0.1
-    truth = synthetic_network_ms(pp.extract(recipe.gated, x, verify=False))
+    truth = synthetic_network_ms(pp.extract(recipe.gated, x, verify=False), 3)
     assert truth == pytest.approx(recipe.budget["achieved_cost"], rel=1e-5)
     with pytest.raises(ValueError, match="cost must be one of channels, params, macs, latency"):
         pp.OnePass(Tiny(), x[:1], 0.5, 20, torch.optim.SGD(Tiny().parameters(), lr=0.01), cost="flops")
+
+
+def test_a_table_reads_its_own_entries_and_is_bilinear_between_them():
+    t = lat.Table([2, 4], [1, 3, 5], [[1.0, 2.0, 4.0], [3.0, 5.0, 9.0]])
+    for ci, co, ms in t.points():
+        assert t.at(ci, co) == ms
+    assert t.at(3, 2) == pytest.approx((1.0 + 2.0 + 3.0 + 5.0) / 4)
+    assert t.at(2, 4) == pytest.approx(3.0) and t.at(3, 5) == pytest.approx(6.5)
+    assert t.at(1, 0) == 1.0 and t.at(9, 9) == 9.0   # the nearest entry beyond the table
+    assert lat.Table([0], [2, 6], [[1.0, 5.0]]).at(123, 3) == pytest.approx(2.0)   # one width
+
+
+def stepped_layer_ms(m: nn.Module) -> float:
+    """A device whose convolutions run twice as long at a width off a multiple of 4 (as oneDNN's blocked kernels
+    do on a CPU): no bilinear fit follows it; a table at every width the budget can choose does."""
+    c_in, c_out = _widths(m)
+    off = c_out % 4 or (isinstance(m, nn.Conv2d) and c_in != 3 and c_in % 4)
+    return synthetic_layer_ms(m) * (2.0 if off else 1.0)
+
+
+def stepped_network_ms(net: nn.Module) -> float:
+    return synthetic_network_ms(net, 2, stepped_layer_ms)
+
+
+@pytest.fixture
+def stepped(monkeypatch):
+    _device(monkeypatch, stepped_layer_ms)
+
+
+def _lattice_model():
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(2, 3, 6, 6)
+    pp.attach_gates(model, x[:1], min_channels=1, round_to=2)
+    return model, x
+
+
+def test_with_round_to_the_budget_reads_each_width_it_can_choose_from_the_tables(stepped):
+    model, x = _lattice_model()
+    result = pp.latency_cost(model, x, cache=False)
+    assert all(t.widths_out == [2, 4, 6, 8] for n, t in result.tables.items() if n != "fc")
+    bank = pp.find_bank(model)
+    fit_errors = []
+    for counts in itertools.product(range(2, 9, 2), repeat=2):
+        g = _set_counts(model, counts)
+        truth = stepped_network_ms(pp.extract(model, x, verify=False))
+        assert result.predict(model) == pytest.approx(truth, rel=1e-9), counts
+        fit_errors.append(abs(float(bank.cost_model("latency").cost(g)) / truth - 1))
+    assert max(fit_errors) > 0.2   # the fitted model (the penalty's) misses the steps; the budget does not use it
+    for target in (0.3, 0.5, 0.7):
+        pp.scores_from_magnitude(model)
+        budget = pp.meet_target(model, target, "latency")
+        truth = stepped_network_ms(pp.extract(model, x, verify=False))
+        assert budget.achieved_cost == pytest.approx(truth, rel=1e-9)
+        assert budget.total == pytest.approx(stepped_network_ms(Tiny()), rel=1e-9)
+
+
+def test_a_table_for_another_lattice_is_not_reused(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    cache = tmp_path / "latency.json"
+    model, x = _gated()
+    pp.latency_cost(model, x, cache=cache)
+    calls.clear()
+    model, x = _lattice_model()
+    assert pp.latency_cost(model, x, cache=cache).measured > 0 and calls
+
+
+def test_layers_slower_inside_the_network_are_corrected_at_their_kept_share(synthetic):
+    """Inside the network c2 takes twice its table's time with every channel kept and its table's time at a
+    quarter or less (linear between); each entry of its table is corrected at its own kept share; the time
+    beyond the layers grows with the elements they read."""
+    model, x = _gated()
+    raw_sites = lat.sites_of(model)
+    tables = {s.name: lat.Table([0] if s.per_channel else [1, 8], [1, 8],
+                                [[1.0, 2.0]] if s.per_channel else [[1.0, 2.0], [3.0, 4.0]]) for s in raw_sites}
+    elements = {s.name: 10 for s in raw_sites}
+    raw = lat.LookupCost(pp.find_bank(model), raw_sites, tables, elements)
+    context = {}
+    for f, ratio in ((0.25, 1.0), (0.5, 4 / 3), (0.75, 5 / 3), (1.0, 2.0)):
+        w = max(1, round(8 * f))
+        layers = {s.name: [tables[s.name].at(0 if s.per_channel else (3 if s.name == "c1" else w),
+                                             10 if s.name == "fc" else w), 3 if s.name == "c1" else w,
+                           10 if s.name == "fc" else w] for s in raw_sites}
+        layers["c2"][0] *= ratio
+        reads = sum(10 * (v[2] if s.per_channel else v[1]) for s, v in zip(raw_sites, layers.values()))
+        context[str(f)] = {"whole": sum(v[0] for v in layers.values()) + 0.5 + 0.01 * reads, "layers": layers}
+    corrected, per_element, const = lat.in_context(raw, context)
+    assert per_element == pytest.approx(0.01) and const == pytest.approx(0.5)
+    assert corrected["c2"].at(8, 8) == pytest.approx(2 * tables["c2"].at(8, 8))
+    assert corrected["c2"].at(8, 1) == tables["c2"].at(8, 1)   # below a quarter kept: as alone
+    assert corrected["c1"].at(3, 8) == pytest.approx(tables["c1"].at(3, 8))
