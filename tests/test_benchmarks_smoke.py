@@ -492,6 +492,19 @@ def test_pretrained_start_and_its_score_criteria_run(tmp_path):
     assert abs(taylor["rows"][0]["sparsity"]["macs"] - 0.5) <= 0.005
 
 
+def test_latency_layers_writes_every_layer_of_the_extracted_network(tmp_path):
+    """The layer-by-layer look at a latency prediction, on ResNet-20 at batch 2 with round_to 8: a row per layer
+    with its three times, the whole network and the spread of one convolution."""
+    ll = _load("experiments/latency_layers")
+    assert ll.main(["--model", "resnet20", "--batch", "2", "--round-to", "8", "--passes", "2", "--calls", "10",
+                    "--cache", str(tmp_path / "cache.json"), "--out", str(tmp_path), "--tag", "smoke"]) == 0
+    record = json.loads((tmp_path / "latency-layers-resnet20-smoke.json").read_text())
+    assert len(record["rows"]) == 43 and all(r["alone_ms"] > 0 and r["inside_ms"] > 0 for r in record["rows"])
+    assert all(r["c_out"] % 8 == 0 for r in record["rows"] if r["layer"] != "fc")   # round_to honoured
+    assert record["spread"]["min"] <= record["spread"]["p50"] <= record["spread"]["max"]
+    assert "| layer1.0.conv1 |" in (tmp_path / "latency-layers-resnet20-smoke.md").read_text()
+
+
 def test_latency_prediction_runs_and_renders_again(tmp_path):
     """The latency cost's experiment on ResNet-20 at batch 2, one target: both costs timed, the record's
     Markdown written again from its JSON the same."""

@@ -36,10 +36,10 @@ WITHIN = 0.10
 
 
 def one_model(name: str, targets, batch: int, seed: int, cache, max_seconds: float,
-              timing_seconds: float | None = None, round_to: int | None = None) -> list[dict]:
+              timing_seconds: float | None = None, round_to: int | None = None, device: str = "cpu") -> list[dict]:
     torch.manual_seed(seed)
-    model = build_model(name, 10, 3, True).eval()
-    x = torch.randn(batch, 3, 32, 32)
+    model = build_model(name, 10, 3, True).eval().to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
     pp.attach_gates(model, x[:1], round_to=round_to)
     pp.scores_from_magnitude(model)
     built = pp.latency_cost(model, x, cache=cache, max_seconds=max_seconds, progress=True)
@@ -127,7 +127,7 @@ def _share(r: dict, key: str = "share_error") -> str:
 def _ratio(build: dict) -> float:
     """The dense network's measured time over its layers' sum (a record from before the pair: its scale)."""
     cal = build.get("calibration")
-    if isinstance(cal, list) and len(cal) == 2 and all(isinstance(v, (int, float)) for v in cal):
+    if isinstance(cal, (list, tuple)) and len(cal) == 2 and all(isinstance(v, (int, float)) for v in cal):
         return cal[1] / cal[0]
     return build["scale"]
 
@@ -152,7 +152,8 @@ def render(record: dict, stem: str) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['cost']} | {r['target']:.2f} | {r['predicted_ms']:.2f} | "
-                     f"{r['measured_ms']:.2f} | {100 * r['error']:+.1f}% | {_share(r)} | {_share(r, 'scaled_share_error')} | "
+                     f"{r['measured_ms']:.2f} | {100 * r['error']:+.1f}% | {_share(r)} | "
+                     f"{_share(r, 'scaled_share_error')} | "
                      f"{r['speedup']:.2f}x "
                      f"({1 / (1 - r['target']):.2f}x) | {1 / r['speedup']:.3f} | {r['macs_share']:.3f} | "
                      f"{'yes' if met(r) else 'no'} |")
@@ -181,6 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the tables and the networks are timed (cpu, cuda)")
     parser.add_argument("--round-to", type=int, default=None,
                         help="attach_gates(round_to=): kept widths in steps of it, the tables measured at each")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="bound on each model's table build")
@@ -200,16 +202,17 @@ def main(argv=None) -> int:
     rows, builds = [], []
     for name in args.models:
         got = one_model(name, args.targets, args.batch, args.seed, args.cache, args.max_seconds, args.timing_seconds,
-                        args.round_to)
+                        args.round_to, args.device)
         builds.append(got[0])
         rows += got[1:]
     stem = f"latency-prediction-{args.tag}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figure(rows, out / f"{stem}.png")
-    record = {"command": _record.command("latency_prediction.py", argv), "device": device_name(torch.device("cpu")),
-              "batch": args.batch, "round_to": args.round_to, "threads": torch.get_num_threads(), "versions": versions(), "builds": builds,
-              "rows": rows, "seconds": time.time() - start}
+    record = {"command": _record.command("latency_prediction.py", argv),
+              "device": device_name(torch.device(args.device)), "batch": args.batch, "round_to": args.round_to,
+              "threads": torch.get_num_threads(), "versions": versions(), "builds": builds, "rows": rows,
+              "seconds": time.time() - start}
     _record.write(out, stem, record, render(record, stem))
     return 0
 

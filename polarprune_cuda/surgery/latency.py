@@ -1,22 +1,32 @@
-"""Latency as a cost: each layer's time measured over a grid of kept widths on the user's device, a fit per layer,
-and the network's predicted latency as a :class:`~polarprune_cuda.ops.cost.CostModel`.
+"""Latency as a cost: each layer's time measured over kept widths on the user's device, read by the budget as
+a lookup table and fitted for the penalty.
 
 :func:`latency_cost` times every Conv2d, Linear and BatchNorm2d of a gated model on its own (a fresh layer of
-the kept widths, the input it sees in the model, the example batch, device and dtype), on a grid of kept input
-and output widths. Each layer's times are fitted by ``a + b * c_in + c * c_out + d * c_in * c_out``
-(``b, c, d >= 0``: a wider layer is never faster), which is the form of the exact MACs model, so the exact budget
-(:func:`~polarprune_cuda.meet_target`), the penalty and its kernels take ``cost="latency"`` as they take MACs.
-Layers timed alone run faster than inside the network (their data stays in cache), and the network does more
+the kept widths, the input it sees in the model, the example batch, device and dtype) over kept input and
+output widths: with ``round_to`` (from :func:`~polarprune_cuda.attach_gates`), every multiple of it where a side
+has at most LATTICE_POINTS of them, so each width the budget can choose is a measured entry; otherwise (and
+where the time bound asks) a grid of fractions. Two models are registered on the gate bank as ``latency``
+(ms per batch):
+
+* the budget's (:class:`LookupCost`, ``GateBank.set_cost(exact=)``): each layer's table read at its kept widths
+  (bilinear between entries), so :func:`~polarprune_cuda.meet_target`, ``hard_cost`` and the report's
+  prediction follow the device's steps (a convolution's time jumps between widths on oneDNN);
+* the penalty's (a :class:`~polarprune_cuda.ops.cost.CostModel`): each table fitted by
+  ``a + b * c_in + c * c_out + d * c_in * c_out`` (``b, c, d >= 0``), the form of the exact MACs model, so
+  ``PolarizationLoss(cost="latency")`` and its kernels take it as they take MACs.
+
+Layers timed alone run faster than inside the network (their input stays in cache), and the network does more
 than its layers (activations, additions, pooling, the framework's calls): the dense network, extracted, is timed
-whole, and every layer's fitted time is scaled by the ratio of that time to the layers' sum (uniform narrower
-networks were tried as more calibration points: one slow narrow network pulled the fitted line far off,
-docs/results.md, latency as the cost). The model is registered on the gate bank as ``latency``, in milliseconds per batch.
+whole, and what it takes beyond its layers' sum is charged per element the layers read (:func:`compose`; a
+network faster than its layers' sum is scaled down instead). Tried and replaced (docs/results.md, latency as the
+cost): the dense network's ratio as one scale for every layer; a line through uniform 100/75/50/25% networks;
+each layer timed inside uniform networks.
 
 Tables and the dense network's time are cached in a JSON file (``cache``; default ``$POLARPRUNE_CACHE_DIR/latency.json``, else
 ``~/.cache/polarprune_cuda/latency.json``) under a key naming the layer (type, widths, kernel, stride, padding,
-groups, bias, input size), the device (CPU model or GPU name), the thread count, the dtype, the batch and the
-torch version: a table measured anywhere else is not reused. The file is rewritten atomically after every layer,
-so an interrupted build keeps what it measured.
+groups, bias, input size, the round_to lattice), the device (CPU model or GPU name), the thread count, the
+dtype, the batch and the torch version: a table measured anywhere else is not reused. The file is rewritten
+atomically after every layer, so an interrupted build keeps what it measured.
 """
 from __future__ import annotations
 
@@ -45,9 +55,6 @@ CACHE_FORMAT = 2   # 2: the calibration's layers' sum is the tables' (it was the
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
 #: with round_to, a side of at most this many multiples of it is measured at every one (the lookup is then exact)
 LATTICE_POINTS = 8
-#: kept fractions of every group at which the extracted network is timed whole and layer by layer inside it
-CONTEXT = (0.25, 0.5, 0.75, 1.0)
-LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 #: each timing repeats the call until this much time has passed (and at least MIN_REPEATS times)
 MIN_SECONDS = 0.01
 MIN_REPEATS = 5
@@ -106,45 +113,6 @@ def network_ms(net: nn.Module, inputs: tuple) -> float:
     """Milliseconds of one forward pass of a network (eval and inference mode, :func:`time_call`)."""
     with eval_mode(net), torch.inference_mode():
         return time_call(lambda: run_on(net, inputs), inputs[0].device) * 1e3
-
-
-def in_network_ms(net: nn.Module, inputs: tuple) -> tuple[float, dict[str, float]]:
-    """(the network's ms, each Conv2d/Linear/BatchNorm2d's ms inside it): the whole pass timed as
-    :func:`network_ms`, then the layers by hooks over passes of their own (median per layer)."""
-    whole = network_ms(net, inputs)
-    device = inputs[0].device
-    mods = {name: m for name, m in net.named_modules() if isinstance(m, LAYERS)}
-    times: dict[str, list[float]] = {name: [] for name in mods}
-    started: dict[str, float] = {}
-
-    def pre(name):
-        def hook(module, args):
-            sync(device)
-            started[name] = time.perf_counter()
-        return hook
-
-    def post(name):
-        def hook(module, args, out):
-            sync(device)
-            times[name].append(time.perf_counter() - started[name])
-        return hook
-
-    handles = [m.register_forward_pre_hook(pre(n)) for n, m in mods.items()]
-    handles += [m.register_forward_hook(post(n)) for n, m in mods.items()]
-    try:
-        with eval_mode(net), torch.inference_mode():
-            for _ in range(2):
-                run_on(net, inputs)
-            for v in times.values():
-                v.clear()
-            start, passes = time.perf_counter(), 0
-            while passes < MAX_REPEATS and (passes < MIN_REPEATS or time.perf_counter() - start < MIN_SECONDS):
-                run_on(net, inputs)
-                passes += 1
-    finally:
-        for h in handles:
-            h.remove()
-    return whole, {name: statistics.median(v) * 1e3 for name, v in times.items() if v}
 
 
 @dataclass
@@ -329,8 +297,7 @@ class LatencyCost:
     cache: Path | None = None
     model: object = field(default=None, repr=False)   # the CostModel (fitted: the penalty's)
     lookup: object = field(default=None, repr=False)  # the LookupCost (the tables: the budget's)
-    per_element: float = 0.0                          # ms per element a layer reads (in_context)
-    context: dict = field(default_factory=dict, repr=False)   # measure_context's timings
+    per_element: float = 0.0                          # ms per element a layer reads (compose)
 
     def predict(self, model: nn.Module) -> float:
         """Predicted latency (ms) of the network ``model``'s hard gates extract to."""
@@ -390,126 +357,60 @@ def latency_cost(model: nn.Module, example_inputs, *, cache: "str | os.PathLike 
     network = hashlib.sha256(json.dumps([signatures, bank.sizes]).encode()).hexdigest()
     net_key = json.dumps({"network": network, **key}, sort_keys=True)
     elements = {s.name: batch * math.prod(shapes[s.module]) for s in sites if s.name in tables}
-    context = _context_of(stored.get(net_key), tables)
-    if context is None:
-        context = measure_context(model, inputs)
-        stored[net_key] = {"context": context}
-        _save(path, stored)
     raw = LookupCost(bank, sites, tables, elements)
-    corrected, per_element, const = in_context(raw, context)
-    for name, table in corrected.items():
-        coefs[name] = fit(table, per_channel(model.get_submodule(name)))
-        a, b, c, d = coefs[name]
-        if per_channel(model.get_submodule(name)):   # the fit for the penalty, plus the reads' time per channel
+    point = _point_of(stored.get(net_key))
+    if point is None:
+        point = raw.total, dense_ms(model, inputs)
+        stored[net_key] = {"calibration": list(point)}
+        _save(path, stored)
+    scale, per_element = compose(point, raw.read_total())
+    for name in coefs:   # the fit for the penalty: scaled, plus the reads' time per channel
+        a, b, c, d = (scale * v for v in coefs[name])
+        if per_channel(model.get_submodule(name)):
             c += per_element * elements[name]
         else:
             b += per_element * elements[name]
         coefs[name] = (a, b, c, d)
-    cm = fitted_cost_model(n, sizes, sites, coefs, const)
-    lookup = LookupCost(bank, sites, corrected, elements, per_element=per_element, const=const)
+    cm = fitted_cost_model(n, sizes, sites, coefs, 0.0)
+    lookup = LookupCost(bank, sites, tables, elements, scale, per_element)
     bank.set_cost("latency", cm, exact=lookup)
-    dense = context["1.0"]["whole"]
-    point = (raw.total, dense)
-    return LatencyCost(key, tables, coefs, dense, dense / raw.total, point, measured, time.perf_counter() - start,
-                       path, model=cm, lookup=lookup, per_element=per_element, context=context)
+    return LatencyCost(key, tables, coefs, point[1], scale, point, measured, time.perf_counter() - start, path,
+                       model=cm, lookup=lookup, per_element=per_element)
 
 
-def _uniform(bank, fraction: float) -> torch.Tensor:
-    """Scores keeping the ``fraction`` of every group's gates that score highest (one at least)."""
-    out = []
-    for seg in bank.scores.detach().split(bank.sizes):
-        keep = torch.zeros_like(seg, dtype=torch.bool)
-        keep[torch.argsort(seg, descending=True, stable=True)[:max(1, round(fraction * seg.numel()))]] = True
-        out.append(torch.where(keep, 1.0, -1.0))
-    return torch.cat(out) if out else bank.scores.detach().clone()
+def compose(point: tuple[float, float], read: float) -> tuple[float, float]:
+    """(scale, per_element) of the network's time: ``scale * (the layers' sum) + per_element * (the input
+    elements the layers read)``. What the dense network takes beyond its layers' sum (``point``) goes to the
+    reads (``read`` elements in the dense network): inside the network a layer's input comes from memory, not
+    the cache it stayed in when timed alone, and the activations, additions and pooling between the layers grow
+    with the reads too; a network faster than its layers' sum is scaled down instead."""
+    layers, network = point
+    if network >= layers and read > 0:
+        return 1.0, (network - layers) / read
+    return network / layers, 0.0
 
 
-def measure_context(model: nn.Module, inputs) -> dict:
-    """For each kept fraction of CONTEXT: the extracted network (every group at that fraction) timed whole and
-    each layer inside it, with the widths it has there: ``{fraction: {"whole": ms, "layers": {name: [ms, c_in,
-    c_out]}}}``."""
+def dense_ms(model: nn.Module, inputs) -> float:
+    """The measured time (ms) of the gated model's dense network: extracted with every gate open, gates folded."""
     bank = find_bank(model)
     saved = bank.scores.detach().clone()
-    out = {}
     try:
-        for fraction in CONTEXT:
-            with torch.no_grad():
-                bank.scores.copy_(_uniform(bank, fraction))
-            net = extract(model, inputs, verify=False).eval()
-            whole, layers = in_network_ms(net, inputs)
-            out[str(float(fraction))] = {"whole": whole, "layers": {
-                name: [ms, *widths(net.get_submodule(name))] for name, ms in layers.items()}}
+        with torch.no_grad():
+            bank.scores.fill_(1.0)
+        net = extract(model, inputs, verify=False).eval()
     finally:
         with torch.no_grad():
             bank.scores.copy_(saved)
-    return out
+    return network_ms(net, inputs)
 
 
-def _context_of(entry, tables) -> dict | None:
-    """The cached context of a network, or None where there is none (or it is damaged)."""
+def _point_of(entry) -> tuple[float, float] | None:
+    """The cached (layers' sum, dense network) of a network, or None where there is none (or it is damaged)."""
     try:
-        context = entry["context"]
-        ok = set(context) == {str(float(f)) for f in CONTEXT} and all(
-            float(c["whole"]) > 0 and all(float(v[0]) > 0 and len(v) == 3 for v in c["layers"].values())
-            for c in context.values())
-    except (KeyError, TypeError, ValueError, AttributeError):
+        a, b = (float(v) for v in entry["calibration"])
+    except (KeyError, TypeError, ValueError):
         return None
-    return context if ok else None
-
-
-def in_context(raw: "LookupCost", context: dict) -> tuple[dict[str, Table], float, float]:
-    """The tables as the layers run inside the network, and the time between them.
-
-    Each layer's table is multiplied by its time inside the network over its table's at the same widths, at
-    the kept share of its gated side (the nearest measured share; linear between them); what the whole network
-    takes beyond its layers (activations, additions, pooling, the framework's calls) is fitted as
-    ``const + per_element * (the input elements the layers read)`` over the CONTEXT networks (``per_element``
-    >= 0). Returns (the corrected tables, per_element, const)."""
-    ratios: dict[str, list[tuple[float, float]]] = {}
-    rest, reads = [], []
-    for entry in context.values():
-        layers = entry["layers"]
-        inside, read = 0.0, 0.0
-        for site, table in raw.sites:
-            if site.name not in layers:
-                continue   # in a removed block at this fraction
-            ms, c_in, c_out = layers[site.name]
-            inside += ms
-            read += raw.elements[site.name] * (c_out if site.per_channel else c_in)
-            alone = table.at(0 if site.per_channel else c_in, c_out)
-            if alone > 0:
-                ratios.setdefault(site.name, []).append((_share(site, table, c_in, c_out), ms / alone))
-        rest.append(float(entry["whole"]) - inside)
-        reads.append(read)
-    corrected = {}
-    for site, table in raw.sites:
-        points = sorted(ratios.get(site.name, [(1.0, 1.0)]))
-        ms = [[v * _interp(points, _share(site, table, ci, co)) for co, v in zip(table.widths_out, row)]
-              for ci, row in zip(table.widths_in, table.ms)]
-        corrected[site.name] = Table(list(table.widths_in), list(table.widths_out), ms)
-    r, t = torch.tensor(reads, dtype=torch.float64), torch.tensor(rest, dtype=torch.float64)
-    if len(reads) > 1 and float(r.max() - r.min()) > 0:
-        sol = torch.linalg.lstsq(torch.stack([torch.ones_like(r), r], 1), t[:, None]).solution[:, 0]
-        const, per_element = float(sol[0]), float(sol[1])
-        if per_element < 0:
-            const, per_element = float(t.mean()), 0.0
-    else:
-        const, per_element = float(t.mean()) if len(rest) else 0.0, 0.0
-    return corrected, per_element, const
-
-
-def _share(site: Site, table: Table, c_in: float, c_out: float) -> float:
-    """The kept share of a layer's gated side (its output, else its input)."""
-    if site.outs or site.per_channel:
-        return c_out / max(table.widths_out)
-    return c_in / max(table.widths_in)
-
-
-def _interp(points: list[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear through ``points`` (sorted by x), the nearest point's value beyond them."""
-    xs = [p[0] for p in points]
-    i0, i1, u = _bracket(xs, x)
-    return (1 - u) * points[i0][1] + u * points[i1][1]
+    return (a, b) if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0 else None
 
 
 def _build(plan, tables, stored, path, shapes, batch, device, dtype, grid, max_seconds, progress,
@@ -569,12 +470,12 @@ def _table_widths(site: Site, grid, lattice: int | None) -> tuple[list[int], lis
 class LookupCost:
     """The predicted latency of a hard gate set read from the tables (the budget's exact cost): each layer's
     time at its kept widths, the table's own entry where it measured those widths, bilinear between entries,
-    times ``scale``, plus ``per_element`` ms per element of its input, plus ``const`` (:func:`in_context`); a
-    layer inside a closed block costs nothing (ms)."""
+    times ``scale``, plus ``per_element`` ms per element of its input (:func:`compose`); a layer inside a
+    closed block costs nothing (ms)."""
 
     def __init__(self, bank, sites: list[Site], tables: dict[str, Table], elements: dict[str, int],
-                 scale: float = 1.0, per_element: float = 0.0, const: float = 0.0):
-        self.bank, self.scale, self.per_element, self.const = bank, float(scale), float(per_element), float(const)
+                 scale: float = 1.0, per_element: float = 0.0):
+        self.bank, self.scale, self.per_element = bank, float(scale), float(per_element)
         self.sites = [(s, tables[s.name]) for s in sites if s.name in tables]
         self.elements = elements   # layer name -> its input's elements per channel
         self.total = self.cost(torch.ones(bank.scores.numel()))
@@ -607,4 +508,4 @@ class LookupCost:
         return out
 
     def cost(self, gates: torch.Tensor) -> float:
-        return self.const + sum(self.layers(gates).values())
+        return sum(self.layers(gates).values())

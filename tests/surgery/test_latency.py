@@ -62,15 +62,13 @@ def synthetic_network_ms(net: nn.Module, batch: int = 2, layer_ms=synthetic_laye
 
 def _device(monkeypatch, layer_ms, calls=None):
     """Time layers and networks on a synthetic device (``calls`` records each timing)."""
-    def inside(net, inputs):
+    def log(what):
         if calls is not None:
-            calls.append("network")
-        layers = {n: layer_ms(m) for n, m in net.named_modules() if isinstance(m, lat.LAYERS)}
-        return synthetic_network_ms(net, len(inputs[0]), layer_ms), layers
+            calls.append(what)
 
-    monkeypatch.setattr(lat, "layer_ms", lambda layer, x: (calls.append(1) if calls is not None else None)
-                        or layer_ms(layer))
-    monkeypatch.setattr(lat, "in_network_ms", inside)
+    monkeypatch.setattr(lat, "layer_ms", lambda layer, x: log(1) or layer_ms(layer))
+    monkeypatch.setattr(lat, "network_ms", lambda net, inputs: log("network")
+                        or synthetic_network_ms(net, len(inputs[0]), layer_ms))
 
 
 @pytest.fixture
@@ -100,7 +98,7 @@ def test_cost_model_is_the_devices_latency_for_every_width(synthetic):
     model, x = _gated()
     result = pp.latency_cost(model, x, cache=False)
     cm = pp.find_bank(model).cost_model("latency")
-    assert result.per_element == pytest.approx(READ_MS, rel=1e-6) and result.scale > 1
+    assert result.scale == 1.0 and result.per_element == pytest.approx(READ_MS, rel=1e-6)
     assert cm.total == pytest.approx(synthetic_network_ms(Tiny()), rel=1e-6)
     sizes = pp.find_bank(model).sizes
     assert sizes == [8, 8]
@@ -291,27 +289,6 @@ def test_a_table_for_another_lattice_is_not_reused(tmp_path, monkeypatch):
     assert pp.latency_cost(model, x, cache=cache).measured > 0 and calls
 
 
-def test_layers_slower_inside_the_network_are_corrected_at_their_kept_share(synthetic):
-    """Inside the network c2 takes twice its table's time with every channel kept and its table's time at a
-    quarter or less (linear between); each entry of its table is corrected at its own kept share; the time
-    beyond the layers grows with the elements they read."""
-    model, x = _gated()
-    raw_sites = lat.sites_of(model)
-    tables = {s.name: lat.Table([0] if s.per_channel else [1, 8], [1, 8],
-                                [[1.0, 2.0]] if s.per_channel else [[1.0, 2.0], [3.0, 4.0]]) for s in raw_sites}
-    elements = {s.name: 10 for s in raw_sites}
-    raw = lat.LookupCost(pp.find_bank(model), raw_sites, tables, elements)
-    context = {}
-    for f, ratio in ((0.25, 1.0), (0.5, 4 / 3), (0.75, 5 / 3), (1.0, 2.0)):
-        w = max(1, round(8 * f))
-        layers = {s.name: [tables[s.name].at(0 if s.per_channel else (3 if s.name == "c1" else w),
-                                             10 if s.name == "fc" else w), 3 if s.name == "c1" else w,
-                           10 if s.name == "fc" else w] for s in raw_sites}
-        layers["c2"][0] *= ratio
-        reads = sum(10 * (v[2] if s.per_channel else v[1]) for s, v in zip(raw_sites, layers.values()))
-        context[str(f)] = {"whole": sum(v[0] for v in layers.values()) + 0.5 + 0.01 * reads, "layers": layers}
-    corrected, per_element, const = lat.in_context(raw, context)
-    assert per_element == pytest.approx(0.01) and const == pytest.approx(0.5)
-    assert corrected["c2"].at(8, 8) == pytest.approx(2 * tables["c2"].at(8, 8))
-    assert corrected["c2"].at(8, 1) == tables["c2"].at(8, 1)   # below a quarter kept: as alone
-    assert corrected["c1"].at(3, 8) == pytest.approx(tables["c1"].at(3, 8))
+def test_the_time_beyond_the_layers_goes_to_their_reads_and_a_faster_network_is_scaled_down():
+    assert lat.compose((10.0, 12.0), 100.0) == (1.0, pytest.approx(0.02))
+    assert lat.compose((10.0, 8.0), 100.0) == (pytest.approx(0.8), 0.0)
