@@ -455,7 +455,8 @@ def test_latency_speedup_is_the_rounds_median_with_its_spread_and_says_when_it_i
 
 def test_cost_latency_run_reports_predicted_beside_measured(tmp_path, capsys, monkeypatch):
     """--cost latency: the tables are measured at --latency-batch (cached where POLARPRUNE_CACHE_DIR says), the
-    budget is in milliseconds, and the report puts the cost model's prediction beside the measurement."""
+    budget is in milliseconds, the report puts the cost model's prediction beside the measurement, and --quiet
+    keeps the tables' progress bar off."""
     monkeypatch.setenv("POLARPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "run"
     rc, cap = run(["prune", *TINY, "--epochs", "1", "--cost", "latency", "--target-sparsity", "0.3",
@@ -471,3 +472,4 @@ def test_cost_latency_run_reports_predicted_beside_measured(tmp_path, capsys, mo
     assert pred["error"] == pytest.approx((pred["pruned_ms"] - report["latency"]["pruned"]["median_ms"])
                                           / report["latency"]["pruned"]["median_ms"])
     assert "latency predicted by the cost model" in (out / "report.md").read_text()
+    assert "latency tables" not in cap.err   # --quiet: no bar while the tables are measured either

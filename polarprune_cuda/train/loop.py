@@ -195,7 +195,8 @@ def fit_loop(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, ckpt:
     writes the checkpoint."""
     info = dist_info
     device = torch.device(cfg.device)
-    run = _setup(model, data, cfg, gated=gated, epochs=epochs, lr=lr, pruner=pruner, device=device)
+    run = _setup(model, data, cfg, gated=gated, epochs=epochs, lr=lr, pruner=pruner, device=device,
+                 progress=progress and info.is_main)
     if resume:
         _restore(run, ckpt, cfg, label, epochs, info)
     _wrap(run, cfg, info, device)
@@ -361,7 +362,7 @@ def _follow(run: _Fit, cfg: PruneConfig, info: dist_mod.DistInfo, device: torch.
 
 
 def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gated: bool, epochs: int, lr: float,
-           pruner, device: torch.device) -> _Fit:
+           pruner, device: torch.device, progress: bool = False) -> _Fit:
     """The optimizer, the learning-rate schedule, the grad scaler and, gated, the recipe (:class:`OnePass`: the
     penalty armed on the model, the freeze, the exact target, the switch)."""
     steps_per_epoch = data_mod.num_batches(len(data.train_y), cfg.batch_size)
@@ -386,7 +387,7 @@ def _setup(model: nn.Module, data: data_mod.ImageData, cfg: PruneConfig, *, gate
                          restart_schedule=False,   # the CLI's SGD schedule runs on (--freeze-lr-scale)
                          ranked_freeze=cfg.ranked_freeze(),
                          latency_inputs=data.example_input(cfg.latency_batch).to(device)
-                         if cfg.cost == "latency" else None)
+                         if cfg.cost == "latency" else None, latency_progress=progress)
         recipe.advice = "train longer (--epochs), freeze later (--freeze-gates-at) or raise --gate-lr"
         loss_fn = recipe.loss
     counter, source = energy_mod.open_counter(device)

@@ -154,6 +154,7 @@ class OnePass:
         latency_inputs: with ``cost="latency"``, the batch the latency is for (its size, device and dtype;
             default ``example_inputs``).
         latency_cache: the latency tables' file (default: :func:`polarprune_cuda.surgery.latency.default_cache`).
+        latency_progress: a progress bar while the latency tables are measured (default True).
         ranked_freeze: the gates freeze on a ranking given to them, so scores that barely trained at the freeze
             are what was asked for: no warning, no check of the gate group (default: ``pretrained`` with neither
             ``freeze_at`` nor ``warmup`` given).
@@ -174,7 +175,7 @@ class OnePass:
                  init: float = 1.0, wrap=None, warmup_steps: int | None = None, ramp_steps: int | None = None,
                  check_group: bool = True, hold_scores: bool = True, restart_schedule: bool = True,
                  pretrained: bool = False, ranked_freeze: bool | None = None, latency_inputs=None,
-                 latency_cache=None):
+                 latency_cache=None, latency_progress: bool = True):
         from ..surgery.attach import attach_gates, scores_from_magnitude
         from ..surgery.latency import latency_cost
 
@@ -220,7 +221,7 @@ class OnePass:
         self.latency = None
         if cost == "latency" and "latency" not in self.bank.cost_kinds:
             self.latency = latency_cost(model, example_inputs if latency_inputs is None else latency_inputs,
-                                        cache=latency_cache, progress=True)
+                                        cache=latency_cache, progress=latency_progress)
         if pretrained:
             scores_from_magnitude(model)
         self.gated = model
