@@ -473,3 +473,38 @@ def test_cost_latency_run_reports_predicted_beside_measured(tmp_path, capsys, mo
                                           / report["latency"]["pruned"]["median_ms"])
     assert "latency predicted by the cost model" in (out / "report.md").read_text()
     assert "latency tables" not in cap.err   # --quiet: no bar while the tables are measured either
+
+
+def test_a_latency_run_resumes_where_the_tables_time_otherwise(tmp_path, capsys, monkeypatch):
+    """A --cost latency run interrupted after its gates froze, resumed where the tables are measured anew and
+    give other times (another machine, the cache gone): the same gates go on, the budget's figures are
+    recomputed from the new tables, and a warning says so (a count-based budget that disagrees is refused)."""
+    from torch import nn
+
+    from polarprune_cuda.surgery import latency as lat
+
+    def device(factor):   # a synthetic device: deterministic times, ``factor`` slower on the input side
+        def layer_ms(m):
+            c_in, c_out = (m.num_features,) * 2 if isinstance(m, nn.BatchNorm2d) else (
+                (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features))
+            return 0.1 + 0.01 * factor * c_in + 0.02 * c_out + 0.001 * c_in * c_out
+        monkeypatch.setattr(lat, "layer_ms", lambda layer, x: layer_ms(layer))
+        monkeypatch.setattr(lat, "network_ms", lambda net, inputs: sum(
+            layer_ms(m) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))))
+
+    args = ["prune", *TINY, "--epochs", "2", "--cost", "latency", "--target-sparsity", "0.3"]
+    out = tmp_path / "run"
+    device(1.0)
+    monkeypatch.setenv("POLARPRUNE_CACHE_DIR", str(tmp_path / "here"))
+    rc, cap = run([*args, "--interrupt-after-epoch", "1", "--out", str(out)], capsys)
+    assert rc == 130, cap.err
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["history"]["budget"]
+    assert saved and saved["cost"] == "latency"
+    device(3.0)
+    monkeypatch.setenv("POLARPRUNE_CACHE_DIR", str(tmp_path / "elsewhere"))
+    rc, cap = run([*args, "--out", str(out), "--resume"], capsys)
+    assert rc == 0, cap.err
+    assert "the latency tables measured now give the run's gates other figures" in cap.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["budget"]["total"] > saved["total"]   # the slower tables' figures, for the same gates
+    assert report["budget"]["achieved_sparsity"] == pytest.approx(report["achieved_sparsity"])

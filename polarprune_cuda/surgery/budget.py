@@ -235,6 +235,18 @@ def budget_disagreement(model, budget: dict) -> str | None:
 
 
 @torch.no_grad()
+def budget_now(model, budget: dict) -> dict:
+    """``budget`` (:meth:`BudgetResult.to_dict`) with its total, allowance, achieved cost and achieved sparsity
+    recomputed from ``model``'s hard gates and its cost model as it is now (a measured cost, such as latency
+    timed again elsewhere, gives other figures for the same gates)."""
+    bank, _ = surgery_of(model)
+    cm = bank.exact_cost(budget["cost"])
+    cost = bank.hard_cost(budget["cost"])
+    return {**budget, "total": cm.total, "budget": (1.0 - budget["target_sparsity"]) * cm.total,
+            "achieved_cost": cost, "achieved_sparsity": 1.0 - cost / cm.total}
+
+
+@torch.no_grad()
 def meet_target(model, target_sparsity: float, cost: str = COST, min_channels: int | None = None,
                 round_to: int | None = None) -> BudgetResult:
     """Set the model's gates to the set that meets ``target_sparsity`` of ``cost`` exactly; returns what it chose.
