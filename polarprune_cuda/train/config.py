@@ -62,7 +62,8 @@ class PruneConfig:
     target_sparsity: float = _opt(0.5, "fraction of the cost to remove, in [0, 1) (unstructured methods: of the "
                                        "weights, in (0, 1))")
     cost: str = _opt(COST, "what the target sparsity is a fraction of (latency: measured on --device at "
-                           "--latency-batch, tables cached in ~/.cache/polarprune_cuda)", choices=COSTS)
+                           "--latency-batch, tables cached in ~/.cache/polarprune_cuda; with --round-to, every "
+                           "width the budget can choose is measured)", choices=COSTS)
     epochs: int = _opt(40, "training epochs, the whole one pass")
     batch_size: int = _opt(64, "the global batch (under torchrun: split over the processes)")
     lr: float = _opt(0.1, "weights' learning rate (cosine decay)")
