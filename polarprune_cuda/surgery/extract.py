@@ -161,12 +161,19 @@ def extract(model: nn.Module, example_inputs=None, min_channels: int | None = No
     else:
         inputs = as_inputs(example_inputs)
         check_fits(model, inputs)
-    small, spec_groups, block_specs = _take(model, record, masks, device)
+    small, spec_groups, block_specs = _take(model, record, masks, device, dtype=_weights_dtype(model))
     small.train(model.training)
     small.polarprune_spec = build_spec(small, record, spec_groups, block_specs)
     if verify:
         _verify(model, small, inputs, spec_groups)
     return small
+
+
+def _weights_dtype(model: nn.Module) -> torch.dtype | None:
+    """The one floating dtype of the model's parameters (None where they mix dtypes or there are none): a model
+    moved to another dtype after attach_gates is traced with inputs of its own dtype, not the recorded one."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _take(model: nn.Module, record: SurgeryRecord, masks: list[Tensor], device,

@@ -150,6 +150,21 @@ def test_round_to_gives_multiples():
     assert_outputs_match(gated_out, small.eval()(x))
 
 
+def test_a_model_moved_to_float64_after_attach_gates_extracts_in_float64():
+    """Torch-Pruning traces the copy with inputs of the model's own dtype, not the float32 recorded at attach."""
+    model = pp.resnet20(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pp.attach_gates(model, x[:1], min_channels=1)
+    close_random(model, seed=3)
+    model = model.double()
+    with torch.no_grad():
+        gated_out = model(x.double())
+    small = pp.extract(model, x[:1].double())
+    assert {p.dtype for p in small.parameters()} == {torch.float64}
+    with torch.no_grad():
+        assert torch.allclose(small.eval()(x.double()), gated_out, atol=1e-10, rtol=0)
+
+
 def test_ignored_layers_and_classifier_are_not_gated():
     model = pp.resnet20()
     x = torch.randn(1, 3, 32, 32)
