@@ -37,7 +37,7 @@ PINS := \
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test zoo bench gpu-wheels gpu-dryrun clean
+.PHONY: setup demo test zoo bench gpu-wheels gpu-data gpu-dryrun clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,16 @@ gpu-wheels:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	@ls -l .whl
+
+# Fashion-MNIST's four files into data/fashion-mnist (ignored by git) for the campaign's second command,
+# benchmarks/gpu_second.sh, carried with the wheels (carry ["data", ".whl"]); from the Debian package
+# dataset-fashion-mnist (or FASHION_DIR=...)
+FASHION_DIR ?= /usr/share/datasets/fashion-mnist
+gpu-data:
+	@test -f $(FASHION_DIR)/train-images-idx3-ubyte.gz || { echo "gpu-data needs Fashion-MNIST in $(FASHION_DIR) (apt-get install dataset-fashion-mnist, or FASHION_DIR=...)"; exit 2; }
+	mkdir -p data/fashion-mnist
+	cp $(FASHION_DIR)/*-ubyte.gz data/fashion-mnist/
+	@ls -l data/fashion-mnist
 
 # The GPU campaign's dry run (benchmarks/README.md): a virtual environment with the GPU image's versions (pinned,
 # from the package index; no GPU needed) in .venv-gpu, then benchmarks/gpu_first.sh with DRY_RUN=1 in it: the

@@ -520,3 +520,29 @@ def test_latency_prediction_runs_and_renders_again(tmp_path):
     assert (tmp_path / "latency-prediction-smoke.png").is_file() and "| resnet20 | latency | 0.50 |" in md
     assert lp.main(["--render", str(tmp_path / "latency-prediction-smoke.json")]) == 0
     assert (tmp_path / "latency-prediction-smoke.md").read_text() == md
+
+
+def test_the_second_gpu_command_runs_its_seeds_in_parallel_and_merges_them(tmp_path):
+    """benchmarks/gpu_second.sh in its dry run (digits, 1 epoch, 96 images, seeds 0 and 1 as two processes on
+    the CPU): three files come back, the merged result holds both seeds' dense and one-pass rows; --merge refuses
+    results of another recipe."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "WORK": str(work)}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_second.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["campaign2.log", "equal-budget-digits-gpu.json",
+                                                     "equal-budget-digits-gpu.md"]
+    merged = json.loads((out / "equal-budget-digits-gpu.json").read_text())
+    assert sorted((r["seed"], r["arm"]) for r in merged["rows"]) == [(0, "dense"), (0, "one-pass"), (1, "dense"),
+                                                                    (1, "one-pass")]
+    assert merged["summary"]["one-pass"]["seeds"] == [0, 1]
+    log = (out / "campaign2.log").read_text()
+    assert "seed 0: exit 0" in log and "seed 1: exit 0" in log and "merged 2 seed(s): exit 0" in log
+    eb = _load("experiments/equal_budget")
+    other = json.loads((work / "results" / "equal-budget-digits-gpu-seed1.json").read_text())
+    other["recipe"]["epochs"] = 2
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another recipe"):
+        eb.main(["--merge", str(work / "results" / "equal-budget-digits-gpu-seed0.json"), str(tmp_path / "other.json"),
+                 "--results", str(tmp_path)])

@@ -413,6 +413,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="one-pass recipe overrides (PruneConfig fields), e.g. warmup_epochs=1")
     parser.add_argument("--tag", default=None, help="suffix of the result files (e.g. a lever being measured)")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default=None, help="where every arm trains (default: the recipe's, cpu)")
+    parser.add_argument("--results", default=str(RESULTS), help="folder the result files are written to")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="RESULT",
+                        help="write one result of these results' rows (seeds run as separate processes; named by "
+                             "the first one's preset and --tag), measuring nothing")
     parser.add_argument("--work", default=None, help="folder of the runs (default runs/equal-budget-<preset>[-tag])")
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
     parser.add_argument("--quiet", action="store_true")
@@ -443,8 +448,31 @@ def _run_arms(args, common: dict, overrides: dict, work: Path) -> list[dict]:
     return rows
 
 
+def merge(paths: list[Path]) -> dict:
+    """One report of the rows of several (the same recipe, other seeds): the first one's fields, every row, the
+    commands of all."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    first = reports[0]
+    for other, path in zip(reports[1:], paths[1:]):
+        if other["recipe"] | {"seed": None} != first["recipe"] | {"seed": None} or other["arms"] != first["arms"]:
+            raise SystemExit(f"--merge: {path} has another recipe or other arms than {paths[0]}")
+    rows = [r for rep in reports for r in rep["rows"]]
+    merged = first | {"command": " ; ".join(rep["command"] for rep in reports), "rows": rows,
+                      "recipe": first["recipe"] | {"seed": sorted({r["seed"] for r in rows})}}
+    merged["summary"] = summarise(rows, merged["arms"])
+    return merged
+
+
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
+    if args.merge is not None:
+        missing = [p for p in args.merge if not Path(p).is_file()]
+        if missing:
+            raise SystemExit(f"--merge needs existing result files, missing: {missing}")
+        report = merge([Path(p) for p in args.merge])
+        stem = f"equal-budget-{args.preset}" + (f"-{args.tag}" if args.tag else "")
+        _record.write(Path(args.results), stem, report, markdown(report))
+        return report
     if args.readme is not None:
         paths = [RESULTS / (stem if stem.endswith(".json") else stem + ".json") for stem in args.readme]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -466,7 +494,7 @@ def main(argv=None) -> dict:
     stem = f"equal-budget-{args.preset}" + (f"-{args.tag}" if args.tag else "")
     work = Path(args.work or f"runs/{stem}")
     common = dict(model=args.model, target_sparsity=args.target_sparsity, cost=args.cost,
-                  data_dir=args.data_dir, **preset)
+                  data_dir=args.data_dir, **preset, **({"device": args.device} if args.device else {}))
     rows = _run_arms(args, common, overrides, work)
     report = {
         "command": _record.command("equal_budget.py", argv),
@@ -475,7 +503,9 @@ def main(argv=None) -> dict:
         "pretrain_fraction": args.pretrain_fraction,
         "finetune_lr_scale": args.finetune_lr_scale,
         "arms": [a for a in ARMS if a in args.arms],
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    **({"gpu": torch.cuda.get_device_name(torch.device(args.device))}
+                       if args.device and args.device.startswith("cuda") else {})},
         "versions": versions(),
         "rows": rows,
     }
@@ -483,7 +513,7 @@ def main(argv=None) -> dict:
     if args.no_write:
         print(markdown(report))
     else:
-        _record.write(RESULTS, stem, report, markdown(report))
+        _record.write(Path(args.results), stem, report, markdown(report))
     return report
 
 
