@@ -482,11 +482,11 @@ def test_a_latency_run_resumes_where_the_tables_time_otherwise(tmp_path, capsys,
     from torch import nn
 
     from polarprune_cuda.surgery import latency as lat
+    from polarprune_cuda.surgery.costs import widths
 
     def device(factor):   # a synthetic device: deterministic times, ``factor`` slower on the input side
         def layer_ms(m):
-            c_in, c_out = (m.num_features,) * 2 if isinstance(m, nn.BatchNorm2d) else (
-                (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features))
+            c_in, c_out = widths(m)
             return 0.1 + 0.01 * factor * c_in + 0.02 * c_out + 0.001 * c_in * c_out
         monkeypatch.setattr(lat, "layer_ms", lambda layer, x: layer_ms(layer))
         monkeypatch.setattr(lat, "network_ms", lambda net, inputs: sum(

@@ -224,11 +224,9 @@ def select_gates(model, target_sparsity: float, cost: str = COST, min_channels: 
 def budget_disagreement(model, budget: dict) -> str | None:
     """Why ``budget`` (:meth:`BudgetResult.to_dict`, as a checkpoint holds it) is not what ``model``'s hard
     gates give, or None: its total, achieved cost and achieved sparsity recomputed from the gates."""
-    bank, _ = surgery_of(model)
-    cm = bank.exact_cost(budget["cost"])
-    cost = bank.hard_cost(budget["cost"])
-    for name, got in (("total", cm.total), ("achieved_cost", cost), ("achieved_sparsity", 1.0 - cost / cm.total)):
-        want = budget[name]
+    now = budget_now(model, budget)
+    for name in ("total", "achieved_cost", "achieved_sparsity"):
+        want, got = budget[name], now[name]
         if abs(want - got) > 1e-6 * max(1.0, abs(got)):
             return f"its {name} is {want}, the gates it holds give {got}"
     return None

@@ -10,6 +10,7 @@ from torch import nn
 import polarprune_cuda as pp
 from polarprune_cuda import ops
 from polarprune_cuda.surgery import latency as lat
+from polarprune_cuda.surgery.costs import widths
 from polarprune_cuda.surgery.budget import TOLERANCE
 
 
@@ -30,17 +31,9 @@ class Tiny(nn.Module):
 READ_MS = 1e-5
 
 
-def _widths(m: nn.Module) -> tuple[int, int]:
-    if isinstance(m, nn.BatchNorm2d):
-        return m.num_features, m.num_features
-    if isinstance(m, nn.Conv2d):
-        return m.in_channels, m.out_channels
-    return m.in_features, m.out_features
-
-
 def synthetic_layer_ms(m: nn.Module) -> float:
     """A device whose layers take a bilinear time in their widths."""
-    c_in, c_out = _widths(m)
+    c_in, c_out = widths(m)
     if isinstance(m, nn.BatchNorm2d):
         return 0.05 + 0.004 * c_out
     if isinstance(m, nn.Linear):
@@ -51,7 +44,7 @@ def synthetic_layer_ms(m: nn.Module) -> float:
 def _reads(net: nn.Module, batch: int) -> int:
     """The input elements the layers of a Tiny network read (6x6 maps; the Linear reads the pooled features)."""
     layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
-    return batch * sum(_widths(m)[1 if isinstance(m, nn.BatchNorm2d) else 0] * (1 if isinstance(m, nn.Linear) else 36)
+    return batch * sum(widths(m)[1 if isinstance(m, nn.BatchNorm2d) else 0] * (1 if isinstance(m, nn.Linear) else 36)
                        for m in layers)
 
 
@@ -238,7 +231,7 @@ def test_a_table_reads_its_own_entries_and_is_bilinear_between_them():
 def stepped_layer_ms(m: nn.Module) -> float:
     """A device whose convolutions run twice as long at a width off a multiple of 4 (as oneDNN's blocked kernels
     do on a CPU): no bilinear fit follows it; a table at every width the budget can choose does."""
-    c_in, c_out = _widths(m)
+    c_in, c_out = widths(m)
     off = c_out % 4 or (isinstance(m, nn.Conv2d) and c_in != 3 and c_in % 4)
     return synthetic_layer_ms(m) * (2.0 if off else 1.0)
 
